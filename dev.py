@@ -1,0 +1,90 @@
+"""Set up a virtual environment and run the demo or the tests.
+
+    python3 dev.py demo            # the main job: examples/demo.py
+    python3 dev.py test [ARGS]     # pytest ARGS, after installing the test extras
+
+Needs only Python 3.10+ and pip. The environment lives in `.venv/` (override with
+KERASREG_VENV) and is reinstalled only when `setup.cfg` changes. Set
+KERAS_BACKEND=jax or torch to run on another backend: its package is installed
+too (PyTorch as the CPU build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("KERASREG_VENV", ROOT / ".venv"))
+BACKEND_PACKAGES = {
+    "tensorflow": [],
+    "jax": ["jax[cpu]"],
+    # Pinned to the CPU build these machines carry; an unpinned torch pulls
+    # several GB of CUDA libraries.
+    "torch": ["torch==2.13.0"],
+}
+EXTRAS = {"demo": "examples", "test": "test,examples"}
+
+
+def python_in_venv() -> Path:
+    scripts = "Scripts" if os.name == "nt" else "bin"
+    return VENV / scripts / ("python.exe" if os.name == "nt" else "python")
+
+
+def ensure_environment(task: str, backend: str) -> Path:
+    python = python_in_venv()
+    if not python.exists():
+        print(f"dev.py: creating virtual environment {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    extras = EXTRAS[task]
+    key = hashlib.sha256(
+        (ROOT / "setup.cfg").read_bytes() + f"{extras};{backend}".encode()
+    ).hexdigest()[:16]
+    stamp = VENV / f".kerasreg-installed-{key}"
+    if not stamp.exists():
+        print(f"dev.py: installing kerasreg[{extras}] ({backend})", flush=True)
+        pip = [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ]
+        subprocess.run([*pip, "--upgrade", "pip"], check=True)
+        subprocess.run([*pip, "-e", f"{ROOT}[{extras}]"], check=True)
+        if BACKEND_PACKAGES[backend]:
+            subprocess.run([*pip, *BACKEND_PACKAGES[backend]], check=True)
+        stamp.touch()
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    task, rest = argv[0], argv[1:]
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend not in BACKEND_PACKAGES:
+        print(
+            f"dev.py: KERAS_BACKEND={backend!r} is not supported; expected one of "
+            f"{', '.join(BACKEND_PACKAGES)}.",
+            file=sys.stderr,
+        )
+        return 2
+    python = ensure_environment(task, backend)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if task == "demo":
+        command = [str(python), str(ROOT / "examples" / "demo.py"), *rest]
+    else:
+        command = [str(python), "-m", "pytest", *rest]
+    return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

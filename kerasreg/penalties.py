@@ -1,0 +1,311 @@
+"""Weight penalties: serializable regularizers usable wherever Keras takes one.
+
+Every penalty subclasses `keras.regularizers.Regularizer`, is registered under the
+`kerasreg` package (registered name `"kerasreg>ClassName"`), computes with
+`keras.ops` only, and accumulates in float32 when the weights are float16 or
+bfloat16. Class names never equal a Keras built-in, so a model saved with a
+kerasreg penalty cannot silently load with a different one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import re
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+_PACKAGE = "kerasreg"
+_LOW_PRECISION = ("float16", "bfloat16")
+
+# `ExpAbsPenalty` is exact up to this |w|; beyond it, a quadratic continuation.
+EXP_ABS_EXACT_LIMIT = 20.0
+
+
+def validate_factor(value: Any, name: str, owner: str) -> float:
+    """Return `value` as a Python float, or raise naming `name` and `value`.
+
+    Accepts any finite real number >= 0: Python ints and floats, NumPy scalars
+    and 0-d arrays (or tensors). Rejects booleans, strings, sequences, arrays
+    with more than one element, `None`, NaN, infinities and negative numbers.
+    """
+    accepted = "a finite real number >= 0 (int, float, NumPy scalar or 0-d array)"
+    number = _as_real_scalar(value)
+    if number is None:
+        raise TypeError(
+            f"{owner}: invalid `{name}`: expected {accepted}. "
+            f"Received: {name}={value!r} (type {type(value).__name__})."
+        )
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(
+            f"{owner}: invalid `{name}`: expected {accepted}. "
+            f"Received: {name}={value!r}."
+        )
+    return number
+
+
+def _as_real_scalar(value: Any) -> float | None:
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        try:
+            array = np.asarray(value)
+        except Exception:
+            return None
+        if array.shape == () and array.dtype.kind in "fiu":
+            return float(array)
+    return None
+
+
+def _accumulation_dtype(x):
+    """Low-precision weights are summed in float32 (float16 overflows at 65504)."""
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) in _LOW_PRECISION:
+        return ops.cast(x, "float32")
+    return x
+
+
+class Penalty(keras.regularizers.Regularizer):
+    """Base class of the kerasreg penalties.
+
+    Subclasses define `_ARGS` (argument names, in order) and `penalty(x)`, the
+    value for a weight tensor `x` already in its accumulation dtype. The base
+    class validates arguments, casts float16/bfloat16 weights to float32, and
+    provides `get_config`, `from_config`, equality, hashing and `repr`.
+    """
+
+    _ARGS: tuple[str, ...] = ()
+
+    def __call__(self, x):
+        return self.penalty(_accumulation_dtype(x))
+
+    def penalty(self, x):
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self._ARGS}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Penalty:
+        return cls(**config)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self.get_config().items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class L1Penalty(Penalty):
+    """L1 penalty: `l1 * sum(abs(w))`.
+
+    Same value as `keras.regularizers.L1(l1)`; registered as `"kerasreg>L1Penalty"`.
+
+    Args:
+        l1: float, default 0.01. Finite and >= 0.
+
+    Example:
+
+    >>> layer = keras.layers.Dense(4, kernel_regularizer=L1Penalty(1e-3))
+    """
+
+    _ARGS = ("l1",)
+
+    def __init__(self, l1: float = 0.01):
+        self.l1 = validate_factor(l1, "l1", type(self).__name__)
+
+    def penalty(self, x):
+        return self.l1 * ops.sum(ops.abs(x))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class L2Penalty(Penalty):
+    """L2 penalty: `l2 * sum(w**2)`, with no factor 1/2 (the Keras convention).
+
+    Same value as `keras.regularizers.L2(l2)`. The textbook penalty
+    `lambda / 2 * ||w||^2` is `L2Penalty(lambda / 2)`. Under plain SGD with
+    learning rate `lr`, `L2Penalty(c)` is exactly the update
+    `w <- (1 - 2 * lr * c) * w - lr * grad`.
+
+    Args:
+        l2: float, default 0.01. Finite and >= 0.
+
+    Example:
+
+    >>> layer = keras.layers.Dense(4, kernel_regularizer=L2Penalty(1e-3))
+    """
+
+    _ARGS = ("l2",)
+
+    def __init__(self, l2: float = 0.01):
+        self.l2 = validate_factor(l2, "l2", type(self).__name__)
+
+    def penalty(self, x):
+        return self.l2 * ops.sum(ops.square(x))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ElasticNetPenalty(Penalty):
+    """Elastic-net penalty: `l1 * sum(abs(w)) + l2 * sum(w**2)`.
+
+    Same value as `keras.regularizers.L1L2(l1, l2)`. Use `from_ratio` to give
+    the factors in scikit-learn's `(alpha, l1_ratio)` convention.
+
+    Args:
+        l1: float, default 0.01. Finite and >= 0.
+        l2: float, default 0.01. Finite and >= 0.
+
+    Example:
+
+    >>> penalty = ElasticNetPenalty.from_ratio(alpha=1e-3, l1_ratio=0.5)
+    >>> penalty
+    ElasticNetPenalty(l1=0.0005, l2=0.00025)
+    """
+
+    _ARGS = ("l1", "l2")
+
+    def __init__(self, l1: float = 0.01, l2: float = 0.01):
+        self.l1 = validate_factor(l1, "l1", type(self).__name__)
+        self.l2 = validate_factor(l2, "l2", type(self).__name__)
+
+    @classmethod
+    def from_ratio(cls, alpha: float, l1_ratio: float) -> ElasticNetPenalty:
+        """Build from scikit-learn's convention.
+
+        `alpha * (l1_ratio * |w|_1 + 0.5 * (1 - l1_ratio) * |w|_2^2)`, that is
+        `l1 = alpha * l1_ratio` and `l2 = 0.5 * alpha * (1 - l1_ratio)`.
+
+        Args:
+            alpha: float, finite and >= 0: overall strength.
+            l1_ratio: float in `[0, 1]`: share of the L1 term.
+        """
+        owner = f"{cls.__name__}.from_ratio"
+        alpha = validate_factor(alpha, "alpha", owner)
+        l1_ratio = validate_factor(l1_ratio, "l1_ratio", owner)
+        if l1_ratio > 1:
+            raise ValueError(
+                f"{owner}: invalid `l1_ratio`: expected a number in [0, 1]. "
+                f"Received: l1_ratio={l1_ratio!r}."
+            )
+        return cls(l1=alpha * l1_ratio, l2=0.5 * alpha * (1.0 - l1_ratio))
+
+    def penalty(self, x):
+        return self.l1 * ops.sum(ops.abs(x)) + self.l2 * ops.sum(ops.square(x))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ExpAbsPenalty(Penalty):
+    """Exponential penalty: `factor * sum(exp(abs(w)) - 1)`.
+
+    Grows gently near zero (like L1 there: `exp(a) - 1 ~ a`) and very steeply
+    for large weights. Computed with `expm1`, exactly, for `|w| <= 20`. Beyond
+    that, where `exp` would soon overflow float32 (at `|w| = 88.7`), each term
+    continues as the second-order Taylor expansion at `c = 20`:
+    `exp(c) * (1 + d + d**2 / 2) - 1` with `d = |w| - c`. The continuation
+    matches value, slope and curvature at `c`, is increasing, and stays finite
+    (value and gradient) in float32 for `|w|` up to 1e6 and beyond.
+
+    Args:
+        factor: float, default 0.01. Finite and >= 0.
+
+    Example:
+
+    >>> layer = keras.layers.Dense(4, kernel_regularizer=ExpAbsPenalty(1e-4))
+    """
+
+    _ARGS = ("factor",)
+
+    def __init__(self, factor: float = 0.01):
+        self.factor = validate_factor(factor, "factor", type(self).__name__)
+
+    def penalty(self, x):
+        c = EXP_ABS_EXACT_LIMIT
+        a = ops.abs(x)
+        beyond = a > c
+        # Both branches are clamped so neither produces inf/NaN (or its gradient).
+        exact = ops.expm1(ops.where(beyond, c, a))
+        d = ops.where(beyond, a - c, ops.zeros_like(a))
+        tail = math.exp(c) * (d + 0.5 * ops.square(d))
+        return self.factor * ops.sum(exact + tail)
+
+
+PENALTIES = (L1Penalty, L2Penalty, ElasticNetPenalty, ExpAbsPenalty)
+
+_BY_NAME: dict[str, type[Penalty]] = {}
+for _cls in PENALTIES:
+    _BY_NAME[_cls.__name__] = _cls
+    _BY_NAME[re.sub(r"(?<!^)(?=[A-Z])", "_", _cls.__name__).lower()] = _cls
+    _BY_NAME[f"{_PACKAGE}>{_cls.__name__}"] = _cls
+del _cls
+
+
+def get(identifier: Any) -> keras.regularizers.Regularizer | None:
+    """Resolve a regularizer identifier, as `keras.regularizers.get` does.
+
+    Accepts `None`, a regularizer instance, a regularizer class, a config dict
+    (from `keras.regularizers.serialize`), a kerasreg class name (`"L2Penalty"`),
+    snake_case name (`"l2_penalty"`) or registered name (`"kerasreg>L2Penalty"`),
+    a Keras built-in name (`"l2"`, `"L1L2"`), or a plain callable `w -> scalar`.
+    Names build the penalty with its default arguments.
+
+    Args:
+        identifier: what to resolve.
+
+    Returns:
+        A regularizer (or the callable given), or `None`.
+
+    Example:
+
+    >>> get("l2_penalty")
+    L2Penalty(l2=0.01)
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, keras.regularizers.Regularizer):
+        return identifier
+    if isinstance(identifier, str):
+        cls = _BY_NAME.get(identifier)
+        if cls is not None:
+            return cls()
+        try:
+            return keras.regularizers.get(identifier)
+        except ValueError:
+            raise ValueError(_unknown(identifier)) from None
+    if isinstance(identifier, dict):
+        try:
+            obj = keras.regularizers.deserialize(identifier, custom_objects=_BY_NAME)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{_unknown(identifier)} ({error})") from None
+        if not callable(obj):
+            raise ValueError(_unknown(identifier))
+        return obj
+    if inspect.isclass(identifier):
+        if issubclass(identifier, keras.regularizers.Regularizer):
+            return identifier()
+        raise ValueError(_unknown(identifier))
+    if callable(identifier):
+        return identifier
+    raise ValueError(_unknown(identifier))
+
+
+def _unknown(identifier: Any) -> str:
+    names = ", ".join(f'"{cls.__name__}"' for cls in PENALTIES)
+    return (
+        f"Could not interpret regularizer identifier: {identifier!r}. Expected "
+        f"None, a regularizer instance or class, a config dict, a callable, a "
+        f"kerasreg name ({names}, their snake_case or 'kerasreg>' forms) or a "
+        f"Keras built-in name ('l1', 'l2', 'l1l2', 'orthogonal_regularizer')."
+    )

@@ -1,0 +1,190 @@
+"""Which weights: the one `where=` rule every kerasreg function accepts.
+
+`where` may be:
+
+- `None` (default): trainable weights with `ndim >= 2`: kernels, recurrent
+  kernels, embeddings, convolution filters. Biases and normalization scales and
+  offsets are left out, as the literature recommends.
+- a string: a regular expression searched (`re.search`) in each trainable
+  weight's `variable.path`, e.g. `"recurrent_kernel"` or `"^encoder/"`.
+- a callable `variable -> bool`, called on each trainable weight.
+- an iterable of layers and/or variables: a layer contributes the weights the
+  default rule selects inside it (its own and its sublayers'); a variable is
+  taken as it is, trainable or not.
+
+Nested models, RNN cells, both directions of `Bidirectional` and functional
+sub-models are walked. A selection that comes out empty is an error, never a
+silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import keras
+
+Where = "None | str | Callable[[Any], bool] | Iterable[Any]"
+
+
+def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """Yield `(layer, ancestors)` for `model` and every layer nested in it.
+
+    Depth-first, each layer once (shared layers are visited at their first
+    place). `ancestors` runs from `model` down to the layer's parent.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(model, ())]
+    while stack:
+        layer, ancestors = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer, ancestors
+        children = list(getattr(layer, "_layers", ()))
+        stack.extend((child, (*ancestors, layer)) for child in reversed(children))
+
+
+def all_weights(model: keras.layers.Layer) -> list[Any]:
+    """Every variable of `model`, nested ones included, each once, in order."""
+    _check_model(model)
+    seen: set[int] = set()
+    weights = []
+    for variable in model.weights:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            weights.append(variable)
+    return weights
+
+
+def default_rule(variable: Any) -> bool:
+    """The `where=None` rule: trainable and at least two-dimensional."""
+    return bool(variable.trainable) and len(variable.shape) >= 2
+
+
+def select_weights(
+    model: keras.layers.Layer, where: Where = None, *, argument: str = "where"
+) -> list[Any]:
+    """Return the weights of `model` that `where` selects, in model order.
+
+    Args:
+        model: a built `keras.Model` (or layer).
+        where: the selection, as described in this module's docstring.
+        argument: the argument name used in error messages.
+
+    Returns:
+        A non-empty list of `keras.Variable`, each once.
+
+    Raises:
+        TypeError: `model` is not a Keras layer or model, or `where` has an
+            unsupported type.
+        ValueError: `model` has no weights (not built), `where` is an invalid
+            regular expression, names a layer or variable outside the model, or
+            selects nothing.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> [v.path for v in select_weights(model)]
+    ['sequential/dense/kernel']
+    """
+    weights = all_weights(model)
+    if not weights:
+        raise ValueError(
+            f"`model` {model.name!r} has no weights: build it (call it on data "
+            "or give it an Input) before selecting weights."
+        )
+    predicate = where_predicate(where, model, argument=argument)
+    selected = [v for v in weights if predicate(v)]
+    if not selected:
+        paths = ", ".join(v.path for v in weights[:12])
+        more = ", ..." if len(weights) > 12 else ""
+        raise ValueError(
+            f"`{argument}`={_describe(where)} selects no weight of model "
+            f"{model.name!r}. Its weights are: {paths}{more}."
+        )
+    return selected
+
+
+def where_predicate(
+    where: Where, model: keras.layers.Layer, *, argument: str = "where"
+) -> Callable[[Any], bool]:
+    """Turn `where` into a predicate over `model`'s variables (no emptiness check).
+
+    Validates `where` eagerly so that callers can reject bad input before they
+    change anything.
+    """
+    if where is None:
+        return default_rule
+    if isinstance(where, str):
+        pattern = compile_pattern(where, argument)
+        return lambda v: bool(v.trainable) and pattern.search(v.path) is not None
+    if isinstance(where, (keras.layers.Layer, keras.Variable)):
+        where = [where]
+    if callable(where):
+        return lambda v: bool(v.trainable) and bool(where(v))
+    if isinstance(where, Iterable) and not isinstance(where, (bytes, dict)):
+        ids = _ids_of_items(list(where), model, argument)
+        return lambda v: id(v) in ids
+    raise TypeError(
+        f"Invalid `{argument}`: expected None, a regular expression string, a "
+        "callable `variable -> bool`, or an iterable of layers and/or "
+        f"variables. Received: {argument}={where!r} (type {type(where).__name__})."
+    )
+
+
+def compile_pattern(pattern: str, argument: str) -> re.Pattern:
+    """Compile a user regular expression, naming `argument` on failure."""
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(
+            f"Invalid `{argument}`: {pattern!r} is not a valid regular expression "
+            f"({error})."
+        ) from None
+
+
+def _ids_of_items(items: list[Any], model: keras.layers.Layer, argument: str) -> set:
+    model_weights = {id(v): v for v in all_weights(model)}
+    model_layers = {id(layer) for layer, _ in walk_layers(model)}
+    ids: set[int] = set()
+    for item in items:
+        if isinstance(item, keras.Variable):
+            if id(item) not in model_weights:
+                raise ValueError(
+                    f"Invalid `{argument}`: variable {item.path!r} is not a weight "
+                    f"of model {model.name!r}."
+                )
+            ids.add(id(item))
+        elif isinstance(item, keras.layers.Layer):
+            if id(item) not in model_layers:
+                raise ValueError(
+                    f"Invalid `{argument}`: layer {item.name!r} is not part of "
+                    f"model {model.name!r}."
+                )
+            ids.update(id(v) for v in item.weights if default_rule(v))
+        else:
+            raise TypeError(
+                f"Invalid `{argument}`: an iterable must hold Keras layers or "
+                f"variables. Received an item {item!r} "
+                f"(type {type(item).__name__})."
+            )
+    return ids
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "Invalid `model`: expected a keras.Model or keras.layers.Layer. "
+            f"Received: model={model!r} (type {type(model).__name__})."
+        )
+
+
+def _describe(where: Where) -> str:
+    if where is None or isinstance(where, str):
+        return repr(where)
+    if callable(where):
+        return getattr(where, "__name__", repr(where))
+    text = repr(where)
+    return text if len(text) <= 200 else text[:197] + "..."
