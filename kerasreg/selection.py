@@ -3,8 +3,9 @@
 `where` may be:
 
 - `None` (default): trainable weights with `ndim >= 2`: kernels, recurrent
-  kernels, embeddings, convolution filters. Biases and normalization scales and
-  offsets are left out, as the literature recommends.
+  kernels, embeddings, convolution filters. Biases (also a `GRU` cell's 2-D
+  bias) and normalization scales and offsets are left out, as the literature
+  recommends.
 - a string: a regular expression searched (`re.search`) in each trainable
   weight's `variable.path`, e.g. `"recurrent_kernel"` or `"^encoder/"`.
 - a callable `variable -> bool`, called on each trainable weight.
@@ -59,8 +60,16 @@ def all_weights(model: keras.layers.Layer) -> list[Any]:
 
 
 def default_rule(variable: Any) -> bool:
-    """The `where=None` rule: trainable and at least two-dimensional."""
-    return bool(variable.trainable) and len(variable.shape) >= 2
+    """The `where=None` rule: trainable, at least two-dimensional, not a bias.
+
+    The name check keeps out biases that are 2-D, such as a `GRU` cell's
+    (`reset_after=True` gives it shape `(2, 3 * units)`).
+    """
+    return (
+        bool(variable.trainable)
+        and len(variable.shape) >= 2
+        and variable.name != "bias"
+    )
 
 
 def select_weights(
@@ -132,6 +141,39 @@ def where_predicate(
         "callable `variable -> bool`, or an iterable of layers and/or "
         f"variables. Received: {argument}={where!r} (type {type(where).__name__})."
     )
+
+
+def check_where(where: Where, *, argument: str = "where") -> Where:
+    """Validate `where` before a model is known (e.g. in a callback's `__init__`).
+
+    Checks its type, the regular expression's syntax and the types of an
+    iterable's items; whether the items belong to the model and whether the
+    selection is empty can only be checked later, by `select_weights`.
+
+    Returns:
+        `where`, with an iterable turned into a list (a generator can then be
+        used more than once).
+    """
+    if isinstance(where, (keras.layers.Layer, keras.Variable)):
+        return [where]
+    if where is None or callable(where):
+        return where
+    if isinstance(where, str):
+        compile_pattern(where, argument)
+        return where
+    if isinstance(where, Iterable) and not isinstance(where, (bytes, dict)):
+        items = list(where)
+        for item in items:
+            if not isinstance(item, (keras.layers.Layer, keras.Variable)):
+                raise TypeError(
+                    f"Invalid `{argument}`: an iterable must hold Keras layers or "
+                    f"variables. Received an item {item!r} "
+                    f"(type {type(item).__name__})."
+                )
+        return items
+    # Same message as `where_predicate` gives for an unsupported type.
+    where_predicate(where, None, argument=argument)
+    return where
 
 
 def compile_pattern(pattern: str, argument: str) -> re.Pattern:

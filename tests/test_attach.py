@@ -1,0 +1,360 @@
+"""regularize(): penalties on trained models, against numpy sums and Keras's own losses."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kerasreg
+from kerasreg import REMOVE, L1Penalty, L2Penalty, regularize
+
+C_KERNEL = 0.03
+C_RECURRENT = 0.02
+C_BIAS = 0.05
+
+
+def to_np(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def dense_model():
+    inp = keras.Input((4,))
+    return keras.Model(
+        inp,
+        keras.layers.Dense(1, name="out")(
+            keras.layers.Dense(3, activation="tanh", name="hidden")(inp)
+        ),
+    )
+
+
+def conv_model():
+    inp = keras.Input((5, 5, 2))
+    h = keras.layers.Conv2D(3, 3, name="conv")(inp)
+    return keras.Model(
+        inp, keras.layers.Dense(1, name="out")(keras.layers.Flatten()(h))
+    )
+
+
+def embedding_model():
+    inp = keras.Input((3,), dtype="int32")
+    h = keras.layers.Flatten()(keras.layers.Embedding(7, 2, name="emb")(inp))
+    return keras.Model(inp, keras.layers.Dense(1, name="out")(h))
+
+
+def lstm_model():
+    inp = keras.Input((5, 2))
+    return keras.Model(
+        inp, keras.layers.Dense(1, name="out")(keras.layers.LSTM(3, name="lstm")(inp))
+    )
+
+
+def gru_model():
+    inp = keras.Input((5, 2))
+    return keras.Model(
+        inp, keras.layers.Dense(1, name="out")(keras.layers.GRU(3, name="gru")(inp))
+    )
+
+
+def bidirectional_model():
+    inp = keras.Input((5, 2))
+    h = keras.layers.Bidirectional(keras.layers.LSTM(3, name="lstm"), name="bi")(inp)
+    return keras.Model(inp, keras.layers.Dense(1, name="out")(h))
+
+
+def nested_model():
+    enc_in = keras.Input((4,))
+    encoder = keras.Model(
+        enc_in, keras.layers.Dense(3, name="enc_dense")(enc_in), name="encoder"
+    )
+    inp = keras.Input((4,))
+    h = keras.Sequential([keras.layers.Dense(4, name="seq_dense")], name="block")(inp)
+    return keras.Model(inp, keras.layers.Dense(1, name="out")(encoder(h)), name="outer")
+
+
+BUILDERS = {
+    "dense": (dense_model, (4,)),
+    "conv": (conv_model, (5, 5, 2)),
+    "embedding": (embedding_model, "ids"),
+    "lstm": (lstm_model, (5, 2)),
+    "gru": (gru_model, (5, 2)),
+    "bidirectional": (bidirectional_model, (5, 2)),
+    "nested": (nested_model, (4,)),
+}
+
+# Role of each weight, by the last part of its path: the independent reference.
+ROLE_OF = {
+    "kernel": "kernel",
+    "embeddings": "kernel",
+    "recurrent_kernel": "recurrent",
+    "bias": "bias",
+}
+
+
+def data(kind, rng):
+    if kind == "ids":
+        x = rng.integers(0, 7, size=(12, 3)).astype("int32")
+    else:
+        x = rng.normal(size=(12, *kind)).astype("float32")
+    return x, rng.normal(size=(12, 1)).astype("float32")
+
+
+def trained(name, rng):
+    builder, kind = BUILDERS[name]
+    model = builder()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x, y = data(kind, rng)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    model.predict(x, verbose=0)
+    return model, x, y
+
+
+def numpy_penalty(model, factors):
+    """Sum over weights of factor[role] * sum(w**2) (L2) or sum(|w|) (recurrent: L1)."""
+    total = 0.0
+    for v in model.weights:
+        role = ROLE_OF.get(v.path.rsplit("/", 1)[-1])
+        if role in factors and v.trainable:
+            w = to_np(v)
+            total += factors[role] * (
+                np.abs(w).sum() if role == "recurrent" else (w**2).sum()
+            )
+    return total
+
+
+def losses_sum(model):
+    return float(sum(to_np(loss) for loss in model.losses))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_attach_losses_evaluate_fit_and_save(name, rng, tmp_path):
+    model, x, y = trained(name, rng)
+    weights = [to_np(v) for v in model.weights]
+    data_loss = model.evaluate(x, y, verbose=0)
+    assert model.losses == []
+
+    recurrent = (
+        L1Penalty(C_RECURRENT) if name in ("lstm", "gru", "bidirectional") else None
+    )
+    out = regularize(model, kernel=L2Penalty(C_KERNEL), recurrent=recurrent)
+    assert out is model
+    factors = {"kernel": C_KERNEL}
+    if recurrent is not None:
+        factors["recurrent"] = C_RECURRENT
+    expected = numpy_penalty(model, factors)
+    assert expected > 0
+    assert losses_sum(model) == pytest.approx(expected, rel=1e-5)
+    for before, v in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, to_np(v))
+
+    # The cached test function was re-traced: evaluate includes the penalty.
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(
+        data_loss + expected, rel=1e-5
+    )
+
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert losses_sum(loaded) == pytest.approx(expected, rel=1e-5)
+    assert loaded.evaluate(x, y, verbose=0) == pytest.approx(
+        data_loss + expected, rel=1e-5
+    )
+    saved = json.dumps(loaded.get_config())
+    assert "kerasreg>L2Penalty" in saved
+
+    # Removing gives back the plain data loss, in memory and after saving.
+    regularize(model, kernel=REMOVE, recurrent=REMOVE if recurrent else None)
+    assert model.losses == []
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(data_loss, rel=1e-6)
+    model.save(tmp_path / "removed.keras")
+    assert keras.saving.load_model(tmp_path / "removed.keras").losses == []
+
+
+def test_next_fit_includes_penalty(rng):
+    model, x, y = trained("lstm", rng)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0)  # caches train_function
+    data_loss = model.evaluate(x, y, verbose=0)
+    regularize(model, kernel="l2_penalty", recurrent=L2Penalty(C_RECURRENT))
+    expected = numpy_penalty(model, {"kernel": 0.01}) + sum(
+        C_RECURRENT * (to_np(v) ** 2).sum()
+        for v in model.weights
+        if v.path.endswith("recurrent_kernel")
+    )
+    history = model.fit(x, y, batch_size=12, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(data_loss + expected, rel=1e-5)
+
+
+def test_one_sgd_step_matches_numpy(rng):
+    """Linear model, full batch: w1 = w0 - lr * (grad_mse + 2 c w0) for the kernel."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="lin")])
+    lr, c = 0.1, 0.2
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 1)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    regularize(model, kernel=L2Penalty(c), bias=L1Penalty(c))
+    w0, b0 = to_np(model.layers[0].kernel), to_np(model.layers[0].bias)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    residual = x.astype(np.float64) @ w0 + b0 - y
+    grad_w = 2 * x.T @ residual / len(x) + 2 * c * w0
+    grad_b = 2 * residual.mean(axis=0) + c * np.sign(b0)
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), w0 - lr * grad_w, atol=1e-6
+    )
+    np.testing.assert_allclose(to_np(model.layers[0].bias), b0 - lr * grad_b, atol=1e-6)
+
+
+def test_bidirectional_both_directions_and_cells(rng, tmp_path):
+    model, _x, _y = trained("bidirectional", rng)
+    regularize(model, kernel=L2Penalty(C_KERNEL), bias=L1Penalty(C_BIAS), layers="bi")
+    bi = model.get_layer("bi")
+    for direction in (bi.forward_layer, bi.backward_layer):
+        assert direction.cell.kernel_regularizer == L2Penalty(C_KERNEL)
+        assert direction.cell.kernel.regularizer == L2Penalty(C_KERNEL)
+        assert direction.cell.bias_regularizer == L1Penalty(C_BIAS)
+        assert direction.kernel_regularizer == L2Penalty(C_KERNEL)  # via the cell
+    assert model.get_layer("out").kernel.regularizer is None  # outside `layers`
+    model.save(tmp_path / "bi.keras")
+    loaded = keras.saving.load_model(tmp_path / "bi.keras").get_layer("bi")
+    assert loaded.backward_layer.cell.kernel.regularizer == L2Penalty(C_KERNEL)
+    assert loaded.forward_layer.cell.bias.regularizer == L1Penalty(C_BIAS)
+
+
+def test_embedding_kernel_role_is_embeddings_regularizer(rng):
+    model, _, _ = trained("embedding", rng)
+    regularize(model, kernel=L2Penalty(C_KERNEL), layers="emb")
+    emb = model.get_layer("emb")
+    assert emb.embeddings_regularizer == L2Penalty(C_KERNEL)
+    assert (
+        emb.get_config()["embeddings_regularizer"]["registered_name"]
+        == "kerasreg>L2Penalty"
+    )
+    assert losses_sum(model) == pytest.approx(
+        C_KERNEL * (to_np(emb.embeddings) ** 2).sum(), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ("^enc", ["enc_dense"]),  # the ancestor "encoder" matches
+        ("block|out", ["seq_dense", "out"]),
+        (lambda layer: layer.name == "encoder", ["enc_dense"]),
+        ("layer-list", ["seq_dense", "enc_dense"]),
+    ],
+    ids=["regex-ancestor", "regex", "callable", "list"],
+)
+def test_layers_filter(layers, expected, rng):
+    model, _, _ = trained("nested", rng)
+    if layers == "layer-list":
+        layers = [model.get_layer("block").layers[0], model.get_layer("encoder")]
+    regularize(model, kernel=L2Penalty(C_KERNEL), layers=layers)
+    got = sorted(
+        v.path.split("/")[-2] for v in model.weights if v.regularizer is not None
+    )
+    assert got == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        "l2_penalty",
+        "L2Penalty",
+        "kerasreg>L2Penalty",
+        "l2",
+        {"class_name": "L2Penalty", "config": {"l2": 0.01}},
+    ],
+)
+def test_accepts_what_kerasreg_get_resolves(identifier, rng):
+    model, _, _ = trained("dense", rng)
+    regularize(model, kernel=identifier)
+    assert losses_sum(model) == pytest.approx(
+        numpy_penalty(model, {"kernel": 0.01}), rel=1e-5
+    )
+
+
+def snapshot(model):
+    return (
+        json.dumps(model.get_config(), sort_keys=True, default=str),
+        [repr(v.regularizer) for v in model.weights],
+        [to_np(v).tobytes() for v in model.weights],
+        [
+            id(getattr(model, f))
+            for f in ("train_function", "test_function", "predict_function")
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kernel="no_such_penalty"), ValueError, r"`kernel`.*no_such_penalty"),
+        (dict(kernel=L2Penalty(), bias="nope"), ValueError, r"`bias`.*nope"),
+        (
+            dict(kernel=L2Penalty(), layers="^zzz"),
+            ValueError,
+            r"`layers`.*'\^zzz'.*matches no layer",
+        ),
+        (
+            dict(kernel=L2Penalty(), layers="(bad"),
+            ValueError,
+            "not a valid regular expression",
+        ),
+        (dict(kernel=L2Penalty(), layers=3), TypeError, r"layers=3"),
+        (
+            dict(kernel=L2Penalty(), recurrent=L2Penalty()),
+            ValueError,
+            "`recurrent`: no layer in scope",
+        ),
+        (
+            dict(kernel=L2Penalty(), layers=lambda layer: False),
+            ValueError,
+            "matches no layer",
+        ),
+        (dict(), ValueError, "at least one of"),
+        (dict(kernel=12), ValueError, "Could not interpret"),
+    ],
+)
+def test_rejected_call_changes_nothing(kwargs, error, match, rng):
+    model, _, _ = trained("dense", rng)
+    regularize(model, bias=L1Penalty(C_BIAS))  # an existing penalty must survive
+    model.evaluate(*data((4,), rng), verbose=0)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        regularize(model, **kwargs)
+    assert snapshot(model) == before
+
+
+def test_rejects_non_models_and_foreign_layers(rng):
+    model, _, _ = trained("dense", rng)
+    other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="alien")])
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"expected a built keras.Model"):
+        regularize(keras.layers.Dense(2), kernel=L2Penalty())
+    with pytest.raises(ValueError, match="'alien' is not part of model"):
+        regularize(model, kernel=L2Penalty(), layers=[other.layers[0]])
+    with pytest.raises(ValueError, match="is not built"):
+        regularize(keras.Sequential([keras.layers.Dense(2)]), kernel=L2Penalty())
+    assert snapshot(model) == before
+
+
+def test_none_leaves_role_alone(rng):
+    model, _, _ = trained("dense", rng)
+    regularize(model, kernel=L2Penalty(C_KERNEL), bias=L1Penalty(C_BIAS))
+    regularize(model, kernel=L1Penalty(C_BIAS))
+    hidden = model.get_layer("hidden")
+    assert hidden.bias_regularizer == L1Penalty(C_BIAS)
+    assert hidden.kernel_regularizer == L1Penalty(C_BIAS)
+
+
+def test_remove_sentinel_is_a_named_singleton():
+    import copy
+    import pickle
+
+    assert repr(REMOVE) == "kerasreg.REMOVE"
+    assert kerasreg.REMOVE is REMOVE
+    assert copy.deepcopy(REMOVE) is REMOVE
+    assert pickle.loads(pickle.dumps(REMOVE)) is REMOVE
