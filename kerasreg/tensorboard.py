@@ -1,0 +1,289 @@
+"""`WeightNormLogger`: weight norms, penalties and the data loss in TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import keras
+
+from kerasreg.norms import STATISTICS, weight_norms
+from kerasreg.selection import Where, check_where, select_weights
+
+# TensorBoard section (tag prefix) of each statistic of `weight_norms`.
+SECTIONS = {
+    "l1": "norm_l1",
+    "l2": "norm_l2",
+    "linf": "norm_linf",
+    "zero_fraction": "zero_fraction",
+}
+
+
+class WeightNormLogger(keras.callbacks.Callback):
+    """Log weight norms, weight penalties and the data loss to TensorBoard.
+
+    Writes scalar summaries into `log_dir/train` and `log_dir/validation`, the
+    run folders `keras.callbacks.TensorBoard(log_dir)` uses, so one TensorBoard
+    run shows Keras's curves and these side by side. Tags are grouped by
+    statistic, one TensorBoard section each, and named by `variable.path`:
+
+    - `norm_l1/<path>`, `norm_l2/<path>`, `norm_linf/<path>`,
+      `zero_fraction/<path>` for each weight `where` selects (see
+      `kerasreg.weight_norms` for the definitions); with `per_gate=True`, also
+      `norm_l2/<path>/gate_i` etc. for LSTM (`i, f, c, o`) and GRU
+      (`z, r, h`) weights.
+    - `penalty/<path>` for every trainable weight with a regularizer, whatever
+      `where` says: an LSTM's `.../lstm_cell/kernel` (input) and
+      `.../lstm_cell/recurrent_kernel` (recurrent) are separate series, as are
+      both directions of a `Bidirectional` layer.
+    - `penalty/total`: the sum of those, which is exactly the weight
+      regularization term Keras adds to the loss.
+    - `loss/data`: the reported loss minus `penalty/total`.
+
+    `loss/data` and `penalty/total` are written to `train` (from `logs["loss"]`)
+    and, when `fit` has validation data, to `validation` (from
+    `logs["val_loss"]`). Keras reports `val_loss` from an evaluation at epoch
+    end with fixed weights, so the validation `loss/data` is exactly the
+    validation data loss (the compiled loss, plus any activity-regularizer or
+    `add_loss` terms, which are not weight penalties). Keras's training `loss`
+    is instead the mean over the epoch's batches of the loss at the weights
+    before each step, while `penalty/total` is measured after the last step:
+    the training `loss/data` is the epoch's mean data loss plus (mean penalty
+    over the epoch's steps - penalty at epoch end). It is exact when the
+    penalty does not change during the epoch and otherwise off by that
+    difference, which is small when the penalty moves slowly.
+
+    Steps: with `update_freq="epoch"` everything is logged once per epoch at
+    step `epoch`, as Keras's TensorBoard callback logs its `epoch_*` tags. This
+    mode defines no per-batch hook, so Keras keeps dispatching batches
+    asynchronously. With `update_freq=N`, the training scalars are logged
+    every `N` batches at step = the global batch count (counted from the
+    optimizer's iterations when training starts), where `loss` is Keras's
+    running mean over the epoch so far; validation scalars are logged at
+    epoch end at the same global batch count.
+
+    Writes are wrapped in `tf.summary.record_if(True)` on this callback's own
+    writers, so a `keras.callbacks.TensorBoard(update_freq=N)` in the same
+    `fit` (which leaves a `record_if` condition active) cannot swallow them
+    (TensorFlow issue 49109). TensorFlow is used only to write the summaries:
+    the statistics are computed by `kerasreg.weight_norms` on the active
+    backend (TensorFlow, JAX or PyTorch), in one device pass per log.
+
+    Args:
+        log_dir: str or path-like, default `"logs"`. The TensorBoard run
+            folder; created if needed. An unwritable folder raises `OSError`
+            at `on_train_begin`, before the first training step.
+        update_freq: `"epoch"` (default) or an int `N >= 1`: log every `N`
+            training batches.
+        where: which weights get norm statistics, as everywhere in kerasreg:
+            `None` (trainable weights with `ndim >= 2`), a regular expression
+            searched in `variable.path`, a callable `variable -> bool`, or an
+            iterable of layers and/or variables. Checked here; checked against
+            the model at `on_train_begin`.
+        per_gate: bool, default `False`. Also log per-gate norms of LSTM and
+            GRU weights.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(8, kernel_regularizer=kerasreg.L2Penalty(1e-3)),
+    ...     keras.layers.Dense(1),
+    ... ])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
+    >>> model.fit(x, y, validation_split=0.25, epochs=2, verbose=0, callbacks=[
+    ...     keras.callbacks.TensorBoard("logs/run1"),
+    ...     WeightNormLogger("logs/run1"),
+    ... ])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike = "logs",
+        update_freq: str | int = "epoch",
+        where: Where = None,
+        per_gate: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
+            raise TypeError(
+                "WeightNormLogger: invalid `log_dir`: expected a non-empty str "
+                f"or path-like. Received: log_dir={log_dir!r} "
+                f"(type {type(log_dir).__name__})."
+            )
+        if update_freq != "epoch" and (
+            isinstance(update_freq, bool)
+            or not isinstance(update_freq, int)
+            or update_freq < 1
+        ):
+            raise ValueError(
+                "WeightNormLogger: invalid `update_freq`: expected 'epoch' or "
+                f"an int >= 1 (log every N batches). Received: "
+                f"update_freq={update_freq!r}."
+            )
+        if not isinstance(per_gate, bool):
+            raise TypeError(
+                "WeightNormLogger: invalid `per_gate`: expected True or False. "
+                f"Received: per_gate={per_gate!r} (type {type(per_gate).__name__})."
+            )
+        self.log_dir = os.fspath(log_dir)
+        self.update_freq = update_freq
+        self.where = check_where(where)
+        self.per_gate = per_gate
+        self._writers: dict[str, Any] = {}
+        if update_freq != "epoch":
+            # Only batch mode gets a batch hook: its mere presence turns off
+            # Keras's asynchronous batch dispatch.
+            self.on_train_batch_end = self._log_batch
+
+    # --- training hooks ------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        self._norm_variables = select_weights(model, self.where)
+        norm_ids = {id(v) for v in self._norm_variables}
+        self._penalty_variables = _regularized_weights(model)
+        penalty_ids = {id(v) for v in self._penalty_variables}
+        # One list, one device pass: selected weights plus regularized ones.
+        self._variables = [
+            v for v in model.weights if id(v) in norm_ids or id(v) in penalty_ids
+        ]
+        self._variables = list({id(v): v for v in self._variables}.values())
+        self._train_dir = os.path.join(self.log_dir, "train")
+        self._validation_dir = os.path.join(self.log_dir, "validation")
+        self._check_writable(self._train_dir)
+        self._check_writable(self._validation_dir)
+        self._close_writers()
+        self._step_offset = _optimizer_iterations(model)
+        self._epoch_start = 0
+        self._last_batch = -1
+        if self.update_freq != "epoch":
+            n = self.update_freq
+            self._next_log_step = (self._step_offset // n + 1) * n
+
+    def _log_batch(self, batch: int, logs: dict | None = None) -> None:
+        self._last_batch = batch
+        step = self._global_step(batch)
+        if step < self._next_log_step:
+            return
+        self._next_log_step = (step // self.update_freq + 1) * self.update_freq
+        norms = self._measure()
+        self._write("train", step, self._train_scalars(norms, logs, "loss"))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        batch_mode = self.update_freq != "epoch"
+        if batch_mode:
+            step = self._global_step(self._last_batch)
+            self._epoch_start += self._last_batch + 1
+            self._last_batch = -1
+            if "val_loss" not in logs:
+                return
+        else:
+            step = epoch
+        norms = self._measure()
+        if not batch_mode:
+            self._write("train", step, self._train_scalars(norms, logs, "loss"))
+        if "val_loss" in logs:
+            total = self._total_penalty(norms)
+            scalars = {"penalty/total": total}
+            scalars["loss/data"] = float(logs["val_loss"]) - total
+            self._write("validation", step, scalars)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._close_writers()
+
+    # --- measuring -----------------------------------------------------------
+
+    def _measure(self) -> dict[str, dict[str, float]]:
+        # `self.model` (not `_model`): on JAX it syncs the trainer's state.
+        norms = weight_norms(self.model, self._variables, per_gate=self.per_gate)
+        # Keys follow `self._variables`: model order, repeated paths suffixed.
+        return {
+            id(v): item for v, item in zip(self._variables, norms.items(), strict=True)
+        }
+
+    def _total_penalty(self, norms: dict) -> float:
+        return sum(norms[id(v)][1]["penalty"] for v in self._penalty_variables)
+
+    def _train_scalars(self, norms: dict, logs: dict | None, loss_key: str) -> dict:
+        scalars: dict[str, float] = {}
+        for variable in self._norm_variables:
+            key, stats = norms[id(variable)]
+            for stat in STATISTICS:
+                scalars[f"{SECTIONS[stat]}/{key}"] = stats[stat]
+            for name, value in stats.items():
+                if "/gate_" in name:
+                    stat, gate = name.split("/")
+                    scalars[f"{SECTIONS[stat]}/{key}/{gate}"] = value
+        for variable in self._penalty_variables:
+            key, stats = norms[id(variable)]
+            scalars[f"penalty/{key}"] = stats["penalty"]
+        total = self._total_penalty(norms)
+        scalars["penalty/total"] = total
+        if logs and loss_key in logs:
+            scalars["loss/data"] = float(logs[loss_key]) - total
+        return scalars
+
+    def _global_step(self, batch: int) -> int:
+        return self._step_offset + self._epoch_start + batch + 1
+
+    # --- writing -------------------------------------------------------------
+
+    def _write(self, run: str, step: int, scalars: dict[str, float]) -> None:
+        import tensorflow as tf
+
+        writer = self._writer(run)
+        # Our own writer and record_if(True): another callback's record_if
+        # condition (Keras TensorBoard with update_freq=N) cannot drop these.
+        with writer.as_default(), tf.summary.record_if(True):
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value, step=step)
+
+    def _writer(self, run: str) -> Any:
+        if run not in self._writers:
+            import tensorflow as tf
+
+            folder = self._train_dir if run == "train" else self._validation_dir
+            self._writers[run] = tf.summary.create_file_writer(folder)
+        return self._writers[run]
+
+    def _close_writers(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+    def _check_writable(self, folder: str) -> None:
+        import tensorflow as tf
+
+        probe = os.path.join(folder, f".kerasreg-write-test-{uuid.uuid4().hex}")
+        try:
+            tf.io.gfile.makedirs(folder)
+            with tf.io.gfile.GFile(probe, "w") as handle:
+                handle.write("")
+            tf.io.gfile.remove(probe)
+        except (OSError, tf.errors.OpError) as error:
+            reason = getattr(error, "message", None) or str(error)
+            raise OSError(
+                f"WeightNormLogger: cannot write TensorBoard logs to "
+                f"log_dir={self.log_dir!r}: the folder {folder!r} cannot be "
+                f"created or written ({reason}). Pass a writable `log_dir`."
+            ) from None
+
+
+def _regularized_weights(model: keras.Model) -> list[Any]:
+    """The weights whose regularizer Keras adds to the loss: trainable ones."""
+    weights = {id(v): v for v in model.trainable_weights if v.regularizer is not None}
+    return list(weights.values())
+
+
+def _optimizer_iterations(model: keras.Model) -> int:
+    optimizer = getattr(model, "optimizer", None)
+    iterations = getattr(optimizer, "iterations", None)
+    if iterations is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(iterations))

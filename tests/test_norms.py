@@ -1,0 +1,215 @@
+"""`weight_norms` against numpy formulas computed from the weights themselves."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kerasreg
+from kerasreg import norms as norms_module
+from kerasreg import weight_norms
+
+
+def np_weights(variable):
+    return np.asarray(ops.convert_to_numpy(variable.value)).astype(np.float64)
+
+
+def np_stats(w, threshold=1e-8):
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    return {
+        "l1": a.sum(),
+        "l2": np.sqrt((a**2).sum()),
+        "linf": a.max(),
+        "zero_fraction": (a < threshold).mean(),
+    }
+
+
+def np_penalty(regularizer, w):
+    """Independent formulas for the regularizers used in these tests."""
+    w = np.asarray(w, dtype=np.float64)
+    if regularizer is None:
+        return 0.0
+    if isinstance(regularizer, kerasreg.L2Penalty):
+        return regularizer.l2 * (w**2).sum()
+    if isinstance(regularizer, kerasreg.L1Penalty):
+        return regularizer.l1 * np.abs(w).sum()
+    if isinstance(regularizer, keras.regularizers.L1L2):
+        return regularizer.l1 * np.abs(w).sum() + regularizer.l2 * (w**2).sum()
+    raise AssertionError(regularizer)
+
+
+def assert_matches(stats, variable, threshold=1e-8, rel=1e-5):
+    w = np_weights(variable)
+    expected = np_stats(w, threshold)
+    expected["penalty"] = np_penalty(variable.regularizer, w)
+    for name, value in expected.items():
+        assert stats[name] == pytest.approx(value, rel=rel, abs=1e-7), name
+
+
+def dense_conv_model():
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(
+                3, 3, kernel_regularizer=kerasreg.L1Penalty(0.02), name="conv"
+            ),
+            keras.layers.Flatten(),
+            keras.layers.Dense(
+                5,
+                kernel_regularizer=keras.regularizers.L1L2(0.01, 0.03),
+                bias_regularizer=kerasreg.L2Penalty(0.5),
+                name="hidden",
+            ),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="net",
+    )
+
+
+def recurrent_model(reset_after=True):
+    inputs = keras.Input((4, 3))
+    x = keras.layers.Bidirectional(
+        keras.layers.LSTM(
+            5,
+            return_sequences=True,
+            kernel_regularizer=kerasreg.L2Penalty(0.1),
+            recurrent_regularizer=kerasreg.L1Penalty(0.03),
+        ),
+        name="bi",
+    )(inputs)
+    x = keras.layers.GRU(2, reset_after=reset_after, name="gru")(x)
+    return keras.Model(inputs, keras.layers.Dense(1, name="out")(x), name="rnn")
+
+
+def test_every_statistic_matches_numpy():
+    model = dense_conv_model()
+    for variable in model.weights:  # non-zero biases, so all entries matter
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape))
+    result = weight_norms(model, where=lambda v: True)
+    assert list(result) == [v.path for v in model.weights]
+    for variable in model.weights:
+        stats = result[variable.path]
+        assert set(stats) == {"l1", "l2", "linf", "zero_fraction", "penalty"}
+        assert_matches(stats, variable)
+    # A weight without regularizer reports penalty 0.0.
+    assert result["net/out/kernel"]["penalty"] == 0.0
+    assert result["net/hidden/bias"]["penalty"] > 0
+
+
+def test_default_selection_and_regex():
+    model = dense_conv_model()
+    assert list(weight_norms(model)) == [
+        "net/conv/kernel",
+        "net/hidden/kernel",
+        "net/out/kernel",
+    ]
+    assert list(weight_norms(model, "bias$")) == [
+        "net/conv/bias",
+        "net/hidden/bias",
+        "net/out/bias",
+    ]
+
+
+def test_zero_fraction_counts_entries_below_threshold():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5)])
+    kernel = model.layers[0].kernel
+    w = np.full((4, 5), 0.5, dtype="float32")
+    w[0, :] = 0.0  # 5 exact zeros
+    w[1, :2] = 1e-9  # 2 below the default threshold
+    w[2, :3] = 1e-4  # 3 below 1e-3 only
+    kernel.assign(w)
+    assert weight_norms(model)[kernel.path]["zero_fraction"] == pytest.approx(7 / 20)
+    coarse = weight_norms(model, zero_threshold=1e-3)[kernel.path]
+    assert coarse["zero_fraction"] == pytest.approx(10 / 20)
+    assert weight_norms(model, zero_threshold=0)[kernel.path]["zero_fraction"] == 0
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_per_gate_blocks_follow_keras_column_order(reset_after):
+    model = recurrent_model(reset_after)
+    rng = np.random.default_rng(3)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape))
+    result = weight_norms(model, where=lambda v: True, per_gate=True)
+    gated = {
+        "bi/forward_lstm/lstm_cell/kernel": "ifco",
+        "bi/forward_lstm/lstm_cell/recurrent_kernel": "ifco",
+        "bi/forward_lstm/lstm_cell/bias": "ifco",
+        "bi/backward_lstm/lstm_cell/kernel": "ifco",
+        "bi/backward_lstm/lstm_cell/recurrent_kernel": "ifco",
+        "gru/gru_cell/kernel": "zrh",
+        "gru/gru_cell/recurrent_kernel": "zrh",
+        "gru/gru_cell/bias": "zrh",  # (2, 6) with reset_after, else (6,)
+    }
+    by_path = {v.path: v for v in model.weights}
+    for path, gates in gated.items():
+        variable = by_path[path]
+        w = np_weights(variable)
+        assert_matches(result[path], variable)
+        units = w.shape[-1] // len(gates)
+        for k, gate in enumerate(gates):
+            block = w[..., k * units : (k + 1) * units]
+            for name, value in np_stats(block).items():
+                assert result[path][f"{name}/gate_{gate}"] == pytest.approx(
+                    value, rel=1e-5
+                ), (path, gate, name)
+    assert not any("/gate_" in name for name in result["out/kernel"])
+
+
+def test_lstm_input_and_recurrent_penalties_are_separate():
+    model = recurrent_model()
+    result = weight_norms(model)
+    for direction in ("forward", "backward"):
+        kernel = f"bi/{direction}_lstm/lstm_cell/kernel"
+        recurrent = f"bi/{direction}_lstm/lstm_cell/recurrent_kernel"
+        by_path = {v.path: v for v in model.weights}
+        w_in, w_rec = np_weights(by_path[kernel]), np_weights(by_path[recurrent])
+        assert result[kernel]["penalty"] == pytest.approx(0.1 * (w_in**2).sum())
+        assert result[recurrent]["penalty"] == pytest.approx(0.03 * abs(w_rec).sum())
+    # The sum over regularized weights is exactly Keras's regularization loss.
+    keras_total = float(sum(ops.convert_to_numpy(loss) for loss in model.losses))
+    ours = sum(stats["penalty"] for stats in result.values())
+    assert ours == pytest.approx(keras_total, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_weights_accumulate_in_float32(dtype):
+    model = keras.Sequential(
+        [keras.Input((200,)), keras.layers.Dense(200, dtype=dtype, use_bias=False)]
+    )
+    kernel = model.layers[0].kernel
+    rng = np.random.default_rng(5)
+    kernel.assign(rng.uniform(100, 200, size=(200, 200)) * rng.choice([-1, 1]))
+    # float16 overflows at 65504: a float16 sum |w| or sum w**2 would be inf.
+    stats = weight_norms(model)[kernel.path]
+    assert np.isfinite(list(stats.values())).all()
+    assert_matches(stats, kernel, rel=1e-4)
+
+
+def test_values_follow_weight_updates_and_regularizer_changes():
+    model = dense_conv_model()
+    first = weight_norms(model)
+    program = norms_module._PROGRAMS[model][1]
+    kernel = model.get_layer("hidden").kernel
+    kernel.assign(kernel * 2.0)
+    second = weight_norms(model)
+    assert norms_module._PROGRAMS[model][1] is program  # cached, not rebuilt
+    assert second[kernel.path]["l2"] == pytest.approx(2 * first[kernel.path]["l2"])
+    if keras.backend.backend() == "tensorflow":
+        assert program.compiled.experimental_get_tracing_count() == 1
+    kernel.regularizer = kerasreg.L2Penalty(1.0)
+    third = weight_norms(model)
+    assert norms_module._PROGRAMS[model][1] is not program
+    assert_matches(third[kernel.path], kernel)
+
+
+def test_invalid_arguments_raise_naming_them():
+    model = dense_conv_model()
+    with pytest.raises(TypeError, match="per_gate"):
+        weight_norms(model, per_gate="yes")
+    with pytest.raises(ValueError, match="zero_threshold"):
+        weight_norms(model, zero_threshold=-1)
+    with pytest.raises(ValueError, match="selects no weight"):
+        weight_norms(model, "nothing-matches")
+    with pytest.raises(ValueError, match="regular expression"):
+        weight_norms(model, "(")
