@@ -1,0 +1,437 @@
+"""Overhead of kerasreg next to Keras's own mechanisms and hand-written code.
+
+    python benchmarks/overhead.py            # full run (about 15 minutes on 2 cores)
+    python benchmarks/overhead.py --quick    # smoke run (about 2 minutes)
+
+Every variant is built once and warmed up; then, round after round, each
+variant's `fit` (one epoch) is timed in turn, the order rotating every round.
+For each comparison the script reports the median, min and max over rounds of
+time(variant) / time(reference) from the same round: on a shared, noisy
+machine absolute times mean little, ratios from the same round do. Results are
+printed as a table and written as JSON to `benchmarks/results/overhead.json`.
+
+Workloads: an MLP 784-1024-1024-10 (1.86M parameters, batch 128) and a
+two-layer LSTM (128 units, sequences 50 x 32, batch 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+import kerasreg
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATE = 0.001  # per-step shrink: w <- (1 - RATE) * w
+LR = 0.01
+
+
+@dataclass
+class Variant:
+    """One thing to time: a compiled model, its callbacks, its data."""
+
+    name: str
+    model: keras.Model
+    x: np.ndarray
+    y: np.ndarray
+    callbacks: list = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+    def fit(self) -> float:
+        start = time.perf_counter()
+        self.model.fit(
+            self.x,
+            self.y,
+            batch_size=128,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=self.callbacks,
+        )
+        return time.perf_counter() - start
+
+
+# --- workloads --------------------------------------------------------------
+
+
+def mlp(regularizer=None) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(1024, "relu", kernel_regularizer=regularizer),
+            keras.layers.Dense(1024, "relu", kernel_regularizer=regularizer),
+            keras.layers.Dense(10, kernel_regularizer=regularizer),
+        ],
+        name="mlp",
+    )
+
+
+def lstm(regularizer=None) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((50, 32)),
+            keras.layers.LSTM(
+                128,
+                return_sequences=True,
+                kernel_regularizer=regularizer,
+                recurrent_regularizer=regularizer,
+            ),
+            keras.layers.LSTM(
+                128, kernel_regularizer=regularizer, recurrent_regularizer=regularizer
+            ),
+            keras.layers.Dense(10, kernel_regularizer=regularizer),
+        ],
+        name="lstm",
+    )
+
+
+def data(kind: str, steps: int):
+    rng = np.random.default_rng(0)
+    n = 128 * steps
+    shape = (n, 784) if kind == "mlp" else (n, 50, 32)
+    return rng.normal(size=shape).astype("float32"), rng.integers(0, 10, n)
+
+
+def compiled(build, kind, optimizer=None, **regularizer):
+    model = build(**regularizer)
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+# --- hand-written baselines users write today ---------------------------------
+
+
+class EagerAssignLoop(keras.callbacks.Callback):
+    """What users write by hand: one eager `assign` per weight after every batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        for v in self.model.trainable_weights:
+            if len(v.shape) >= 2:
+                v.assign(v * (1.0 - RATE))
+
+
+class SetWeightsLoop(keras.callbacks.Callback):
+    """The other common hand-written form: a round trip through numpy."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.set_weights(
+            [w * (1.0 - RATE) if w.ndim >= 2 else w for w in self.model.get_weights()]
+        )
+
+
+class MemoryFloor(keras.callbacks.Callback):
+    """The memory floor of decay: one compiled read+write of the selected weights.
+
+    Not a user-facing baseline: it measures what any per-step decay must at
+    least cost (stream every selected weight in and out once), with the least
+    callback machinery possible, so WeightDecay can be compared with it.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        import tensorflow as tf
+
+        variables = [v.value for v in kerasreg.select_weights(model)]
+
+        @tf.function(jit_compile=False)
+        def scale(factor):
+            for v in variables:
+                v.assign(v * factor)
+
+        self._scale = scale
+        self._factor = tf.constant(1.0 - RATE)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._scale(self._factor)
+
+
+# --- timing -----------------------------------------------------------------
+
+
+def run_rounds(variants: list[Variant], rounds: int) -> None:
+    for variant in variants:  # warm-up: trace and compile everything once
+        variant.fit()
+    for r in range(rounds):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for variant in order:
+            gc.collect()
+            variant.times.append(variant.fit())
+
+
+def ratios(variant: Variant, reference: Variant) -> dict:
+    values = [a / b for a, b in zip(variant.times, reference.times, strict=True)]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": len(values),
+    }
+
+
+def decay_variants(kind: str, steps: int) -> dict[str, Variant]:
+    build = mlp if kind == "mlp" else lstm
+    x, y = data(kind, steps)
+    v = {}
+    v["no decay"] = Variant("no decay", compiled(build, kind), x, y)
+    model = compiled(build, kind)
+    v["WeightDecay"] = Variant("WeightDecay", model, x, y, [kerasreg.WeightDecay(RATE)])
+    v["SGD(weight_decay)"] = Variant(
+        "SGD(weight_decay)",
+        compiled(build, kind, keras.optimizers.SGD(LR, weight_decay=RATE / LR)),
+        x,
+        y,
+    )
+    model = compiled(build, kind)
+    v["eager assign loop"] = Variant(
+        "eager assign loop", model, x, y, [EagerAssignLoop()]
+    )
+    model = compiled(build, kind)
+    v["set_weights loop"] = Variant("set_weights loop", model, x, y, [SetWeightsLoop()])
+    model = compiled(build, kind)
+    v["memory floor"] = Variant("memory floor", model, x, y, [MemoryFloor(model)])
+    return v
+
+
+def penalty_variants(kind: str, steps: int) -> dict[str, Variant]:
+    build = mlp if kind == "mlp" else lstm
+    x, y = data(kind, steps)
+    return {
+        "keras L2": Variant(
+            "keras L2",
+            compiled(build, kind, regularizer=keras.regularizers.L2(1e-4)),
+            x,
+            y,
+        ),
+        "L2Penalty": Variant(
+            "L2Penalty",
+            compiled(build, kind, regularizer=kerasreg.L2Penalty(1e-4)),
+            x,
+            y,
+        ),
+    }
+
+
+def logger_variants(kind: str, steps: int, log_root: Path) -> dict[str, Variant]:
+    build = mlp if kind == "mlp" else lstm
+    x, y = data(kind, steps)
+    v = {"no callback": Variant("no callback", compiled(build, kind), x, y)}
+    v["WeightNormLogger(epoch)"] = Variant(
+        "WeightNormLogger(epoch)",
+        compiled(build, kind),
+        x,
+        y,
+        [kerasreg.WeightNormLogger(str(log_root / f"{kind}-epoch"))],
+    )
+    v["WeightNormLogger(10)"] = Variant(
+        "WeightNormLogger(10)",
+        compiled(build, kind),
+        x,
+        y,
+        [kerasreg.WeightNormLogger(str(log_root / f"{kind}-10"), update_freq=10)],
+    )
+    v["TensorBoard(histogram_freq=1)"] = Variant(
+        "TensorBoard(histogram_freq=1)",
+        compiled(build, kind),
+        x,
+        y,
+        [keras.callbacks.TensorBoard(str(log_root / f"{kind}-tb"), histogram_freq=1)],
+    )
+    return v
+
+
+def bench_training(kind: str, steps: int, rounds: int, log_root: Path) -> list[dict]:
+    rows = []
+
+    def row(group, variant, reference, goal, vs):
+        r = ratios(vs[variant], vs[reference])
+        rows.append(
+            {
+                "workload": kind,
+                "group": group,
+                "variant": variant,
+                "reference": reference,
+                "goal": goal,
+                **r,
+            }
+        )
+
+    vs = penalty_variants(kind, steps)
+    run_rounds(list(vs.values()), rounds)
+    row("penalty", "L2Penalty", "keras L2", "<= 1.02", vs)
+
+    vs = decay_variants(kind, steps)
+    run_rounds(list(vs.values()), rounds)
+    row("decay", "WeightDecay", "SGD(weight_decay)", "<= 1.00", vs)
+    row("decay", "WeightDecay", "eager assign loop", "clearly < 1", vs)
+    row("decay", "WeightDecay", "set_weights loop", "clearly < 1", vs)
+    row("decay", "WeightDecay", "memory floor", "<= 1.2", vs)
+    row("decay", "WeightDecay", "no decay", "(report)", vs)
+    row("decay", "memory floor", "no decay", "(report)", vs)
+    row("decay", "SGD(weight_decay)", "no decay", "(report)", vs)
+    row("decay", "eager assign loop", "no decay", "(report)", vs)
+
+    vs = logger_variants(kind, steps, log_root)
+    run_rounds(list(vs.values()), rounds)
+    row("logger", "WeightNormLogger(epoch)", "no callback", "<= 1.01", vs)
+    row("logger", "WeightNormLogger(10)", "no callback", "<= 1.03", vs)
+    row("logger", "WeightNormLogger(epoch)", "TensorBoard(histogram_freq=1)", "< 1", vs)
+    row("logger", "TensorBoard(histogram_freq=1)", "no callback", "(report)", vs)
+    return rows
+
+
+def big_model(parameters: int) -> keras.Model:
+    """About `parameters` weights in square Dense kernels of 2048 x 2048."""
+    layers = max(1, round(parameters / (2048 * 2048)))
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((2048,))]
+        + [
+            keras.layers.Dense(2048, kernel_regularizer=kerasreg.L2Penalty(1e-4))
+            for _ in range(layers)
+        ],
+        name="big",
+    )
+
+
+def bench_norms(parameters: int, rounds: int) -> list[dict]:
+    """`weight_norms` vs one compiled pass that reads every selected weight once."""
+    import tensorflow as tf
+
+    model = big_model(parameters)
+    variables = [v.value for v in kerasreg.select_weights(model)]
+
+    @tf.function
+    def one_read():
+        return tf.stack([tf.reduce_sum(tf.square(v)) for v in variables])
+
+    kerasreg.weight_norms(model)  # warm-up: compile
+    one_read().numpy()
+    times = {"weight_norms": [], "one compiled read": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        kerasreg.weight_norms(model)
+        times["weight_norms"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        one_read().numpy()
+        times["one compiled read"].append(time.perf_counter() - start)
+    values = [
+        a / b
+        for a, b in zip(times["weight_norms"], times["one compiled read"], strict=True)
+    ]
+
+    # Host memory: the norms must not copy the weights (4 bytes each) to the host.
+    tracemalloc.start()
+    kerasreg.weight_norms(model)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    n = sum(int(np.prod(v.shape)) for v in model.weights)
+    return [
+        {
+            "workload": f"dense {n / 1e6:.1f}M params",
+            "group": "norms",
+            "variant": "weight_norms",
+            "reference": "one compiled read",
+            "goal": "<= 2",
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "rounds": len(values),
+            "host_peak_bytes": peak,
+            "weight_bytes": 4 * n,
+        }
+    ]
+
+
+def machine() -> str:
+    import tensorflow as tf
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, Keras {keras.__version__} "
+        f"({keras.backend.backend()}), TensorFlow {tf.__version__}"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| workload | variant | vs | median | min–max | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['variant']} | {r['reference']} | "
+            f"{r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} | {r['goal']} |"
+        )
+    extra = [r for r in rows if "host_peak_bytes" in r]
+    for r in extra:
+        lines.append(
+            f"\nweight_norms host peak memory: {r['host_peak_bytes'] / 1e6:.2f} MB "
+            f"(weights: {r['weight_bytes'] / 1e6:.0f} MB)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", choices=["mlp", "lstm", "norms"], action="append")
+    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    args = parser.parse_args(argv)
+    if keras.backend.backend() != "tensorflow":
+        parser.error(
+            "the benchmark compares TensorFlow-backend mechanisms; "
+            "run it with KERAS_BACKEND=tensorflow"
+        )
+    rounds = args.rounds or (2 if args.quick else 7)
+    steps = {"mlp": 10 if args.quick else 60, "lstm": 4 if args.quick else 15}
+    parameters = 4_000_000 if args.quick else 25_000_000
+    only = args.only or ["mlp", "lstm", "norms"]
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as log_root:
+        for kind in ("mlp", "lstm"):
+            if kind in only:
+                rows += bench_training(kind, steps[kind], rounds, Path(log_root))
+                print(table(rows), flush=True)
+                keras.utils.clear_session()
+    if "norms" in only:
+        rows += bench_norms(parameters, max(rounds, 5))
+
+    report = {
+        "command": "python benchmarks/overhead.py" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "rounds": rounds,
+        "steps_per_epoch": steps,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\n{report['machine']}; {rounds} rounds\n")
+    print(table(rows))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
