@@ -1,0 +1,392 @@
+"""End-to-end tests of the examples: each runs in `--quick` mode on the active backend.
+
+The numbers are checked for direction against expectations that do not come
+from kerasreg: the published results (regularized test accuracy >= unregularized
+on two moons; d2l's ||w|| about 14 at lambda = 0, far below 1 at lambda = 3),
+closed forms (`kerasreg shrink --factor F` scales norms by exactly F), NumPy
+penalties of the final weights, TensorBoard event files read back with
+TensorBoard's own reader, and a real TensorBoard server asked through its HTTP
+data API. Figures must be valid PNG files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TORCH = keras.backend.backend() == "torch"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _examples_importable():
+    """Put `examples/` on `sys.path`, as running a script there does."""
+    sys.path.insert(0, str(EXAMPLES))
+    threads = None
+    if TORCH:
+        import torch
+
+        # These models are tiny: two threads on two shared cores only wait on
+        # each other (several times slower per step).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    yield
+    sys.path.remove(str(EXAMPLES))
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", "")).startswith(str(EXAMPLES)):
+            del sys.modules[name]
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def example(name: str):
+    return importlib.import_module(name)
+
+
+def assert_png(path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        width, height = image.size
+    assert width >= 300 and height >= 300, (path, image.size)
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Scalar series of a TensorBoard run folder, read with TensorBoard's reader."""
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    series = {}
+    for tag in accumulator.Tags()["tensors"]:
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue
+        series[tag] = [
+            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+            for e in accumulator.Tensors(tag)
+        ]
+    return series
+
+
+def test_moons_script_reproduces_the_published_direction(tmp_path):
+    """`python examples/moons.py --quick` as a script; parse its printed table."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if TORCH:
+        env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "examples/moons.py",
+            "--quick",
+            "--log-dir",
+            tmp_path / "moons",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        m["name"]: (float(m["train"]), float(m["test"]), float(m["norm"]))
+        for m in re.finditer(
+            r"^(?P<name>none|L2Penalty)\s+\S+\s+(?P<train>[\d.]+)\s+(?P<test>[\d.]+)"
+            r"\s+\S+\s+(?P<norm>[\d.]+)$",
+            result.stdout,
+            re.M,
+        )
+    }
+    assert set(rows) == {"none", "L2Penalty"}, result.stdout
+    (train_none, test_none, norm_none), (_, test_l2, norm_l2) = (
+        rows["none"],
+        rows["L2Penalty"],
+    )
+    # Published: train 1.000 / test 0.914 without, test 0.943 with L2Penalty(1e-3).
+    assert train_none == 1.0
+    assert test_l2 >= test_none
+    assert norm_l2 < 0.5 * norm_none
+    assert result.stdout.rstrip().splitlines()[-1].startswith("tensorboard --logdir")
+    assert_png(tmp_path / "moons.png")
+    runs = {p.name for p in (tmp_path / "moons").iterdir()}
+    assert runs == {"none", "L2Penalty_0.001"}
+    assert "epoch_loss" in scalars(tmp_path / "moons" / "none" / "train")
+
+
+def test_d2l_weight_decay_norms(tmp_path):
+    results = example("d2l_linear").main(
+        ["--quick", "--log-dir", str(tmp_path / "d2l")]
+    )
+    free, decayed = results["runs"][0.0], results["runs"][3.0]
+    # d2l: ||w|| about 12-19 at lambda = 0 (sqrt(200) = 14.1 at init), 0.35-0.5 at 3.
+    assert 10 < free["norm"] < 20
+    assert decayed["norm"] < 1.0
+    assert decayed["norm"] < free["norm"] / 10
+    assert decayed["test_loss"] < free["test_loss"] / 10
+    assert len(free["test_curve"]) == 100
+    # The free model interpolates its 20 points: training loss far below test.
+    assert free["train_loss"] < 1e-3 < free["test_loss"]
+    series = scalars(tmp_path / "d2l" / "lambda_3" / "train")
+    logged = [value for _, value in series["batch_test_data_loss"]]
+    np.testing.assert_allclose(logged[-1], decayed["test_loss"], rtol=1e-5)
+    assert_png(tmp_path / "d2l.png")
+
+
+def test_decay_matches_l2_under_sgd_not_under_adam(tmp_path):
+    results = example("decay_vs_l2").main(
+        ["--quick", "--log-dir", str(tmp_path / "dv")]
+    )
+    sgd, adam = results["SGD"], results["Adam"]
+    # The decay itself must do something, or agreement would mean nothing.
+    assert sgd["none"]["relative_diff"] > 1e-2
+    assert adam["none"]["relative_diff"] > 1e-2
+    # SGD: L2Penalty(r / (2 lr)) == WeightDecay(r) to first order in r...
+    assert sgd["L2Penalty"]["relative_diff"] < 1e-3
+    assert sgd["L2Penalty"]["diff_over_effect"] < 0.02
+    # ... and Keras's SGD(weight_decay=2c) is L2Penalty(c) up to float rounding.
+    assert sgd["L2Penalty_vs_built-in"]["relative_diff"] < 1e-5
+    # Adam: the penalty is rescaled by Adam, the decay is not (Loshchilov & Hutter).
+    assert adam["L2Penalty"]["diff_over_effect"] > 1.0
+    assert adam["L2Penalty"]["relative_diff"] > 100 * sgd["L2Penalty"]["relative_diff"]
+    # AdamW(weight_decay=r / lr) is decoupled decay: it agrees with WeightDecay(r).
+    assert adam["built-in"]["diff_over_effect"] < 0.02
+    assert_png(tmp_path / "dv.png")
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory):
+    """The LSTM example, run once in quick mode: (module, results, log_dir)."""
+    log_dir = tmp_path_factory.mktemp("examples") / "lstm"
+    lstm = example("lstm_penalties")
+    return lstm, lstm.main(["--quick", "--log-dir", str(log_dir)]), log_dir
+
+
+def test_lstm_penalties_are_separate_tensorboard_series(lstm_run):
+    lstm, results, log_dir = lstm_run
+    run = results["runs"]["penalized"]
+    series = scalars(log_dir / "penalized" / "train")
+    kernel_tag = f"penalty/{run['paths']['kernel']}"
+    recurrent_tag = f"penalty/{run['paths']['recurrent']}"
+    assert kernel_tag.endswith("lstm_cell/kernel")
+    assert recurrent_tag.endswith("lstm_cell/recurrent_kernel")
+    kernel, recurrent = series[kernel_tag], series[recurrent_tag]
+    assert [s for s, _ in kernel] == [s for s, _ in recurrent] == [0, 1, 2, 3]
+    # The last logged values are the penalties of the final weights (NumPy).
+    weights = run["weights"]
+    l1, l2 = lstm.PENALTIES["kernel"].l1, lstm.PENALTIES["recurrent"].l2
+    np.testing.assert_allclose(
+        kernel[-1][1], l1 * np.abs(weights["kernel"]).sum(), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        recurrent[-1][1], l2 * np.square(weights["recurrent"]).sum(), rtol=1e-4
+    )
+    assert not np.isclose(kernel[-1][1], recurrent[-1][1], rtol=0.1)
+    # The recurrent penalty shrinks the recurrent kernel as training goes on.
+    assert recurrent[-1][1] < recurrent[0][1]
+    total = dict(series["penalty/total"])
+    np.testing.assert_allclose(total[3], kernel[-1][1] + recurrent[-1][1], rtol=1e-4)
+    for gate in "ifco":
+        assert f"norm_l2/{run['paths']['recurrent']}/gate_{gate}" in series
+    # The unpenalized run logs no per-weight penalty series.
+    plain = scalars(log_dir / "none" / "train")
+    assert not any(t.startswith("penalty/") and "lstm_cell" in t for t in plain)
+    norms = results["runs"]
+    assert (
+        norms["penalized"]["norms"][run["paths"]["recurrent"]]["l2"]
+        < norms["none"]["norms"][run["paths"]["recurrent"]]["l2"]
+    )
+    assert_png(log_dir.parent / "lstm.png")
+
+
+def test_posthoc_shrinking_reduces_norms(tmp_path):
+    results = example("posthoc_shrink").main(
+        ["--quick", "--log-dir", str(tmp_path / "posthoc")]
+    )
+    rows = results["rows"]
+    overfit = rows["overfit (saved)"]
+    assert overfit["train"] == 1.0
+    for name in ("+ WeightDecay(0.001)", "+ regularize(L2Penalty(0.001))"):
+        assert rows[name]["hidden_l2"] < overfit["hidden_l2"], name
+        assert 0 < rows[name]["updates"] <= 500
+    for factor in (0.8, 0.5):
+        row = rows[f"kerasreg shrink --factor {factor:g}"]
+        for key in ("hidden_l2", "output_l2"):
+            np.testing.assert_allclose(row[key], factor * overfit[key], rtol=1e-5)
+        assert (tmp_path / "posthoc" / f"shrunk_{factor:g}.keras").is_file()
+    series = scalars(tmp_path / "posthoc" / "regularize_l2" / "train")
+    assert any(tag.endswith("hidden/kernel") for tag in series if "penalty/" in tag)
+    assert_png(tmp_path / "posthoc.png")
+
+
+def test_demo(tmp_path, capsys):
+    results = example("demo").main(["--quick", "--log-dir", str(tmp_path / "demo")])
+    runs = results["runs"]
+    none = runs["none"]
+    for name in ("L2Penalty(1e-3)", "L1Penalty(1e-3)", "ExpAbsPenalty(1e-3)"):
+        assert runs[name]["hidden_l2"] < none["hidden_l2"], name
+        assert 0.05 < runs[name]["share"] < 1.0, name
+    assert none["penalty"] == 0.0 and none["share"] == 0.0
+    decayed = runs["none + WeightDecay(1e-3)"]
+    assert decayed["updates"] == none["updates"] * 3 // 2
+    assert decayed["penalty"] == 0.0  # decay acts on the weights, not the loss
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].strip().startswith("tensorboard --logdir ")
+    assert "share" in out and "||W1||" in out
+    folders = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert folders == {
+        "none",
+        "L2Penalty_1e-3",
+        "L1Penalty_1e-3",
+        "ExpAbsPenalty_1e-3",
+        "none+WeightDecay_1e-3",
+    }
+    series = scalars(tmp_path / "demo" / "L2Penalty_1e-3" / "train")
+    assert {"epoch_loss", "penalty/total", "loss/data"} <= set(series)
+    steps = [step for step, _ in series["penalty/total"]]
+    epochs = none["updates"] // 100
+    assert steps == list(range(epochs))
+    decay_series = scalars(tmp_path / "demo" / "none+WeightDecay_1e-3" / "train")
+    # Its curves go on where the `none` run stopped; WeightDecay logs its rate.
+    assert decay_series["epoch_loss"][0][0] == epochs
+    rates = [rate for _, rate in decay_series["epoch_weight_decay_rate"]]
+    np.testing.assert_allclose(rates, 1e-3, rtol=1e-6)
+    assert_png(tmp_path / "demo.png")
+
+
+@pytest.fixture
+def tensorboard_server(lstm_run):
+    """A real TensorBoard server on the LSTM example's logs; stopped afterwards."""
+    _, _, log_dir = lstm_run
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(log_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",  # TensorBoard picks a free port and prints its address
+        "--load_fast",
+        "false",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        address, lines, deadline = None, [], time.monotonic() + 120
+        while address is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                break
+            lines.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            address = match and match.group(1)
+        assert address, "TensorBoard did not start:\n" + "".join(lines)[-3000:]
+        yield address
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+
+
+def get_json(address: str, path: str, **query):
+    url = f"{address}{path}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def test_real_tensorboard_serves_the_penalty_norm_and_data_loss_series(
+    lstm_run, tensorboard_server
+):
+    """Ask TensorBoard's HTTP data API what it shows for WeightNormLogger's logs."""
+    _, results, log_dir = lstm_run
+    paths = results["runs"]["penalized"]["paths"]
+    wanted = {
+        "penalized/train": {
+            f"penalty/{paths['kernel']}",
+            f"penalty/{paths['recurrent']}",
+            "penalty/total",
+            "loss/data",
+            f"norm_l2/{paths['kernel']}",
+            f"norm_l2/{paths['recurrent']}/gate_f",
+        },
+        "penalized/validation": {"penalty/total", "loss/data"},
+    }
+    deadline = time.monotonic() + 60
+    while True:  # the server loads the event files in the background
+        tags = get_json(tensorboard_server, "/data/plugin/scalars/tags")
+        if all(tags.get(run, {}).keys() >= want for run, want in wanted.items()):
+            break
+        assert time.monotonic() < deadline, f"tags served: {tags}"
+        time.sleep(1)
+
+    def served(run: str, tag: str) -> list[tuple[int, float]]:
+        rows = get_json(
+            tensorboard_server, "/data/plugin/scalars/scalars", run=run, tag=tag
+        )
+        return [(step, value) for _, step, value in rows]
+
+    # What the server shows is what is in the event files...
+    for run, want in wanted.items():
+        on_disk = scalars(log_dir / run)
+        for tag in want:
+            steps, values = zip(*served(run, tag), strict=True)
+            disk_steps, disk_values = zip(*on_disk[tag], strict=True)
+            assert steps == disk_steps == (0, 1, 2, 3), (run, tag)
+            np.testing.assert_allclose(values, disk_values, rtol=1e-6)
+    # ... and the logged values are right: input and recurrent penalties apart.
+    kernel = served("penalized/train", f"penalty/{paths['kernel']}")
+    recurrent = served("penalized/train", f"penalty/{paths['recurrent']}")
+    total = served("penalized/train", "penalty/total")
+    norms = results["runs"]["penalized"]["norms"]
+    np.testing.assert_allclose(
+        kernel[-1][1], norms[paths["kernel"]]["penalty"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        recurrent[-1][1], norms[paths["recurrent"]]["penalty"], rtol=1e-5
+    )
+    assert not np.allclose([v for _, v in kernel], [v for _, v in recurrent], rtol=0.1)
+    np.testing.assert_allclose(
+        [v for _, v in total],
+        [k + r for (_, k), (_, r) in zip(kernel, recurrent, strict=True)],
+        rtol=1e-5,
+    )
+    weights = results["runs"]["penalized"]["weights"]["recurrent"]
+    forget = weights[:, weights.shape[1] // 4 : weights.shape[1] // 2]
+    gate_f = served("penalized/train", f"norm_l2/{paths['recurrent']}/gate_f")
+    np.testing.assert_allclose(gate_f[-1][1], np.linalg.norm(forget), rtol=1e-5)
+    # Validation: the data loss is Keras's val_loss minus the penalty.
+    val_loss = results["runs"]["penalized"]["val_loss"]
+    val_data = served("penalized/validation", "loss/data")
+    val_penalty = served("penalized/validation", "penalty/total")
+    np.testing.assert_allclose(
+        [d + p for (_, d), (_, p) in zip(val_data, val_penalty, strict=True)],
+        val_loss,
+        rtol=1e-5,
+    )
