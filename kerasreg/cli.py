@@ -181,7 +181,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from kerasreg.selection import select_weights
 
     try:
-        variables = select_weights(model, args.where)
+        variables = select_weights(model, args.where, argument="--where")
         norms = weight_norms(model, variables, per_gate=args.per_gate)
     except (TypeError, ValueError) as error:
         raise CommandError(_first_line(error), status=2) from None
@@ -236,9 +236,11 @@ def _shrink(args: argparse.Namespace) -> int:
     _check_output(source, target)
     model = _load(source, compile=True)
     from kerasreg.decay import shrink_weights
+    from kerasreg.selection import select_weights
 
     try:
-        norms = shrink_weights(model, factor, where=args.where)
+        variables = select_weights(model, args.where, argument="--where")
+        norms = shrink_weights(model, factor, where=variables)
     except (TypeError, ValueError) as error:
         raise CommandError(_first_line(error), status=2) from None
     _save_atomically(model, target)
