@@ -2,14 +2,18 @@
 
 `WeightDecay` is a callback that shrinks the selected weights after every
 training step (or epoch) of `fit`, whatever the optimizer; `shrink_weights`
-does it once, outside `fit`. Both use one compiled, in-place update for all
-selected weights on the device where they live (`ScaleInPlace`).
+does it once, outside `fit`. Per-step decay is folded into the model's
+compiled train step for the duration of `fit` (`_TrainStepFold`); per-epoch
+decay, Python-callable schedules and `shrink_weights` use one compiled,
+in-place update for all selected weights on the device where they live
+(`ScaleInPlace`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,13 +49,27 @@ class ScaleInPlace:
         self._scale(factor)
 
 
+def _times(value: Any, factor: Any) -> Any:
+    """`value * factor`, rounded once to `value`'s dtype.
+
+    float16/bfloat16 values are multiplied in float32: casting `factor` to
+    float16 first would round `1 - rate` to a multiple of 2**-11 and change the
+    rate applied (3e-4 would act as ~6.8e-4, rates below ~2.4e-4 as 0).
+    """
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    if dtype in ("float16", "bfloat16"):
+        product = ops.multiply(ops.cast(value, "float32"), ops.cast(factor, "float32"))
+        return ops.cast(product, dtype)
+    return ops.multiply(value, ops.cast(factor, dtype))
+
+
 def _tensorflow_scale(variables: list[Any]) -> Callable[[Any], None]:
     import tensorflow as tf
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([], "float64")])
     def scale(factor):
         for v in variables:
-            v.assign(ops.multiply(v, ops.cast(factor, v.dtype)))
+            v.assign(_times(v, factor))
 
     def run(factor):
         if isinstance(factor, numbers.Real):
@@ -67,7 +85,7 @@ def _jax_scale(variables: list[Any]) -> Callable[[Any], None]:
 
     @jax.jit
     def scaled(values, factor):
-        return [ops.multiply(v, ops.cast(factor, v.dtype)) for v in values]
+        return [_times(v, factor) for v in values]
 
     def scale(factor):
         new_values = scaled([v.value for v in variables], jnp.asarray(factor))
@@ -189,13 +207,13 @@ class WeightDecay(keras.callbacks.Callback):
     After each training step (`frequency="batch"`) or each epoch
     (`frequency="epoch"`), every selected weight becomes `w * (1 - rate_t)`,
     where `rate_t` is `rate`, or `schedule(t)` when a schedule is given, and is
-    multiplied by the optimizer's current learning rate when `lr_scaled=True`
-    (the AdamW convention). `t` is the index of the optimizer step just taken
+    multiplied by the optimizer's learning rate when `lr_scaled=True` (the
+    AdamW convention). `t` is the index of the optimizer step just taken
     (counted across `fit` calls, from `optimizer.iterations`) for
     `frequency="batch"`, the epoch index for `frequency="epoch"`. With
-    `steps_per_execution=k`, each call covers k steps and applies the product
-    of their factors, `(1 - rate) ** k` for a constant rate: the same result
-    as k single steps.
+    `steps_per_execution=k`, each of the k steps is followed by its decay, so
+    a constant rate gives `(1 - rate) ** k` per execution: the same result as k
+    single steps.
 
     This is decoupled weight decay (Loshchilov and Hutter, 2019): it acts on
     the weights directly, whatever the optimizer. Under plain SGD at learning
@@ -203,13 +221,36 @@ class WeightDecay(keras.callbacks.Callback):
     to first order; under Adam it does not (an L2 penalty's gradient is
     rescaled by Adam, the decay is not).
 
-    The update runs where the weights live, as one compiled in-place update of
-    all selected weights, and works on TensorFlow (also under `tf.distribute`
-    strategies), JAX and PyTorch. The rate applied is written to `logs` under
-    `"weight_decay_rate"` (per batch, and at epoch end the last rate applied),
-    so `History`, `CSVLogger` and `TensorBoard` record it: list `WeightDecay`
-    before them in `callbacks`. With `frequency="epoch"` the callback defines
-    no batch hook, so Keras keeps its asynchronous batch dispatch.
+    How it runs: with `frequency="batch"` and no schedule or a
+    `keras.optimizers.schedules.LearningRateSchedule`, the decay is folded
+    into the model's train step. At `on_train_begin` the callback sets the
+    model's `train_step` to "the original step (including a subclass's own
+    `train_step`), then `w <- w * (1 - rate_t)` for every selected weight",
+    and Keras compiles that as one function; `on_train_end` puts the original
+    back. So the decay costs one extra multiply per weight inside the compiled
+    step, and the callback defines no batch hook: Keras keeps its asynchronous
+    batch dispatch. `rate_t` is computed inside the step, before the
+    optimizer update: `schedule(optimizer.iterations)`, times the learning
+    rate the optimizer uses for that same step (exact also with a learning
+    rate schedule). The compiled step is cached: a further `fit` with the same
+    callback and model does not re-trace; a new `compile`, or a changed
+    `rate` or selection, builds a new one. If `fit` raises, Keras skips
+    `on_train_end`: the model's next `fit` or `train_on_batch` then restores
+    the original step first, so no later training decays by accident.
+    With `frequency="epoch"`, or a `schedule` that is any other Python
+    callable (called eagerly with a Python int `t`), the callback does the
+    update itself, as one compiled in-place update of all selected weights;
+    only the latter needs a batch hook, and with `steps_per_execution=k` it
+    applies the product of the k steps' factors after the k steps.
+
+    Everything runs where the weights live (no copy to the host) and works on
+    TensorFlow (also under `tf.distribute` strategies, where each mirrored
+    copy is scaled once), JAX and PyTorch. The rate applied is written to
+    `logs` under `"weight_decay_rate"` (per batch, and at epoch end the last
+    rate applied), so `History`, `CSVLogger` and `TensorBoard` record it.
+    Folded, the train step itself returns it, so Keras reports the epoch's
+    logs from the last step rather than from `model.metrics`: the same values
+    for the built-in metrics.
 
     Args:
         rate: float in `[0, 1)`, the fraction removed per step (or epoch).
@@ -222,10 +263,14 @@ class WeightDecay(keras.callbacks.Callback):
             layers and/or variables. A selection that is empty raises at the
             start of `fit`, before any weight changes.
         lr_scaled: bool, default False. Multiply the rate by the optimizer's
-            current learning rate, read when the callback runs.
-        schedule: optional callable `t -> rate` (Python number in `[0, 1)`,
-            or a scalar tensor such as a `keras.optimizers.schedules`
-            schedule's output), replacing `rate`.
+            learning rate: the one used for the step just taken (folded), or
+            the current one when the callback runs (per epoch, Python
+            callable schedules).
+        schedule: optional `keras.optimizers.schedules.LearningRateSchedule`
+            (evaluated inside the train step on `optimizer.iterations`) or
+            Python callable `t -> rate` (Python number in `[0, 1)` or a scalar
+            tensor), replacing `rate`. `rate`, `where`, `lr_scaled` and
+            `schedule` are read at the start of each `fit`.
 
     Example:
 
@@ -272,26 +317,38 @@ class WeightDecay(keras.callbacks.Callback):
         self.lr_scaled = bool(lr_scaled)
         self.schedule = schedule
         self._update: ScaleInPlace | None = None
+        self._variables: list[Any] = []
+        self._fold_cache: dict[tuple, tuple[Any, Any]] = {}
         self._step = 0
         self._last_end_step = -1
         self._last_rate: Any = None
-        if frequency == "batch":
-            # Bound per instance so per-epoch decay leaves Keras's default (no-op)
-            # batch hook in place and keeps asynchronous batch dispatch.
+        self.folded = frequency == "batch" and _can_fold(schedule)
+        if frequency == "batch" and not self.folded:
+            # Bound per instance so decay that needs no batch hook (folded into
+            # the train step, or per epoch) keeps Keras's asynchronous dispatch.
             self.on_train_batch_end = self._decay_after_batch
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        variables = select_weights(self.model, self.where)
-        key = tuple(id(v) for v in variables)
-        if self._update is None or self._update.key != key:
-            self._update = ScaleInPlace(variables)
-        if self.lr_scaled and getattr(self.model, "optimizer", None) is None:
+        model = self.model
+        variables = select_weights(model, self.where)
+        if self.lr_scaled and getattr(model, "optimizer", None) is None:
             raise ValueError(
                 f"{type(self).__name__}(lr_scaled=True) needs a compiled model "
                 "with an optimizer."
             )
-        self._step = self._optimizer_iterations() or 0
+        self._variables = variables
         self._last_rate = None
+        if self.folded:
+            _TrainStepFold.add(model, self)
+            return
+        key = tuple(id(v) for v in variables)
+        if self._update is None or self._update.key != key:
+            self._update = ScaleInPlace(variables)
+        self._step = self._optimizer_iterations() or 0
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.folded:
+            _TrainStepFold.remove(self._model)
 
     def _optimizer_iterations(self) -> int | None:
         """Optimizer steps taken so far (one scalar read from the device)."""
@@ -310,6 +367,11 @@ class WeightDecay(keras.callbacks.Callback):
         self._decay(range(first, first + steps), logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.folded:
+            # The step logged the rate already; a constant rate is exact as given.
+            if logs is not None and self.schedule is None and not self.lr_scaled:
+                logs[LOG_KEY] = self.rate
+            return
         if self.frequency == "epoch":
             self._decay([epoch], None)
         else:
@@ -354,6 +416,32 @@ class WeightDecay(keras.callbacks.Callback):
         if logs is not None:
             logs[LOG_KEY] = rate
 
+    def _fold_config(self) -> tuple:
+        """What a folded train step bakes in: a change means a new trace."""
+        return (
+            tuple(id(v) for v in self._variables),
+            self.rate,
+            self.lr_scaled,
+            self.schedule,
+        )
+
+    def _fold_into(self, step: Callable[..., Any], model: keras.Model) -> Callable:
+        """`step` followed by this decay, for the active backend's trainer."""
+        return _FOLDS[keras.backend.backend()](
+            step, model, list(self._variables), self._rate_in_step
+        )
+
+    def _rate_in_step(self, optimizer: Any) -> Any:
+        """The rate of the step about to run (read before the optimizer moves)."""
+        if self.schedule is None:
+            rate = self.rate
+        else:
+            rate = ops.cast(self.schedule(optimizer.iterations), "float32")
+        if self.lr_scaled:
+            learning_rate = ops.cast(optimizer.learning_rate, "float32")
+            rate = ops.multiply(ops.cast(rate, "float32"), learning_rate)
+        return rate
+
     def _rate_at(self, step: int) -> Any:
         if self.schedule is None:
             return self.rate
@@ -363,6 +451,221 @@ class WeightDecay(keras.callbacks.Callback):
                 rate, f"schedule({step})", type(self).__name__, upper=False
             )
         return rate
+
+
+def _can_fold(schedule: Any) -> bool:
+    """Whether per-step decay can run inside the model's compiled train step."""
+    if schedule is not None and not isinstance(
+        schedule, keras.optimizers.schedules.LearningRateSchedule
+    ):
+        return False  # arbitrary callables are called eagerly, with Python ints
+    backend = keras.backend.backend()
+    if backend == "jax":
+        # Flax NNX trainers call the class's `train_step`, not the instance's.
+        return not keras.config.is_nnx_enabled()
+    return backend in ("tensorflow", "torch")
+
+
+_MISSING = object()
+
+
+class _TrainStepFold:
+    """The `WeightDecay`s folded into one model's `train_step` during one `fit`.
+
+    While active it shadows three model attributes: `train_step` (the original
+    step followed by each decay), `train_function` (Keras's compiled function
+    over that step, cached per decay so a second `fit` does not re-trace) and
+    `make_train_function` (this object). Keras calls `make_train_function` at
+    the start of every `fit` and `train_on_batch`, before `on_train_begin`, so
+    a `fit` that raised (Keras then skips `on_train_end`) is undone by the
+    model's next training call: no later training can run a stale decay.
+    """
+
+    NAMES = ("train_step", "make_train_function")
+
+    def __init__(self, model: keras.Model):
+        self._model = weakref.ref(model)
+        self.decays: list[WeightDecay] = []
+        self.saved = {name: vars(model).get(name, _MISSING) for name in self.NAMES}
+        self.step = model.train_step
+        self.train_function = model.train_function
+
+    @staticmethod
+    def active(model: keras.Model) -> _TrainStepFold | None:
+        fold = vars(model).get("make_train_function")
+        return fold if isinstance(fold, _TrainStepFold) else None
+
+    @classmethod
+    def add(cls, model: keras.Model, decay: WeightDecay) -> None:
+        fold = cls.active(model)
+        if fold is not None and decay in fold.decays:
+            fold.restore()  # left by a call that raised before `on_train_end`
+            fold = None
+        if fold is None:
+            fold = cls(model)
+        fold.decays.append(decay)
+        fold.install()
+
+    @classmethod
+    def remove(cls, model: keras.Model) -> None:
+        fold = cls.active(model)
+        if fold is not None:
+            fold.restore()
+
+    def install(self) -> None:
+        model = self._model()
+        owner = self.decays[-1]
+        key = (
+            self.train_function,
+            tuple((decay, decay._fold_config()) for decay in self.decays),
+        )
+        if key not in owner._fold_cache:
+            step = self.step
+            for decay in self.decays:
+                step = decay._fold_into(step, model)
+            model.train_step = step
+            self._original_make()(force=True)
+            # Entries built over an older `train_function` (before a `compile`)
+            # can never be used again.
+            for stale in [k for k in owner._fold_cache if k[0] is not key[0]]:
+                del owner._fold_cache[stale]
+            owner._fold_cache[key] = (step, model.train_function)
+        model.train_step, model.train_function = owner._fold_cache[key]
+        model.make_train_function = self
+
+    def restore(self) -> None:
+        model = self._model()
+        for name, value in self.saved.items():
+            if value is not _MISSING:
+                setattr(model, name, value)
+            elif name in vars(model):
+                delattr(model, name)
+        model.train_function = self.train_function
+
+    def _original_make(self) -> Callable[..., Any]:
+        model = self._model()
+        make = self.saved["make_train_function"]
+        return (
+            type(model).make_train_function.__get__(model) if make is _MISSING else make
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Stand-in for `model.make_train_function`: unfold, then build as usual."""
+        model = self._model()
+        self.restore()
+        return model.make_train_function(*args, **kwargs)
+
+
+def _logs_with_rate(logs: Any, rate: Any) -> Any:
+    if not isinstance(logs, dict):
+        return logs
+    return {**logs, LOG_KEY: ops.convert_to_tensor(rate, "float32")}
+
+
+def _factor(rate: Any) -> Any:
+    """`1 - rate`: exact in float64 for a Python rate, else in float32."""
+    if isinstance(rate, float):
+        return 1.0 - rate
+    return ops.subtract(1.0, ops.cast(rate, "float32"))
+
+
+def _fold_tensorflow(step, model, variables, rate_in_step):
+    import tensorflow as tf
+
+    optimizer = model.optimizer
+    tf_variables = [v.value for v in variables]
+
+    def scale_one(variable, factor):
+        return variable.assign(_times(variable, factor))
+
+    def scale(distribution, factor):
+        # Cross-replica update: each mirrored copy is scaled exactly once.
+        for variable in tf_variables:
+            distribution.extended.update(
+                variable, scale_one, args=(factor,), group=False
+            )
+
+    def train_step(data):
+        rate = rate_in_step(optimizer)  # read before the optimizer moves
+        logs = step(data)
+        factor = _factor(rate)
+        if isinstance(factor, float):
+            factor = tf.constant(factor, "float64")
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            scale, tf.distribute.get_strategy(), factor
+        )
+        return _logs_with_rate(logs, rate)
+
+    return train_step
+
+
+def _fold_jax(step, model, variables, rate_in_step):
+    optimizer = model.optimizer
+    selected = {id(v) for v in variables}
+    # The JAX trainer's state holds values in these two lists' orders.
+    trainable = [
+        i for i, v in enumerate(model.trainable_variables) if id(v) in selected
+    ]
+    non_trainable = [
+        i for i, v in enumerate(model.non_trainable_variables) if id(v) in selected
+    ]
+    if len(trainable) + len(non_trainable) != len(selected):
+        raise RuntimeError(
+            "WeightDecay: a selected weight is not in the model's trainable or "
+            "non-trainable variables, so it cannot be decayed in the train step."
+        )
+
+    def scaled(values, indices, factor):
+        values = list(values)
+        for i in indices:
+            values[i] = _times(values[i], factor)
+        return values
+
+    def train_step(state, data):
+        mapping = list(zip(optimizer.variables, state[2], strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            rate = rate_in_step(optimizer)
+        logs, state = step(state, data)
+        factor = _factor(rate)
+        trainable_values, non_trainable_values, *rest = state
+        state = (
+            scaled(trainable_values, trainable, factor),
+            scaled(non_trainable_values, non_trainable, factor),
+            *rest,
+        )
+        return _logs_with_rate(logs, rate), state
+
+    return train_step
+
+
+def _fold_torch(step, model, variables, rate_in_step):
+    import torch
+
+    optimizer = model.optimizer
+
+    def train_step(data):
+        rate = rate_in_step(optimizer)
+        logs = step(data)
+        factor = _factor(rate)
+        with torch.no_grad():
+            for v in variables:
+                value = v.value
+                if value.dtype in (torch.float16, torch.bfloat16):
+                    value.copy_(_times(value, factor))  # see `_times`
+                elif isinstance(factor, float):
+                    value.mul_(factor)
+                else:
+                    value.mul_(factor.to(value.dtype))
+        return _logs_with_rate(logs, rate)
+
+    return train_step
+
+
+_FOLDS = {
+    "tensorflow": _fold_tensorflow,
+    "jax": _fold_jax,
+    "torch": _fold_torch,
+}
 
 
 def _validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -> float:

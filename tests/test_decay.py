@@ -3,6 +3,7 @@
 import csv
 import math
 import textwrap
+import zipfile
 
 import keras
 import numpy as np
@@ -182,10 +183,18 @@ def test_where_selects_what_decays(rng):
 # --- real gradients -----------------------------------------------------------
 
 
-def test_matches_numpy_sgd_then_decay(rng):
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_matches_numpy_sgd_then_decay(steps_per_execution, rng):
+    # With k steps per execution the decay still follows each step's update.
+    if steps_per_execution > 1 and keras.backend.backend() == "torch":
+        pytest.skip("the PyTorch trainer only supports steps_per_execution=1")
     lr, rate, batch = 0.1, 0.05, 4
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="lin")])
-    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
     w, b = to_np(model.layers[0].kernel), to_np(model.layers[0].bias)
     x, y = xy(rng)
     model.fit(
@@ -248,6 +257,183 @@ def test_not_equivalent_under_adam(rng):
     assert gap > 1e-3
 
 
+# --- folded into the train step -----------------------------------------------
+
+
+def test_lr_scaled_is_exact_under_a_learning_rate_schedule(rng):
+    # The folded step reads the learning rate the optimizer uses for that step.
+    rate = 0.5
+    lr = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
+    model = small_model(lr=lr)
+    before = snapshot(model)
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[WeightDecay(rate, lr_scaled=True)],
+    )
+    assert_decayed(model, before, math.prod(1 - rate * 0.2 * 0.5**t for t in range(6)))
+
+
+def test_folded_matches_callback_path(rng):
+    """Real gradients: the folded decay and the per-batch callback agree."""
+    x, y = xy(rng)
+    results = []
+    # A Python callable schedule keeps the per-batch callback path.
+    for decay in (WeightDecay(0.05), WeightDecay(schedule=lambda t: 0.05)):
+        model = mlp(3)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(
+            x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[decay]
+        )
+        results.append([to_np(v) for v in model.weights])
+    assert WeightDecay(0.05).folded and not WeightDecay(schedule=lambda t: 0.05).folded
+    for folded, hooked in zip(*results, strict=True):
+        np.testing.assert_array_equal(folded, hooked)
+
+
+def assert_unpatched(model):
+    for name in ("train_step", "make_train_function"):
+        assert name not in vars(model)
+    assert model.train_step.__func__ is type(model).train_step
+
+
+def test_fit_twice_reuses_the_compiled_step_and_restores_the_model(rng):
+    model = small_model()
+    before = snapshot(model)
+    x, y = xy(rng)
+    seen = []
+    spy = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: seen.append(model.train_function)
+    )
+    decay = WeightDecay(0.1)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[decay, spy])
+    assert_unpatched(model)
+    plain_function = model.train_function
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[decay, spy])
+    assert_unpatched(model)
+    assert_decayed(model, before, 0.9**6)
+    assert seen[0] is seen[1]  # no second trace of the folded step
+    assert seen[0] is not plain_function
+    assert model.train_function is plain_function
+    # Without the callback the weights no longer decay (zero-gradient loss).
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert_decayed(model, before, 0.9**6)
+
+
+def test_two_decays_in_one_fit(rng):
+    model = small_model()
+    before = snapshot(model)
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            WeightDecay(0.1, where="/hidden/"),
+            WeightDecay(0.2, where="/out/"),
+        ],
+    )
+    assert_unpatched(model)
+    for v in model.weights:
+        factor = {"hidden": 0.9**3, "out": 0.8**3}[v.path.split("/")[1]]
+        factor = factor if v.path.endswith("kernel") else 1.0
+        np.testing.assert_allclose(to_np(v), before[v.path] * factor, rtol=1e-5)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the end of the first epoch, as a KeyboardInterrupt would."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise RuntimeError("stop here")
+
+
+def test_fit_that_raised_is_undone_by_the_next_training_call(rng, tmp_path):
+    model = small_model()
+    before = snapshot(model)
+    x, y = xy(rng)
+    with pytest.raises(RuntimeError, match="stop here"):
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=3,
+            verbose=0,
+            callbacks=[WeightDecay(0.1), Interrupt()],
+        )
+    assert_decayed(model, before, 0.9**3)
+    model.save(tmp_path / "interrupted.keras")
+    # Keras skipped on_train_end; the next fit (without the callback) unfolds.
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert_unpatched(model)
+    assert_decayed(model, before, 0.9**3)
+    model.train_on_batch(x[:4], y[:4])
+    assert_decayed(model, before, 0.9**3)
+
+
+def test_train_on_batch_after_a_fit_that_raised(rng):
+    model = small_model()
+    before = snapshot(model)
+    x, y = xy(rng)
+    with pytest.raises(RuntimeError, match="stop here"):
+        model.fit(
+            x, y, batch_size=4, verbose=0, callbacks=[WeightDecay(0.1), Interrupt()]
+        )
+    model.train_on_batch(x[:4], y[:4])
+    assert_unpatched(model)
+    assert_decayed(model, before, 0.9**3)
+
+
+class CountingModel(keras.Model):
+    """A subclassed model with its own `train_step` that adds a log entry."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="tanh", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, *args):
+        result = super().train_step(*args)
+        if keras.backend.backend() == "jax":  # functional: (logs, state)
+            logs, state = result
+            return {**logs, "custom": ops.ones(())}, state
+        return {**result, "custom": ops.ones(())}
+
+
+def test_subclassed_model_with_custom_train_step(rng):
+    model = CountingModel()
+    model(np.zeros((1, 3), "float32"))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=zero_gradient_loss)
+    kernels = {v.path: to_np(v) for v in model.weights if v.path.endswith("kernel")}
+    history = model.fit(
+        *xy(rng), batch_size=4, epochs=2, verbose=0, callbacks=[WeightDecay(0.1)]
+    )
+    for v in model.weights:
+        if v.path in kernels:
+            np.testing.assert_allclose(to_np(v), kernels[v.path] * 0.9**6, rtol=1e-5)
+    assert history.history["custom"] == [1.0, 1.0]
+    assert history.history["weight_decay_rate"] == pytest.approx([0.1, 0.1])
+    assert_unpatched(model)
+
+
+def test_save_after_fit_has_no_trace_of_the_fold(rng, tmp_path):
+    model = small_model(loss="mse")
+    model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[WeightDecay(0.1)])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert_unpatched(loaded)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    with zipfile.ZipFile(path) as archive:
+        config = archive.read("config.json").decode()
+    assert "WeightDecay" not in config and "kerasreg" not in config
+
+
 # --- logs and hooks -----------------------------------------------------------
 
 
@@ -277,18 +463,24 @@ def test_csv_logger_and_batch_logs_see_the_rate(rng, tmp_path):
     assert seen == pytest.approx([0.05] * 6)
 
 
-def test_per_epoch_defines_no_batch_hook():
+def test_batch_hook_only_for_python_schedules():
     base = keras.callbacks.Callback
-    per_epoch = WeightDecay(0.1, frequency="epoch")
-    per_batch = WeightDecay(0.1)
+    sched = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    no_hook = [
+        WeightDecay(0.1, frequency="epoch"),
+        WeightDecay(0.1),  # folded into the train step
+        WeightDecay(schedule=sched, lr_scaled=True),
+    ]
+    hooked = WeightDecay(schedule=lambda t: 0.1)  # called eagerly, per batch
     # Keras keeps async batch dispatch only for callbacks whose batch hooks are defaults.
-    assert per_epoch.on_train_batch_end.__func__ is base.on_train_batch_end
-    assert getattr(per_epoch.on_train_batch_end, "_is_default", False)
-    assert not getattr(per_batch.on_train_batch_end, "_is_default", False)
+    for decay in no_hook:
+        assert decay.on_train_batch_end.__func__ is base.on_train_batch_end
+        assert getattr(decay.on_train_batch_end, "_is_default", False)
+    assert not getattr(hooked.on_train_batch_end, "_is_default", False)
     assert "on_train_batch_end" not in vars(WeightDecay)
-    for hook in ("on_batch_end", "on_test_batch_end", "on_predict_batch_end"):
-        assert getattr(getattr(per_epoch, hook), "_is_default", False)
-        assert getattr(getattr(per_batch, hook), "_is_default", False)
+    for decay in [*no_hook, hooked]:
+        for hook in ("on_batch_end", "on_test_batch_end", "on_predict_batch_end"):
+            assert getattr(getattr(decay, hook), "_is_default", False)
 
 
 # --- validation ---------------------------------------------------------------
