@@ -63,6 +63,10 @@ class WeightNormLogger(keras.callbacks.Callback):
     running mean over the epoch so far; validation scalars are logged at
     epoch end at the same global batch count.
 
+    In a multi-worker job every worker measures but only the chief writes
+    (TensorFlow's `should_save_summary`, JAX process 0, torch rank 0), so
+    give the logger to every worker with the same `log_dir`.
+
     Writes are wrapped in `tf.summary.record_if(True)` on this callback's own
     writers, so a `keras.callbacks.TensorBoard(update_freq=N)` in the same
     `fit` (which leaves a `record_if` condition active) cannot swallow them
@@ -133,6 +137,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         self.where = check_where(where)
         self.per_gate = per_gate
         self._writers: dict[str, Any] = {}
+        self._is_writer = True
         if update_freq != "epoch":
             # Only batch mode gets a batch hook: its mere presence turns off
             # Keras's asynchronous batch dispatch.
@@ -153,8 +158,10 @@ class WeightNormLogger(keras.callbacks.Callback):
         self._variables = list({id(v): v for v in self._variables}.values())
         self._train_dir = os.path.join(self.log_dir, "train")
         self._validation_dir = os.path.join(self.log_dir, "validation")
-        self._check_writable(self._train_dir)
-        self._check_writable(self._validation_dir)
+        self._is_writer = writes_summaries(model)
+        if self._is_writer:
+            self._check_writable(self._train_dir)
+            self._check_writable(self._validation_dir)
         self._close_writers()
         self._step_offset = _optimizer_iterations(model)
         self._epoch_start = 0
@@ -235,6 +242,8 @@ class WeightNormLogger(keras.callbacks.Callback):
     # --- writing -------------------------------------------------------------
 
     def _write(self, run: str, step: int, scalars: dict[str, float]) -> None:
+        if not self._is_writer:
+            return
         import tensorflow as tf
 
         writer = self._writer(run)
@@ -273,6 +282,32 @@ class WeightNormLogger(keras.callbacks.Callback):
                 f"log_dir={self.log_dir!r}: the folder {folder!r} cannot be "
                 f"created or written ({reason}). Pass a writable `log_dir`."
             ) from None
+
+
+def writes_summaries(model: keras.Model) -> bool:
+    """True in the one process of a multi-worker job that writes the summaries.
+
+    Every worker measures (on JAX the measurement is an SPMD computation every
+    process must run); only the chief writes: TensorFlow's
+    `strategy.extended.should_save_summary` (False on non-chief workers of
+    `MultiWorkerMirroredStrategy`), JAX process 0, `torch.distributed` rank 0.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        extended = getattr(strategy, "extended", None)
+        return bool(getattr(extended, "should_save_summary", True))
+    if backend == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if backend == "torch":
+        import torch.distributed as dist
+
+        return (
+            not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        )
+    return True
 
 
 def _regularized_weights(model: keras.Model) -> list[Any]:

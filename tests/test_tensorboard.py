@@ -372,3 +372,62 @@ def test_works_under_mirrored_strategy():
     replicas, step, logged, expected = result.stdout.split()
     assert (replicas, step) == ("2", "1")
     assert float(logged) == pytest.approx(float(expected), rel=1e-5)
+
+
+def small_regularized_model():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, kernel_regularizer=kerasreg.L2Penalty(0.1)),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def test_non_chief_worker_measures_but_writes_nothing(tmp_path, monkeypatch):
+    # A non-chief worker of a multi-worker job: training runs, no file appears.
+    measured = []
+    real_measure = WeightNormLogger._measure
+
+    def spy(self):
+        measured.append(True)
+        return real_measure(self)
+
+    monkeypatch.setattr(kerasreg.tensorboard, "writes_summaries", lambda model: False)
+    monkeypatch.setattr(WeightNormLogger, "_measure", spy)
+    model = small_regularized_model()
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(16, 3)), rng.normal(size=(16, 1))
+    log_dir = tmp_path / "worker1"
+    model.fit(x, y, batch_size=8, epochs=2, validation_data=(x, y), verbose=0,
+              callbacks=[WeightNormLogger(log_dir)])  # fmt: skip
+    assert len(measured) == 2
+    assert not log_dir.exists()
+
+
+class _Extended:
+    def __init__(self, chief):
+        self.should_save_summary = chief
+
+
+class _Strategy:
+    def __init__(self, chief):
+        self.extended = _Extended(chief)
+
+
+class _ModelOnWorker:
+    def __init__(self, chief):
+        self.distribute_strategy = _Strategy(chief)
+
+
+def test_only_the_chief_writes_summaries():
+    from kerasreg.tensorboard import writes_summaries
+
+    # A single process is always the writer, on every backend.
+    assert writes_summaries(small_regularized_model()) is True
+    if keras.backend.backend() == "tensorflow":
+        # The rule follows TensorFlow's own flag, False on non-chief workers.
+        assert writes_summaries(_ModelOnWorker(chief=False)) is False
+        assert writes_summaries(_ModelOnWorker(chief=True)) is True
