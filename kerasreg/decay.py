@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasreg.penalties import as_real_scalar
 from kerasreg.selection import Where, check_where, select_weights
 
 FREQUENCIES = ("batch", "epoch")
@@ -671,14 +672,7 @@ _FOLDS = {
 def _validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -> float:
     """`value` as a float in `[0, 1]` (`upper=True`) or `[0, 1)`, or raise."""
     accepted = f"a real number in [0, 1{']' if upper else ')'}"
-    number = None
-    if not isinstance(value, (bool, np.bool_, str, bytes)) and value is not None:
-        if isinstance(value, numbers.Real):
-            number = float(value)
-        elif hasattr(value, "shape") and hasattr(value, "dtype"):
-            array = np.asarray(value)
-            if array.shape == () and array.dtype.kind in "fiu":
-                number = float(array)
+    number = as_real_scalar(value)
     if number is None:
         raise TypeError(
             f"{owner}: invalid `{name}`: expected {accepted}. "

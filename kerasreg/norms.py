@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kerasreg.penalties import validate_factor
+from kerasreg.penalties import accumulation_dtype, validate_factor
 from kerasreg.selection import Where, select_weights, walk_layers
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
@@ -136,7 +136,7 @@ class _NormProgram:
         for value, regularizer, gate_names in zip(
             values, self.regularizers, self.gates, strict=True
         ):
-            x = _accumulation_dtype(value)
+            x = accumulation_dtype(value)
             parts.extend(_statistics(x, self.zero_threshold))
             if regularizer is None:
                 parts.append(ops.zeros((), "float32"))
@@ -173,14 +173,6 @@ def _statistics(x: Any, zero_threshold: float) -> list[Any]:
     l2 = ops.where(ops.isinf(linf), linf, l2)
     zero_fraction = ops.mean(ops.cast(a < zero_threshold, "float32"))
     return [ops.sum(a), l2, linf, zero_fraction]
-
-
-def _accumulation_dtype(value: Any) -> Any:
-    """float64 stays float64; everything else is measured in float32."""
-    x = ops.convert_to_tensor(value)
-    if keras.backend.standardize_dtype(x.dtype) == "float64":
-        return x
-    return ops.cast(x, "float32")
 
 
 def _size(shape: tuple) -> int:

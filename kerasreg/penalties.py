@@ -34,7 +34,7 @@ def validate_factor(value: Any, name: str, owner: str) -> float:
     with more than one element, `None`, NaN, infinities and negative numbers.
     """
     accepted = "a finite real number >= 0 (int, float, NumPy scalar or 0-d array)"
-    number = _as_real_scalar(value)
+    number = as_real_scalar(value)
     if number is None:
         raise TypeError(
             f"{owner}: invalid `{name}`: expected {accepted}. "
@@ -48,7 +48,12 @@ def validate_factor(value: Any, name: str, owner: str) -> float:
     return number
 
 
-def _as_real_scalar(value: Any) -> float | None:
+def as_real_scalar(value: Any) -> float | None:
+    """`value` as a Python float if it is one real number, else `None`.
+
+    Python ints and floats, NumPy scalars and 0-d arrays (or tensors) qualify;
+    booleans, strings, `None` and arrays with any dimension do not.
+    """
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         return None
     if isinstance(value, numbers.Real):
@@ -68,7 +73,7 @@ def _abs(x):
     return ops.sign(x) * x
 
 
-def _accumulation_dtype(x):
+def accumulation_dtype(x):
     """Low-precision weights are summed in float32 (float16 overflows at 65504)."""
     x = ops.convert_to_tensor(x)
     if keras.backend.standardize_dtype(x.dtype) in _LOW_PRECISION:
@@ -88,7 +93,7 @@ class Penalty(keras.regularizers.Regularizer):
     _ARGS: tuple[str, ...] = ()
 
     def __call__(self, x):
-        return self.penalty(_accumulation_dtype(x))
+        return self.penalty(accumulation_dtype(x))
 
     def penalty(self, x):
         raise NotImplementedError
