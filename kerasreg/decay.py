@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasreg.norms import weight_norms
 from kerasreg.penalties import as_real_scalar
 from kerasreg.selection import Where, check_where, select_weights
 
@@ -148,12 +149,6 @@ def _scale_model_weights(model: Any, update: ScaleInPlace, factor: Any) -> None:
                 state[key] = [v.value for v in getattr(model, key)]
 
 
-def _l2_norms(variables: list[Any]) -> np.ndarray:
-    """All L2 norms in one device vector, one transfer to the host."""
-    norms = [ops.sqrt(ops.sum(ops.square(ops.cast(v, "float32")))) for v in variables]
-    return ops.convert_to_numpy(ops.stack(norms))
-
-
 def shrink_weights(
     model: keras.Model, factor: float, where: Where = None
 ) -> dict[str, dict[str, float]]:
@@ -174,8 +169,8 @@ def shrink_weights(
 
     Returns:
         `{variable.path: {"before": float, "after": float}}`: the L2 norm
-        (`sqrt(sum(w**2))`) of each selected weight before and after, in model
-        order.
+        (`sqrt(sum(w**2))`, the `l2` of `kerasreg.weight_norms`, keyed the same
+        way) of each selected weight before and after, in model order.
 
     Example:
 
@@ -193,12 +188,12 @@ def shrink_weights(
     sync = getattr(model, "jax_state_sync", None)
     if sync is not None:
         sync()
-    before = _l2_norms(variables)
+    before = weight_norms(model, variables)
     _scale_model_weights(model, ScaleInPlace(variables), factor)
-    after = _l2_norms(variables)
+    after = weight_norms(model, variables)
     return {
-        v.path: {"before": float(b), "after": float(a)}
-        for v, b, a in zip(variables, before, after, strict=True)
+        path: {"before": before[path]["l2"], "after": after[path]["l2"]}
+        for path in before
     }
 
 
