@@ -1,6 +1,7 @@
 """`WeightNormLogger`: event files read back with TensorBoard's own reader."""
 
 import os
+import shutil
 import textwrap
 
 import keras
@@ -256,6 +257,45 @@ def test_batch_level_logging_steps(tmp_path):
     assert steps == [4, 8, 12, 16]
 
 
+def event_files(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tfevents." in p.name)
+
+
+def test_consecutive_fits_append_to_one_event_file_in_step_order(tmp_path):
+    # TensorBoard reads a run's files in name order, and TensorFlow's names
+    # sort `...10.v2` before `...9.v2` within one second: with a new file per
+    # fit, a later fit could be read first. One file keeps them in order.
+    model = recurrent_model()
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data(16)
+    for _ in range(4):  # 2 batches per fit: steps 2, 4, 6, 8
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[WeightNormLogger(tmp_path, update_freq=2)])  # fmt: skip
+    assert len(event_files(tmp_path / "train")) == 1
+    train = read_scalars(tmp_path / "train")
+    kernel = "norm_l2/lstm/lstm_cell/kernel"
+    assert [step for step, _ in train[kernel]] == [2, 4, 6, 8]
+    w = np_weights(model.get_layer("lstm").cell.kernel)
+    assert last(train, kernel) == pytest.approx(np.sqrt((w**2).sum()), rel=1e-5)
+
+
+def test_log_dir_removed_between_fits_is_written_again(tmp_path):
+    model = recurrent_model()
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data(16)
+    log_dir = tmp_path / "logs"
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[WeightNormLogger(log_dir)])  # fmt: skip
+    shutil.rmtree(log_dir)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[WeightNormLogger(log_dir)])  # fmt: skip
+    train = read_scalars(log_dir / "train")
+    assert [step for step, _ in train["penalty/total"]] == [0, 1]
+    w = np_weights(model.get_layer("lstm").cell.recurrent_kernel)
+    tag = "norm_l2/lstm/lstm_cell/recurrent_kernel"
+    assert last(train, tag) == pytest.approx(np.sqrt((w**2).sum()), rel=1e-5)
+
+
 class _RecordingProbe(keras.callbacks.Callback):
     """Notes whether summaries would be recorded at each epoch end."""
 
@@ -431,3 +471,30 @@ def test_only_the_chief_writes_summaries():
         # The rule follows TensorFlow's own flag, False on non-chief workers.
         assert writes_summaries(_ModelOnWorker(chief=False)) is False
         assert writes_summaries(_ModelOnWorker(chief=True)) is True
+
+
+def test_writers_beyond_the_open_file_limit_are_reopened(tmp_path, monkeypatch):
+    from kerasreg import tensorboard
+
+    monkeypatch.setattr(tensorboard, "MAX_OPEN_RUN_WRITERS", 2)
+    model = small_regularized_model()
+    x, y = np.random.rand(16, 3), np.random.rand(16, 1)
+    runs = [tmp_path / name for name in ("a", "b", "c", "a")]
+    totals = []
+    for run in runs:  # "a" is closed by "c", then written again
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[WeightNormLogger(run)])  # fmt: skip
+        w = np_weights(model.layers[0].kernel)
+        totals.append(0.1 * (w**2).sum())
+    assert len(tensorboard._RUN_WRITERS) <= 2
+    for run, expected in zip(runs[1:3], totals[1:3], strict=True):
+        assert read_scalars(run / "train")["penalty/total"][0][1] == pytest.approx(
+            expected, rel=1e-5
+        )
+    # Two files in "a", both at step 0 (epoch 0 of each fit): file order is
+    # not step order here, so compare the values as a set.
+    logged = read_scalars(tmp_path / "a" / "train")["penalty/total"]
+    assert sorted(value for _, value in logged) == pytest.approx(
+        sorted([totals[0], totals[3]]), rel=1e-5
+    )
+    assert len(event_files(tmp_path / "a" / "train")) == 2
