@@ -111,7 +111,24 @@ def weight_norms(
 
 
 class _NormProgram:
-    """The compiled computation for one model, selection and settings."""
+    """The compiled computation for one model, selection and settings.
+
+    Every statistic is a reduction of `|w|` or `w**2`, so a gated weight is
+    reshaped to `(-1, gates, units)` and reduced per gate; its whole-tensor
+    statistics combine the per-gate ones (sum, max, min) without another
+    pass. The output vector is statistic-major: all `l1` entries (per weight,
+    the whole tensor then its gates), then all `l2`, `linf`, zero fractions,
+    then one penalty per weight.
+
+    Cost per weight on TensorFlow: `|w|` written once and read for its sum,
+    its max and its row minima, and `w**2` summed in one fused kernel; zeros
+    are counted only in the rows whose minimum is below the threshold
+    (usually none or a few). On JAX, XLA fuses the reductions. One rare case
+    takes a second pass, chosen for the whole computation by one `cond` (a
+    per-weight `cond` costs more than it saves): the exact `l2` of a weight
+    whose sum of squares overflows float32 or whose largest entry is below
+    `1e-5` (its squares could underflow), recomputed scaled by `max|w|`.
+    """
 
     def __init__(
         self,
@@ -123,56 +140,217 @@ class _NormProgram:
         self.regularizers = [v.regularizer for v in variables]
         self.gates = [gates.get(id(v), ()) for v in variables]
         self.zero_threshold = zero_threshold
-        self.layout: list[tuple[str, list[str]]] = []
-        for key, gate_names in zip(_unique_keys(variables), self.gates, strict=True):
-            names = [*STATISTICS, "penalty"]
-            for gate in gate_names:
-                names.extend(f"{stat}/gate_{gate}" for stat in STATISTICS)
-            self.layout.append((key, names))
+        self.linear = [
+            _linear_penalty(r, str(v.dtype))
+            for r, v in zip(self.regularizers, variables, strict=True)
+        ]
+        # Host-side layout: for each weight, its key and, for each output
+        # name, the position of that value in the output vector.
+        entries = [1 + len(g) for g in self.gates]  # whole tensor, then gates
+        n_entries = sum(entries)
+        self.layout: list[tuple[str, dict[str, int]]] = []
+        first = 0
+        for index, (key, gate_names) in enumerate(
+            zip(_unique_keys(variables), self.gates, strict=True)
+        ):
+            positions = {}
+            for s, stat in enumerate(STATISTICS):
+                positions[stat] = s * n_entries + first
+            positions["penalty"] = len(STATISTICS) * n_entries + index
+            for s, stat in enumerate(STATISTICS):
+                for g, gate in enumerate(gate_names):
+                    positions[f"{stat}/gate_{gate}"] = s * n_entries + first + 1 + g
+            self.layout.append((key, positions))
+            first += entries[index]
         self.compiled = _compile(self.compute)
 
+    def _reductions(self, x: Any, gate_names: tuple[str, ...]):
+        """`(a, axis, x)`: `|w|`, the reduction axes, `w` (gated: reshaped)."""
+        if gate_names:
+            n = len(gate_names)
+            x = ops.reshape(x, (-1, n, int(x.shape[-1]) // n))
+            return ops.abs(x), (0, 2), x
+        return ops.abs(x), None, x
+
     def compute(self, values: list[Any]) -> Any:
-        parts = []
-        for value, regularizer, gate_names in zip(
-            values, self.regularizers, self.gates, strict=True
+        # Per weight: sum|w|, max|w|, min|w|, sum(w**2), each a vector over
+        # (whole tensor, gates...).
+        sums, maxima, zeros, squares, penalties = [], [], [], [], []
+        for value, regularizer, gate_names, linear in zip(
+            values, self.regularizers, self.gates, self.linear, strict=True
         ):
             x = accumulation_dtype(value)
-            parts.extend(_statistics(x, self.zero_threshold))
+            if _size(x.shape) == 0:
+                empty = ops.zeros((1 + len(gate_names),), "float32")
+                sums.append(empty)
+                maxima.append(empty)
+                zeros.append(empty)
+                squares.append(empty)
+                penalties.append(ops.zeros((), "float32"))
+                continue
+            a, axis, blocks = self._reductions(x, gate_names)
+            l1 = ops.cast(ops.sum(a, axis=axis), "float32")
+            linf = ops.cast(ops.max(a, axis=axis), "float32")
+            fraction = _zero_fractions(a, axis, self.zero_threshold)
+            ss = ops.cast(_sum_of_squares(blocks, axis), "float32")
+            if gate_names:  # the whole tensor from its gates, then the gates
+                l1 = ops.concatenate([_first(ops.sum(l1)), l1])
+                linf = ops.concatenate([_first(ops.max(linf)), linf])
+                ss = ops.concatenate([_first(ops.sum(ss)), ss])
+            else:
+                l1, linf, ss = (_first(t) for t in (l1, linf, ss))
+            sums.append(l1)
+            maxima.append(linf)
+            zeros.append(fraction)
+            squares.append(ss)
             if regularizer is None:
-                parts.append(ops.zeros((), "float32"))
+                penalties.append(ops.zeros((), "float32"))
+            elif linear is not None:
+                # Exactly the regularizer's formula, from the sums just taken.
+                totals = {"l1": l1[0], "l2": ss[0]}
+                penalty = ops.zeros((), "float32")
+                for term, factor in linear:
+                    penalty = penalty + factor * totals[term]
+                penalties.append(penalty)
             else:
                 # Called on the variable's own dtype, as Keras does for the loss.
-                parts.append(ops.cast(ops.sum(regularizer(value)), "float32"))
+                penalties.append(ops.cast(ops.sum(regularizer(value)), "float32"))
+        l1 = ops.concatenate(sums)
+        linf = ops.concatenate(maxima)
+        zero_fraction = ops.concatenate(zeros)
+        ss = ops.concatenate(squares)
+        fast_l2 = ops.logical_and(
+            ops.isfinite(ss),
+            ops.logical_or(linf == 0, linf >= _SMALLEST_FAST_LINF),
+        )
+        l2 = ops.cond(
+            ops.all(fast_l2),
+            lambda: ops.sqrt(ss),
+            lambda: self._scaled_l2(values, linf),
+        )
+        return ops.concatenate([l1, l2, linf, zero_fraction, ops.stack(penalties)])
+
+    def _scaled_l2(self, values: list[Any], linf: Any) -> Any:
+        """`l2` of every entry, robust to float32 overflow and underflow."""
+        parts = []
+        for value, gate_names in zip(values, self.gates, strict=True):
+            x = accumulation_dtype(value)
+            n = 1 + len(gate_names)
+            if _size(x.shape) == 0:
+                parts.append(ops.zeros((n,), "float32"))
+                continue
+            a, axis, _ = self._reductions(x, gate_names)
             if gate_names:
-                for block in ops.split(x, len(gate_names), axis=-1):
-                    parts.extend(_statistics(block, self.zero_threshold))
-        return ops.stack([ops.cast(p, "float32") for p in parts])
+                # Whole tensor first (scaled by its own max), then each gate.
+                whole = _scaled_norm(a, None)
+                parts.append(ops.concatenate([_first(whole), _scaled_norm(a, axis)]))
+            else:
+                parts.append(_first(_scaled_norm(a, None)))
+        return ops.concatenate(parts)
 
     def __call__(self) -> dict[str, dict[str, float]]:
         vector = ops.convert_to_numpy(self.compiled([v.value for v in self.variables]))
-        result: dict[str, dict[str, float]] = {}
-        position = 0
-        for key, names in self.layout:
-            values = vector[position : position + len(names)]
-            result[key] = {
-                name: float(x) for name, x in zip(names, values, strict=True)
-            }
-            position += len(names)
-        return result
+        return {
+            key: {name: float(vector[i]) for name, i in positions.items()}
+            for key, positions in self.layout
+        }
 
 
-def _statistics(x: Any, zero_threshold: float) -> list[Any]:
-    """`l1`, `l2`, `linf`, `zero_fraction` of one tensor, as scalars."""
-    if _size(x.shape) == 0:
-        return [ops.zeros((), "float32")] * len(STATISTICS)
-    a = ops.abs(x)
-    linf = ops.max(a)
-    # Scaling by max|w| keeps the sum of squares from overflowing float32.
+# Below this largest |w| a sum of squares may lose entries to float32
+# underflow; such weights get the scaled computation.
+_SMALLEST_FAST_LINF = 1e-5
+
+
+def _zero_fractions(a: Any, axis: Any, threshold: float) -> Any:
+    """Fraction of `a` below `threshold`: whole tensor, then each gate if gated.
+
+    `a` is `|w|`, gated ones shaped `(-1, gates, units)` and reduced over
+    `axis = (0, 2)`. On TensorFlow the count reads `a` once for its row
+    minima and compares only the rows whose minimum is below `threshold`
+    (a float32 compare-and-cast of every entry costs about three reads).
+    """
+    size = _size(a.shape)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if axis:  # (rows, gates, units)
+            rows = a
+        elif len(a.shape) >= 2:
+            rows = tf.reshape(a, (-1, a.shape[-1]))
+        else:
+            rows = tf.reshape(a, (1, -1))
+        row_axes = tuple(range(1, len(rows.shape)))
+        low = tf.reduce_min(rows, axis=row_axes) < threshold
+        picked = tf.gather(rows, tf.reshape(tf.where(low), (-1,)))
+        below = tf.cast(picked < threshold, tf.float32)
+        if axis:
+            per_gate = tf.reduce_sum(below, axis=(0, 2))
+            whole = tf.reduce_sum(per_gate)
+            counts = tf.concat([tf.reshape(whole, (1,)), per_gate], 0)
+            shares = [size] + [size // int(a.shape[1])] * int(a.shape[1])
+            return counts / tf.constant(shares, tf.float32)
+        return tf.reshape(tf.reduce_sum(below) / size, (1,))
+    below = ops.cast(a < threshold, "float32")
+    whole = _first(ops.mean(below))
+    if axis:
+        return ops.concatenate([whole, ops.mean(below, axis=axis)])
+    return whole
+
+
+def _first(scalar: Any) -> Any:
+    """A scalar as a vector of length 1."""
+    return ops.reshape(scalar, (1,))
+
+
+def _scaled_norm(a: Any, axis: Any) -> Any:
+    """`sqrt(sum(a**2))` over `axis`, scaled by `max(a)`: no overflow, no underflow."""
+    linf = ops.cast(ops.max(a, axis=axis, keepdims=True), "float32")
     scale = ops.where(linf > 0, linf, ops.ones_like(linf))
-    l2 = scale * ops.sqrt(ops.sum(ops.square(a / scale)))
-    l2 = ops.where(ops.isinf(linf), linf, l2)
-    zero_fraction = ops.mean(ops.cast(a < zero_threshold, "float32"))
-    return [ops.sum(a), l2, linf, zero_fraction]
+    norm = ops.sqrt(ops.sum(ops.square(a / scale), axis=axis, keepdims=True)) * scale
+    norm = ops.where(ops.isinf(linf), linf, norm)
+    return ops.reshape(norm, (-1,)) if axis is not None else ops.reshape(norm, ())
+
+
+def _sum_of_squares(x: Any, axis: Any) -> Any:
+    """`sum(x**2)` over `axis` (float32 accumulation, no scaling)."""
+    if axis is None and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # One fused kernel (`sum(x**2) / 2`); `ops.sum(ops.square(x))`
+        # writes and reads back a temporary of the weight's size.
+        return 2.0 * tf.nn.l2_loss(x)
+    return ops.sum(ops.square(x), axis=axis)
+
+
+def _linear_penalty(regularizer: Any, dtype: str) -> tuple | None:
+    """`((term, factor), ...)` when `regularizer(w)` is a sum of such terms.
+
+    Terms are `"l1"` (`sum|w|`) and `"l2"` (`sum(w**2)`), exactly as the
+    regularizer adds them. Only for the exact classes (a subclass may override
+    `__call__`): the kerasreg L1/L2/elastic-net penalties (which accumulate in
+    float32, as here), and Keras's `L1`, `L2`, `L1L2` on weights that are not
+    float16 or bfloat16 (Keras sums those in their own dtype).
+    """
+    from kerasreg.penalties import ElasticNetPenalty, L1Penalty, L2Penalty
+
+    kind = type(regularizer)
+    if kind is L1Penalty:
+        return (("l1", regularizer.l1),)
+    if kind is L2Penalty:
+        return (("l2", regularizer.l2),)
+    if kind is ElasticNetPenalty:
+        return (("l1", regularizer.l1), ("l2", regularizer.l2))
+    if keras.backend.standardize_dtype(dtype) in _LOW_PRECISION:
+        return None
+    if kind is keras.regularizers.L1:
+        return (("l1", float(regularizer.l1)),)
+    if kind is keras.regularizers.L2:
+        return (("l2", float(regularizer.l2)),)
+    if kind is keras.regularizers.L1L2:
+        # Keras adds only the terms with a nonzero factor.
+        terms = (("l1", float(regularizer.l1)), ("l2", float(regularizer.l2)))
+        return tuple((term, factor) for term, factor in terms if factor)
+    return None
 
 
 def _size(shape: tuple) -> int:

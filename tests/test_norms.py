@@ -172,6 +172,98 @@ def test_lstm_input_and_recurrent_penalties_are_separate():
     assert ours == pytest.approx(keras_total, rel=1e-6)
 
 
+def test_extreme_magnitudes_and_zeros_next_to_ordinary_weights():
+    # One computation holds weights on the fast path and weights that need
+    # the second pass: a float32 sum of squares that overflows (1e25**2),
+    # squares that underflow (1e-22**2), exact zeros in one gate only.
+    model = recurrent_model()
+    rng = np.random.default_rng(11)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape))
+    by_path = {v.path: v for v in model.weights}
+    huge = by_path["bi/forward_lstm/lstm_cell/kernel"]
+    tiny = by_path["bi/backward_lstm/lstm_cell/recurrent_kernel"]
+    sparse = by_path["gru/gru_cell/kernel"]
+    huge.assign(rng.normal(size=huge.shape) * 1e25)
+    tiny.assign(rng.normal(size=tiny.shape) * 1e-22)
+    w = np_weights(sparse).copy()
+    w[:3, 2:4] = 0.0  # GRU gate "r" holds columns 2:4 (2 units)
+    sparse.assign(w)
+    for per_gate in (False, True):
+        result = weight_norms(model, where=lambda v: True, per_gate=per_gate)
+        for variable in model.weights:
+            w = np_weights(variable)
+            stats = result[variable.path]
+            for name, value in np_stats(w).items():
+                assert stats[name] == pytest.approx(value, rel=1e-5), (
+                    variable.path,
+                    name,
+                )
+            gates = norms_module.gate_layout(model).get(id(variable), ())
+            if per_gate and gates:
+                units = w.shape[-1] // len(gates)
+                for k, gate in enumerate(gates):
+                    block = w[..., k * units : (k + 1) * units]
+                    for name, value in np_stats(block).items():
+                        key = f"{name}/gate_{gate}"
+                        assert stats[key] == pytest.approx(value, rel=1e-5), (
+                            variable.path,
+                            key,
+                        )
+        size = int(np.prod(sparse.shape))
+        assert result[sparse.path]["zero_fraction"] == pytest.approx(6 / size)
+        # Keras adds sum(w**2) in float32 for the huge kernel: inf, as reported.
+        assert result[huge.path]["penalty"] == float("inf")
+        assert result[tiny.path]["penalty"] == pytest.approx(
+            0.03 * np.abs(np_weights(tiny)).sum(), rel=1e-5
+        )
+
+
+def test_linear_penalties_match_their_own_formula():
+    # L1, L2 and elastic-net penalties are read off the norm sums; any other
+    # regularizer (or a subclass) is called as Keras calls it.
+    class Doubled(kerasreg.L2Penalty):
+        def __call__(self, x):
+            return 2.0 * super().__call__(x)
+
+    regularizers = [
+        kerasreg.L1Penalty(0.3),
+        kerasreg.L2Penalty(0.2),
+        kerasreg.ElasticNetPenalty(0.1, 0.4),
+        kerasreg.ExpAbsPenalty(0.05),
+        keras.regularizers.L1(0.3),
+        keras.regularizers.L2(0.2),
+        keras.regularizers.L1L2(0.0, 0.7),
+        keras.regularizers.L1L2(0.1, 0.4),
+        Doubled(0.2),
+    ]
+    model = keras.Sequential(
+        [keras.Input((3,))]
+        + [keras.layers.Dense(3, kernel_regularizer=r) for r in regularizers]
+    )
+    rng = np.random.default_rng(2)
+    for layer in model.layers:
+        layer.kernel.assign(rng.normal(size=(3, 3)))
+    result = weight_norms(model)
+    for layer, regularizer in zip(model.layers, regularizers, strict=True):
+        w = np_weights(layer.kernel)
+        l1, l2 = np.abs(w).sum(), (w**2).sum()
+        expected = {
+            "L1Penalty": 0.3 * l1,
+            "L2Penalty": 0.2 * l2,
+            "ElasticNetPenalty": 0.1 * l1 + 0.4 * l2,
+            "ExpAbsPenalty": 0.05 * np.expm1(np.abs(w)).sum(),
+            "L1": 0.3 * l1,
+            "L2": 0.2 * l2,
+            "L1L2": regularizer.l1 * l1 + regularizer.l2 * l2
+            if isinstance(regularizer, keras.regularizers.L1L2)
+            else None,
+            "Doubled": 0.4 * l2,
+        }[type(regularizer).__name__]
+        stats = result[layer.kernel.path]
+        assert stats["penalty"] == pytest.approx(expected, rel=1e-5), regularizer
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_weights_accumulate_in_float32(dtype):
     model = keras.Sequential(
