@@ -115,7 +115,7 @@ class _NormProgram:
 
     Every statistic is a reduction of `|w|` or `w**2`, so a gated weight is
     reshaped to `(-1, gates, units)` and reduced per gate; its whole-tensor
-    statistics combine the per-gate ones (sum, max, min) without another
+    statistics combine the per-gate ones (sums and maxima) without another
     pass. The output vector is statistic-major: all `l1` entries (per weight,
     the whole tensor then its gates), then all `l2`, `linf`, zero fractions,
     then one penalty per weight.
@@ -173,8 +173,8 @@ class _NormProgram:
         return ops.abs(x), None, x
 
     def compute(self, values: list[Any]) -> Any:
-        # Per weight: sum|w|, max|w|, min|w|, sum(w**2), each a vector over
-        # (whole tensor, gates...).
+        # Per weight: sum|w|, max|w|, zero fraction, sum(w**2), each a vector
+        # over (whole tensor, gates...); then one penalty.
         sums, maxima, zeros, squares, penalties = [], [], [], [], []
         for value, regularizer, gate_names, linear in zip(
             values, self.regularizers, self.gates, self.linear, strict=True
@@ -226,11 +226,11 @@ class _NormProgram:
         l2 = ops.cond(
             ops.all(fast_l2),
             lambda: ops.sqrt(ss),
-            lambda: self._scaled_l2(values, linf),
+            lambda: self._scaled_l2(values),
         )
         return ops.concatenate([l1, l2, linf, zero_fraction, ops.stack(penalties)])
 
-    def _scaled_l2(self, values: list[Any], linf: Any) -> Any:
+    def _scaled_l2(self, values: list[Any]) -> Any:
         """`l2` of every entry, robust to float32 overflow and underflow."""
         parts = []
         for value, gate_names in zip(values, self.gates, strict=True):
