@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from kerasreg.norms import weight_norms
-from kerasreg.penalties import as_real_scalar
+from kerasreg.penalties import as_real_scalar, is_low_precision
 from kerasreg.selection import Where, check_where, select_weights
 
 FREQUENCIES = ("batch", "epoch")
@@ -59,7 +59,7 @@ def _times(value: Any, factor: Any) -> Any:
     rate applied (3e-4 would act as ~6.8e-4, rates below ~2.4e-4 as 0).
     """
     dtype = keras.backend.standardize_dtype(value.dtype)
-    if dtype in ("float16", "bfloat16"):
+    if is_low_precision(dtype):
         product = ops.multiply(ops.cast(value, "float32"), ops.cast(factor, "float32"))
         return ops.cast(product, dtype)
     return ops.multiply(value, ops.cast(factor, dtype))

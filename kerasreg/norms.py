@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kerasreg.penalties import accumulation_dtype, validate_factor
+from kerasreg.penalties import accumulation_dtype, is_low_precision, validate_factor
 from kerasreg.selection import Where, select_weights, walk_layers
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
@@ -28,8 +28,6 @@ GATES: dict[type, tuple[str, ...]] = {
     keras.layers.LSTMCell: ("i", "f", "c", "o"),
     keras.layers.GRUCell: ("z", "r", "h"),
 }
-
-_LOW_PRECISION = ("float16", "bfloat16")
 
 
 def weight_norms(
@@ -340,7 +338,7 @@ def _linear_penalty(regularizer: Any, dtype: str) -> tuple | None:
         return (("l2", regularizer.l2),)
     if kind is ElasticNetPenalty:
         return (("l1", regularizer.l1), ("l2", regularizer.l2))
-    if keras.backend.standardize_dtype(dtype) in _LOW_PRECISION:
+    if is_low_precision(dtype):
         return None
     if kind is keras.regularizers.L1:
         return (("l1", float(regularizer.l1)),)
@@ -389,7 +387,11 @@ def gate_layout(model: keras.layers.Layer) -> dict[int, tuple[str, ...]]:
 
 
 def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
-    """Compile `fn(values) -> vector` for the active backend (the only backend code)."""
+    """Compile `fn(values) -> vector` for the active backend.
+
+    The other backend-specific code here is two TensorFlow fast paths inside
+    the computation: `_sum_of_squares` and `_zero_fractions`.
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf

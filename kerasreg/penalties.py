@@ -73,10 +73,15 @@ def _abs(x):
     return ops.sign(x) * x
 
 
+def is_low_precision(dtype) -> bool:
+    """True for float16 and bfloat16, which kerasreg sums in float32."""
+    return keras.backend.standardize_dtype(dtype) in _LOW_PRECISION
+
+
 def accumulation_dtype(x):
     """Low-precision weights are summed in float32 (float16 overflows at 65504)."""
     x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) in _LOW_PRECISION:
+    if is_low_precision(x.dtype):
         return ops.cast(x, "float32")
     return x
 
