@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,26 @@ RATE = 0.001  # per-step shrink: w <- (1 - RATE) * w
 LR = 0.01
 
 
+def timed(call: Callable[[], object]) -> tuple[float, float]:
+    """Wall time and process CPU time (all threads) of `call()`."""
+    start, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+@dataclass
+class Call:
+    """One thing to time: any call (the norm benchmarks)."""
+
+    name: str
+    call: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+
+    def run(self) -> tuple[float, float]:
+        return timed(self.call)
+
+
 @dataclass
 class Variant:
     """One thing to time: a compiled model, its callbacks, its data."""
@@ -59,19 +80,19 @@ class Variant:
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
 
-    def fit(self) -> tuple[float, float]:
+    def run(self) -> tuple[float, float]:
         """Wall time and process CPU time (all threads) of one epoch."""
-        start, cpu = time.perf_counter(), time.process_time()
-        self.model.fit(
-            self.x,
-            self.y,
-            batch_size=128,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=self.callbacks,
+        return timed(
+            lambda: self.model.fit(
+                self.x,
+                self.y,
+                batch_size=128,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+                callbacks=self.callbacks,
+            )
         )
-        return time.perf_counter() - start, time.process_time() - cpu
 
 
 # --- workloads --------------------------------------------------------------
@@ -206,19 +227,19 @@ class MemoryFloor(keras.callbacks.Callback):
 # --- timing -----------------------------------------------------------------
 
 
-def run_rounds(variants: list[Variant], rounds: int) -> None:
+def run_rounds(variants: list[Variant] | list[Call], rounds: int) -> None:
     for variant in variants:  # warm-up: trace and compile everything once
-        variant.fit()
+        variant.run()
     for r in range(rounds):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for variant in order:
             gc.collect()
-            wall, cpu = variant.fit()
+            wall, cpu = variant.run()
             variant.times.append(wall)
             variant.cpu_times.append(cpu)
 
 
-def ratios(variant: Variant, reference: Variant) -> dict:
+def ratios(variant: Variant | Call, reference: Variant | Call) -> dict:
     values = [a / b for a, b in zip(variant.times, reference.times, strict=True)]
     cpu = [a / b for a, b in zip(variant.cpu_times, reference.cpu_times, strict=True)]
     return {
@@ -396,22 +417,11 @@ def bench_norms(parameters: int, rounds: int) -> list[dict]:
         return stats
 
     calls = {
-        "weight_norms": lambda: kerasreg.weight_norms(model),
-        "one compiled read": lambda: one_read().numpy(),
-        "numpy loop": numpy_loop,
+        "weight_norms": Call("weight_norms", lambda: kerasreg.weight_norms(model)),
+        "one compiled read": Call("one compiled read", lambda: one_read().numpy()),
+        "numpy loop": Call("numpy loop", numpy_loop),
     }
-    for call in calls.values():  # warm-up: compile
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    cpu_times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            gc.collect()
-            start, cpu = time.perf_counter(), time.process_time()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu)
+    run_rounds(list(calls.values()), rounds)
 
     # Host memory: the norms must not copy the weights (4 bytes each) to the host.
     tracemalloc.start()
@@ -421,15 +431,6 @@ def bench_norms(parameters: int, rounds: int) -> list[dict]:
     n = sum(int(np.prod(v.shape)) for v in model.weights)
     rows = []
     for reference, goal in (("one compiled read", "<= 2"), ("numpy loop", "(report)")):
-        values = [
-            a / b for a, b in zip(times["weight_norms"], times[reference], strict=True)
-        ]
-        cpu = [
-            a / b
-            for a, b in zip(
-                cpu_times["weight_norms"], cpu_times[reference], strict=True
-            )
-        ]
         rows.append(
             {
                 "workload": f"dense {n / 1e6:.1f}M params",
@@ -437,11 +438,7 @@ def bench_norms(parameters: int, rounds: int) -> list[dict]:
                 "variant": "weight_norms",
                 "reference": reference,
                 "goal": goal,
-                "median": statistics.median(values),
-                "min": min(values),
-                "max": max(values),
-                "cpu_median": statistics.median(cpu),
-                "rounds": len(values),
+                **ratios(calls["weight_norms"], calls[reference]),
             }
         )
     rows[0]["host_peak_bytes"] = peak
