@@ -46,6 +46,16 @@ def assert_matches(stats, variable, threshold=1e-8, rel=1e-5):
         assert stats[name] == pytest.approx(value, rel=rel, abs=1e-7), name
 
 
+def assert_gates_match(stats, w, gates, path):
+    """Per-gate statistics against numpy on Keras's column blocks."""
+    units = w.shape[-1] // len(gates)
+    for k, gate in enumerate(gates):
+        block = w[..., k * units : (k + 1) * units]
+        for name, value in np_stats(block).items():
+            key = f"{name}/gate_{gate}"
+            assert stats[key] == pytest.approx(value, rel=1e-5), (path, key)
+
+
 def dense_conv_model():
     return keras.Sequential(
         [
@@ -146,13 +156,7 @@ def test_per_gate_blocks_follow_keras_column_order(reset_after):
         variable = by_path[path]
         w = np_weights(variable)
         assert_matches(result[path], variable)
-        units = w.shape[-1] // len(gates)
-        for k, gate in enumerate(gates):
-            block = w[..., k * units : (k + 1) * units]
-            for name, value in np_stats(block).items():
-                assert result[path][f"{name}/gate_{gate}"] == pytest.approx(
-                    value, rel=1e-5
-                ), (path, gate, name)
+        assert_gates_match(result[path], w, gates, path)
     assert not any("/gate_" in name for name in result["out/kernel"])
 
 
@@ -201,15 +205,7 @@ def test_extreme_magnitudes_and_zeros_next_to_ordinary_weights():
                 )
             gates = norms_module.gate_layout(model).get(id(variable), ())
             if per_gate and gates:
-                units = w.shape[-1] // len(gates)
-                for k, gate in enumerate(gates):
-                    block = w[..., k * units : (k + 1) * units]
-                    for name, value in np_stats(block).items():
-                        key = f"{name}/gate_{gate}"
-                        assert stats[key] == pytest.approx(value, rel=1e-5), (
-                            variable.path,
-                            key,
-                        )
+                assert_gates_match(stats, w, gates, variable.path)
         size = int(np.prod(sparse.shape))
         assert result[sparse.path]["zero_fraction"] == pytest.approx(6 / size)
         # Keras adds sum(w**2) in float32 for the huge kernel: inf, as reported.
