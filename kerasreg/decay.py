@@ -164,7 +164,7 @@ def shrink_weights(
         factor: float in `[0, 1]`: 1 leaves the weights as they are, 0 zeroes
             them.
         where: which weights, as everywhere in kerasreg: `None`, a regular
-            expression searched in `variable.path`, a callable
+            expression searched in the weight's path (`weight_paths`), a callable
             `variable -> bool`, or an iterable of layers and/or variables.
 
     Returns:

@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from kerasreg.penalties import accumulation_dtype, is_low_precision, validate_factor
-from kerasreg.selection import Where, select_weights, walk_layers
+from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
 DEFAULT_ZERO_THRESHOLD = 1e-8
@@ -77,9 +77,10 @@ def weight_norms(
             `|w|` strictly below it count as zeros (`0` counts none).
 
     Returns:
-        `{variable.path: {statistic: float}}` in model order. Should two
-        selected variables share a path, the later ones are keyed
-        `path#2`, `path#3`, ...
+        `{path: {statistic: float}}` in model order, keyed by the weight's
+        path as `kerasreg.selection.weight_paths` gives it: the same before
+        and after a save/load round trip (for a model built in this process
+        it is `variable.path` without a `Sequential`'s own name).
 
     Raises:
         TypeError: `model`, `where` or `per_gate` has an unsupported type.
@@ -92,7 +93,7 @@ def weight_norms(
     ...     keras.Input((3,)),
     ...     keras.layers.Dense(2, kernel_regularizer=kerasreg.L2Penalty(0.1)),
     ... ])
-    >>> stats = weight_norms(model)["sequential/dense/kernel"]
+    >>> stats = weight_norms(model)["dense/kernel"]
     >>> sorted(stats)
     ['l1', 'l2', 'linf', 'penalty', 'zero_fraction']
     >>> bool(abs(stats["penalty"] - 0.1 * stats["l2"] ** 2) < 1e-6)
@@ -131,6 +132,7 @@ class _NormProgram:
     def __init__(
         self,
         variables: list[Any],
+        keys: list[str],
         gates: dict[int, tuple[str, ...]],
         zero_threshold: float,
     ):
@@ -148,9 +150,7 @@ class _NormProgram:
         n_entries = sum(entries)
         self.layout: list[tuple[str, dict[str, int]]] = []
         first = 0
-        for index, (key, gate_names) in enumerate(
-            zip(_unique_keys(variables), self.gates, strict=True)
-        ):
+        for index, (key, gate_names) in enumerate(zip(keys, self.gates, strict=True)):
             positions = {}
             for s, stat in enumerate(STATISTICS):
                 positions[stat] = s * n_entries + first
@@ -358,16 +358,6 @@ def _size(shape: tuple) -> int:
     return size
 
 
-def _unique_keys(variables: list[Any]) -> list[str]:
-    counts: dict[str, int] = {}
-    keys = []
-    for variable in variables:
-        counts[variable.path] = counts.get(variable.path, 0) + 1
-        n = counts[variable.path]
-        keys.append(variable.path if n == 1 else f"{variable.path}#{n}")
-    return keys
-
-
 def gate_layout(model: keras.layers.Layer) -> dict[int, tuple[str, ...]]:
     """Map `id(variable)` to its gate names, for every gated recurrent cell.
 
@@ -430,7 +420,10 @@ def _program_for(
     if cached is not None and cached[0] == key:
         return cached[1]
     gates = gate_layout(model) if per_gate else {}
-    program = _NormProgram(variables, gates, zero_threshold)
+    paths = weight_paths(model)
+    # A variable outside `model` (allowed in an explicit list) keeps its own path.
+    keys = [paths.get(id(v), v.path) for v in variables]
+    program = _NormProgram(variables, keys, gates, zero_threshold)
     _PROGRAMS[model] = (key, program)
     return program
 

@@ -7,7 +7,7 @@
   bias) and normalization scales and offsets are left out, as the literature
   recommends.
 - a string: a regular expression searched (`re.search`) in each trainable
-  weight's `variable.path`, e.g. `"recurrent_kernel"` or `"^encoder/"`.
+  weight's path (`weight_paths`), e.g. `"recurrent_kernel"` or `"^encoder/"`.
 - a callable `variable -> bool`, called on each trainable weight.
 - an iterable of layers and/or variables: a layer contributes the weights the
   default rule selects inside it (its own and its sublayers'); a variable is
@@ -26,6 +26,8 @@ from typing import Any
 
 import keras
 
+from kerasreg._compat import sublayers
+
 Where = "None | str | Callable[[Any], bool] | Iterable[Any]"
 
 
@@ -43,7 +45,7 @@ def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[Any, tuple[Any, ...
             continue
         seen.add(id(layer))
         yield layer, ancestors
-        children = list(getattr(layer, "_layers", ()))
+        children = sublayers(layer)
         stack.extend((child, (*ancestors, layer)) for child in reversed(children))
 
 
@@ -57,6 +59,42 @@ def all_weights(model: keras.layers.Layer) -> list[Any]:
             seen.add(id(variable))
             weights.append(variable)
     return weights
+
+
+def weight_paths(model: keras.layers.Layer) -> dict[int, str]:
+    """`{id(variable): path}`: a name for each weight that survives save/load.
+
+    The path is the chain of layer names from `model`'s layers down to the layer
+    that owns the variable, then the variable's name:
+    `"bidirectional/forward_lstm/lstm_cell/kernel"`, `"encoder/dense/kernel"`.
+    `model`'s own name is not part of it. Keras's `variable.path` depends on how
+    the model was made: a `Sequential` built in this process names its kernel
+    `"sequential/dense/kernel"`, the same model after `keras.saving.load_model`
+    `"dense/kernel"`, and nested layers lose their parents' names on load. These
+    paths are the same in both cases (layer names are saved in the config), so
+    TensorBoard series, `weight_norms` keys and `where=` patterns do not change
+    when a model is saved, reloaded and trained further. Should two variables
+    share a path, the later ones get `#2`, `#3`, ...
+    """
+    _check_model(model)
+    paths: dict[int, str] = {}
+    counts: dict[str, int] = {}
+
+    def visit(layer: Any, prefix: str, seen: set[int]) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        for child in sublayers(layer):
+            visit(child, f"{prefix}{child.name}/", seen)
+        for variable in layer.weights:  # what no sublayer owns is the layer's own
+            if id(variable) not in paths:
+                path = f"{prefix}{variable.name}"
+                counts[path] = counts.get(path, 0) + 1
+                n = counts[path]
+                paths[id(variable)] = path if n == 1 else f"{path}#{n}"
+
+    visit(model, "", set())
+    return paths
 
 
 def default_rule(variable: Any) -> bool:
@@ -95,8 +133,9 @@ def select_weights(
     Example:
 
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> [v.path for v in select_weights(model)]
-    ['sequential/dense/kernel']
+    >>> paths = weight_paths(model)
+    >>> [paths[id(v)] for v in select_weights(model)]
+    ['dense/kernel']
     """
     weights = all_weights(model)
     if not weights:
@@ -128,7 +167,10 @@ def where_predicate(
         return default_rule
     if isinstance(where, str):
         pattern = compile_pattern(where, argument)
-        return lambda v: bool(v.trainable) and pattern.search(v.path) is not None
+        paths = weight_paths(model)
+        return lambda v: (
+            bool(v.trainable) and (pattern.search(paths.get(id(v), v.path)) is not None)
+        )
     if isinstance(where, (keras.layers.Layer, keras.Variable)):
         where = [where]
     if callable(where):

@@ -87,7 +87,7 @@ class WeightNormLogger(keras.callbacks.Callback):
             training batches.
         where: which weights get norm statistics, as everywhere in kerasreg:
             `None` (trainable weights with `ndim >= 2`), a regular expression
-            searched in `variable.path`, a callable `variable -> bool`, or an
+            searched in the weight's path (`weight_paths`), a callable `variable -> bool`, or an
             iterable of layers and/or variables. Checked here; checked against
             the model at `on_train_begin`.
         per_gate: bool, default `False`. Also log per-gate norms of LSTM and

@@ -12,6 +12,7 @@ from conftest import run_python
 from keras import ops
 
 from kerasreg import L2Penalty, WeightDecay, regularize, shrink_weights
+from kerasreg.selection import weight_paths
 
 N = 12  # samples; batch_size 4 gives 3 steps per epoch
 
@@ -50,13 +51,17 @@ def xy(rng, n=N):
 
 
 def snapshot(model):
-    return {v.path: to_np(v) for v in model.weights}
+    """`{path: value}`, keyed as `weight_norms` keys its results."""
+    paths = weight_paths(model)
+    return {paths[id(v)]: to_np(v) for v in model.weights}
 
 
 def assert_decayed(model, before, factor, rtol=1e-5):
     """Kernels scaled by `factor`, biases untouched."""
+    paths = weight_paths(model)
     for v in model.weights:
-        expected = before[v.path] * (factor if v.path.endswith("kernel") else 1.0)
+        path = paths[id(v)]
+        expected = before[path] * (factor if path.endswith("kernel") else 1.0)
         np.testing.assert_allclose(to_np(v), expected, rtol=rtol, atol=1e-7)
 
 
@@ -173,11 +178,12 @@ def test_where_selects_what_decays(rng):
         batch_size=4,
         epochs=1,
         verbose=0,
-        callbacks=[WeightDecay(0.1, where="/out/")],
+        callbacks=[WeightDecay(0.1, where="^out/")],
     )
     for v in model.weights:
-        factor = 0.9**3 if "/out/" in v.path else 1.0
-        np.testing.assert_allclose(to_np(v), before[v.path] * factor, rtol=1e-5)
+        path = weight_paths(model)[id(v)]
+        factor = 0.9**3 if path.startswith("out/") else 1.0
+        np.testing.assert_allclose(to_np(v), before[path] * factor, rtol=1e-5)
 
 
 # --- real gradients -----------------------------------------------------------
@@ -331,15 +337,16 @@ def test_two_decays_in_one_fit(rng):
         epochs=1,
         verbose=0,
         callbacks=[
-            WeightDecay(0.1, where="/hidden/"),
-            WeightDecay(0.2, where="/out/"),
+            WeightDecay(0.1, where="^hidden/"),
+            WeightDecay(0.2, where="^out/"),
         ],
     )
     assert_unpatched(model)
     for v in model.weights:
-        factor = {"hidden": 0.9**3, "out": 0.8**3}[v.path.split("/")[1]]
-        factor = factor if v.path.endswith("kernel") else 1.0
-        np.testing.assert_allclose(to_np(v), before[v.path] * factor, rtol=1e-5)
+        path = weight_paths(model)[id(v)]
+        factor = {"hidden": 0.9**3, "out": 0.8**3}[path.split("/")[0]]
+        factor = factor if path.endswith("kernel") else 1.0
+        np.testing.assert_allclose(to_np(v), before[path] * factor, rtol=1e-5)
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -527,7 +534,7 @@ def test_empty_selection_raises_before_any_change(rng):
             callbacks=[WeightDecay(0.1, where="no_such")],
         )
     for v in model.weights:
-        np.testing.assert_array_equal(to_np(v), before[v.path])
+        np.testing.assert_array_equal(to_np(v), before[weight_paths(model)[id(v)]])
 
 
 def test_bad_schedule_value_names_the_step(rng):
@@ -549,7 +556,7 @@ def test_shrink_weights_scales_and_reports_norms():
     model = small_model()
     before = snapshot(model)
     report = shrink_weights(model, 0.3)
-    assert list(report) == ["sequential/hidden/kernel", "sequential/out/kernel"]
+    assert list(report) == ["hidden/kernel", "out/kernel"]
     assert_decayed(model, before, 0.3)
     for path, row in report.items():
         assert row["before"] == pytest.approx(np.linalg.norm(before[path]), rel=1e-6)
@@ -585,7 +592,7 @@ def test_shrink_weights_rejected_changes_nothing(factor, where, error, match):
     with pytest.raises(error, match=match):
         shrink_weights(model, factor, where=where)
     for v in model.weights:
-        np.testing.assert_array_equal(to_np(v), before[v.path])
+        np.testing.assert_array_equal(to_np(v), before[weight_paths(model)[id(v)]])
 
 
 # --- tf.distribute ------------------------------------------------------------

@@ -260,7 +260,7 @@ def scenario_logger():
         "val_loss": history["val_loss"],
         "logged": logged,
         "weights": weights(model),
-        "paths": [v.path for v in model.weights],
+        "paths": [kerasreg.selection.weight_paths(model)[id(v)] for v in model.weights],
         "replicas": replica_report(model),
     }
 
@@ -512,7 +512,7 @@ def test_shrink_weights_halves_kernels_and_reports_norms(runs, setting):
     for role, w0, w in zip(ROLES, before, shrunk, strict=True):
         # Multiplying by 0.5 is exact in float32.
         np.testing.assert_array_equal(w, w0 * 0.5 if role.endswith("kernel") else w0)
-    assert list(out["norms"]) == [f"sequential/{r}" for r in ROLES[0::2]]
+    assert list(out["norms"]) == list(ROLES[0::2])
     for (path, row), w0 in zip(out["norms"].items(), before[0::2], strict=True):
         norm = np.sqrt(np.sum(w0**2))
         assert row["before"] == pytest.approx(norm, rel=TOLERANCE), path
@@ -535,9 +535,7 @@ def test_logged_values_match_numpy_from_the_final_weights(runs, setting):
                 [1, value], rel=TOLERANCE, abs=TOLERANCE
             )
     for role, value in penalties.items():
-        assert train[f"penalty/sequential/{role}"][-1] == pytest.approx(
-            [1, value], rel=TOLERANCE
-        )
+        assert train[f"penalty/{role}"][-1] == pytest.approx([1, value], rel=TOLERANCE)
     assert train["penalty/total"][-1] == pytest.approx([1, total], rel=TOLERANCE)
     data_loss = out["loss"][-1] - total
     assert train["loss/data"][-1] == pytest.approx([1, data_loss], rel=TOLERANCE)

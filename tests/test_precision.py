@@ -189,7 +189,7 @@ def test_shrink_weights_matches_float64(policy, rng):
     for role in before:
         if role.endswith("kernel"):
             assert_close(after[role], before[role] * 0.98, f"{policy}: {role}")
-            row = norms[f"sequential/{role}"]
+            row = norms[role]
             assert_close(row["before"], np_stats(before[role])["l2"], role)
             assert_close(row["after"], np_stats(after[role])["l2"], role)
         else:
@@ -247,14 +247,14 @@ def test_weight_norms_match_float64(policy, rng):
     norms = kerasreg.weight_norms(model, where=".*", per_gate=False)
     assert len(norms) == 6
     for role, variable in variables.items():
-        stats = norms[f"sequential/{role}"]
+        stats = norms[role]
         w = np_value(variable)
         for name, value in np_stats(w).items():
             assert_close(stats[name], value, f"{policy}: {name} of {role}")
         penalty = np_penalty(PENALTIES[role], w) if role in PENALTIES else 0.0
         assert_close(stats["penalty"], penalty, f"{policy}: penalty of {role}")
     # The float16 overflow this guards against: these sums exceed 65504.
-    assert norms["sequential/d0/kernel"]["l2"] ** 2 > FLOAT16_MAX
+    assert norms["d0/kernel"]["l2"] ** 2 > FLOAT16_MAX
 
 
 def read_scalars(folder):
@@ -289,7 +289,7 @@ def test_weight_norm_logger_values_match_float64(policy, rng, tmp_path):
     total = 0.0
     for role, variable in variables.items():
         w = np_value(variable)
-        path = f"sequential/{role}"
+        path = role
         if role.endswith("kernel"):
             for name, value in np_stats(w).items():
                 tag = {"zero_fraction": "zero_fraction"}.get(name, f"norm_{name}")
