@@ -4,6 +4,7 @@
 from kerasreg import cli as cli
 from kerasreg.attach import REMOVE as REMOVE
 from kerasreg.attach import regularize as regularize
+from kerasreg.decay import SoftThreshold as SoftThreshold
 from kerasreg.decay import WeightDecay as WeightDecay
 from kerasreg.decay import shrink_weights as shrink_weights
 from kerasreg.norms import weight_norms as weight_norms

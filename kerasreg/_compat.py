@@ -34,3 +34,100 @@ def sublayers(layer: Any) -> list[Any]:
             "nested layers on this Keras version."
         )
     return list(children)
+
+
+def sync_jax_state(model: Any) -> bool:
+    """Write a JAX trainer's live state back into the model's variables.
+
+    Reason: during a JAX `fit` the live weights sit in the trainer's state, not
+    in the variables; `jax_state_sync` (a public trainer method) copies them
+    back. Returns whether the model has such a state (JAX backend).
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is None:
+        return False
+    sync()
+    return True
+
+
+def refresh_jax_state(model: Any) -> None:
+    """Make a JAX trainer's cached state match the model's variables again.
+
+    Reason: after a short last execution the JAX trainer writes its cached
+    `_jax_state` back at epoch end, which would undo a callback's update of the
+    variables (Keras 3.8 to 3.15 at least). Keras has no public way to drop it.
+    """
+    if not hasattr(model, "_jax_state"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__}'s JAX trainer has no `_jax_state`; "
+            "kerasreg cannot keep a callback's weight update through the epoch end."
+        )
+    state = model._jax_state
+    if state:
+        for key in ("trainable_variables", "non_trainable_variables"):
+            if state.get(key) is not None:
+                state[key] = [v.value for v in getattr(model, key)]
+
+
+def merge_call(fn: Any, *args: Any) -> Any:
+    """Run `fn(strategy, *args)` in cross-replica context from a replica function.
+
+    Reason: a weight update folded into the train step must update each
+    mirrored copy once; `tf.__internal__.distribute.interim.maybe_merge_call`
+    is what Keras's own optimizers use for that (TensorFlow 2.16 to 2.21).
+    """
+    import tensorflow as tf
+
+    try:
+        merge = tf.__internal__.distribute.interim.maybe_merge_call
+    except AttributeError:
+        raise KerasInternalsChanged(
+            f"kerasreg: TensorFlow {tf.__version__} has no "
+            "`tf.__internal__.distribute.interim.maybe_merge_call`; kerasreg cannot "
+            "fold a weight update into a distributed train step."
+        ) from None
+    return merge(fn, tf.distribute.get_strategy(), *args)
+
+
+def nnx_enabled() -> bool:
+    """Whether Keras runs JAX models as Flax NNX modules.
+
+    Reason: NNX trainers call the class's `train_step`, not the instance's, so
+    a step folded on the instance would not run. `keras.config.is_nnx_enabled`
+    exists from Keras 3.11; older Keras has no NNX support at all.
+    """
+    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    return bool(is_enabled()) if is_enabled is not None else False
+
+
+def learning_rate_at(optimizer: Any, step: Any) -> Any:
+    """The learning rate `optimizer` uses at optimizer step `step`.
+
+    Reason: Keras exposes only the current rate (`optimizer.learning_rate`);
+    the rate of another step needs the schedule itself, which the optimizer
+    keeps in `_learning_rate` (Keras 3.0 to 3.15). A `LossScaleOptimizer`
+    forwards to its `inner_optimizer`.
+    """
+    if optimizer is None:
+        raise ValueError("lr_scaled=True needs a compiled model with an optimizer.")
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        optimizer = inner
+    if not hasattr(optimizer, "_learning_rate"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} optimizers have no `_learning_rate`; "
+            "kerasreg cannot evaluate the learning rate of a given step."
+        )
+    schedule = optimizer._learning_rate
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return schedule(step)
+    return optimizer.learning_rate
+
+
+def gradient_accumulation_steps(optimizer: Any) -> int:
+    """How many batches make one optimizer update (1 without accumulation)."""
+    for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        steps = getattr(candidate, "gradient_accumulation_steps", None)
+        if steps:
+            return int(steps)
+    return 1

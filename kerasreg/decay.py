@@ -1,152 +1,313 @@
-"""Weight decay that shrinks weights: `w <- (1 - rate) * w`, outside the optimizer.
+"""Weight decay and soft-thresholding after each update, and a one-off shrink.
 
-`WeightDecay` is a callback that shrinks the selected weights after every
-training step (or epoch) of `fit`, whatever the optimizer; `shrink_weights`
-does it once, outside `fit`. Per-step decay is folded into the model's
-compiled train step for the duration of `fit` (`_TrainStepFold`); per-epoch
-decay, Python-callable schedules and `shrink_weights` use one compiled,
-in-place update for all selected weights on the device where they live
-(`ScaleInPlace`).
+`WeightDecay` shrinks the selected weights toward zero (or toward a reference)
+after every optimizer update or epoch of `fit`, whatever the optimizer;
+`SoftThreshold` applies the proximal step of an L1 penalty, which makes exact
+zeros; `shrink_weights` scales weights once, outside `fit`. The first two are
+small transforms on the machinery of `kerasreg.poststep`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
+from kerasreg.inplace import InPlaceUpdate, update_model_weights
 from kerasreg.norms import weight_norms
-from kerasreg.penalties import as_real_scalar, is_low_precision
-from kerasreg.selection import Where, check_where, select_weights
+from kerasreg.penalties import as_real_scalar
+from kerasreg.poststep import PostStepTransform, host_factor
+from kerasreg.selection import Where, check_where, select_weights, weight_paths
 
-FREQUENCIES = ("batch", "epoch")
-LOG_KEY = "weight_decay_rate"
+LOG_KEY = "weight_decay_rate"  # the default `WeightDecay` logs key
+TOWARD_START = "start"
 
 
-class ScaleInPlace:
-    """One compiled in-place update `w <- factor * w` for a fixed list of variables.
+def _scale(value: Any, factor: Any, ref: Any) -> Any:
+    """`factor * w`, or `ref + factor * (w - ref)`: decay toward `ref`."""
+    if ref is None:
+        return ops.multiply(value, factor)
+    return ops.add(ref, ops.multiply(factor, ops.subtract(value, ref)))
 
-    Built once per variable list: on TensorFlow a `tf.function` over the
-    variables (works under `tf.distribute` strategies), on JAX a `jax.jit` over
-    their values, on PyTorch in-place `mul_` under `no_grad` (one fused
-    `torch._foreach_mul_` on GPU). `factor` is a runtime argument, so a
-    changing factor never re-traces.
+
+class WeightDecay(PostStepTransform):
+    """Shrink the selected weights by `(1 - rate)` after every update or epoch.
+
+    After each optimizer update (`frequency="batch"`) or each epoch
+    (`frequency="epoch"`), every selected weight becomes
+
+        w <- w * (1 - rate_t)                  (toward=None)
+        w <- w - rate_t * (w - ref)            (toward a reference `ref`)
+
+    where `rate_t` is `rate`, or `schedule(t)` when a schedule is given, times
+    the optimizer's learning rate at that step when `lr_scaled=True` (the
+    AdamW convention). `t` is the optimizer step (`optimizer.iterations`
+    before the update, counted across `fit` calls) for `frequency="batch"`,
+    the epoch index for `frequency="epoch"`.
+
+    Exactly once per optimizer update: with `steps_per_execution=k` each of
+    the k steps is followed by its decay (`(1 - rate) ** k` per execution for
+    a constant rate), and with gradient accumulation over `n` batches the
+    decay acts on the `n`-th batch of each group only, when the optimizer
+    updates (as Keras's own `weight_decay` does).
+
+    This is decoupled weight decay (Loshchilov and Hutter, 2019): it acts on
+    the weights directly, whatever the optimizer. Under plain SGD at learning
+    rate `lr`, shrinking by `(1 - r)` per step matches `L2Penalty(r / (2 * lr))`
+    to first order; under Adam it does not (an L2 penalty's gradient is
+    rescaled by Adam, the decay is not). Decay toward the pretrained weights
+    is L2-SP's decoupled form (Li et al., 2018); toward the initial weights,
+    L2-Init (Kumar et al., 2023).
+
+    Per-step decay with a constant rate or a
+    `keras.optimizers.schedules.LearningRateSchedule` is folded into the
+    model's compiled train step (no batch hook, no host sync); per-epoch decay
+    runs before the epoch's validation (so `val_loss`, `EarlyStopping` and
+    `ModelCheckpoint` see the decayed weights); a schedule that is any other
+    Python callable is called on the host with each step index. A rate
+    outside `[0, 1)` (from `rate`, a schedule or the learning-rate product)
+    raises a `ValueError` naming the step, and never touches a weight. The
+    rate applied is written to `logs[f"{name}_rate"]` (default key
+    `"weight_decay_rate"`; several kerasreg callbacks with one name in one
+    `fit` get `name_2_rate`, ... in list order).
 
     Args:
-        variables: the `keras.Variable`s to scale.
+        rate: float in `[0, 1)`, the fraction removed per update (or epoch).
+            Ignored when `schedule` is given. Checked again when set and at
+            the start of each `fit`.
+        frequency: `"batch"` (default: after every optimizer update) or
+            `"epoch"`.
+        where: which weights (see `kerasreg.selection`): `None` (default:
+            trainable weights with `ndim >= 2`), a regular expression searched
+            in the weight's path, a callable `variable -> bool`, or an
+            iterable of layers and/or variables. An empty selection raises at
+            the start of `fit`, before any weight changes.
+        lr_scaled: bool, default False. Multiply the rate by the learning rate
+            of the step (of the epoch's last step, per epoch).
+        schedule: optional `LearningRateSchedule` or Python callable
+            `t -> rate`, replacing `rate`.
+        toward: `None` (decay to zero), `"start"` (each selected weight's
+            value when this callback first starts training; kept on the
+            device across later fits with the same callback), a
+            `keras.Model` of the same architecture (matched weight by weight
+            in model order) or a mapping `{weight path: array}` (paths as
+            `kerasreg.selection.weight_paths` gives them).
+        name: str, default `"weight_decay"`: names the `logs` key.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones((8, 3)), np.zeros((8, 1))
+    >>> history = model.fit(x, y, epochs=2, verbose=0,
+    ...                     callbacks=[WeightDecay(0.02)])
+    >>> history.history["weight_decay_rate"]
+    [0.02, 0.02]
     """
 
-    def __init__(self, variables: Sequence[Any]):
-        self.variables = list(variables)
-        self.key = tuple(id(v) for v in self.variables)
-        self._scale = _BACKENDS[keras.backend.backend()](self.variables)
+    STRENGTH = "rate"
+    DEFAULT_NAME = "weight_decay"
 
-    def __call__(self, factor: Any) -> None:
-        self._scale(factor)
+    def __init__(
+        self,
+        rate: float = 0.01,
+        *,
+        frequency: str = "batch",
+        where: Where = None,
+        lr_scaled: bool = False,
+        schedule: Callable[[int], Any] | None = None,
+        toward: Any = None,
+        name: str | None = None,
+    ):
+        super().__init__(
+            rate,
+            frequency=frequency,
+            where=where,
+            lr_scaled=lr_scaled,
+            schedule=schedule,
+            name=name,
+        )
+        self.toward = _check_toward(toward)
+        self._start: dict[int, Any] = {}
+
+    @property
+    def rate(self) -> float:
+        return self._strength
+
+    @rate.setter
+    def rate(self, value: Any) -> None:
+        self._strength = self._check_strength(value, "rate")
+
+    def _check_strength(self, value: Any, name: str) -> float:
+        return validate_unit_interval(value, name, type(self).__name__, upper=False)
+
+    def _strength_ok(self, strength: Any) -> Any:
+        return ops.logical_and(strength >= 0.0, strength < 1.0)
+
+    def _param(self, strengths: Sequence[Any]) -> Any:
+        return host_factor(strengths)
+
+    def _param_in_step(self, strength: Any) -> Any:
+        if isinstance(strength, float):
+            return 1.0 - strength  # exact in float64
+        return ops.subtract(1.0, ops.cast(strength, "float32"))
+
+    transform = staticmethod(_scale)
+
+    def describe_action(self) -> str:
+        if self.schedule is not None:
+            text = f"decay schedule {self.schedule!r}"
+        else:
+            text = f"decay rate {self.rate:g}"
+        if self.lr_scaled:
+            text += " x lr"
+        text += " per update" if self.frequency == "batch" else " per epoch"
+        if self.toward is not None:
+            text += f" toward {_describe_toward(self.toward)}"
+        return text
+
+    def _references(self, model: keras.Model, variables: list[Any]) -> list | None:
+        toward = self.toward
+        if toward is None:
+            return None
+        if isinstance(toward, str):  # "start": captured once, kept across fits
+            missing = [v for v in variables if id(v) not in self._start]
+            for v in missing:
+                self._start[id(v)] = (v, ops.copy(v.value))
+            return [self._start[id(v)][1] for v in variables]
+        paths = weight_paths(model)
+        if isinstance(toward, keras.Model):
+            ours, theirs = list(model.weights), list(toward.weights)
+            if len(ours) != len(theirs):
+                raise ValueError(
+                    f"WeightDecay: invalid `toward`: model {toward.name!r} has "
+                    f"{len(theirs)} weights, the trained model {model.name!r} has "
+                    f"{len(ours)}: expected a model of the same architecture."
+                )
+            by_id = {id(v): w for v, w in zip(ours, theirs, strict=True)}
+            refs = []
+            for v in variables:
+                ref = by_id[id(v)]
+                _check_shape(v, tuple(ref.shape), paths, f"model {toward.name!r}")
+                refs.append(ops.copy(ref.value))
+            return refs
+        missing = [paths[id(v)] for v in variables if paths[id(v)] not in toward]
+        if missing:
+            raise ValueError(
+                "WeightDecay: invalid `toward`: the mapping has no reference for "
+                f"the selected weights {missing[:8]}. Its keys must be weight paths "
+                "as kerasreg.selection.weight_paths gives them."
+            )
+        unknown = sorted(set(toward) - set(paths.values()))
+        if unknown:
+            raise ValueError(
+                f"WeightDecay: invalid `toward`: keys {unknown[:8]} are not weight "
+                f"paths of model {model.name!r}."
+            )
+        refs = []
+        for v in variables:
+            value = ops.convert_to_tensor(toward[paths[id(v)]], dtype=v.dtype)
+            _check_shape(v, tuple(value.shape), paths, "the mapping")
+            refs.append(value)
+        return refs
 
 
-def _times(value: Any, factor: Any) -> Any:
-    """`value * factor`, rounded once to `value`'s dtype.
+class SoftThreshold(PostStepTransform):
+    """Soft-threshold the selected weights after every update or epoch: exact zeros.
 
-    float16/bfloat16 values are multiplied in float32: casting `factor` to
-    float16 first would round `1 - rate` to a multiple of 2**-11 and change the
-    rate applied (3e-4 would act as ~6.8e-4, rates below ~2.4e-4 as 0).
+    `w <- sign(w) * max(|w| - threshold_t, 0)`: the proximal step of an L1
+    penalty (ISTA). A gradient step on `L1Penalty` oscillates around zero and
+    never lands on it; this step sets every weight with `|w| <= threshold_t`
+    to exactly 0 and moves the others toward zero by `threshold_t`. Under
+    plain SGD at learning rate `lr`, `SoftThreshold(lr * l1)` after each step
+    is the proximal-gradient form of `L1Penalty(l1)`; `lr_scaled=True` gives
+    that product from `threshold=l1`.
+
+    `threshold_t` is `threshold`, or `schedule(t)`, times the learning rate
+    when `lr_scaled=True`; same steps, selection, checks and `logs` handling
+    as `WeightDecay` (key `f"{name}_threshold"`, default name `"prox_l1"`).
+
+    Args:
+        threshold: float, finite and >= 0, per update (or epoch).
+        frequency: `"batch"` (default) or `"epoch"`.
+        where: which weights, as in `WeightDecay`.
+        lr_scaled: bool, default False: multiply by the learning rate.
+        schedule: optional `LearningRateSchedule` or callable `t -> threshold`.
+        name: str, default `"prox_l1"`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones((8, 3)), np.zeros((8, 1))
+    >>> _ = model.fit(x, y, epochs=2, verbose=0, callbacks=[SoftThreshold(10.0)])
+    >>> float(np.abs(model.layers[0].kernel.numpy()).max())
+    0.0
     """
-    dtype = keras.backend.standardize_dtype(value.dtype)
-    if is_low_precision(dtype):
-        product = ops.multiply(ops.cast(value, "float32"), ops.cast(factor, "float32"))
-        return ops.cast(product, dtype)
-    return ops.multiply(value, ops.cast(factor, dtype))
 
+    STRENGTH = "threshold"
+    DEFAULT_NAME = "prox_l1"
 
-def _tensorflow_scale(variables: list[Any]) -> Callable[[Any], None]:
-    import tensorflow as tf
+    def __init__(
+        self,
+        threshold: float,
+        *,
+        frequency: str = "batch",
+        where: Where = None,
+        lr_scaled: bool = False,
+        schedule: Callable[[int], Any] | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(
+            threshold,
+            frequency=frequency,
+            where=where,
+            lr_scaled=lr_scaled,
+            schedule=schedule,
+            name=name,
+        )
 
-    @tf.function(autograph=False, input_signature=[tf.TensorSpec([], "float64")])
-    def scale(factor):
-        for v in variables:
-            v.assign(_times(v, factor))
+    @property
+    def threshold(self) -> float:
+        return self._strength
 
-    def run(factor):
-        if isinstance(factor, numbers.Real):
-            factor = tf.constant(factor, "float64")  # keep a float64 factor exact
-        scale(tf.cast(factor, "float64"))
+    @threshold.setter
+    def threshold(self, value: Any) -> None:
+        self._strength = self._check_strength(value, "threshold")
 
-    return run
+    def _check_strength(self, value: Any, name: str) -> float:
+        from kerasreg.penalties import validate_factor
 
+        return validate_factor(value, name, type(self).__name__)
 
-def _jax_scale(variables: list[Any]) -> Callable[[Any], None]:
-    import jax
-    import jax.numpy as jnp
+    def _strength_ok(self, strength: Any) -> Any:
+        return ops.logical_and(strength >= 0.0, ops.isfinite(strength))
 
-    @jax.jit
-    def scaled(values, factor):
-        return [_times(v, factor) for v in values]
+    def _param(self, strengths: Sequence[Any]) -> Any:
+        # Soft-thresholds compose: t1 then t2 is one soft-threshold by t1 + t2.
+        if all(isinstance(s, float) for s in strengths):
+            return math.fsum(strengths)
+        return ops.sum(ops.stack([ops.cast(s, "float32") for s in strengths]))
 
-    def scale(factor):
-        new_values = scaled([v.value for v in variables], jnp.asarray(factor))
-        for v, value in zip(variables, new_values, strict=True):
-            v.assign(value)
+    def _param_in_step(self, strength: Any) -> Any:
+        return strength
 
-    return scale
+    @staticmethod
+    def transform(value: Any, param: Any, ref: Any) -> Any:
+        shrunk = ops.maximum(ops.subtract(ops.abs(value), param), 0.0)
+        return ops.multiply(ops.sign(value), shrunk)
 
-
-def _torch_scale(variables: list[Any]) -> Callable[[Any], None]:
-    import torch
-
-    def scale(factor):
-        if not isinstance(factor, numbers.Real):
-            factor = ops.convert_to_tensor(factor)
-        tensors = [v.value for v in variables]
-        with torch.no_grad():
-            if tensors[0].is_cuda:
-                torch._foreach_mul_(tensors, factor)
-            else:  # on CPU the foreach kernel measured 6x slower than a loop
-                for tensor in tensors:
-                    tensor.mul_(factor)
-
-    return scale
-
-
-def _numpy_scale(variables: list[Any]) -> Callable[[Any], None]:
-    def scale(factor):
-        for v in variables:
-            v.assign(ops.convert_to_numpy(v) * np.asarray(factor, v.dtype))
-
-    return scale
-
-
-_BACKENDS = {
-    "tensorflow": _tensorflow_scale,
-    "jax": _jax_scale,
-    "torch": _torch_scale,
-    "numpy": _numpy_scale,
-}
-
-
-def _scale_model_weights(model: Any, update: ScaleInPlace, factor: Any) -> None:
-    """Run `update(factor)` on weights that may live in a JAX trainer's state."""
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is None:
-        update(factor)
-        return
-    # During JAX `fit` the live weights are in the trainer's state pytree: write
-    # them back to the variables, which the trainer then reloads next step.
-    sync()
-    update(factor)
-    # Refresh the trainer's copy too: after a short last execution it syncs that
-    # copy again at epoch end, which would overwrite the decayed weights.
-    state = getattr(model, "_jax_state", None)
-    if state:
-        for key in ("trainable_variables", "non_trainable_variables"):
-            if state.get(key) is not None:
-                state[key] = [v.value for v in getattr(model, key)]
+    def describe_action(self) -> str:
+        if self.schedule is not None:
+            text = f"soft-threshold schedule {self.schedule!r}"
+        else:
+            text = f"soft-threshold {self.threshold:g}"
+        if self.lr_scaled:
+            text += " x lr"
+        return text + (" per update" if self.frequency == "batch" else " per epoch")
 
 
 def shrink_weights(
@@ -164,11 +325,11 @@ def shrink_weights(
         factor: float in `[0, 1]`: 1 leaves the weights as they are, 0 zeroes
             them.
         where: which weights, as everywhere in kerasreg: `None`, a regular
-            expression searched in the weight's path (`weight_paths`), a callable
+            expression searched in the weight's path, a callable
             `variable -> bool`, or an iterable of layers and/or variables.
 
     Returns:
-        `{variable.path: {"before": float, "after": float}}`: the L2 norm
+        `{path: {"before": float, "after": float}}`: the L2 norm
         (`sqrt(sum(w**2))`, the `l2` of `kerasreg.weight_norms`, keyed the same
         way) of each selected weight before and after, in model order.
 
@@ -182,14 +343,11 @@ def shrink_weights(
     >>> bool(abs(row["after"] - 0.5 * row["before"]) < 1e-6)
     True
     """
-    factor = _validate_unit_interval(factor, "factor", "shrink_weights", upper=True)
+    factor = validate_unit_interval(factor, "factor", "shrink_weights", upper=True)
     where = check_where(where)
     variables = select_weights(model, where)
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is not None:
-        sync()
     before = weight_norms(model, variables)
-    _scale_model_weights(model, ScaleInPlace(variables), factor)
+    update_model_weights(model, InPlaceUpdate(variables, _scale), factor)
     after = weight_norms(model, variables)
     return {
         path: {"before": before[path]["l2"], "after": after[path]["l2"]}
@@ -197,474 +355,7 @@ def shrink_weights(
     }
 
 
-class WeightDecay(keras.callbacks.Callback):
-    """Shrink the selected weights by `(1 - rate)` after every step or epoch.
-
-    After each training step (`frequency="batch"`) or each epoch
-    (`frequency="epoch"`), every selected weight becomes `w * (1 - rate_t)`,
-    where `rate_t` is `rate`, or `schedule(t)` when a schedule is given, and is
-    multiplied by the optimizer's learning rate when `lr_scaled=True` (the
-    AdamW convention). `t` is the index of the optimizer step just taken
-    (counted across `fit` calls, from `optimizer.iterations`) for
-    `frequency="batch"`, the epoch index for `frequency="epoch"`. With
-    `steps_per_execution=k`, each of the k steps is followed by its decay, so
-    a constant rate gives `(1 - rate) ** k` per execution: the same result as k
-    single steps.
-
-    This is decoupled weight decay (Loshchilov and Hutter, 2019): it acts on
-    the weights directly, whatever the optimizer. Under plain SGD at learning
-    rate `lr`, shrinking by `(1 - r)` per step matches `L2Penalty(r / (2 * lr))`
-    to first order; under Adam it does not (an L2 penalty's gradient is
-    rescaled by Adam, the decay is not).
-
-    How it runs: with `frequency="batch"` and no schedule or a
-    `keras.optimizers.schedules.LearningRateSchedule`, the decay is folded
-    into the model's train step. At `on_train_begin` the callback sets the
-    model's `train_step` to "the original step (including a subclass's own
-    `train_step`), then `w <- w * (1 - rate_t)` for every selected weight",
-    and Keras compiles that as one function; `on_train_end` puts the original
-    back. So the decay costs one extra multiply per weight inside the compiled
-    step, and the callback defines no batch hook: Keras keeps its asynchronous
-    batch dispatch. `rate_t` is computed inside the step, before the
-    optimizer update: `schedule(optimizer.iterations)`, times the learning
-    rate the optimizer uses for that same step (exact also with a learning
-    rate schedule). The compiled step is cached: a further `fit` with the same
-    callback and model does not re-trace; a new `compile`, or a changed
-    `rate` or selection, builds a new one. If `fit` raises, Keras skips
-    `on_train_end`: the model's next `fit` or `train_on_batch` then restores
-    the original step first, so no later training decays by accident.
-    With `frequency="epoch"`, or a `schedule` that is any other Python
-    callable (called eagerly with a Python int `t`), the callback does the
-    update itself, as one compiled in-place update of all selected weights;
-    only the latter needs a batch hook, and with `steps_per_execution=k` it
-    applies the product of the k steps' factors after the k steps.
-
-    Everything runs where the weights live (no copy to the host) and works on
-    TensorFlow (also under `tf.distribute` strategies, where each mirrored
-    copy is scaled once), JAX and PyTorch. The rate applied is written to
-    `logs` under `"weight_decay_rate"` (per batch, and at epoch end the last
-    rate applied), so `History`, `CSVLogger` and `TensorBoard` record it.
-    Folded, the train step itself returns it, so Keras reports the epoch's
-    logs from the last step rather than from `model.metrics`: the same values
-    for the built-in metrics.
-
-    Args:
-        rate: float in `[0, 1)`, the fraction removed per step (or epoch).
-            Ignored when `schedule` is given.
-        frequency: `"batch"` (default) or `"epoch"`.
-        where: which weights (see `kerasreg.selection`): `None` (default:
-            trainable weights with `ndim >= 2`, so biases and normalization
-            parameters are left alone), a regular expression searched in
-            `variable.path`, a callable `variable -> bool`, or an iterable of
-            layers and/or variables. A selection that is empty raises at the
-            start of `fit`, before any weight changes.
-        lr_scaled: bool, default False. Multiply the rate by the optimizer's
-            learning rate: the one used for the step just taken (folded), or
-            the current one when the callback runs (per epoch, Python
-            callable schedules).
-        schedule: optional `keras.optimizers.schedules.LearningRateSchedule`
-            (evaluated inside the train step on `optimizer.iterations`) or
-            Python callable `t -> rate` (Python number in `[0, 1)` or a scalar
-            tensor), replacing `rate`. `rate`, `where`, `lr_scaled` and
-            `schedule` are read at the start of each `fit`.
-
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> model.compile(optimizer="sgd", loss="mse")
-    >>> x, y = np.ones((8, 3)), np.zeros((8, 1))
-    >>> history = model.fit(x, y, epochs=2, verbose=0,
-    ...                     callbacks=[WeightDecay(0.02)])
-    >>> history.history["weight_decay_rate"]
-    [0.02, 0.02]
-    """
-
-    def __init__(
-        self,
-        rate: float = 0.01,
-        *,
-        frequency: str = "batch",
-        where: Where = None,
-        lr_scaled: bool = False,
-        schedule: Callable[[int], Any] | None = None,
-    ):
-        super().__init__()
-        owner = type(self).__name__
-        self.rate = _validate_unit_interval(rate, "rate", owner, upper=False)
-        if frequency not in FREQUENCIES:
-            raise ValueError(
-                f"{owner}: invalid `frequency`: expected one of "
-                f"{', '.join(map(repr, FREQUENCIES))}. Received: "
-                f"frequency={frequency!r}."
-            )
-        if not isinstance(lr_scaled, (bool, np.bool_)):
-            raise TypeError(
-                f"{owner}: invalid `lr_scaled`: expected True or False. "
-                f"Received: lr_scaled={lr_scaled!r} (type {type(lr_scaled).__name__})."
-            )
-        if schedule is not None and not callable(schedule):
-            raise TypeError(
-                f"{owner}: invalid `schedule`: expected None or a callable "
-                f"`step -> rate`. Received: schedule={schedule!r} "
-                f"(type {type(schedule).__name__})."
-            )
-        self.frequency = frequency
-        self.where = check_where(where)
-        self.lr_scaled = bool(lr_scaled)
-        self.schedule = schedule
-        self._update: ScaleInPlace | None = None
-        self._variables: list[Any] = []
-        self._fold_cache: dict[tuple, tuple[Any, Any]] = {}
-        self._step = 0
-        self._last_end_step = -1
-        self._last_rate: Any = None
-        self.folded = frequency == "batch" and _can_fold(schedule)
-        if frequency == "batch" and not self.folded:
-            # Bound per instance so decay that needs no batch hook (folded into
-            # the train step, or per epoch) keeps Keras's asynchronous dispatch.
-            self.on_train_batch_end = self._decay_after_batch
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        model = self.model
-        variables = select_weights(model, self.where)
-        if self.lr_scaled and getattr(model, "optimizer", None) is None:
-            raise ValueError(
-                f"{type(self).__name__}(lr_scaled=True) needs a compiled model "
-                "with an optimizer."
-            )
-        self._variables = variables
-        self._last_rate = None
-        if self.folded:
-            _TrainStepFold.add(model, self)
-            return
-        key = tuple(id(v) for v in variables)
-        if self._update is None or self._update.key != key:
-            self._update = ScaleInPlace(variables)
-        self._step = self._optimizer_iterations() or 0
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self.folded:
-            _TrainStepFold.remove(self._model)
-
-    def _optimizer_iterations(self) -> int | None:
-        """Optimizer steps taken so far (one scalar read from the device)."""
-        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
-        return None if iterations is None else int(ops.convert_to_numpy(iterations))
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._last_end_step = -1
-
-    def _decay_after_batch(self, batch: int, logs: dict | None = None) -> None:
-        steps = self._steps_since_last_call(batch)
-        if steps <= 0:
-            return
-        first = self._step
-        self._step += steps
-        self._decay(range(first, first + steps), logs)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.folded:
-            # The step logged the rate already; a constant rate is exact as given.
-            if logs is not None and self.schedule is None and not self.lr_scaled:
-                logs[LOG_KEY] = self.rate
-            return
-        if self.frequency == "epoch":
-            self._decay([epoch], None)
-        else:
-            # Some trainers skip the batch hook after a short last execution
-            # (JAX, unknown epoch length): decay the steps it missed, once.
-            done = self._optimizer_iterations()
-            if done is not None and done > self._step:
-                first, self._step = self._step, done
-                self._decay(range(first, done), None)
-        if logs is not None and self._last_rate is not None:
-            logs[LOG_KEY] = float(ops.convert_to_numpy(self._last_rate))
-
-    def _steps_since_last_call(self, batch: int) -> int:
-        """Optimizer steps taken since the previous call, without a host sync."""
-        per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        steps_per_epoch = (self.params or {}).get("steps")
-        if per_call > 1 and not steps_per_epoch:
-            # Unknown epoch length: the last call may have run fewer than k steps.
-            return self._optimizer_iterations() - self._step
-        if steps_per_epoch:
-            batch = min(batch, steps_per_epoch - 1)
-        steps = batch - self._last_end_step
-        self._last_end_step = batch
-        return steps
-
-    def _decay(self, steps: Sequence[int], logs: dict | None) -> None:
-        rates = [self._rate_at(t) for t in steps]
-        if self.lr_scaled:
-            lr = ops.convert_to_tensor(self.model.optimizer.learning_rate)
-            lr = ops.cast(lr, "float32")
-            scaled = [ops.multiply(r, lr) for r in rates]
-            factor = ops.prod(ops.stack([1.0 - r for r in scaled]))
-            rate = scaled[-1]
-        elif all(isinstance(r, float) for r in rates):
-            factor = math.prod(1.0 - r for r in rates)
-            rate = rates[-1]
-        else:
-            factor = ops.prod(ops.stack([1.0 - ops.cast(r, "float32") for r in rates]))
-            rate = rates[-1]
-        _scale_model_weights(self.model, self._update, factor)
-        self._last_rate = rate
-        if logs is not None:
-            logs[LOG_KEY] = rate
-
-    def _fold_config(self) -> tuple:
-        """What a folded train step bakes in: a change means a new trace."""
-        return (
-            tuple(id(v) for v in self._variables),
-            self.rate,
-            self.lr_scaled,
-            self.schedule,
-        )
-
-    def _fold_into(self, step: Callable[..., Any], model: keras.Model) -> Callable:
-        """`step` followed by this decay, for the active backend's trainer."""
-        return _FOLDS[keras.backend.backend()](
-            step, model, list(self._variables), self._rate_in_step
-        )
-
-    def _rate_in_step(self, optimizer: Any) -> Any:
-        """The rate of the step about to run (read before the optimizer moves)."""
-        if self.schedule is None:
-            rate = self.rate
-        else:
-            rate = ops.cast(self.schedule(optimizer.iterations), "float32")
-        if self.lr_scaled:
-            learning_rate = ops.cast(optimizer.learning_rate, "float32")
-            rate = ops.multiply(ops.cast(rate, "float32"), learning_rate)
-        return rate
-
-    def _rate_at(self, step: int) -> Any:
-        if self.schedule is None:
-            return self.rate
-        rate = self.schedule(step)
-        if isinstance(rate, numbers.Real) and not isinstance(rate, bool):
-            return _validate_unit_interval(
-                rate, f"schedule({step})", type(self).__name__, upper=False
-            )
-        return rate
-
-
-def _can_fold(schedule: Any) -> bool:
-    """Whether per-step decay can run inside the model's compiled train step."""
-    if schedule is not None and not isinstance(
-        schedule, keras.optimizers.schedules.LearningRateSchedule
-    ):
-        return False  # arbitrary callables are called eagerly, with Python ints
-    backend = keras.backend.backend()
-    if backend == "jax":
-        # Flax NNX trainers call the class's `train_step`, not the instance's.
-        return not keras.config.is_nnx_enabled()
-    return backend in ("tensorflow", "torch")
-
-
-_MISSING = object()
-
-
-class _TrainStepFold:
-    """The `WeightDecay`s folded into one model's `train_step` during one `fit`.
-
-    While active it shadows three model attributes: `train_step` (the original
-    step followed by each decay), `train_function` (Keras's compiled function
-    over that step, cached per decay so a second `fit` does not re-trace) and
-    `make_train_function` (this object). Keras calls `make_train_function` at
-    the start of every `fit` and `train_on_batch`, before `on_train_begin`, so
-    a `fit` that raised (Keras then skips `on_train_end`) is undone by the
-    model's next training call: no later training can run a stale decay.
-    """
-
-    NAMES = ("train_step", "make_train_function")
-
-    def __init__(self, model: keras.Model):
-        self._model = weakref.ref(model)
-        self.decays: list[WeightDecay] = []
-        self.saved = {name: vars(model).get(name, _MISSING) for name in self.NAMES}
-        self.step = model.train_step
-        self.train_function = model.train_function
-
-    @staticmethod
-    def active(model: keras.Model) -> _TrainStepFold | None:
-        fold = vars(model).get("make_train_function")
-        return fold if isinstance(fold, _TrainStepFold) else None
-
-    @classmethod
-    def add(cls, model: keras.Model, decay: WeightDecay) -> None:
-        fold = cls.active(model)
-        if fold is not None and decay in fold.decays:
-            fold.restore()  # left by a call that raised before `on_train_end`
-            fold = None
-        if fold is None:
-            fold = cls(model)
-        fold.decays.append(decay)
-        fold.install()
-
-    @classmethod
-    def remove(cls, model: keras.Model) -> None:
-        fold = cls.active(model)
-        if fold is not None:
-            fold.restore()
-
-    def install(self) -> None:
-        model = self._model()
-        owner = self.decays[-1]
-        key = (
-            self.train_function,
-            tuple((decay, decay._fold_config()) for decay in self.decays),
-        )
-        if key not in owner._fold_cache:
-            step = self.step
-            for decay in self.decays:
-                step = decay._fold_into(step, model)
-            model.train_step = step
-            self._original_make()(force=True)
-            # Entries built over an older `train_function` (before a `compile`)
-            # can never be used again.
-            for stale in [k for k in owner._fold_cache if k[0] is not key[0]]:
-                del owner._fold_cache[stale]
-            owner._fold_cache[key] = (step, model.train_function)
-        model.train_step, model.train_function = owner._fold_cache[key]
-        model.make_train_function = self
-
-    def restore(self) -> None:
-        model = self._model()
-        for name, value in self.saved.items():
-            if value is not _MISSING:
-                setattr(model, name, value)
-            elif name in vars(model):
-                delattr(model, name)
-        model.train_function = self.train_function
-
-    def _original_make(self) -> Callable[..., Any]:
-        model = self._model()
-        make = self.saved["make_train_function"]
-        return (
-            type(model).make_train_function.__get__(model) if make is _MISSING else make
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Stand-in for `model.make_train_function`: unfold, then build as usual."""
-        model = self._model()
-        self.restore()
-        return model.make_train_function(*args, **kwargs)
-
-
-def _logs_with_rate(logs: Any, rate: Any) -> Any:
-    if not isinstance(logs, dict):
-        return logs
-    return {**logs, LOG_KEY: ops.convert_to_tensor(rate, "float32")}
-
-
-def _factor(rate: Any) -> Any:
-    """`1 - rate`: exact in float64 for a Python rate, else in float32."""
-    if isinstance(rate, float):
-        return 1.0 - rate
-    return ops.subtract(1.0, ops.cast(rate, "float32"))
-
-
-def _fold_tensorflow(step, model, variables, rate_in_step):
-    import tensorflow as tf
-
-    optimizer = model.optimizer
-    tf_variables = [v.value for v in variables]
-
-    def scale_one(variable, factor):
-        return variable.assign(_times(variable, factor))
-
-    def scale(distribution, factor):
-        # Cross-replica update: each mirrored copy is scaled exactly once.
-        for variable in tf_variables:
-            distribution.extended.update(
-                variable, scale_one, args=(factor,), group=False
-            )
-
-    def train_step(data):
-        rate = rate_in_step(optimizer)  # read before the optimizer moves
-        logs = step(data)
-        factor = _factor(rate)
-        if isinstance(factor, float):
-            factor = tf.constant(factor, "float64")
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            scale, tf.distribute.get_strategy(), factor
-        )
-        return _logs_with_rate(logs, rate)
-
-    return train_step
-
-
-def _fold_jax(step, model, variables, rate_in_step):
-    optimizer = model.optimizer
-    selected = {id(v) for v in variables}
-    # The JAX trainer's state holds values in these two lists' orders.
-    trainable = [
-        i for i, v in enumerate(model.trainable_variables) if id(v) in selected
-    ]
-    non_trainable = [
-        i for i, v in enumerate(model.non_trainable_variables) if id(v) in selected
-    ]
-    if len(trainable) + len(non_trainable) != len(selected):
-        raise RuntimeError(
-            "WeightDecay: a selected weight is not in the model's trainable or "
-            "non-trainable variables, so it cannot be decayed in the train step."
-        )
-
-    def scaled(values, indices, factor):
-        values = list(values)
-        for i in indices:
-            values[i] = _times(values[i], factor)
-        return values
-
-    def train_step(state, data):
-        mapping = list(zip(optimizer.variables, state[2], strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
-            rate = rate_in_step(optimizer)
-        logs, state = step(state, data)
-        factor = _factor(rate)
-        trainable_values, non_trainable_values, *rest = state
-        state = (
-            scaled(trainable_values, trainable, factor),
-            scaled(non_trainable_values, non_trainable, factor),
-            *rest,
-        )
-        return _logs_with_rate(logs, rate), state
-
-    return train_step
-
-
-def _fold_torch(step, model, variables, rate_in_step):
-    import torch
-
-    optimizer = model.optimizer
-
-    def train_step(data):
-        rate = rate_in_step(optimizer)
-        logs = step(data)
-        factor = _factor(rate)
-        with torch.no_grad():
-            for v in variables:
-                value = v.value
-                if value.dtype in (torch.float16, torch.bfloat16):
-                    value.copy_(_times(value, factor))  # see `_times`
-                elif isinstance(factor, float):
-                    value.mul_(factor)
-                else:
-                    value.mul_(factor.to(value.dtype))
-        return _logs_with_rate(logs, rate)
-
-    return train_step
-
-
-_FOLDS = {
-    "tensorflow": _fold_tensorflow,
-    "jax": _fold_jax,
-    "torch": _fold_torch,
-}
-
-
-def _validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -> float:
+def validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -> float:
     """`value` as a float in `[0, 1]` (`upper=True`) or `[0, 1)`, or raise."""
     accepted = f"a real number in [0, 1{']' if upper else ')'}"
     number = as_real_scalar(value)
@@ -678,3 +369,45 @@ def _validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -
             f"{owner}: invalid `{name}`: expected {accepted}. Received: {name}={value!r}."
         )
     return number
+
+
+def _check_toward(toward: Any) -> Any:
+    if toward is None or isinstance(toward, keras.Model):
+        return toward
+    if isinstance(toward, str):
+        if toward != TOWARD_START:
+            raise ValueError(
+                f"WeightDecay: invalid `toward`: expected None, 'start', a "
+                f"keras.Model or a mapping {{weight path: array}}. Received: "
+                f"toward={toward!r}."
+            )
+        return toward
+    if isinstance(toward, Mapping):
+        if not all(isinstance(k, str) for k in toward):
+            raise TypeError(
+                "WeightDecay: invalid `toward`: a mapping's keys must be weight "
+                f"paths (str). Received keys: {list(toward)[:8]!r}."
+            )
+        return dict(toward)
+    raise TypeError(
+        "WeightDecay: invalid `toward`: expected None, 'start', a keras.Model or "
+        f"a mapping {{weight path: array}}. Received: toward={toward!r} "
+        f"(type {type(toward).__name__})."
+    )
+
+
+def _check_shape(variable: Any, shape: tuple, paths: dict, source: str) -> None:
+    if tuple(variable.shape) != tuple(shape):
+        raise ValueError(
+            f"WeightDecay: invalid `toward`: {source} gives shape {tuple(shape)} "
+            f"for weight {paths.get(id(variable), variable.path)!r} of shape "
+            f"{tuple(variable.shape)}."
+        )
+
+
+def _describe_toward(toward: Any) -> str:
+    if isinstance(toward, str):
+        return "its value at the start of training"
+    if isinstance(toward, keras.Model):
+        return f"model {toward.name!r}"
+    return "given references"

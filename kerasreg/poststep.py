@@ -1,0 +1,617 @@
+"""After each optimizer update, transform the selected weights.
+
+The one machinery behind `WeightDecay` (`w <- (1 - rate) * w`, or toward a
+reference) and `SoftThreshold` (`w <- sign(w) * max(|w| - t, 0)`), in the
+spirit of optax's chained transforms: each is a small `PostStepTransform`
+subclass that says how to turn its strength into an update. This module holds
+what they share:
+
+- **When.** Exactly once per optimizer update, whatever `steps_per_execution`,
+  gradient accumulation (an update happens every `n`-th batch: the transform
+  acts on those batches only, as Keras's own `weight_decay` does) or the epoch
+  length say. The step index is always `optimizer.iterations`, read on the
+  device in the compiled step or as one scalar on the host, never rebuilt from
+  Keras's `batch` argument.
+- **How.** Per-step transforms with a constant strength or a
+  `keras.optimizers.schedules.LearningRateSchedule` are folded into the
+  model's compiled train step (`_TrainStepFold`): several compose in list
+  order in one compiled step and need no batch hook. Per-epoch transforms and
+  Python-callable schedules run from the callback as one compiled in-place
+  update (`kerasreg.inplace`); per-epoch ones run before the epoch's
+  validation, so `val_loss`, `EarlyStopping` and `ModelCheckpoint` judge the
+  weights the model keeps.
+- **Checks.** A strength outside its range (a rate outside `[0, 1)`, a
+  negative threshold) is an error naming the schedule and the step, and never
+  touches a weight: the host path checks before it applies; the folded path
+  checks each epoch's steps on the host before the epoch and, inside the step,
+  leaves the weights alone for an out-of-range strength.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+from keras import ops
+
+from kerasreg import _compat
+from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
+from kerasreg.penalties import as_real_scalar
+from kerasreg.selection import Where, check_where, select_weights
+
+FREQUENCIES = ("batch", "epoch")
+
+# Host-side schedule checks evaluate at most this many steps one by one when a
+# schedule does not accept a vector of steps.
+_MAX_SCALAR_CHECKS = 20_000
+
+
+class PostStepTransform(keras.callbacks.Callback):
+    """Base class: transform the selected weights after each update or epoch.
+
+    Subclasses set `STRENGTH` (the strength's argument name, also the suffix
+    of the `logs` key), `DEFAULT_NAME`, and implement `_check_strength`,
+    `_strength_ok`, `_param` (host: several steps' strengths to one update
+    parameter), `_param_in_step`, `transform(value, param, ref)` and
+    `describe_action`.
+    """
+
+    STRENGTH = "strength"
+    DEFAULT_NAME = "post_step"
+
+    def __init__(
+        self,
+        strength: Any,
+        *,
+        frequency: str = "batch",
+        where: Where = None,
+        lr_scaled: bool = False,
+        schedule: Callable[[int], Any] | None = None,
+        name: str | None = None,
+    ):
+        super().__init__()
+        owner = type(self).__name__
+        self._strength = self._check_strength(strength, self.STRENGTH)
+        if frequency not in FREQUENCIES:
+            raise ValueError(
+                f"{owner}: invalid `frequency`: expected one of "
+                f"{', '.join(map(repr, FREQUENCIES))}. Received: "
+                f"frequency={frequency!r}."
+            )
+        if not isinstance(lr_scaled, (bool, np.bool_)):
+            raise TypeError(
+                f"{owner}: invalid `lr_scaled`: expected True or False. "
+                f"Received: lr_scaled={lr_scaled!r} (type {type(lr_scaled).__name__})."
+            )
+        if schedule is not None and not callable(schedule):
+            raise TypeError(
+                f"{owner}: invalid `schedule`: expected None or a callable "
+                f"`step -> {self.STRENGTH}`. Received: schedule={schedule!r} "
+                f"(type {type(schedule).__name__})."
+            )
+        if name is None:
+            name = self.DEFAULT_NAME
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"{owner}: invalid `name`: expected a non-empty identifier-like "
+                f"string (it names the `logs` key). Received: name={name!r}."
+            )
+        self.frequency = frequency
+        self.where = check_where(where)
+        self.lr_scaled = bool(lr_scaled)
+        self.schedule = schedule
+        self.name = name
+        self.log_key = f"{name}_{self.STRENGTH}"
+        self.folded = frequency == "batch" and _can_fold(schedule)
+        self._variables: list[Any] = []
+        self._refs: list[Any] | None = None
+        self._update: InPlaceUpdate | None = None
+        self._fold_cache: dict[tuple, tuple[Any, Any]] = {}
+        self._step = 0
+        self._epoch = 0
+        self._epoch_first_step = 0
+        self._epoch_pending = False
+        self._last_strength: Any = None
+        if frequency == "batch" and not self.folded:
+            # Bound per instance so a transform that needs no batch hook
+            # (folded, or per epoch) keeps Keras's asynchronous dispatch.
+            self.on_train_batch_end = self._after_batch
+
+    # --- what subclasses define ----------------------------------------------
+
+    def _check_strength(self, value: Any, name: str) -> float:
+        raise NotImplementedError
+
+    def _strength_ok(self, strength: Any) -> Any:
+        """In-step: a boolean tensor, True when `strength` is in range."""
+        raise NotImplementedError
+
+    def _param(self, strengths: Sequence[Any]) -> Any:
+        """Host: the update parameter of several consecutive steps at once."""
+        raise NotImplementedError
+
+    def _param_in_step(self, strength: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def transform(value: Any, param: Any, ref: Any) -> Any:
+        raise NotImplementedError
+
+    def describe_action(self) -> str:
+        raise NotImplementedError
+
+    def _references(self, model: keras.Model, variables: list[Any]) -> list | None:
+        """Per-variable reference tensors the transform needs, or None."""
+        return None
+
+    # --- the strength, one function for every path -----------------------------
+
+    def strength_at(self, step: Any, optimizer: Any = None) -> Any:
+        """The strength of optimizer step `step`: `strength` or `schedule(step)`,
+        times the optimizer's learning rate at that step when `lr_scaled`."""
+        s = self._strength if self.schedule is None else self.schedule(step)
+        if self.lr_scaled:
+            learning_rate = _compat.learning_rate_at(optimizer, step)
+            s = ops.multiply(ops.cast(s, "float32"), ops.cast(learning_rate, "float32"))
+        return s
+
+    def _host_strength(self, step: int) -> float | Any:
+        """`strength_at(step)` checked on the host; raises when out of range."""
+        optimizer = getattr(self._model, "optimizer", None)
+        value = self.strength_at(step, optimizer)
+        number = as_real_scalar(value)
+        if number is None:
+            try:
+                number = float(np.asarray(ops.convert_to_numpy(value)).reshape(()))
+            except Exception:
+                number = None
+        self._check_step_strength(number, value, step)
+        return number if isinstance(value, numbers.Real) else value
+
+    def _check_step_strength(self, number: float | None, value: Any, step: int) -> None:
+        try:
+            self._check_strength(number, self.STRENGTH)
+        except (TypeError, ValueError) as error:
+            if self.schedule is not None:
+                source = f"`schedule({step})` (schedule={self.schedule!r})"
+            else:
+                source = f"`{self.STRENGTH}`"
+            scaled = " times the learning rate" if self.lr_scaled else ""
+            raise ValueError(
+                f"{type(self).__name__}: invalid {self.STRENGTH} at optimizer step "
+                f"{step}: {source}{scaled} gives {value!r}; {_reason(error)} No "
+                "weight was changed with it."
+            ) from None
+
+    @property
+    def _accumulation(self) -> int:
+        return _compat.gradient_accumulation_steps(
+            getattr(self._model, "optimizer", None)
+        )
+
+    def _update_steps(self, first: int, last: int) -> list[int]:
+        """Optimizer steps in `[first, last)` that update the weights."""
+        n = self._accumulation
+        return [t for t in range(first, last) if n <= 1 or (t + 1) % n == 0]
+
+    # --- training hooks --------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        owner = type(self).__name__
+        self._check_strength(self._strength, self.STRENGTH)  # changed since?
+        variables = select_weights(model, self.where)
+        if self.lr_scaled and getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                f"{owner}(lr_scaled=True) needs a compiled model with an optimizer."
+            )
+        refs = self._references(model, variables)
+        self.log_key = _FitNames.claim(self, f"{self.name}_{self.STRENGTH}")
+        self._variables = variables
+        self._refs = refs
+        self._last_strength = None
+        self._step = _optimizer_iterations(model)
+        if self.folded:
+            _TrainStepFold.add(model, self)
+            return
+        update = InPlaceUpdate.key_of(variables, self.transform, refs)
+        if self._update is None or self._update.key != update:
+            self._update = InPlaceUpdate(variables, self.transform, refs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.folded:
+            _TrainStepFold.remove(self._model)
+        self._epoch_pending = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._epoch_pending = self.frequency == "epoch"
+        if self.folded and self._needs_guard():
+            # Check the epoch's steps before they run (nothing moves on error).
+            self._epoch_first_step = _optimizer_iterations(self.model)
+            steps = (self.params or {}).get("steps")
+            if steps:
+                first = self._epoch_first_step
+                self._check_steps(first, first + int(steps))
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        # The epoch's validation is about to run: apply the per-epoch transform
+        # first, so `val_loss` and checkpoints see the weights the model keeps.
+        if self._epoch_pending:
+            self._epoch_pending = False
+            self._apply_epoch()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.folded:
+            if self._needs_guard() and not (self.params or {}).get("steps"):
+                # Unknown epoch length: check the steps that ran (a bad one was
+                # a no-op in the step).
+                done = _optimizer_iterations(self.model)
+                self._check_steps(self._epoch_first_step, done)
+            if logs is not None and self.schedule is None and not self.lr_scaled:
+                logs[self.log_key] = self._strength
+            return
+        if self.frequency == "epoch":
+            if self._epoch_pending:
+                self._epoch_pending = False
+                self._apply_epoch()
+        else:
+            # Some trainers skip the batch hook after a short last execution
+            # (JAX, unknown epoch length): apply the steps it missed, once.
+            self._after_batch(None, None)
+        if logs is not None and self._last_strength is not None:
+            logs[self.log_key] = float(ops.convert_to_numpy(self._last_strength))
+
+    def _after_batch(self, batch: int | None, logs: dict | None = None) -> None:
+        done = _optimizer_iterations(self.model)  # `model`: syncs JAX state
+        first, self._step = self._step, done
+        steps = self._update_steps(first, done)
+        if steps:
+            self._apply([self._host_strength(t) for t in steps], logs)
+
+    def _apply_epoch(self) -> None:
+        self._apply([self._host_strength(self._epoch)], None)
+
+    def _apply(self, strengths: list[Any], logs: dict | None) -> None:
+        param = self._param(strengths)
+        update_model_weights(self.model, self._update, param)
+        self._last_strength = strengths[-1]
+        if logs is not None:
+            logs[self.log_key] = strengths[-1]
+
+    # --- host checks of a folded schedule ----------------------------------------
+
+    def _needs_guard(self) -> bool:
+        return self.schedule is not None or self.lr_scaled or self._accumulation > 1
+
+    def _check_steps(self, first: int, last: int) -> None:
+        steps = self._update_steps(first, last)
+        if not steps or (self.schedule is None and not self.lr_scaled):
+            return
+        optimizer = getattr(self._model, "optimizer", None)
+        values = None
+        try:
+            vector = self.strength_at(ops.convert_to_tensor(steps, "int64"), optimizer)
+            values = np.asarray(ops.convert_to_numpy(vector), np.float64).reshape(-1)
+            if values.shape != (len(steps),):
+                values = None
+        except Exception:
+            values = None
+        if values is None:
+            steps = steps[:_MAX_SCALAR_CHECKS]
+            values = [
+                as_real_scalar(ops.convert_to_numpy(self.strength_at(t, optimizer)))
+                for t in steps
+            ]
+        for t, value in zip(steps, values, strict=True):
+            number = None if value is None else float(value)
+            if number is None or not self._in_range(number):
+                self._check_step_strength(number, value, t)
+
+    def _in_range(self, number: float) -> bool:
+        try:
+            self._check_strength(number, self.STRENGTH)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    # --- folding into the train step --------------------------------------------
+
+    def _fold_config(self) -> tuple:
+        """What a folded train step bakes in: a change means a new trace."""
+        return (
+            tuple(id(v) for v in self._variables),
+            None if self._refs is None else tuple(id(r) for r in self._refs),
+            self._strength,
+            self.lr_scaled,
+            self.schedule,
+            self.log_key,
+            self._accumulation,
+        )
+
+    def _strength_in_step(self, optimizer: Any) -> tuple[Any, Any]:
+        """`(strength, apply)` of the step about to run, read before the
+        optimizer moves; `apply` is None or a boolean tensor."""
+        step = optimizer.iterations
+        strength = self.strength_at(step, optimizer)
+        if not self._needs_guard():
+            return strength, None
+        strength = ops.cast(strength, "float32")
+        apply = self._strength_ok(strength)
+        n = self._accumulation
+        if n > 1:
+            apply = ops.logical_and(apply, ops.equal(ops.mod(step + 1, n), 0))
+        return strength, apply
+
+    def _new_value(self, value: Any, param: Any, apply: Any, ref: Any) -> Any:
+        """One weight's value after the transform (unchanged where not `apply`)."""
+        new = apply_transform(self.transform, value, param, ref)
+        return new if apply is None else ops.where(apply, new, value)
+
+    def _fold_into(self, step: Callable[..., Any], model: keras.Model) -> Callable:
+        """`step` followed by this transform, for the active backend's trainer."""
+        return _FOLDS[keras.backend.backend()](step, model, self)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    marker = "expected"
+    return text[text.index(marker) :] if marker in text else text
+
+
+def _optimizer_iterations(model: Any) -> int:
+    """Optimizer steps taken so far (one scalar read from the device)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    return 0 if iterations is None else int(ops.convert_to_numpy(iterations))
+
+
+def _can_fold(schedule: Any) -> bool:
+    """Whether per-step transforms can run inside the model's compiled train step."""
+    if schedule is not None and not isinstance(
+        schedule, keras.optimizers.schedules.LearningRateSchedule
+    ):
+        return False  # arbitrary callables are called eagerly, with Python ints
+    backend = keras.backend.backend()
+    if backend == "jax":
+        # Flax NNX trainers call the class's `train_step`, not the instance's.
+        return not _compat.nnx_enabled()
+    return backend in ("tensorflow", "torch")
+
+
+class _FitNames:
+    """Distinct `logs` keys for the kerasreg callbacks of one `fit`.
+
+    Keras gives every callback of one `fit` the same `params` dict: the first
+    callback to claim a key keeps it, a later one with the same name gets
+    `<name>_2_<strength>`, `<name>_3_<strength>`, ... in list order.
+    """
+
+    _fits: ClassVar[list[tuple[Any, dict[str, Any]]]] = []
+
+    @classmethod
+    def claim(cls, callback: PostStepTransform, key: str) -> str:
+        params = callback.params
+        claims = next((c for p, c in cls._fits if p is params), None)
+        if claims is None:
+            claims = {}
+            cls._fits = [*cls._fits[-7:], (params, claims)]
+        for owner_key, owner in claims.items():
+            if owner is callback:
+                return owner_key
+        if key in claims:
+            n = 2
+            while f"{callback.name}_{n}_{callback.STRENGTH}" in claims:
+                n += 1
+            key = f"{callback.name}_{n}_{callback.STRENGTH}"
+        claims[key] = callback
+        return key
+
+
+_MISSING = object()
+
+
+class _TrainStepFold:
+    """The transforms folded into one model's `train_step` during one `fit`.
+
+    While active it shadows three model attributes: `train_step` (the original
+    step followed by each transform, in list order), `train_function` (Keras's
+    compiled function over that step, cached so a second `fit` does not
+    re-trace) and `make_train_function` (this object). Keras calls
+    `make_train_function` at the start of every `fit` and `train_on_batch`,
+    before `on_train_begin`, so a `fit` that raised (Keras then skips
+    `on_train_end`) is undone by the model's next training call: no later
+    training can run a stale transform.
+    """
+
+    NAMES = ("train_step", "make_train_function")
+
+    def __init__(self, model: keras.Model):
+        self._model = weakref.ref(model)
+        self.members: list[PostStepTransform] = []
+        self.saved = {name: vars(model).get(name, _MISSING) for name in self.NAMES}
+        self.step = model.train_step
+        self.train_function = model.train_function
+
+    @staticmethod
+    def active(model: keras.Model) -> _TrainStepFold | None:
+        fold = vars(model).get("make_train_function")
+        return fold if isinstance(fold, _TrainStepFold) else None
+
+    @classmethod
+    def add(cls, model: keras.Model, member: PostStepTransform) -> None:
+        fold = cls.active(model)
+        if fold is not None and member in fold.members:
+            fold.restore()  # left by a call that raised before `on_train_end`
+            fold = None
+        if fold is None:
+            fold = cls(model)
+        fold.members.append(member)
+        fold.install()
+
+    @classmethod
+    def remove(cls, model: keras.Model) -> None:
+        fold = cls.active(model)
+        if fold is not None:
+            fold.restore()
+
+    def install(self) -> None:
+        model = self._model()
+        owner = self.members[-1]
+        key = (
+            self.train_function,
+            tuple((member, member._fold_config()) for member in self.members),
+        )
+        if key not in owner._fold_cache:
+            step = self.step
+            for member in self.members:
+                step = member._fold_into(step, model)
+            model.train_step = step
+            self._original_make()(force=True)
+            # Entries built over an older `train_function` (before a `compile`)
+            # can never be used again.
+            for stale in [k for k in owner._fold_cache if k[0] is not key[0]]:
+                del owner._fold_cache[stale]
+            owner._fold_cache[key] = (step, model.train_function)
+        model.train_step, model.train_function = owner._fold_cache[key]
+        model.make_train_function = self
+
+    def restore(self) -> None:
+        model = self._model()
+        for name, value in self.saved.items():
+            if value is not _MISSING:
+                setattr(model, name, value)
+            elif name in vars(model):
+                delattr(model, name)
+        model.train_function = self.train_function
+
+    def _original_make(self) -> Callable[..., Any]:
+        model = self._model()
+        make = self.saved["make_train_function"]
+        return (
+            type(model).make_train_function.__get__(model) if make is _MISSING else make
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Stand-in for `model.make_train_function`: unfold, then build as usual."""
+        model = self._model()
+        self.restore()
+        return model.make_train_function(*args, **kwargs)
+
+
+def _logs_with(logs: Any, key: str, strength: Any) -> Any:
+    if not isinstance(logs, dict):
+        return logs
+    return {**logs, key: ops.convert_to_tensor(strength, "float32")}
+
+
+def _fold_tensorflow(step, model, member):
+    import tensorflow as tf
+
+    optimizer = model.optimizer
+    variables = [v.value for v in member._variables]
+    refs = member._refs or [None] * len(variables)
+
+    def update_one(variable, param, apply, ref):
+        return variable.assign(member._new_value(variable, param, apply, ref))
+
+    def update(distribution, param, apply):
+        # Cross-replica update: each mirrored copy is updated exactly once.
+        for variable, ref in zip(variables, refs, strict=True):
+            distribution.extended.update(
+                variable, update_one, args=(param, apply, ref), group=False
+            )
+
+    def train_step(data):
+        strength, apply = member._strength_in_step(optimizer)
+        logs = step(data)
+        param = member._param_in_step(strength)
+        if isinstance(param, float):
+            param = tf.constant(param, "float64")  # keep `1 - rate` exact
+        _compat.merge_call(update, param, apply)
+        return _logs_with(logs, member.log_key, strength)
+
+    return train_step
+
+
+def _fold_jax(step, model, member):
+    optimizer = model.optimizer
+    refs = member._refs or [None] * len(member._variables)
+    selected = {id(v): ref for v, ref in zip(member._variables, refs, strict=True)}
+    # The JAX trainer's state holds values in these two lists' orders.
+    trainable = [
+        (i, selected[id(v)])
+        for i, v in enumerate(model.trainable_variables)
+        if id(v) in selected
+    ]
+    non_trainable = [
+        (i, selected[id(v)])
+        for i, v in enumerate(model.non_trainable_variables)
+        if id(v) in selected
+    ]
+    if len(trainable) + len(non_trainable) != len(selected):
+        raise RuntimeError(
+            f"{type(member).__name__}: a selected weight is not in the model's "
+            "trainable or non-trainable variables, so it cannot be updated in "
+            "the train step."
+        )
+
+    def updated(values, indices, param, apply):
+        values = list(values)
+        for i, ref in indices:
+            values[i] = member._new_value(values[i], param, apply, ref)
+        return values
+
+    def train_step(state, data):
+        mapping = list(zip(optimizer.variables, state[2], strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            strength, apply = member._strength_in_step(optimizer)
+        logs, state = step(state, data)
+        param = member._param_in_step(strength)
+        trainable_values, non_trainable_values, *rest = state
+        state = (
+            updated(trainable_values, trainable, param, apply),
+            updated(non_trainable_values, non_trainable, param, apply),
+            *rest,
+        )
+        return _logs_with(logs, member.log_key, strength), state
+
+    return train_step
+
+
+def _fold_torch(step, model, member):
+    import torch
+
+    optimizer = model.optimizer
+    variables = list(member._variables)
+    refs = member._refs or [None] * len(variables)
+
+    def train_step(data):
+        strength, apply = member._strength_in_step(optimizer)
+        logs = step(data)
+        param = member._param_in_step(strength)
+        with torch.no_grad():
+            for variable, ref in zip(variables, refs, strict=True):
+                value = variable.value
+                value.copy_(member._new_value(value, param, apply, ref))
+        return _logs_with(logs, member.log_key, strength)
+
+    return train_step
+
+
+_FOLDS = {
+    "tensorflow": _fold_tensorflow,
+    "jax": _fold_jax,
+    "torch": _fold_torch,
+}
+
+
+def host_factor(strengths: Sequence[Any]) -> Any:
+    """`prod(1 - s)`: exact in float64 for Python numbers, else in float32."""
+    if all(isinstance(s, float) for s in strengths):
+        return math.prod(1.0 - s for s in strengths)
+    return ops.prod(ops.stack([1.0 - ops.cast(s, "float32") for s in strengths]))
