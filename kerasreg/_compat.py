@@ -101,12 +101,14 @@ def nnx_enabled() -> bool:
 
 
 def learning_rate_at(optimizer: Any, step: Any) -> Any:
-    """The learning rate `optimizer` uses at optimizer step `step`.
+    """The learning rate `optimizer` uses for its update number `step`.
 
     Reason: Keras exposes only the current rate (`optimizer.learning_rate`);
-    the rate of another step needs the schedule itself, which the optimizer
-    keeps in `_learning_rate` (Keras 3.0 to 3.15). A `LossScaleOptimizer`
-    forwards to its `inner_optimizer`.
+    the rate of another update needs the schedule itself, which the optimizer
+    keeps in `_learning_rate` (Keras 3.0 to 3.15) and evaluates on its batch
+    counter: update `t` under gradient accumulation over `n` batches happens at
+    batch `t * n + n - 1`. A `LossScaleOptimizer` forwards to its
+    `inner_optimizer`.
     """
     if optimizer is None:
         raise ValueError("lr_scaled=True needs a compiled model with an optimizer.")
@@ -120,7 +122,8 @@ def learning_rate_at(optimizer: Any, step: Any) -> Any:
         )
     schedule = optimizer._learning_rate
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return schedule(step)
+        n = gradient_accumulation_steps(optimizer)
+        return schedule(step * n + (n - 1) if n > 1 else step)
     return optimizer.learning_rate
 
 

@@ -151,12 +151,18 @@ class PostStepTransform(keras.callbacks.Callback):
 
     # --- the strength, one function for every path -----------------------------
 
-    def strength_at(self, step: Any, optimizer: Any = None) -> Any:
-        """The strength of optimizer step `step`: `strength` or `schedule(step)`,
-        times the optimizer's learning rate at that step when `lr_scaled`."""
+    def strength_at(
+        self, step: Any, optimizer: Any = None, *, current: bool = False
+    ) -> Any:
+        """The strength of optimizer update `step`: `strength` or `schedule(step)`,
+        times the learning rate of that update when `lr_scaled` (`current`: the
+        optimizer's learning rate now, inside the step before it updates)."""
         s = self._strength if self.schedule is None else self.schedule(step)
         if self.lr_scaled:
-            learning_rate = _compat.learning_rate_at(optimizer, step)
+            if current:
+                learning_rate = optimizer.learning_rate
+            else:
+                learning_rate = _compat.learning_rate_at(optimizer, step)
             s = ops.multiply(ops.cast(s, "float32"), ops.cast(learning_rate, "float32"))
         return s
 
@@ -195,9 +201,9 @@ class PostStepTransform(keras.callbacks.Callback):
         )
 
     def _update_steps(self, first: int, last: int) -> list[int]:
-        """Optimizer steps in `[first, last)` that update the weights."""
-        n = self._accumulation
-        return [t for t in range(first, last) if n <= 1 or (t + 1) % n == 0]
+        """Optimizer updates in `[first, last)`: `optimizer.iterations` counts
+        updates, not batches, also under gradient accumulation."""
+        return list(range(first, last))
 
     # --- training hooks --------------------------------------------------------
 
@@ -334,19 +340,25 @@ class PostStepTransform(keras.callbacks.Callback):
             self._accumulation,
         )
 
-    def _strength_in_step(self, optimizer: Any) -> tuple[Any, Any]:
-        """`(strength, apply)` of the step about to run, read before the
-        optimizer moves; `apply` is None or a boolean tensor."""
+    def _strength_in_step(self, optimizer: Any) -> tuple[Any, Any, Any]:
+        """`(strength, ok, before)` of the step about to run, read before the
+        optimizer moves: `ok` is None or a boolean tensor (strength in range),
+        `before` the update count so far (or None without accumulation)."""
         step = optimizer.iterations
-        strength = self.strength_at(step, optimizer)
+        strength = self.strength_at(step, optimizer, current=True)
         if not self._needs_guard():
-            return strength, None
+            return strength, None, None
         strength = ops.cast(strength, "float32")
-        apply = self._strength_ok(strength)
-        n = self._accumulation
-        if n > 1:
-            apply = ops.logical_and(apply, ops.equal(ops.mod(step + 1, n), 0))
-        return strength, apply
+        before = ops.convert_to_tensor(step) if self._accumulation > 1 else None
+        return strength, self._strength_ok(strength), before
+
+    def _applies(self, optimizer: Any, ok: Any, before: Any) -> Any:
+        """After the step: whether to transform (None: always). Under gradient
+        accumulation only a batch whose step updated the weights counts."""
+        if before is None:
+            return ok
+        updated = ops.greater(ops.convert_to_tensor(optimizer.iterations), before)
+        return updated if ok is None else ops.logical_and(ok, updated)
 
     def _new_value(self, value: Any, param: Any, apply: Any, ref: Any) -> Any:
         """One weight's value after the transform (unchanged where not `apply`)."""
@@ -527,8 +539,9 @@ def _fold_tensorflow(step, model, member):
             )
 
     def train_step(data):
-        strength, apply = member._strength_in_step(optimizer)
+        strength, ok, before = member._strength_in_step(optimizer)
         logs = step(data)
+        apply = member._applies(optimizer, ok, before)
         param = member._param_in_step(strength)
         if isinstance(param, float):
             param = tf.constant(param, "float64")  # keep `1 - rate` exact
@@ -569,8 +582,11 @@ def _fold_jax(step, model, member):
     def train_step(state, data):
         mapping = list(zip(optimizer.variables, state[2], strict=True))
         with keras.StatelessScope(state_mapping=mapping):
-            strength, apply = member._strength_in_step(optimizer)
+            strength, ok, before = member._strength_in_step(optimizer)
         logs, state = step(state, data)
+        mapping = list(zip(optimizer.variables, state[2], strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            apply = member._applies(optimizer, ok, before)
         param = member._param_in_step(strength)
         trainable_values, non_trainable_values, *rest = state
         state = (
@@ -591,8 +607,9 @@ def _fold_torch(step, model, member):
     refs = member._refs or [None] * len(variables)
 
     def train_step(data):
-        strength, apply = member._strength_in_step(optimizer)
+        strength, ok, before = member._strength_in_step(optimizer)
         logs = step(data)
+        apply = member._applies(optimizer, ok, before)
         param = member._param_in_step(strength)
         with torch.no_grad():
             for variable, ref in zip(variables, refs, strict=True):

@@ -1,0 +1,580 @@
+"""Post-step transforms at the edges of Keras's training loop, against closed forms and numpy.
+
+WeightDecay (to zero and toward a reference) and SoftThreshold: exactly once per
+optimizer update (steps_per_execution, gradient accumulation, unknown epoch
+length), out-of-range strengths rejected before they touch a weight, distinct
+logs keys, per-epoch transforms before validation, and composition in list order.
+"""
+
+import json
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_python
+from keras import ops
+from test_decay import assert_decayed, small_model, snapshot, to_np, xy
+
+import kerasreg
+from kerasreg import SoftThreshold, WeightDecay
+from kerasreg.selection import weight_paths
+
+TORCH = keras.backend.backend() == "torch"
+
+
+def kernels(model):
+    return [to_np(layer.kernel) for layer in model.layers]
+
+
+def soft(w, t):
+    return np.sign(w) * np.maximum(np.abs(w) - t, 0.0)
+
+
+# --- once per optimizer update ---------------------------------------------------
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_gradient_accumulation_decays_once_per_update(steps_per_execution, rng):
+    if TORCH and steps_per_execution > 1:
+        pytest.skip("the PyTorch trainer only supports steps_per_execution=1")
+    model = small_model(steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+        loss=model.loss,
+        steps_per_execution=steps_per_execution,
+    )
+    before = snapshot(model)
+    x, y = xy(rng, n=16)  # batch 4: 4 batches per epoch, 2 optimizer updates
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[WeightDecay(0.1)])
+    # Keras's `iterations` counts updates: 8 batches, 4 updates.
+    assert int(to_np(model.optimizer.iterations)) == 4
+    assert_decayed(model, before, 0.9**4)  # 4 updates, not 8 batches
+
+
+def test_gradient_accumulation_matches_numpy_sgd(rng):
+    # Folded (constant rate) and host path (Python schedule) against numpy.
+    lr, rate, batch, n = 0.1, 0.05, 4, 2
+    x, y = xy(rng, n=16)
+    results = []
+    for decay in (WeightDecay(rate), WeightDecay(schedule=lambda t: rate)):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(1, use_bias=False)]
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(lr, gradient_accumulation_steps=n),
+            loss="mse",
+        )
+        w = to_np(model.layers[0].kernel)
+        model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[decay],
+        )
+        results.append(to_np(model.layers[0].kernel))
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+    accumulated = np.zeros_like(w)
+    for k, i in enumerate(range(0, 16, batch)):
+        xb, yb = xd[i : i + batch], yd[i : i + batch]
+        accumulated += 2 * xb.T @ (xb @ w - yb) / batch
+        if (k + 1) % n == 0:
+            w = (1 - rate) * (w - lr * accumulated / n)
+            accumulated[:] = 0
+    for result in results:
+        np.testing.assert_allclose(result, w, rtol=1e-5, atol=1e-6)
+
+
+def test_python_schedule_sees_each_step_once_and_never_lags(rng):
+    # 3 steps per epoch, steps_per_execution=2, 2 epochs x 2 fits: 12 updates.
+    spe = 1 if TORCH else 2
+    model = small_model(steps_per_execution=spe)
+    kernel = model.get_layer("hidden").kernel
+    w0 = to_np(kernel)
+    seen = []
+
+    def schedule(t):
+        seen.append(t)
+        return 0.01 * (t % 5 + 1)
+
+    class Check(keras.callbacks.Callback):
+        """Runs after the decay: the weights hold every update's decay so far."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            done = int(to_np(self.model.optimizer.iterations))
+            expected = w0 * np.prod([1 - 0.01 * (t % 5 + 1) for t in range(done)])
+            np.testing.assert_allclose(to_np(kernel), expected, rtol=1e-5)
+
+    decay = WeightDecay(schedule=schedule)
+    for _ in range(2):
+        model.fit(
+            *xy(rng), batch_size=4, epochs=2, verbose=0, callbacks=[decay, Check()]
+        )
+    assert seen == list(range(12))
+
+
+# --- strengths out of range ---------------------------------------------------------
+
+
+def test_learning_rate_schedule_out_of_range_is_refused_before_training(rng):
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.5, 10, 0.5)
+    model = small_model(loss="mse")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"optimizer step 0.*1\.5.*\[0, 1\)"):
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=2,
+            verbose=0,
+            callbacks=[WeightDecay(schedule=schedule)],
+        )
+    for path, w in snapshot(model).items():  # not even the optimizer moved
+        np.testing.assert_array_equal(w, before[path])
+
+
+def test_schedule_leaving_its_range_mid_fit_names_the_step(rng):
+    # Valid for steps 0..3, 1.0 from step 4 on (epoch 2 of 3-step epochs).
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [0.1, 1.0])
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"rate at optimizer step 4"):
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=3,
+            verbose=0,
+            callbacks=[WeightDecay(schedule=schedule)],
+        )
+    assert_decayed(model, before, 0.9**3)  # epoch 1 only: refused before epoch 2
+
+
+def test_unknown_epoch_length_leaves_bad_steps_undone_then_raises(rng):
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.data generators of unknown length: TensorFlow backend")
+    x, y = xy(rng, n=10)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(zip(x, y, strict=True)),
+        output_signature=(
+            tf.TensorSpec((3,), "float32"),
+            tf.TensorSpec((1,), "float32"),
+        ),
+    ).batch(2)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.1, -0.5])
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"optimizer step 2.*-0\.5"):
+        model.fit(
+            dataset, epochs=1, verbose=0, callbacks=[WeightDecay(schedule=schedule)]
+        )
+    assert_decayed(model, before, 0.9**2)  # steps 0, 1; the bad steps did nothing
+
+
+def test_python_schedule_returning_a_tensor_is_checked(rng):
+    model = small_model()
+    before = snapshot(model)
+    decay = WeightDecay(
+        schedule=lambda t: ops.convert_to_tensor(1.5 if t == 2 else 0.1)
+    )
+    with pytest.raises(ValueError, match=r"schedule\(2\).*1\.5"):
+        model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
+    assert_decayed(model, before, 0.9**2)
+
+
+def test_rate_times_learning_rate_out_of_range(rng):
+    model = small_model(lr=3.0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"times the learning rate gives"):
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            callbacks=[WeightDecay(0.5, lr_scaled=True)],
+        )
+    assert_decayed(model, before, 1.0)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan"), 2])
+def test_rate_set_after_construction_is_validated(value):
+    decay = WeightDecay(0.1)
+    with pytest.raises(ValueError, match=r"`rate`.*\[0, 1\)"):
+        decay.rate = value
+    assert decay.rate == 0.1
+    prox = SoftThreshold(0.1)
+    if value < 0 or value != value:
+        with pytest.raises(ValueError, match=r"`threshold`"):
+            prox.threshold = value
+
+
+def test_rate_bypassing_the_setter_is_caught_when_fit_starts(rng):
+    model = small_model()
+    before = snapshot(model)
+    decay = WeightDecay(0.1)
+    decay._strength = 2.0
+    with pytest.raises(ValueError, match=r"`rate`"):
+        model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
+    assert_decayed(model, before, 1.0)
+
+
+# --- logs keys and callback order ----------------------------------------------------
+
+
+def test_each_callback_has_its_own_logs_key(rng):
+    model = small_model()
+    history = model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            WeightDecay(0.1, where="^hidden/"),
+            WeightDecay(0.2, where="^out/"),
+            WeightDecay(0.3, where="^out/", name="head"),
+            SoftThreshold(0.001),
+        ],
+    )
+    logged = history.history
+    assert logged["weight_decay_rate"] == pytest.approx([0.1, 0.1])
+    assert logged["weight_decay_2_rate"] == pytest.approx([0.2, 0.2])
+    assert logged["head_rate"] == pytest.approx([0.3, 0.3])
+    assert logged["prox_l1_threshold"] == pytest.approx([0.001, 0.001])
+    with pytest.raises(ValueError, match="`name`"):
+        WeightDecay(0.1, name="not a key")
+
+
+def test_per_epoch_decay_happens_before_validation(rng, tmp_path):
+    # No training (lr 0): only the decay moves the weights, so each epoch's
+    # val_loss must be the loss of the weights after that epoch's decay.
+    model = small_model(lr=0.0, loss="mse")
+    x, y = xy(rng)
+    xv, yv = xy(rng, n=8)
+    w0 = model.get_weights()
+    path = tmp_path / "best.keras"
+    history = model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=3,
+        verbose=0,
+        validation_data=(xv, yv),
+        callbacks=[
+            WeightDecay(0.3, frequency="epoch"),
+            keras.callbacks.ModelCheckpoint(
+                path, monitor="val_loss", save_best_only=True
+            ),
+        ],
+    )
+    probe = keras.models.clone_model(model)
+    probe.compile(loss="mse")
+    for epoch, val_loss in enumerate(history.history["val_loss"]):
+        probe.set_weights([w * 0.7 ** (epoch + 1) if w.ndim >= 2 else w for w in w0])
+        assert probe.evaluate(xv, yv, verbose=0) == pytest.approx(val_loss, rel=1e-5)
+    best = keras.saving.load_model(path)
+    assert best.evaluate(xv, yv, verbose=0) == pytest.approx(
+        min(history.history["val_loss"]), rel=1e-5
+    )
+
+
+# --- toward a reference ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frequency", ["batch", "epoch"])
+def test_toward_a_model_closed_form(frequency, rng):
+    model = small_model()
+    reference = small_model()  # same architecture, other weights
+    for v in reference.weights:
+        v.assign(np.random.default_rng(3).normal(size=v.shape))
+    w0 = {p: w for p, w in snapshot(model).items()}
+    r = {weight_paths(reference)[id(v)]: to_np(v) for v in reference.weights}
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[WeightDecay(0.1, frequency=frequency, toward=reference)],
+    )
+    n = 6 if frequency == "batch" else 2
+    for path, w in snapshot(model).items():
+        expected = (
+            r[path] + 0.9**n * (w0[path] - r[path])
+            if path.endswith("kernel")
+            else w0[path]
+        )
+        np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_toward_start_keeps_the_reference_exactly_across_fits(rng):
+    model = small_model()
+    before = snapshot(model)
+    decay = WeightDecay(0.3, toward="start")
+    for _ in range(2):
+        model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
+    for path, w in snapshot(model).items():  # w - 0.3 (w - w) == w: bit for bit
+        np.testing.assert_array_equal(w, before[path])
+
+
+def test_toward_start_with_real_gradients_matches_numpy(rng):
+    lr, rate, batch = 0.1, 0.2, 4
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    w = w0 = to_np(model.layers[0].kernel)
+    x, y = xy(rng)
+    decay = WeightDecay(rate, toward="start")
+    model.fit(
+        x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[decay]
+    )
+    model.layers[0].kernel.assign(np.zeros((3, 1)))  # the reference stays w0
+    w = np.zeros((3, 1))
+    model.fit(
+        x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[decay]
+    )
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+    for i in range(0, len(x), batch):
+        xb, yb = xd[i : i + batch], yd[i : i + batch]
+        w = w - lr * 2 * xb.T @ (xb @ w - yb) / batch
+        w = w - rate * (w - w0)
+    np.testing.assert_allclose(to_np(model.layers[0].kernel), w, rtol=1e-5, atol=1e-6)
+
+
+def test_toward_a_mapping(rng):
+    model = small_model()
+    before = snapshot(model)
+    target = {"hidden/kernel": np.ones((3, 4)), "out/kernel": np.full((4, 1), -2.0)}
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        callbacks=[WeightDecay(0.5, toward=target)],
+    )
+    for path, w in snapshot(model).items():
+        if path in target:
+            np.testing.assert_allclose(
+                w, target[path] + 0.5**3 * (before[path] - target[path]), rtol=1e-5
+            )
+        else:
+            np.testing.assert_array_equal(w, before[path])
+
+
+@pytest.mark.parametrize(
+    "toward, match",
+    [
+        ("begin", r"`toward`.*'start'"),
+        (3.0, r"`toward`"),
+        ({1: np.ones(3)}, r"keys must be weight paths"),
+        (
+            {"hidden/kernel": np.ones((3, 4))},
+            r"no reference for the selected.*out/kernel",
+        ),
+        (
+            {"hidden/kernel": np.ones((3, 4)), "out/kernel": np.ones((4, 1)), "x/y": 1},
+            r"x/y.*not weight paths",
+        ),
+        ({"hidden/kernel": np.ones((4, 3)), "out/kernel": np.ones((4, 1))}, r"shape"),
+        ("other-architecture", r"has 2 weights.*has 4"),
+        ("other-shapes", r"shape \(3, 5\).*hidden/kernel"),
+    ],
+)
+def test_toward_mismatches_are_clear_errors_and_change_nothing(toward, match, rng):
+    model = small_model()
+    before = snapshot(model)
+    if toward == "other-architecture":
+        toward = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    elif toward == "other-shapes":
+        toward = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(5), keras.layers.Dense(1)]
+        )
+    with pytest.raises((TypeError, ValueError), match=match):
+        decay = WeightDecay(0.1, toward=toward)
+        model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
+    for path, w in snapshot(model).items():
+        np.testing.assert_array_equal(w, before[path])
+
+
+# --- soft-thresholding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frequency", ["batch", "epoch"])
+def test_soft_threshold_closed_form_gives_exact_zeros(frequency, rng):
+    model = small_model()
+    before = snapshot(model)
+    t = 0.05
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[SoftThreshold(t, frequency=frequency)],
+    )
+    n = 6 if frequency == "batch" else 2
+    zeros = 0
+    for path, w in snapshot(model).items():
+        expected = (
+            soft(before[path], n * t) if path.endswith("kernel") else before[path]
+        )
+        np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-7)
+        if path.endswith("kernel"):
+            np.testing.assert_array_equal(w == 0, expected == 0)
+            zeros += int((w == 0).sum())
+    assert zeros > 0  # some weights are exactly zero, not merely small
+    norms = kerasreg.weight_norms(model)
+    total = sum(before[p].size for p in norms)
+    assert sum(
+        s["zero_fraction"] * before[p].size for p, s in norms.items()
+    ) == pytest.approx(zeros)
+    assert total > zeros
+
+
+def test_soft_threshold_with_real_gradients_matches_numpy_proximal_sgd(rng):
+    lr, l1, batch = 0.1, 0.3, 4
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    w = to_np(model.layers[0].kernel)
+    x, y = xy(rng)
+    model.fit(
+        x,
+        y,
+        batch_size=batch,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SoftThreshold(l1, lr_scaled=True)],
+    )
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+    for _ in range(2):
+        for i in range(0, len(x), batch):
+            xb, yb = xd[i : i + batch], yd[i : i + batch]
+            w = soft(w - lr * 2 * xb.T @ (xb @ w - yb) / batch, lr * l1)
+    np.testing.assert_allclose(to_np(model.layers[0].kernel), w, rtol=1e-5, atol=1e-6)
+
+
+def test_transforms_compose_in_list_order(rng):
+    model = small_model()
+    before = snapshot(model)
+    model.fit(
+        *xy(rng),
+        batch_size=4,
+        epochs=1,
+        verbose=0,
+        callbacks=[WeightDecay(0.5), SoftThreshold(0.02)],
+    )
+    for path, w in snapshot(model).items():
+        if path.endswith("kernel"):
+            expected = before[path]
+            for _ in range(3):
+                expected = soft(0.5 * expected, 0.02)
+        else:
+            expected = before[path]
+        np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("inf"), "0.1", None])
+def test_soft_threshold_bad_threshold(threshold):
+    with pytest.raises((TypeError, ValueError), match="`threshold`"):
+        SoftThreshold(threshold)
+
+
+def test_describe_action_says_what_each_callback_does():
+    assert WeightDecay(0.01).describe_action() == "decay rate 0.01 per update"
+    assert (
+        WeightDecay(0.2, frequency="epoch", toward="start").describe_action()
+        == "decay rate 0.2 per epoch toward its value at the start of training"
+    )
+    assert SoftThreshold(1e-3, lr_scaled=True).describe_action() == (
+        "soft-threshold 0.001 x lr per update"
+    )
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+    from kerasreg import SoftThreshold, WeightDecay
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
+
+    def run(strategy, make_callbacks):
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((3,)),
+                keras.layers.Dense(4, activation="tanh"),
+                keras.layers.Dense(1),
+            ])
+            model.set_weights(init)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                  callbacks=make_callbacks())
+        for v in model.weights:
+            copies = getattr(v.value, "values", [v.value])
+            for c in copies:
+                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
+        return [w.tolist() for w in model.get_weights()]
+
+    devices = tf.config.list_logical_devices("CPU")
+    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
+    one = tf.distribute.OneDeviceStrategy(devices[0].name)
+    settings = {
+        "toward": lambda: [WeightDecay(0.2, toward="start")],
+        "soft": lambda: [SoftThreshold(0.05)],
+        "both": lambda: [WeightDecay(0.1, toward="start"), SoftThreshold(0.02)],
+    }
+    print(json.dumps({
+        "replicas": mirrored.num_replicas_in_sync,
+        **{k: [run(one, f), run(mirrored, f)] for k, f in settings.items()},
+    }))
+    """
+)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow only"
+)
+def test_toward_and_soft_threshold_under_mirrored_strategy():
+    result = run_python(MIRRORED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    for name in ("toward", "soft", "both"):
+        one, mirrored = out[name]
+        for a, b in zip(one, mirrored, strict=True):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)
+    assert (np.array(out["soft"][1][0]) == 0).any()
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "float16"])
+def test_toward_and_soft_threshold_in_low_precision(policy, rng):
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = small_model()
+        before = snapshot(model)
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            callbacks=[WeightDecay(0.5, toward="start"), SoftThreshold(0.01)],
+        )
+        for path, w in snapshot(model).items():
+            if path.endswith("kernel"):
+                w0 = expected = before[path]
+                for _ in range(3):
+                    expected = soft(expected - 0.5 * (expected - w0), 0.01)
+                np.testing.assert_allclose(w, expected, rtol=2e-3, atol=2e-3)
+                assert np.isfinite(w).all()
+    finally:
+        keras.config.set_dtype_policy("float32")
