@@ -5,6 +5,7 @@ letting kerasreg silently do less.
 """
 
 import keras
+import numpy as np
 import pytest
 
 from kerasreg import _compat
@@ -32,3 +33,58 @@ def test_sublayers_fails_loudly_without_the_tracker():
 
     with pytest.raises(_compat.KerasInternalsChanged, match="_layers"):
         _compat.sublayers(Bare())
+
+
+def test_jax_trainer_state_exists_during_fit():
+    if keras.backend.backend() != "jax":
+        pytest.skip("the JAX trainer's state")
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self._model._jax_state)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(
+        np.ones((4, 2)), np.ones((4, 1)), batch_size=2, verbose=0, callbacks=[Probe()]
+    )
+    assert seen and all("trainable_variables" in s for s in seen)
+    assert _compat.sync_jax_state(model)
+
+
+def test_learning_rate_at_evaluates_the_schedule_on_the_batch_counter():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)
+    plain = keras.optimizers.SGD(schedule)
+    accumulating = keras.optimizers.SGD(schedule, gradient_accumulation_steps=3)
+    # Update t of an accumulating optimizer happens at batch 3t + 2.
+    assert float(_compat.learning_rate_at(plain, 2)) == pytest.approx(0.5 * 0.5**2)
+    assert float(_compat.learning_rate_at(accumulating, 2)) == pytest.approx(
+        0.5 * 0.5**8
+    )
+    constant = keras.optimizers.SGD(0.25)
+    assert float(_compat.learning_rate_at(constant, 7)) == pytest.approx(0.25)
+    assert _compat.gradient_accumulation_steps(accumulating) == 3
+    assert _compat.gradient_accumulation_steps(plain) == 1
+
+
+def test_nnx_flag_is_read_or_absent():
+    assert _compat.nnx_enabled() in (True, False)
+    if hasattr(keras.config, "is_nnx_enabled"):
+        assert _compat.nnx_enabled() == keras.config.is_nnx_enabled()
+
+
+def test_merge_call_updates_each_mirrored_copy_once():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute")
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    variable = tf.Variable(2.0)
+
+    def double(distribution, v):
+        distribution.extended.update(v, lambda x: x.assign(x * 2.0), group=False)
+
+    tf.function(lambda: _compat.merge_call(double, variable))()
+    assert float(variable.numpy()) == 4.0
+    assert strategy is not None
