@@ -12,6 +12,7 @@ from kerasreg.penalties import ElasticNetPenalty as ElasticNetPenalty
 from kerasreg.penalties import ExpAbsPenalty as ExpAbsPenalty
 from kerasreg.penalties import L1Penalty as L1Penalty
 from kerasreg.penalties import L2Penalty as L2Penalty
+from kerasreg.penalties import L2SPPenalty as L2SPPenalty
 from kerasreg.penalties import Penalty as Penalty
 from kerasreg.penalties import get as get
 from kerasreg.selection import select_weights as select_weights

@@ -131,3 +131,43 @@ def gradient_accumulation_steps(optimizer: Any) -> int:
         if steps:
             return int(steps)
     return 1
+
+
+try:  # Reason: Keras saves an object's own variables only for this base class.
+    from keras.src.saving.keras_saveable import KerasSaveable as KerasSaveable
+except ImportError as error:  # pragma: no cover - fails loudly on a new Keras
+    raise KerasInternalsChanged(
+        f"kerasreg: Keras {keras.__version__} has no "
+        "keras.src.saving.keras_saveable.KerasSaveable; L2SPPenalty cannot save "
+        "its reference with the model."
+    ) from error
+
+# Keras's saving walks a KerasSaveable's attributes with a skip list chosen by
+# its type name; "Loss" skips nothing an L2SPPenalty holds.
+SAVEABLE_TYPE = "Loss"
+
+
+def eager_copy(variable: Any) -> Any:
+    """A copy of `variable`'s current value, also while a train step is traced.
+
+    Reason: a penalty first called inside `tf.function` tracing sees the
+    variable symbolically; `tf.init_scope` (public TF API) reads it eagerly,
+    and `jax.ensure_compile_time_eval` does the same under a JAX trace.
+    """
+    from keras import ops
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            return tf.identity(variable.value)
+    if backend == "jax":
+        import jax
+
+        # Keras's symbolic build traces with concrete variable values: copy
+        # them outside the trace (public JAX API).
+        with jax.ensure_compile_time_eval():
+            return jax.numpy.array(variable.value, copy=True)
+    # Detached: on PyTorch a clone would stay in the autograd graph of `w`.
+    return ops.copy(ops.stop_gradient(variable.value))

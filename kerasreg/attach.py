@@ -160,6 +160,8 @@ def regularize(
         changes.extend((layer, attr, var, value) for layer, attr, var in found)
 
     for layer, attribute, variable, value in changes:
+        if hasattr(value, "set_reference"):  # L2SPPenalty: one copy per weight
+            value = type(value).from_config(value.get_config()).set_reference(variable)
         setattr(layer, attribute, value)
         variable.regularizer = value
     _drop_compiled_functions(model)

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from kerasreg import _compat
 from kerasreg.inplace import InPlaceUpdate, update_model_weights
 from kerasreg.norms import weight_norms
 from kerasreg.penalties import as_real_scalar
@@ -176,7 +177,7 @@ class WeightDecay(PostStepTransform):
         if isinstance(toward, str):  # "start": captured once, kept across fits
             missing = [v for v in variables if id(v) not in self._start]
             for v in missing:
-                self._start[id(v)] = (v, ops.copy(v.value))
+                self._start[id(v)] = (v, _compat.eager_copy(v))
             return [self._start[id(v)][1] for v in variables]
         paths = weight_paths(model)
         if isinstance(toward, keras.Model):
@@ -192,7 +193,7 @@ class WeightDecay(PostStepTransform):
             for v in variables:
                 ref = by_id[id(v)]
                 _check_shape(v, tuple(ref.shape), paths, f"model {toward.name!r}")
-                refs.append(ops.copy(ref.value))
+                refs.append(_compat.eager_copy(ref))
             return refs
         missing = [paths[id(v)] for v in variables if paths[id(v)] not in toward]
         if missing:

@@ -409,6 +409,11 @@ def _program_for(
     per_gate: bool,
     zero_threshold: float,
 ) -> _NormProgram:
+    for v in variables:
+        # A reference penalty (L2SPPenalty) takes its weight's value when it
+        # first sees the weight: give it the variable, not a traced value.
+        if getattr(v.regularizer, "reference", False) is None:
+            v.regularizer(v)
     key = (
         tuple(id(v) for v in variables),
         tuple(_regularizer_key(v.regularizer) for v in variables),

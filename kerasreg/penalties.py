@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasreg import _compat
+
 _PACKAGE = "kerasreg"
 _LOW_PRECISION = ("float16", "bfloat16")
 
@@ -257,7 +259,112 @@ class ExpAbsPenalty(Penalty):
         return self.factor * ops.sum(exact + tail)
 
 
-PENALTIES = (L1Penalty, L2Penalty, ElasticNetPenalty, ExpAbsPenalty)
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class L2SPPenalty(Penalty, _compat.KerasSaveable):
+    """L2 penalty toward a reference: `alpha * sum((w - ref)**2)`.
+
+    L2-SP (Li, Grandvalet and Davoine, ICML 2018) keeps a fine-tuned weight
+    near its pretrained value instead of near zero; with the initial weights as
+    reference it is L2-Init (Kumar, Marklund and Van Roy, 2023). Keras
+    convention: no factor 1/2. `ref` is the weight's value when the penalty is
+    attached to it:
+
+    - `kerasreg.regularize(model, kernel=L2SPPenalty(a))` gives each selected
+      weight its own copy of the penalty with `ref` = its current value (L2-SP
+      for a trained model);
+    - given to a layer constructor (`Dense(8, kernel_regularizer=
+      L2SPPenalty(a))`), `ref` is the weight's value the first time the
+      penalty sees it: at the first `fit`, `evaluate` or `model.losses`, so the
+      initial weights (L2-Init) unless you load other weights before.
+
+    The reference is kept on the device and saved with the model: `model.save`
+    writes it into the weights file beside the weights (under the layer's
+    `kernel_regularizer` group), and `keras.saving.load_model` restores it
+    exactly, in any process. `clone_model` and `from_config` build new
+    penalties from the config alone: like a constructor's, their reference is
+    their weight at first use. One instance serves one weight: used on a
+    second weight it raises instead of measuring against the first one's
+    reference. Asked for a value with no reference and no variable to take it
+    from, it raises.
+
+    Args:
+        alpha: float, default 0.01. Finite and >= 0.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> _ = kerasreg.regularize(model, kernel=L2SPPenalty(0.1))
+    >>> float(sum(model.losses))  # the weights are still at their reference
+    0.0
+    """
+
+    _ARGS = ("alpha",)
+
+    def __init__(self, alpha: float = 0.01):
+        self.alpha = validate_factor(alpha, "alpha", type(self).__name__)
+        self.reference = None
+        self._owner = None
+
+    def set_reference(self, variable: Any) -> L2SPPenalty:
+        """Use the current value of `variable` (a `keras.Variable`) as `ref`."""
+        self.reference = _compat.eager_copy(variable)
+        self._owner = _weak_id(variable)
+        return self
+
+    def __call__(self, x):
+        if isinstance(x, keras.Variable):
+            if self.reference is None:
+                self.set_reference(x)
+            elif self._owner is not None and self._owner != _weak_id(x):
+                raise ValueError(
+                    f"L2SPPenalty: one instance is attached to two weights "
+                    f"({x.path!r} and another one). Each weight needs its own "
+                    "reference: pass a new L2SPPenalty per weight, or attach it "
+                    "with kerasreg.regularize, which copies it per weight."
+                )
+        if self.reference is None:
+            raise ValueError(
+                "L2SPPenalty has no reference weight: it gets one when attached "
+                "with kerasreg.regularize, or when it first sees its weight "
+                "(first fit, evaluate or model.losses). It cannot compute "
+                "`alpha * sum((w - ref)**2)` without it."
+            )
+        if tuple(self.reference.shape) != tuple(x.shape):
+            raise ValueError(
+                f"L2SPPenalty: the reference has shape {tuple(self.reference.shape)} "
+                f"but the weight has shape {tuple(x.shape)}."
+            )
+        return super().__call__(x)
+
+    def penalty(self, x):
+        ref = ops.cast(self.reference, x.dtype)
+        return self.alpha * ops.sum(ops.square(ops.subtract(x, ref)))
+
+    # Saved into the weights file (Keras's saving walks KerasSaveable objects).
+    def _obj_type(self) -> str:
+        return _compat.SAVEABLE_TYPE
+
+    def save_own_variables(self, store: Any) -> None:
+        # No reference yet (never evaluated): none is saved, and the loaded
+        # penalty takes its weight's value at first use, as this one would.
+        if self.reference is not None:
+            store["0"] = ops.convert_to_numpy(self.reference)
+
+    def load_own_variables(self, store: Any) -> None:
+        self.reference = (
+            ops.convert_to_tensor(store["0"][...]) if "0" in store else None
+        )
+        self._owner = None
+
+    def __reduce__(self):
+        return (type(self).from_config, (self.get_config(),))
+
+
+def _weak_id(variable: Any) -> int:
+    return id(variable)
+
+
+PENALTIES = (L1Penalty, L2Penalty, ElasticNetPenalty, ExpAbsPenalty, L2SPPenalty)
 
 _BY_NAME: dict[str, type[Penalty]] = {}
 for _cls in PENALTIES:
