@@ -150,6 +150,9 @@ SAVEABLE_TYPE = "Loss"
 def eager_copy(variable: Any) -> Any:
     """A copy of `variable`'s current value, also while a train step is traced.
 
+    Returns None when the variable has no value yet (PyTorch's symbolic build
+    runs on shape-only "meta" tensors).
+
     Reason: a penalty first called inside `tf.function` tracing sees the
     variable symbolically; `tf.init_scope` (public TF API) reads it eagerly,
     and `jax.ensure_compile_time_eval` does the same under a JAX trace.
@@ -169,5 +172,8 @@ def eager_copy(variable: Any) -> Any:
         # them outside the trace (public JAX API).
         with jax.ensure_compile_time_eval():
             return jax.numpy.array(variable.value, copy=True)
+    value = variable.value
+    if getattr(value, "is_meta", False):
+        return None  # PyTorch's symbolic build: shapes only, no values yet
     # Detached: on PyTorch a clone would stay in the autograd graph of `w`.
-    return ops.copy(ops.stop_gradient(variable.value))
+    return ops.copy(ops.stop_gradient(value))

@@ -307,14 +307,18 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
 
     def set_reference(self, variable: Any) -> L2SPPenalty:
         """Use the current value of `variable` (a `keras.Variable`) as `ref`."""
-        self.reference = _compat.eager_copy(variable)
-        self._owner = _weak_id(variable)
+        reference = _compat.eager_copy(variable)
+        if reference is not None:
+            self.reference = reference
+            self._owner = _weak_id(variable)
         return self
 
     def __call__(self, x):
         if isinstance(x, keras.Variable):
             if self.reference is None:
                 self.set_reference(x)
+                if self.reference is None:  # a shape-only symbolic pass
+                    return ops.zeros((), "float32")
             elif self._owner is not None and self._owner != _weak_id(x):
                 raise ValueError(
                     f"L2SPPenalty: one instance is attached to two weights "
