@@ -93,8 +93,12 @@ def measure(model: keras.Model, updates: int) -> dict:
         "updates": updates,
         "train": accuracy(model, x_train, y_train),
         "test": accuracy(model, x_test, y_test),
-        "hidden_l2": norms[model.get_layer("hidden").kernel.path]["l2"],
-        "output_l2": norms[model.get_layer("output").kernel.path]["l2"],
+        "hidden_l2": norms[
+            kerasreg.selection.weight_paths(model)[id(model.get_layer("hidden").kernel)]
+        ]["l2"],
+        "output_l2": norms[
+            kerasreg.selection.weight_paths(model)[id(model.get_layer("output").kernel)]
+        ]["l2"],
         **loss_parts(model, x_train, y_train),
         "boundary": decision_grid(model),
     }

@@ -125,7 +125,12 @@ def train(penalized: bool, data, epochs: int, run_dir: Path) -> dict:
         ],
         "norms": kerasreg.weight_norms(model, per_gate=True),
         "scalars": read_scalars(run_dir / "train"),
-        "paths": {"kernel": cell.kernel.path, "recurrent": cell.recurrent_kernel.path},
+        "paths": {
+            "kernel": kerasreg.selection.weight_paths(model)[id(cell.kernel)],
+            "recurrent": kerasreg.selection.weight_paths(model)[
+                id(cell.recurrent_kernel)
+            ],
+        },
         "weights": {
             "kernel": keras.ops.convert_to_numpy(cell.kernel),
             "recurrent": keras.ops.convert_to_numpy(cell.recurrent_kernel),

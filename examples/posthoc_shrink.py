@@ -73,8 +73,12 @@ def measure(model: keras.Model) -> dict:
     (x_train, y_train), (x_test, y_test) = moons_data()
     norms = kerasreg.weight_norms(model)
     return {
-        "hidden_l2": norms[model.get_layer("hidden").kernel.path]["l2"],
-        "output_l2": norms[model.get_layer("output").kernel.path]["l2"],
+        "hidden_l2": norms[
+            kerasreg.selection.weight_paths(model)[id(model.get_layer("hidden").kernel)]
+        ]["l2"],
+        "output_l2": norms[
+            kerasreg.selection.weight_paths(model)[id(model.get_layer("output").kernel)]
+        ]["l2"],
         "train": accuracy(model, x_train, y_train),
         "test": accuracy(model, x_test, y_test),
         "test_loss": loss_parts(model, x_test, y_test)["data_loss"],
