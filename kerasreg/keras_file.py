@@ -423,7 +423,12 @@ def _expected_shape_problem(cls: str | None, cfg: dict, name: str, shape: tuple)
             return (
                 f"ConvLSTM filters={filters} needs {name} with last axis {4 * filters}"
             )
-    if cls and cls.startswith("Conv") and "Transpose" not in cls and name == "kernel":
+    if (
+        cls in _KERNEL_BIAS
+        and cls.startswith("Conv")
+        and "Transpose" not in cls
+        and (name == "kernel")
+    ):
         filters = cfg.get("filters")
         if isinstance(filters, int) and (not shape or shape[-1] != filters):
             return f"{cls} filters={filters} needs a kernel with last axis {filters}"
@@ -608,8 +613,17 @@ def _walk_unknown(
     depth: int,
 ) -> None:
     """A group the config does not describe: named by Keras's stored layer name."""
+    if depth > MAX_DEPTH:
+        raise KerasFileError(f"{path!r}: layers nested more than {MAX_DEPTH} deep.")
     name = key
     variables = group.get("vars")
+    if variables is None and key in ("layers", "cells"):
+        # A container of layers (a weights-only file has no config to say so).
+        for child in group:
+            item = group.get(child)
+            if isinstance(item, h5py.Group):
+                _walk_unknown(item, child, prefix, trainable, out, path, depth + 1)
+        return
     if isinstance(variables, h5py.Group):
         stored = variables.attrs.get("name")
         if isinstance(stored, bytes):
@@ -723,9 +737,11 @@ def select(weights: list[Weight], where: re.Pattern | None) -> list[Weight]:
 
 
 def blocks(
-    shape: tuple[int, ...], itemsize: int, chunk_bytes: int = CHUNK_BYTES
+    shape: tuple[int, ...], itemsize: int, chunk_bytes: int | None = None
 ) -> Iterator[tuple[slice | int, ...]]:
-    """Hyperslabs covering an array of `shape`, each at most `chunk_bytes`."""
+    """Hyperslabs covering an array of `shape`, each at most `chunk_bytes`
+    (default `CHUNK_BYTES`) unless a single entry is larger."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     if not shape:
         yield ()
         return
