@@ -162,6 +162,12 @@ def _open_weights_only(path: str) -> KerasFile:
     file = KerasFile(path, None, None, h5, _closers=[h5.close])
     try:
         file.weights = name_weights(h5, None, path)
+        if not file.weights:
+            raise KerasFileError(
+                f"{path!r} holds no Keras 3 weights (`layers/.../vars/<i>`): "
+                "legacy HDF5 (.h5) models are not read, by design, and a "
+                "model's .weights.h5 file or .keras archive is expected."
+            )
     except BaseException:
         file.close()
         raise
@@ -567,18 +573,26 @@ def _walk(
             continue
         consumed.add(container)
         holder = _group(group, container, path)
+        # Keras names a container's entries by class (`dense`, `dense_1`, ...)
+        # and, since 3.x, stores each layer's name with it: match by that name
+        # where present, else by Keras's class-based naming.
+        by_name = {_stored_name(holder[k]): k for k in holder}
+        by_name.pop(None, None)
         used: dict[str, int] = {}
+        taken: set[str] = set()
         for item in items:
             child_cls, child_cfg = _layer(item)
+            name = str(child_cfg.get("name", ""))
             key = _unique(_snake_case(child_cls or ""), used)
-            if key in holder:
-                name = str(child_cfg.get("name", key))
+            key = by_name.get(name, key)
+            if key in holder and key not in taken:
+                taken.add(key)
                 _walk(_group(holder, key, path), child_cls, child_cfg,
-                      f"{prefix}{name}/", trainable, out, path, depth + 1)  # fmt: skip
-        leftover = [k for k in holder if k not in set(_unique_keys(items))]
-        for key in leftover:
-            _walk_unknown(_group(holder, key, path), key, prefix, trainable, out,
-                          path, depth + 1)  # fmt: skip
+                      f"{prefix}{name or key}/", trainable, out, path, depth + 1)  # fmt: skip
+        for key in holder:
+            if key not in taken:
+                _walk_unknown(_group(holder, key, path), key, prefix, trainable, out,
+                              path, depth + 1)  # fmt: skip
     # Anything the config did not explain is still reported, never skipped.
     # At the top, "optimizer" holds optimizer state, not model weights.
     for key in group:
@@ -598,11 +612,6 @@ def _unique(name: str, used: dict[str, int]) -> str:
     return name
 
 
-def _unique_keys(items: list) -> list[str]:
-    used: dict[str, int] = {}
-    return [_unique(_snake_case(_layer(item)[0] or ""), used) for item in items]
-
-
 def _walk_unknown(
     group: h5py.Group,
     key: str,
@@ -615,22 +624,26 @@ def _walk_unknown(
     """A group the config does not describe: named by Keras's stored layer name."""
     if depth > MAX_DEPTH:
         raise KerasFileError(f"{path!r}: layers nested more than {MAX_DEPTH} deep.")
-    name = key
-    variables = group.get("vars")
-    if variables is None and key in ("layers", "cells"):
+    name = _stored_name(group) or key
+    if "vars" not in group and key in ("layers", "cells"):
         # A container of layers (a weights-only file has no config to say so).
         for child in group:
             item = group.get(child)
             if isinstance(item, h5py.Group):
                 _walk_unknown(item, child, prefix, trainable, out, path, depth + 1)
         return
-    if isinstance(variables, h5py.Group):
-        stored = variables.attrs.get("name")
-        if isinstance(stored, bytes):
-            stored = stored.decode("utf-8", "replace")
-        if isinstance(stored, str) and stored:
-            name = stored
     _walk(group, None, {}, f"{prefix}{name}/", trainable, out, path, depth)
+
+
+def _stored_name(group: Any) -> str | None:
+    """The layer name Keras stores with a layer's `vars` group, if any."""
+    variables = group.get("vars") if isinstance(group, h5py.Group) else None
+    if not isinstance(variables, h5py.Group):
+        return None
+    stored = variables.attrs.get("name")
+    if isinstance(stored, bytes):
+        stored = stored.decode("utf-8", "replace")
+    return stored if isinstance(stored, str) and stored else None
 
 
 def _group(parent: h5py.Group, key: str, path: str) -> h5py.Group:
