@@ -577,3 +577,27 @@ def test_lazy_names_of_the_command_process_resolve_to_the_real_ones():
     assert kerasreg.__getattr__("WeightNormLogger") is tensorboard.WeightNormLogger
     with pytest.raises(AttributeError, match="no_such_name"):
         kerasreg.__getattr__("no_such_name")
+
+
+# --- the benchmark's harness (the benchmark itself is not run in tests) --------
+
+
+def test_benchmark_writes_a_valid_keras_file_and_measures_it(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cli_benchmark", ROOT / "benchmarks" / "cli.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "tiny.keras"
+    nbytes = bench.write_model(path, mib=0.05, units=16)
+    model = keras.saving.load_model(path)  # Keras itself accepts the file
+    kernel = keras.ops.convert_to_numpy(model.layers[0].kernel)
+    assert kernel.nbytes == nbytes
+    got = cli_json(path)
+    assert got["dense/kernel"]["l2"] == pytest.approx(
+        np.sqrt((kernel.astype(np.float64) ** 2).sum()), rel=1e-6
+    )
+    sample = bench.measure("inspect", path, tmp_path / "out.keras")
+    assert sample["seconds"] > 0 and sample["maxrss_kib"] > 0
