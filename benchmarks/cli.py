@@ -118,10 +118,16 @@ with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
 with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
     assert kerasreg.cli.main(["shrink", MODEL, OUT, "--factor", "0.5"]) == 0
 """,
+    # As Keras reads it: h5py on the archive member.
     "h5py full read": """
 with zipfile.ZipFile(MODEL) as archive, archive.open("model.weights.h5") as member:
     with h5py.File(member, "r") as h5:
         arrays = [h5[n][()] for n in ("layers/dense/vars/0", "layers/dense/vars/1")]
+""",
+    # The fastest plain read: h5py on the weights file extracted beforehand.
+    "h5py full read, extracted": """
+with h5py.File(EXTRACTED, "r") as h5:
+    arrays = [h5[n][()] for n in ("layers/dense/vars/0", "layers/dense/vars/1")]
 """,
 }
 
@@ -135,7 +141,9 @@ def measure(name: str, model: Path, out: Path) -> dict:
     """Run one variant in a fresh process; its wall time and peak RSS."""
     code = (
         PRELUDE
-        + f"MODEL, OUT = {str(model)!r}, {str(out)!r}\nSTART = time.perf_counter()\n"
+        + f"MODEL, OUT = {str(model)!r}, {str(out)!r}\n"
+        + f"EXTRACTED = {str(model.with_suffix('.weights.h5'))!r}\n"
+        + "START = time.perf_counter()\n"
         + SCRIPTS[name]
         + EPILOGUE
     )
@@ -159,6 +167,8 @@ def run(mib: float, rounds: int, folder: Path) -> dict:
     model = folder / "big.keras"
     out = folder / "big_shrunk.keras"
     nbytes = write_model(model, mib)
+    with zipfile.ZipFile(model) as archive:
+        model.with_suffix(".weights.h5").write_bytes(archive.read("model.weights.h5"))
     names = list(SCRIPTS)
     samples: dict[str, list[dict]] = {name: [] for name in names}
     help_times: list[float] = []
