@@ -4,7 +4,7 @@ Writes a valid `.keras` file whose Dense kernel is at least `--mib` MiB
 (512 by default), directly with h5py and numpy (no training, no Keras), then
 measures, each in a fresh subprocess and interleaved over `--rounds` rounds:
 
-- peak resident memory (`ru_maxrss`) of `inspect`, of `shrink`, and of a plain
+- peak resident memory (`VmHWM`, else `ru_maxrss`) of `inspect`, of `shrink`, and of a plain
   h5py full read of the same datasets, each minus the peak of a process that
   only imports the same modules (the interpreter baseline);
 - throughput (MB/s of weights processed) of the three;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,9 +132,16 @@ with h5py.File(EXTRACTED, "r") as h5:
 """,
 }
 
+# Peak RSS: VmHWM, which exec resets (ru_maxrss can carry the parent's peak
+# across fork + exec on Linux); ru_maxrss where /proc is missing.
 EPILOGUE = """
-print(json.dumps({"seconds": time.perf_counter() - START,
-                  "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+seconds = time.perf_counter() - START
+try:
+    with open("/proc/self/status") as status:
+        peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "maxrss_kib": peak}))
 """
 
 
@@ -167,8 +175,12 @@ def run(mib: float, rounds: int, folder: Path) -> dict:
     model = folder / "big.keras"
     out = folder / "big_shrunk.keras"
     nbytes = write_model(model, mib)
-    with zipfile.ZipFile(model) as archive:
-        model.with_suffix(".weights.h5").write_bytes(archive.read("model.weights.h5"))
+    with (
+        zipfile.ZipFile(model) as archive,
+        archive.open("model.weights.h5") as member,
+        open(model.with_suffix(".weights.h5"), "wb") as extracted,
+    ):
+        shutil.copyfileobj(member, extracted, 16 * MIB)
     names = list(SCRIPTS)
     samples: dict[str, list[dict]] = {name: [] for name in names}
     help_times: list[float] = []

@@ -485,10 +485,15 @@ def test_bfloat16_weights_are_read_and_shrunk(tmp_path, capsys):
 
 
 def test_large_tensor_is_read_in_blocks(tmp_path, monkeypatch):
-    # Blocks of 1 KiB: a 64 KiB kernel is read in many pieces, same numbers.
+    # Blocks of 1 KiB: a 64 KiB kernel is read in many pieces, and an LSTM
+    # kernel row (4 gates x 80 units x 4 bytes) is split inside the row, gates
+    # straddling blocks: same numbers.
     from kerasreg import keras_file
 
-    model = keras.Sequential([keras.Input((128,)), keras.layers.Dense(128)])
+    inputs = keras.Input((3, 128))
+    lstm = keras.layers.LSTM(80, name="lstm")
+    outputs = keras.layers.Dense(128, name="dense")(lstm(inputs))
+    model = keras.Model(inputs, outputs)
     path = tmp_path / "m.keras"
     model.save(path)
     reads = []
@@ -497,11 +502,18 @@ def test_large_tensor_is_read_in_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(
         keras_file, "read_block", lambda d, t, i: reads.append(i) or read(d, t, i)
     )
-    got = cli_json(path)
-    w = np.asarray(keras.ops.convert_to_numpy(model.layers[0].kernel), np.float64)
-    assert len(reads) == 64
-    for stat, value in np_stats(w).items():
+    got = cli_json(path, "--per-gate")
+    w = np.asarray(keras.ops.convert_to_numpy(model.get_layer("dense").kernel))
+    assert sum(1 for i in reads if len(i) == 1) >= 64  # the dense kernel's blocks
+    for stat, value in np_stats(w.astype(np.float64)).items():
         assert got["dense/kernel"][stat] == pytest.approx(value, rel=1e-6)
+    kernel = np.asarray(keras.ops.convert_to_numpy(lstm.cell.kernel), np.float64)
+    for g, gate in enumerate("ifco"):
+        block = kernel[:, 80 * g : 80 * (g + 1)]
+        for stat, value in np_stats(block).items():
+            assert got["lstm/lstm_cell/kernel"][f"{stat}/gate_{gate}"] == (
+                pytest.approx(value, rel=1e-6)
+            )
 
 
 def test_blocks_cover_every_entry_once():
