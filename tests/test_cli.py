@@ -349,7 +349,7 @@ def test_zoo_matches_weight_norms_and_keras_losses(tmp_path, capsys):
     regularized = [v for v in loaded.trainable_weights if v.regularizer is not None]
     assert count == len(regularized) == len(loaded.losses)
     assert total == pytest.approx(keras_loss_penalty(loaded), rel=1e-5)
-    assert shown == len(kerasreg.weight_norms(loaded))
+    assert shown == len(kerasreg.select_weights(loaded))
     # The frozen layer's penalty is not part of the total, as in Keras.
     assert "frozen/kernel" not in out
 
