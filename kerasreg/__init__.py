@@ -1,21 +1,46 @@
 """kerasreg: weight regularization for Keras 3, complete, correct and visible."""
 
-# First, before Keras: run as a command, it keeps TensorFlow's C++ log quiet.
-from kerasreg import cli as cli
-from kerasreg.attach import REMOVE as REMOVE
-from kerasreg.attach import regularize as regularize
-from kerasreg.decay import SoftThreshold as SoftThreshold
-from kerasreg.decay import WeightDecay as WeightDecay
-from kerasreg.decay import shrink_weights as shrink_weights
-from kerasreg.norms import weight_norms as weight_norms
-from kerasreg.penalties import ElasticNetPenalty as ElasticNetPenalty
-from kerasreg.penalties import ExpAbsPenalty as ExpAbsPenalty
-from kerasreg.penalties import L1Penalty as L1Penalty
-from kerasreg.penalties import L2Penalty as L2Penalty
-from kerasreg.penalties import L2SPPenalty as L2SPPenalty
-from kerasreg.penalties import Penalty as Penalty
-from kerasreg.penalties import get as get
-from kerasreg.selection import select_weights as select_weights
-from kerasreg.tensorboard import WeightNormLogger as WeightNormLogger
-
 __version__ = "0.1.0"
+
+from kerasreg import cli as cli  # Keras-free
+
+# Public name -> module. One list: imported now in a normal process, on first
+# use in the `kerasreg` command process.
+_PUBLIC = {
+    "REMOVE": "kerasreg.attach",
+    "regularize": "kerasreg.attach",
+    "SoftThreshold": "kerasreg.decay",
+    "WeightDecay": "kerasreg.decay",
+    "shrink_weights": "kerasreg.decay",
+    "weight_norms": "kerasreg.norms",
+    "ElasticNetPenalty": "kerasreg.penalties",
+    "ExpAbsPenalty": "kerasreg.penalties",
+    "L1Penalty": "kerasreg.penalties",
+    "L2Penalty": "kerasreg.penalties",
+    "L2SPPenalty": "kerasreg.penalties",
+    "Penalty": "kerasreg.penalties",
+    "get": "kerasreg.penalties",
+    "select_weights": "kerasreg.selection",
+    "WeightNormLogger": "kerasreg.tensorboard",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kerasreg' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if not cli._invoked_as_command():
+    # A normal process imports everything now, which registers the penalties
+    # for `keras.saving.load_model`. The `kerasreg` command skips it so that it
+    # never imports Keras or TensorFlow; `__getattr__` serves the names there.
+    for _name in _PUBLIC:
+        __getattr__(_name)
+    del _name

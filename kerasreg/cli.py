@@ -4,20 +4,21 @@
     kerasreg shrink IN.keras OUT.keras --factor F [--where REGEX]
 
 Errors print one line on stderr and exit with status 1 (a file that cannot be
-read, loaded or written) or 2 (a bad argument); nothing is written then.
-This module imports Keras only inside the commands.
+read or written, or a hostile one) or 2 (a bad argument); nothing is written
+then. The commands read model files as data (`kerasreg.keras_file`): no model
+is deserialized, no code from the file runs, and neither TensorFlow nor Keras
+is imported, so the command starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
 import os
+import re
+import shutil
 import sys
-import tempfile
-import zipfile
 from typing import Any
 
 PROG = "kerasreg"
@@ -33,49 +34,6 @@ def _invoked_as_command() -> bool:
         (a == "-m" and argv[i + 1 : i + 2] == [PROG]) or a == f"-m{PROG}"
         for i, a in enumerate(argv)
     )
-
-
-def _divert_native_stderr() -> tuple[int, Any] | None:
-    """Send file descriptor 2 to a temporary file until `main` starts.
-
-    TensorFlow's C++ start-up log (oneDNN, CUDA probing) is written before its
-    log level is read, so `TF_CPP_MIN_LOG_LEVEL` alone cannot hide it.
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        capture = tempfile.TemporaryFile()  # noqa: SIM115 (lives until main)
-        os.dup2(capture.fileno(), 2)
-    except (OSError, ValueError, AttributeError):
-        return None
-    atexit.register(_restore_native_stderr, replay=True)
-    return saved, capture
-
-
-def _restore_native_stderr(*, replay: bool = False) -> None:
-    """Give file descriptor 2 back; with `replay`, show what was captured."""
-    global _DIVERTED
-    if _DIVERTED is None:
-        return
-    saved, capture = _DIVERTED
-    _DIVERTED = None
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    if replay:
-        # `main` never ran (the import failed): the captured text explains why.
-        capture.seek(0)
-        sys.stderr.write(capture.read().decode(errors="replace"))
-        sys.stderr.flush()
-    capture.close()
-
-
-# Imported by `kerasreg/__init__.py` before Keras, so that the command line's
-# output is not buried under TensorFlow's C++ start-up log; user settings win.
-_DIVERTED = None
-if _invoked_as_command():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _DIVERTED = _divert_native_stderr()
 
 
 class CommandError(Exception):
@@ -155,7 +113,6 @@ def _add_where(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    _restore_native_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -175,49 +132,87 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    _check_where(args.where)
-    model = _load(args.model, compile=False)
-    from kerasreg.norms import weight_norms
-    from kerasreg.selection import select_weights
+    where = _check_where(args.where)
+    from kerasreg import keras_file
 
-    try:
-        variables = select_weights(model, args.where, argument="--where")
-        norms = weight_norms(model, variables, per_gate=args.per_gate)
-    except (TypeError, ValueError) as error:
-        raise CommandError(_first_line(error), status=2) from None
+    with _open(args.model) as file:
+        selected = _select(file, where, args.where)
+        rows = {}
+        for weight in selected:
+            rows[weight.path] = _measure(file, weight, per_gate=args.per_gate)
+        # What Keras adds to the loss: every trainable regularized weight.
+        regularized = [
+            w for w in file.weights if w.trainable and w.regularizer is not None
+        ]
+        penalties = {
+            w.path: (
+                rows[w.path]["penalty"]
+                if w.path in rows
+                else _measure(file, w, per_gate=False)["penalty"]
+            )
+            for w in regularized
+        }
+        unknown = sorted(
+            {
+                str(keras_file.penalty_formula(w.regularizer).label)
+                for w in regularized
+                if penalties[w.path] is None
+            }
+        )
     if args.json:
-        print(json.dumps(norms, indent=2))
-    else:
-        print(_table(variables, norms))
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(_table(selected, rows))
+    known = [p for p in penalties.values() if p is not None]
+    footer = (
+        f"total penalty (what Keras adds to the loss, {len(regularized)} "
+        f"regularized weight{'s' * (len(regularized) != 1)}): "
+        f"{_number(math.fsum(known))}; {len(selected)} "
+        f"weight{'s' * (len(selected) != 1)} shown"
+    )
+    if unknown:
+        footer += (
+            f"; not included: {len(penalties) - len(known)} unknown "
+            f"penalt{'ies' if len(penalties) - len(known) != 1 else 'y'} "
+            f"({', '.join(unknown)}), never executed"
+        )
+    if file.config is None:
+        footer += (
+            "; a weights-only file: names come from its layer names, "
+            "variables are numbered and penalties are unknown"
+        )
+    print(footer)
     return 0
 
 
 _COLUMNS = ("l1", "l2", "linf", "zero_fraction", "penalty")
 
 
-def _table(variables: list[Any], norms: dict[str, dict[str, float]]) -> str:
-    rows = [("weight", "shape", *_COLUMNS)]
-    total = 0.0
-    for variable, (key, stats) in zip(variables, norms.items(), strict=True):
-        regularized = variable.regularizer is not None
-        penalty = _number(stats["penalty"]) if regularized else "-"
-        total += stats["penalty"]
-        shape = "x".join(str(int(d)) for d in variable.shape) or "scalar"
-        rows.append((key, shape, *(_number(stats[c]) for c in _COLUMNS[:-1]), penalty))
-        gates = dict.fromkeys(n.split("/gate_")[1] for n in stats if "/gate_" in n)
-        for gate in gates:
-            cells = (_number(stats[f"{c}/gate_{gate}"]) for c in _COLUMNS[:-1])
-            rows.append((f"  gate {gate}", "", *cells, ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
+def _table(weights: list[Any], rows: dict[str, dict[str, Any]]) -> str:
+    table = [("weight", "shape", *_COLUMNS)]
+    for weight in weights:
+        stats = rows[weight.path]
+        if weight.regularizer is None:
+            penalty = "-"
+        elif stats["penalty"] is None:
+            penalty = "unknown"
+        else:
+            penalty = _number(stats["penalty"])
+        shape = "x".join(str(d) for d in weight.shape) or "scalar"
+        cells = (_number(stats[c]) for c in _COLUMNS[:-1])
+        table.append((weight.path, shape, *cells, penalty))
+        for gate in weight.gates:
+            if f"l1/gate_{gate}" in stats:
+                cells = (_number(stats[f"{c}/gate_{gate}"]) for c in _COLUMNS[:-1])
+                table.append((f"  gate {gate}", "", *cells, ""))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join(
         "  ".join(
             cell.ljust(width) if i < 2 else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
-        for row in rows
-    ]
-    lines.append(f"total penalty of these {len(variables)} weights: {_number(total)}")
-    return "\n".join(lines)
+        for row in table
+    )
 
 
 def _number(value: float) -> str:
@@ -229,24 +224,22 @@ def _number(value: float) -> str:
 
 def _shrink(args: argparse.Namespace) -> int:
     factor = _parse_factor(args.factor)
-    _check_where(args.where)
+    where = _check_where(args.where)
     source = args.input
     target = args.output
-    _check_input(source)
     _check_output(source, target)
-    model = _load(source, compile=True)
-    from kerasreg.decay import shrink_weights
-    from kerasreg.selection import select_weights
-
-    try:
-        variables = select_weights(model, args.where, argument="--where")
-        norms = shrink_weights(model, factor, where=variables)
-    except (TypeError, ValueError) as error:
-        raise CommandError(_first_line(error), status=2) from None
-    _save_atomically(model, target)
-    for path, row in norms.items():
-        print(f"{path}: l2 {_number(row['before'])} -> {_number(row['after'])}")
-    print(f"wrote {target} ({len(norms)} weights scaled by {factor:g})")
+    with _open(source) as file:
+        if file.config is None:
+            raise CommandError(
+                f"{source!r} is a weights-only HDF5 file: shrink needs a .keras "
+                "model archive."
+            )
+        selected = _select(file, where, args.where)
+        norms = _write_shrunk(file, selected, factor, target)
+    for weight in selected:
+        before, after = norms[weight.dataset]
+        print(f"{weight.path}: l2 {_number(before)} -> {_number(after)}")
+    print(f"wrote {target} ({len(selected)} weights scaled by {factor:g})")
     return 0
 
 
@@ -273,7 +266,7 @@ def _check_output(source: str, target: str) -> None:
     if os.path.isdir(target):
         raise CommandError(f"cannot write {target!r}: it is a directory.")
     same = os.path.realpath(source) == os.path.realpath(target)
-    if not same and os.path.exists(target):
+    if not same and os.path.exists(target) and os.path.exists(source):
         same = os.path.samefile(source, target)
     if same:
         raise CommandError(
@@ -285,28 +278,74 @@ def _check_output(source: str, target: str) -> None:
         raise CommandError(f"cannot write {target!r}: no such directory {folder!r}.")
 
 
-def _save_atomically(model: Any, target: str) -> None:
-    """Save next to `target`, then rename: `target` is whole or untouched."""
+def _write_shrunk(
+    file: Any, selected: list[Any], factor: float, target: str
+) -> dict[str, tuple[float, float]]:
+    """Copy the archive member by member, the weights scaled; then rename.
+
+    Every member but `model.weights.h5` is copied byte for byte; `target` is
+    either the whole new file or untouched.
+    """
+    import tempfile
+    import zipfile
+
+    from kerasreg import keras_file
+
     folder = os.path.dirname(os.path.abspath(target))
+    temporaries: list[str] = []
     try:
         handle, temporary = tempfile.mkstemp(
             prefix=".kerasreg-", suffix=".keras", dir=folder
         )
+        os.close(handle)
+        temporaries.append(temporary)
+        handle, weights = tempfile.mkstemp(
+            prefix=".kerasreg-", suffix=".h5", dir=folder
+        )
+        os.close(handle)
+        temporaries.append(weights)
     except OSError as error:
+        _remove(temporaries)
         raise CommandError(f"cannot write {target!r}: {error.strerror}.") from None
-    os.close(handle)
     try:
-        model.save(temporary)
+        names = {w.dataset for w in selected}
+        norms = keras_file.scaled_weights_copy(file, names, factor, weights)
+        with (
+            zipfile.ZipFile(file.path) as source,
+            zipfile.ZipFile(temporary, "w", allowZip64=True) as output,
+        ):
+            for info in source.infolist():
+                copy = zipfile.ZipInfo(info.filename, info.date_time)
+                copy.compress_type = info.compress_type
+                copy.external_attr = info.external_attr
+                copy.comment = info.comment
+                if info.filename == keras_file.WEIGHTS:
+                    copy.file_size = os.path.getsize(weights)
+                    reader: Any = open(weights, "rb")  # noqa: SIM115
+                else:
+                    copy.file_size = info.file_size
+                    reader = source.open(info)
+                with reader, output.open(copy, "w") as writer:
+                    shutil.copyfileobj(reader, writer, keras_file.CHUNK_BYTES)
         os.chmod(temporary, _new_file_mode(target))
         os.replace(temporary, target)
     except BaseException as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        _remove(temporaries)
+        if isinstance(error, keras_file.KerasFileError):
+            raise CommandError(str(error)) from None
         if isinstance(error, Exception):
             raise CommandError(
                 f"cannot write {target!r}: {_first_line(error)}"
             ) from None
         raise
+    _remove(temporaries)
+    return norms
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _new_file_mode(target: str) -> int:
@@ -321,49 +360,51 @@ def _new_file_mode(target: str) -> int:
 # --- shared ------------------------------------------------------------------
 
 
-def _check_where(where: str | None) -> None:
+def _check_where(where: str | None) -> re.Pattern | None:
+    """Compile `--where` (the same rule and message as `kerasreg.selection`)."""
     if where is None:
-        return
-    from kerasreg.selection import compile_pattern
-
+        return None
     try:
-        compile_pattern(where, "--where")
-    except ValueError as error:
-        raise CommandError(_first_line(error), status=2) from None
-
-
-def _check_input(path: str) -> None:
-    if not os.path.exists(path):
-        raise CommandError(f"{path!r}: no such file.")
-    if os.path.isdir(path):
-        raise CommandError(f"{path!r} is a directory, not a .keras model file.")
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError as error:
-        raise CommandError(f"cannot read {path!r}: {error.strerror}.") from None
-    if not is_zip:
+        return re.compile(where)
+    except re.error as error:
         raise CommandError(
-            f"{path!r} is not a Keras model file: a .keras file is a zip "
-            "archive, and this is not one (empty, truncated or another format)."
-        )
-    with zipfile.ZipFile(path) as archive:
-        if "config.json" not in archive.namelist():
-            raise CommandError(
-                f"{path!r} is a zip archive but not a Keras model file "
-                "(it has no config.json)."
-            )
-
-
-def _load(path: str, *, compile: bool) -> Any:
-    _check_input(path)
-    import keras
-
-    try:
-        return keras.saving.load_model(path, compile=compile, safe_mode=True)
-    except Exception as error:
-        raise CommandError(
-            f"cannot load {path!r} as a Keras model: {_first_line(error)}"
+            f"Invalid `--where`: {where!r} is not a valid regular expression "
+            f"({error}).",
+            status=2,
         ) from None
+
+
+def _open(path: str) -> Any:
+    from kerasreg import keras_file
+
+    try:
+        return keras_file.open_model_file(path)
+    except keras_file.KerasFileError as error:
+        raise CommandError(str(error)) from None
+
+
+def _select(file: Any, where: re.Pattern | None, text: str | None) -> list[Any]:
+    from kerasreg import keras_file
+
+    selected = keras_file.select(file.weights, where)
+    if not selected:
+        paths = ", ".join(w.path for w in file.weights[:12])
+        more = ", ..." if len(file.weights) > 12 else ""
+        raise CommandError(
+            f"`--where`={text!r} selects no weight of {file.path!r}. Its weights "
+            f"are: {paths or 'none'}{more}.",
+            status=2,
+        )
+    return selected
+
+
+def _measure(file: Any, weight: Any, *, per_gate: bool) -> dict[str, Any]:
+    from kerasreg import keras_file
+
+    try:
+        return keras_file.measure(file, weight, per_gate=per_gate)
+    except keras_file.KerasFileError as error:
+        raise CommandError(str(error)) from None
 
 
 def _first_line(error: BaseException) -> str:

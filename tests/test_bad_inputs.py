@@ -525,7 +525,9 @@ CATALOGUE = {
         lambda w: ["inspect", zip_without_config(w)], "other.keras", "config.json"
     ),
     "inspect corrupt weights": command(
-        lambda w: ["inspect", corrupt_weights(w)], "corrupt.keras", "cannot load"
+        lambda w: ["inspect", corrupt_weights(w)],
+        "corrupt.keras",
+        "not a readable HDF5",
     ),
     "inspect directory": command(
         lambda w: ["inspect", folder(w)], "folder.keras", "directory"

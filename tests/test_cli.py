@@ -1,16 +1,22 @@
 """`kerasreg inspect` / `kerasreg shrink`: output against numpy, errors, safety."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import cli_models
+import h5py
 import keras
 import numpy as np
 import pytest
+from conftest import run_python
 
 import kerasreg
 from kerasreg import cli
@@ -144,12 +150,13 @@ def test_shrink_never_leaves_a_half_written_output(
     saved_model, tmp_path, capsys, monkeypatch
 ):
     target = tmp_path / "out.keras"
+    copy = cli.shutil.copyfileobj
 
-    def failing_save(self, filepath, *args, **kwargs):
-        Path(filepath).write_bytes(b"partial")
+    def failing_copy(source, destination, *args):
+        copy(source, destination, *args)
         raise OSError("disk full")
 
-    monkeypatch.setattr(keras.Model, "save", failing_save)
+    monkeypatch.setattr(cli.shutil, "copyfileobj", failing_copy)
     status, _, err = run(["shrink", saved_model, target, "--factor", "0.5"], capsys)
     assert status == 1
     assert err.count("\n") == 1 and "disk full" in err
@@ -277,3 +284,340 @@ def test_console_script_error_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == f"kerasreg inspect: error: '{missing}': no such file.\n"
+
+
+# --- the CLI reads files as data: same names and numbers as weight_norms -------
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def cli_json(path, *extra):
+    """`kerasreg inspect PATH --json ...` run in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["inspect", str(path), "--json", *map(str, extra)])
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
+def assert_equals_weight_norms(path, model):
+    # One weight_norms call (compiling it is what costs): all trainable weights;
+    # the default selection is checked against `select_weights`'s rule.
+    expected = kerasreg.weight_norms(model, ".", per_gate=True)
+    paths = kerasreg.selection.weight_paths(model)
+    default = [paths[id(v)] for v in kerasreg.select_weights(model)]
+    for where, keys in ((None, default), (".", list(expected))):
+        extra = ["--per-gate"] + (["--where", where] if where else [])
+        got = cli_json(path, *extra)
+        assert list(got) == keys  # same keys, same (model) order
+        for key in keys:
+            stats = expected[key]
+            assert set(got[key]) == set(stats), key
+            for name, value in stats.items():
+                assert got[key][name] == pytest.approx(value, rel=2e-5, abs=1e-6), (
+                    key,
+                    name,
+                )
+
+
+def keras_loss_penalty(model):
+    """What Keras adds to the loss: the sum of `model.losses`."""
+    return sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)
+
+
+def footer_total(out):
+    line = out.strip().splitlines()[-1]
+    match = re.match(
+        r"total penalty \(what Keras adds to the loss, (\d+) regularized weights?\): "
+        r"([^;]+); (\d+) weights? shown",
+        line,
+    )
+    assert match, line
+    return int(match[1]), float(match[2]), int(match[3])
+
+
+@pytest.mark.slow
+def test_zoo_matches_weight_norms_and_keras_losses(tmp_path, capsys):
+    model = cli_models.zoo()
+    path = tmp_path / "zoo.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert_equals_weight_norms(path, loaded)
+    status, out, _ = run(["inspect", path], capsys)
+    assert status == 0
+    count, total, shown = footer_total(out)
+    regularized = [v for v in loaded.trainable_weights if v.regularizer is not None]
+    assert count == len(regularized) == len(loaded.losses)
+    assert total == pytest.approx(keras_loss_penalty(loaded), rel=1e-5)
+    assert shown == len(kerasreg.select_weights(loaded))
+    # The frozen layer's penalty is not part of the total, as in Keras.
+    assert "frozen/kernel" not in out
+
+
+@pytest.mark.slow
+def test_a_file_saved_on_another_backend_matches_weight_norms(tmp_path):
+    # Each CI leg reads a file saved on the next backend (TF reads JAX's, JAX
+    # reads torch's, torch reads TF's); the zoo test above covers its own.
+    current = keras.backend.backend()
+    backend = BACKENDS[(BACKENDS.index(current) + 1) % 3]
+    path = tmp_path / f"zoo_{backend}.keras"
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_models.py"), "zoo", str(path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = keras.saving.load_model(path, compile=False)
+    assert_equals_weight_norms(path, loaded)
+
+
+def test_conv_lstm_gates_match_numpy(tmp_path):
+    model = cli_models.conv_lstm()
+    path = tmp_path / "conv_lstm.keras"
+    model.save(path)
+    got = cli_json(path, "--per-gate", "--where", ".")
+    cell = model.layers[1].cell
+    filters = 3
+    for variable, name in ((cell.kernel, "kernel"), (cell.recurrent_kernel,
+                           "recurrent_kernel"), (cell.bias, "bias")):  # fmt: skip
+        w = np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+        row = got[f"conv_lstm1d/conv_lstm_cell/{name}"]
+        for g, gate in enumerate("ifco"):
+            block = w[..., g * filters : (g + 1) * filters]
+            expected = np_stats(block)
+            for stat, value in expected.items():
+                assert row[f"{stat}/gate_{gate}"] == pytest.approx(value, rel=1e-5)
+    w = np.asarray(keras.ops.convert_to_numpy(cell.kernel), np.float64)
+    penalty = got["conv_lstm1d/conv_lstm_cell/kernel"]["penalty"]
+    assert penalty == pytest.approx(0.1 * (w**2).sum(), rel=1e-5)
+
+
+def test_float64_model(tmp_path, capsys):
+    model = cli_models.float64()
+    path = tmp_path / "f64.keras"
+    model.save(path)
+    got = cli_json(path, "--where", ".", "--per-gate")
+    if keras.ops.convert_to_numpy(model.layers[1].kernel).dtype != np.float64:
+        pytest.skip("this backend has float64 disabled (JAX without x64)")
+    for variable in model.trainable_weights:
+        key = kerasreg.selection.weight_paths(model)[id(variable)]
+        w = keras.ops.convert_to_numpy(variable)
+        for stat, value in np_stats(w).items():
+            assert got[key][stat] == pytest.approx(value, rel=1e-12, abs=1e-15)
+    kernel = keras.ops.convert_to_numpy(model.layers[1].kernel)
+    assert got["dense/kernel"]["penalty"] == pytest.approx(0.1 * (kernel**2).sum())
+    target = tmp_path / "f64_small.keras"
+    status, _, err = run(["shrink", path, target, "--factor", "0.5"], capsys)
+    assert status == 0, err
+    shrunk = keras.saving.load_model(target)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(shrunk.layers[1].kernel), kernel * 0.5
+    )
+
+
+def test_weights_only_file_names_layers_and_numbers_variables(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((4, 3)),
+            keras.layers.Bidirectional(keras.layers.LSTM(2, return_sequences=True)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    got = cli_json(path, "--where", ".")
+    # Without a config, trainability is unknown: every weight is listed.
+    expected = kerasreg.weight_norms(model, model.weights)
+    assert all(re.fullmatch(r"var_\d+", k.rsplit("/", 1)[1]) for k in got)
+
+    def layers_and_norms(rows):
+        return sorted((k.rsplit("/", 1)[0], round(r["l2"], 5)) for k, r in rows.items())
+
+    assert layers_and_norms(got) == layers_and_norms(expected)
+
+
+def test_shrink_keeps_every_other_member_and_dataset_byte_identical(
+    saved_model, tmp_path, capsys
+):
+    target = tmp_path / "small.keras"
+    status, _, err = run(["shrink", saved_model, target, "--factor", "0.5"], capsys)
+    assert status == 0, err
+    with zipfile.ZipFile(saved_model) as a, zipfile.ZipFile(target) as b:
+        assert a.namelist() == b.namelist()
+        for name in a.namelist():
+            if name != "model.weights.h5":
+                assert a.read(name) == b.read(name), name
+        old = h5py.File(io.BytesIO(a.read("model.weights.h5")), "r")
+        new = h5py.File(io.BytesIO(b.read("model.weights.h5")), "r")
+    names = []
+    old.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else 0)
+    scaled = {  # the default selection: the kernels and recurrent kernels
+        "layers/lstm/cell/vars/0",
+        "layers/lstm/cell/vars/1",
+        "layers/dense/vars/0",
+    }
+    for name in names:
+        before, after = old[name][()], new[name][()]
+        assert after.dtype == before.dtype and after.shape == before.shape
+        if name in scaled:
+            np.testing.assert_array_equal(after, before * np.float32(0.5))
+        else:
+            assert after.tobytes() == before.tobytes(), name
+        assert dict(old[name].attrs) == dict(new[name].attrs)
+
+
+def test_bfloat16_weights_are_read_and_shrunk(tmp_path, capsys):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    path = tmp_path / "bf16.keras"
+    model.save(path)
+    w = np.asarray(keras.ops.convert_to_numpy(model.layers[0].kernel), np.float32)
+    got = cli_json(path)
+    assert got["dense/kernel"]["l1"] == pytest.approx(np.abs(w).sum(), rel=1e-6)
+    target = tmp_path / "bf16_small.keras"
+    status, _, err = run(["shrink", path, target, "--factor", "0.25"], capsys)
+    assert status == 0, err
+    kernel = keras.saving.load_model(target).layers[0].kernel
+    expected = (w * 0.25).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(keras.ops.convert_to_numpy(kernel), np.float32), expected
+    )
+
+
+def test_large_tensor_is_read_in_blocks(tmp_path, monkeypatch):
+    # Blocks of 1 KiB: a 64 KiB kernel is read in many pieces, and an LSTM
+    # kernel row (4 gates x 80 units x 4 bytes) is split inside the row, gates
+    # straddling blocks: same numbers.
+    from kerasreg import keras_file
+
+    inputs = keras.Input((3, 128))
+    lstm = keras.layers.LSTM(80, name="lstm")
+    outputs = keras.layers.Dense(128, name="dense")(lstm(inputs))
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    reads = []
+    read = keras_file.read_block
+    monkeypatch.setattr(keras_file, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(
+        keras_file, "read_block", lambda d, t, i: reads.append(i) or read(d, t, i)
+    )
+    got = cli_json(path, "--per-gate")
+    w = np.asarray(keras.ops.convert_to_numpy(model.get_layer("dense").kernel))
+    assert sum(1 for i in reads if len(i) == 1) == 80 * 128 * 4 // 1024  # dense
+    assert sum(1 for i in reads if len(i) == 2) > 128  # LSTM rows split
+    for stat, value in np_stats(w.astype(np.float64)).items():
+        assert got["dense/kernel"][stat] == pytest.approx(value, rel=1e-6)
+    kernel = np.asarray(keras.ops.convert_to_numpy(lstm.cell.kernel), np.float64)
+    for g, gate in enumerate("ifco"):
+        block = kernel[:, 80 * g : 80 * (g + 1)]
+        for stat, value in np_stats(block).items():
+            assert got["lstm/lstm_cell/kernel"][f"{stat}/gate_{gate}"] == (
+                pytest.approx(value, rel=1e-6)
+            )
+
+
+def test_blocks_cover_every_entry_once():
+    from kerasreg.keras_file import blocks
+
+    for shape in [(5,), (7, 3), (2, 3, 5), (1, 4, 1, 9), (3, 1000), (1, 1, 4097)]:
+        for chunk in [4, 64, 1000, 1 << 20]:
+            hits = np.zeros(shape, np.int64)
+            for index in blocks(shape, 4, chunk):
+                hits[index] += 1
+                assert hits[index].size * 4 <= max(chunk, 4)
+            assert (hits == 1).all(), (shape, chunk)
+
+
+# --- start-up: the command imports neither Keras nor TensorFlow --------------------
+
+
+HEAVY = ("keras", "tensorflow", "jax", "torch")
+
+
+def test_command_process_imports_no_keras(saved_model, tmp_path):
+    code = f"""
+import sys
+sys.argv = ["kerasreg"]
+import kerasreg.cli
+assert kerasreg.cli.main(["inspect", {str(saved_model)!r}, "--per-gate"]) == 0
+assert kerasreg.cli.main(["shrink", {str(saved_model)!r},
+                          {str(tmp_path / "out.keras")!r}, "--factor", "0.5"]) == 0
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY)!r}))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_and_version_import_nothing_heavy():
+    code = f"""
+import sys
+sys.argv = ["kerasreg"]
+import kerasreg.cli
+for argv in (["--help"], ["--version"], ["inspect", "--help"]):
+    try:
+        kerasreg.cli.main(argv)
+    except SystemExit as stop:
+        assert stop.code == 0
+heavy = {set(HEAVY) | {"h5py", "numpy"}!r}
+print(sorted({{m.split(".")[0] for m in sys.modules}} & heavy))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_import_kerasreg_still_registers_the_penalties():
+    code = """
+import keras, kerasreg
+for name in ("L1Penalty", "L2Penalty", "ElasticNetPenalty", "ExpAbsPenalty"):
+    assert keras.saving.get_registered_object(f"kerasreg>{name}") is getattr(
+        kerasreg, name)
+print("ok")
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_lazy_names_of_the_command_process_resolve_to_the_real_ones():
+    # In the command, `kerasreg/__init__.py` imports nothing Keras; its
+    # `__getattr__` serves every public name on first use instead.
+    from kerasreg import penalties, tensorboard
+
+    assert kerasreg.__getattr__("L2Penalty") is penalties.L2Penalty
+    assert kerasreg.__getattr__("WeightNormLogger") is tensorboard.WeightNormLogger
+    with pytest.raises(AttributeError, match="no_such_name"):
+        kerasreg.__getattr__("no_such_name")
+
+
+# --- the benchmark's harness (the benchmark itself is not run in tests) --------
+
+
+def test_benchmark_writes_a_valid_keras_file_and_measures_it(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cli_benchmark", ROOT / "benchmarks" / "cli.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "tiny.keras"
+    nbytes = bench.write_model(path, mib=0.05, units=16)
+    model = keras.saving.load_model(path)  # Keras itself accepts the file
+    kernel = keras.ops.convert_to_numpy(model.layers[0].kernel)
+    assert kernel.nbytes == nbytes
+    got = cli_json(path)
+    assert got["dense/kernel"]["l2"] == pytest.approx(
+        np.sqrt((kernel.astype(np.float64) ** 2).sum()), rel=1e-6
+    )
+    sample = bench.measure("inspect", path, tmp_path / "out.keras")
+    assert sample["seconds"] > 0 and sample["maxrss_kib"] > 0
