@@ -6,6 +6,7 @@ from kerasreg.attach import REMOVE as REMOVE
 from kerasreg.attach import regularize as regularize
 from kerasreg.decay import WeightDecay as WeightDecay
 from kerasreg.decay import shrink_weights as shrink_weights
+from kerasreg.describe import describe as describe
 from kerasreg.norms import weight_norms as weight_norms
 from kerasreg.penalties import ElasticNetPenalty as ElasticNetPenalty
 from kerasreg.penalties import ExpAbsPenalty as ExpAbsPenalty
