@@ -36,7 +36,9 @@ class WeightNormLogger(keras.callbacks.Callback):
     Writes scalar summaries into `log_dir/train` and `log_dir/validation`, the
     run folders `keras.callbacks.TensorBoard(log_dir)` uses, so one TensorBoard
     run shows Keras's curves and these side by side. Tags are grouped by
-    statistic, one TensorBoard section each, and named by `variable.path`:
+    statistic, one TensorBoard section each, and named by the weight's path
+    (`kerasreg.selection.weight_paths`: the same before and after a save/load
+    round trip, so a reloaded model continues the same series):
 
     - `norm_l1/<path>`, `norm_l2/<path>`, `norm_linf/<path>`,
       `zero_fraction/<path>` for each weight `where` selects (see
@@ -50,6 +52,8 @@ class WeightNormLogger(keras.callbacks.Callback):
     - `penalty/total`: the sum of those, which is exactly the weight
       regularization term Keras adds to the loss.
     - `loss/data`: the reported loss minus `penalty/total`.
+    - `loss/total`: the reported loss itself, so one custom-scalars chart can
+      hold `loss/data`, `penalty/total` and `loss/total`.
 
     `loss/data` and `penalty/total` are written to `train` (from `logs["loss"]`)
     and, when `fit` has validation data, to `validation` (from
@@ -64,14 +68,36 @@ class WeightNormLogger(keras.callbacks.Callback):
     penalty does not change during the epoch and otherwise off by that
     difference, which is small when the penalty moves slowly.
 
+    Dashboards: once per run folder (again only if it changes), a
+    `custom_scalars` layout (see `custom_scalars_layout`): one chart per layer
+    with its weights' penalties together (an LSTM's input and recurrent
+    kernel; both directions of a `Bidirectional`), one chart of the loss
+    terms, and with `per_gate=True` one chart of per-gate L2 norms per gated
+    weight; each chart's regex matches exactly the tags written. At the start
+    of each `fit`, the text summary `regularization/plan`: the markdown table
+    of `kerasreg.describe(model, callbacks)`, with the callbacks of that `fit`.
+
+    `logs` keys: at each epoch end the logger adds `logs["penalty"]`
+    (`penalty/total`), `logs["data_loss"]` (`loss - penalty`) and, with
+    validation data, `logs["val_data_loss"]` (`val_loss - penalty`), so
+    `History`, `CSVLogger`, Keras's `TensorBoard` and
+    `EarlyStopping(monitor="val_data_loss", mode="min")` see them. Those
+    callbacks must come after the logger in `callbacks` (Keras calls them in
+    list order); the logger warns once at `on_train_begin` when it sees one
+    before it.
+
     Steps: with `update_freq="epoch"` everything is logged once per epoch at
     step `epoch`, as Keras's TensorBoard callback logs its `epoch_*` tags. This
     mode defines no per-batch hook, so Keras keeps dispatching batches
-    asynchronously. With `update_freq=N`, the training scalars are logged
-    every `N` batches at step = the global batch count (counted from the
-    optimizer's iterations when training starts), where `loss` is Keras's
-    running mean over the epoch so far; validation scalars are logged at
-    epoch end at the same global batch count.
+    asynchronously. With `update_freq=N`, the step is the optimizer's own
+    count, `optimizer.iterations` (one scalar read per batch hook), never
+    rebuilt from Keras's `batch` argument: the training scalars are logged at
+    the first batch end at or past each multiple of `N` (with
+    `steps_per_execution=k` Keras calls the hook once per `k` steps, so a log
+    may land past the multiple, never beyond the optimizer) and at the end of
+    each `fit` at its last step; steps increase strictly across `fit` calls.
+    `loss` is then Keras's running mean over the epoch so far. Validation
+    scalars are logged at each epoch end at the optimizer's step.
 
     In a multi-worker job every worker measures but only the chief writes
     (TensorFlow's `should_save_summary`, JAX process 0, torch rank 0), so
@@ -426,13 +452,13 @@ def custom_scalars_layout(
 ) -> Any:
     """The `custom_scalars` layout: several series per chart.
 
-    - category `regularization: penalty per layer`: one chart per layer (an
-      RNN with its cell, both directions of `Bidirectional`) with the
-      `penalty/<path>` series of its weights;
-    - category `regularization: L2 norm per gate`: one chart per gated weight
-      with its `norm_l2/<path>/gate_<g>` series;
+    - category `regularization: penalty per layer` (when some weight has a
+      penalty): one chart per layer (an RNN with its cell, both directions of
+      `Bidirectional`) with the `penalty/<path>` series of its weights;
     - category `regularization: loss`: `loss/data`, `penalty/total` and
-      `loss/total` in one chart (train and validation runs).
+      `loss/total` in one chart (train and validation runs);
+    - category `regularization: L2 norm per gate` (with `per_gate=True`): one
+      chart per gated weight with its `norm_l2/<path>/gate_<g>` series.
 
     Each chart's regular expression is anchored and lists the exact tags, so
     it matches those tags and no others.
@@ -449,12 +475,7 @@ def custom_scalars_layout(
             title=title, multiline=layout_pb2.MultilineChartContent(tag=[pattern])
         )
 
-    categories = [
-        layout_pb2.Category(
-            title="regularization: loss",
-            chart=[chart("loss", ["loss/data", "penalty/total", "loss/total"])],
-        )
-    ]
+    categories = []
     if penalties:
         categories.append(
             layout_pb2.Category(
@@ -462,6 +483,12 @@ def custom_scalars_layout(
                 chart=[chart(f"penalty {g}", t) for g, t in penalties.items()],
             )
         )
+    categories.append(
+        layout_pb2.Category(
+            title="regularization: loss",
+            chart=[chart("loss", ["loss/data", "penalty/total", "loss/total"])],
+        )
+    )
     if gates:
         categories.append(
             layout_pb2.Category(
