@@ -73,12 +73,14 @@ def warn_if_logs_readers_run_first(
         return False
     _WARNED.add(callback)
     name = type(callback).__name__
-    names = ", ".join(dict.fromkeys(type(r).__name__ for r in readers))
+    readers = list(dict.fromkeys(type(r).__name__ for r in readers))
+    names = ", ".join(readers)
+    verb = "comes" if len(readers) == 1 else "come"
     what = f"the `logs` keys {', '.join(map(repr, keys))}" if keys else "`logs`"
     warnings.warn(
-        f"{name} writes {what} at epoch end, but {names} come(s) before it in "
+        f"{name} writes {what} at epoch end, but {names} {verb} before it in "
         f"`callbacks` and will not see them. Put {name} first: "
-        f"callbacks=[{name}(...), {names.split(', ')[0]}(...), ...].",
+        f"callbacks=[{name}(...), {readers[0]}(...), ...].",
         UserWarning,
         stacklevel=3,
     )
