@@ -51,7 +51,12 @@ def fit_callbacks(callback: Any) -> list[Any] | None:
         for _ in range(_CALLER_FRAMES):
             if frame is None:
                 break
-            owner = frame.f_locals.get("self")
+            code = frame.f_code
+            # Only a method's frame can hold the list as `self`; other frames'
+            # locals are never materialized.
+            owner = None
+            if code.co_argcount and code.co_varnames[0] == "self":
+                owner = frame.f_locals.get("self")
             if isinstance(owner, keras.callbacks.CallbackList):
                 callbacks = getattr(owner, "callbacks", None)
                 if not isinstance(callbacks, list):
