@@ -6,7 +6,6 @@ from kerasreg.attach import REMOVE as REMOVE
 from kerasreg.attach import regularize as regularize
 from kerasreg.decay import WeightDecay as WeightDecay
 from kerasreg.decay import shrink_weights as shrink_weights
-from kerasreg.describe import describe as describe
 from kerasreg.norms import weight_norms as weight_norms
 from kerasreg.penalties import ElasticNetPenalty as ElasticNetPenalty
 from kerasreg.penalties import ExpAbsPenalty as ExpAbsPenalty
@@ -14,6 +13,7 @@ from kerasreg.penalties import L1Penalty as L1Penalty
 from kerasreg.penalties import L2Penalty as L2Penalty
 from kerasreg.penalties import Penalty as Penalty
 from kerasreg.penalties import get as get
+from kerasreg.plan import describe as describe
 from kerasreg.selection import select_weights as select_weights
 from kerasreg.tensorboard import WeightNormLogger as WeightNormLogger
 

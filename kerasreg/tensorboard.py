@@ -13,8 +13,8 @@ import keras
 
 from kerasreg._compat import fit_callbacks
 from kerasreg.callback_order import warn_if_logs_readers_run_first
-from kerasreg.describe import describe, weight_owners
 from kerasreg.norms import STATISTICS, weight_norms
+from kerasreg.plan import describe, weight_owners
 from kerasreg.selection import Where, check_where, select_weights
 
 # `logs` keys written at each epoch end.

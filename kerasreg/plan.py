@@ -1,4 +1,8 @@
-"""`describe`: the regularization plan of a model, as a markdown table."""
+"""The regularization plan of a model: `describe()`, a markdown table.
+
+Named `plan`, not `describe`, so the package attribute `kerasreg.describe` is
+the function, never shadowed by a module of the same name.
+"""
 
 from __future__ import annotations
 
