@@ -20,6 +20,7 @@ _PUBLIC = {
     "L2SPPenalty": "kerasreg.penalties",
     "Penalty": "kerasreg.penalties",
     "get": "kerasreg.penalties",
+    "describe": "kerasreg.plan",
     "select_weights": "kerasreg.selection",
     "WeightNormLogger": "kerasreg.tensorboard",
 }

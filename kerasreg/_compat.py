@@ -8,6 +8,7 @@ a guard that fails loudly (never silently) when Keras changes it, and a test in
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import keras
@@ -177,3 +178,43 @@ def eager_copy(variable: Any) -> Any:
         return None  # PyTorch's symbolic build: shapes only, no values yet
     # Detached: on PyTorch a clone would stay in the autograd graph of `w`.
     return ops.copy(ops.stop_gradient(value))
+
+
+def fit_callbacks(callback: Any) -> list[Any] | None:
+    """The callbacks of the `fit` now calling `callback`'s hook, in list order.
+
+    Reason: Keras gives a callback no handle on the `CallbackList` that calls
+    it; that list is `self` in the frame of `CallbackList.on_train_begin` (and
+    the other dispatch methods), a few frames up the stack. Returns `None` when
+    no `CallbackList` holding `callback` is on the stack (a hook called by hand).
+    """
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None
+        for _ in range(_CALLER_FRAMES):
+            if frame is None:
+                break
+            code = frame.f_code
+            # Only a method's frame can hold the list as `self`; other frames'
+            # locals are never materialized.
+            owner = None
+            if code.co_argcount and code.co_varnames[0] == "self":
+                owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList):
+                callbacks = getattr(owner, "callbacks", None)
+                if not isinstance(callbacks, list):
+                    raise KerasInternalsChanged(
+                        f"kerasreg: Keras {keras.__version__}'s CallbackList has "
+                        "no `callbacks` list; kerasreg cannot see the order of "
+                        "the callbacks passed to `fit`."
+                    )
+                if any(item is callback for item in callbacks):
+                    return list(callbacks)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+# How far up the stack `fit_callbacks` looks: hook, wrappers, CallbackList.
+_CALLER_FRAMES = 12

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 import uuid
 from typing import Any
 
 import keras
 
+from kerasreg._compat import fit_callbacks
+from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.norms import STATISTICS, weight_norms
+from kerasreg.plan import describe, weight_owners
 from kerasreg.selection import Where, check_where, select_weights
+
+# `logs` keys written at each epoch end.
+LOGS_KEYS = ("data_loss", "val_data_loss", "penalty")
+PLAN_TAG = "regularization/plan"
 
 # TensorBoard section (tag prefix) of each statistic of `weight_norms`.
 SECTIONS = {
@@ -28,7 +36,9 @@ class WeightNormLogger(keras.callbacks.Callback):
     Writes scalar summaries into `log_dir/train` and `log_dir/validation`, the
     run folders `keras.callbacks.TensorBoard(log_dir)` uses, so one TensorBoard
     run shows Keras's curves and these side by side. Tags are grouped by
-    statistic, one TensorBoard section each, and named by `variable.path`:
+    statistic, one TensorBoard section each, and named by the weight's path
+    (`kerasreg.selection.weight_paths`: the same before and after a save/load
+    round trip, so a reloaded model continues the same series):
 
     - `norm_l1/<path>`, `norm_l2/<path>`, `norm_linf/<path>`,
       `zero_fraction/<path>` for each weight `where` selects (see
@@ -42,6 +52,8 @@ class WeightNormLogger(keras.callbacks.Callback):
     - `penalty/total`: the sum of those, which is exactly the weight
       regularization term Keras adds to the loss.
     - `loss/data`: the reported loss minus `penalty/total`.
+    - `loss/total`: the reported loss itself, so one custom-scalars chart can
+      hold `loss/data`, `penalty/total` and `loss/total`.
 
     `loss/data` and `penalty/total` are written to `train` (from `logs["loss"]`)
     and, when `fit` has validation data, to `validation` (from
@@ -56,14 +68,36 @@ class WeightNormLogger(keras.callbacks.Callback):
     penalty does not change during the epoch and otherwise off by that
     difference, which is small when the penalty moves slowly.
 
+    Dashboards: once per run folder (again only if it changes), a
+    `custom_scalars` layout (see `custom_scalars_layout`): one chart per layer
+    with its weights' penalties together (an LSTM's input and recurrent
+    kernel; both directions of a `Bidirectional`), one chart of the loss
+    terms, and with `per_gate=True` one chart of per-gate L2 norms per gated
+    weight; each chart's regex matches exactly the tags written. At the start
+    of each `fit`, the text summary `regularization/plan`: the markdown table
+    of `kerasreg.describe(model, callbacks)`, with the callbacks of that `fit`.
+
+    `logs` keys: at each epoch end the logger adds `logs["penalty"]`
+    (`penalty/total`), `logs["data_loss"]` (`loss - penalty`) and, with
+    validation data, `logs["val_data_loss"]` (`val_loss - penalty`), so
+    `History`, `CSVLogger`, Keras's `TensorBoard` and
+    `EarlyStopping(monitor="val_data_loss", mode="min")` see them. Those
+    callbacks must come after the logger in `callbacks` (Keras calls them in
+    list order); the logger warns once at `on_train_begin` when it sees one
+    before it.
+
     Steps: with `update_freq="epoch"` everything is logged once per epoch at
     step `epoch`, as Keras's TensorBoard callback logs its `epoch_*` tags. This
     mode defines no per-batch hook, so Keras keeps dispatching batches
-    asynchronously. With `update_freq=N`, the training scalars are logged
-    every `N` batches at step = the global batch count (counted from the
-    optimizer's iterations when training starts), where `loss` is Keras's
-    running mean over the epoch so far; validation scalars are logged at
-    epoch end at the same global batch count.
+    asynchronously. With `update_freq=N`, the step is the optimizer's own
+    count, `optimizer.iterations` (one scalar read per batch hook), never
+    rebuilt from Keras's `batch` argument: the training scalars are logged at
+    the first batch end at or past each multiple of `N` (with
+    `steps_per_execution=k` Keras calls the hook once per `k` steps, so a log
+    may land past the multiple, never beyond the optimizer) and at the end of
+    each `fit` at its last step; steps increase strictly across `fit` calls.
+    `loss` is then Keras's running mean over the epoch so far. Validation
+    scalars are logged at each epoch end at the optimizer's step.
 
     In a multi-worker job every worker measures but only the chief writes
     (TensorFlow's `should_save_summary`, JAX process 0, torch rank 0), so
@@ -152,6 +186,7 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
+        warn_if_logs_readers_run_first(self, LOGS_KEYS)
         self._norm_variables = select_weights(model, self.where)
         norm_ids = {id(v) for v in self._norm_variables}
         self._penalty_variables = _regularized_weights(model)
@@ -169,44 +204,78 @@ class WeightNormLogger(keras.callbacks.Callback):
             self._check_writable(self._validation_dir)
         self._writers = {}
         self._step_offset = _optimizer_iterations(model)
-        self._epoch_start = 0
-        self._last_batch = -1
+        self._last_train_step = self._step_offset
         if self.update_freq != "epoch":
             n = self.update_freq
             self._next_log_step = (self._step_offset // n + 1) * n
+        if self._is_writer:
+            self._write_plan_and_layout(model)
+
+    def _write_plan_and_layout(self, model: keras.Model) -> None:
+        # The tags of one log, from a real measurement: the layout's regexes
+        # then match exactly the tags written.
+        tags = list(self._train_scalars(self._measure(), {"loss": 0.0}, "loss"))
+        owners = weight_owners(model)
+        groups: dict[str, list[str]] = {}
+        for variable in self._penalty_variables:
+            key = self._keys[id(variable)]
+            group = owners.get(id(variable), (None, key.rsplit("/", 1)[0]))[1]
+            groups.setdefault(group, []).append(f"penalty/{key}")
+        gates: dict[str, list[str]] = {}
+        for tag in tags:
+            if tag.startswith("norm_l2/") and "/gate_" in tag:
+                gates.setdefault(tag[len("norm_l2/") :].rsplit("/", 1)[0], []).append(
+                    tag
+                )
+        layout = custom_scalars_layout(groups, gates)
+        callbacks = fit_callbacks(self)
+        plan = describe(model, callbacks)
+        writer = self._writers["train"] = run_writer(self._train_dir)
+        writer.write_layout(layout)
+        writer.write_text(PLAN_TAG, plan, self._step_offset)
 
     def _log_batch(self, batch: int, logs: dict | None = None) -> None:
-        self._last_batch = batch
-        step = self._global_step(batch)
+        # The step is the optimizer's own count, never rebuilt from `batch`:
+        # with `steps_per_execution=k` Keras calls this hook once per k steps.
+        step = _optimizer_iterations(self.model)
         if step < self._next_log_step:
             return
         self._next_log_step = (step // self.update_freq + 1) * self.update_freq
-        norms = self._measure()
+        self._log_train(step, self._measure(), logs)
+
+    def _log_train(self, step: int, norms: dict, logs: dict | None) -> None:
+        self._last_train_step = step
         self._write("train", step, self._train_scalars(norms, logs, "loss"))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
         batch_mode = self.update_freq != "epoch"
-        if batch_mode:
-            step = self._global_step(self._last_batch)
-            self._epoch_start += self._last_batch + 1
-            self._last_batch = -1
-            if "val_loss" not in logs:
-                return
-        else:
-            step = epoch
+        step = _optimizer_iterations(self.model) if batch_mode else epoch
         norms = self._measure()
+        total = self._total_penalty(norms)
+        if logs is not None:
+            # Seen by the callbacks after this one (History, CSVLogger, ...).
+            logs["penalty"] = total
+            if "loss" in logs:
+                logs["data_loss"] = float(logs["loss"]) - total
+            if "val_loss" in logs:
+                logs["val_data_loss"] = float(logs["val_loss"]) - total
+        logs = logs or {}
         if not batch_mode:
-            self._write("train", step, self._train_scalars(norms, logs, "loss"))
+            self._log_train(step, norms, logs)
         if "val_loss" in logs:
-            total = self._total_penalty(norms)
             scalars = {"penalty/total": total}
             scalars["loss/data"] = float(logs["val_loss"]) - total
+            scalars["loss/total"] = float(logs["val_loss"])
             self._write("validation", step, scalars)
         for writer in self._writers.values():
             writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        if self.update_freq != "epoch":
+            # The last log of a fit is at its last step.
+            step = _optimizer_iterations(self.model)
+            if step > self._last_train_step:
+                self._log_train(step, self._measure(), logs)
         for writer in self._writers.values():
             writer.flush()
 
@@ -216,9 +285,11 @@ class WeightNormLogger(keras.callbacks.Callback):
         # `self.model` (not `_model`): on JAX it syncs the trainer's state.
         norms = weight_norms(self.model, self._variables, per_gate=self.per_gate)
         # Keys follow `self._variables`: model order, repeated paths suffixed.
-        return {
+        measured = {
             id(v): item for v, item in zip(self._variables, norms.items(), strict=True)
         }
+        self._keys = {i: key for i, (key, _) in measured.items()}
+        return measured
 
     def _total_penalty(self, norms: dict) -> float:
         return sum(norms[id(v)][1]["penalty"] for v in self._penalty_variables)
@@ -240,10 +311,8 @@ class WeightNormLogger(keras.callbacks.Callback):
         scalars["penalty/total"] = total
         if logs and loss_key in logs:
             scalars["loss/data"] = float(logs[loss_key]) - total
+            scalars["loss/total"] = float(logs[loss_key])
         return scalars
-
-    def _global_step(self, batch: int) -> int:
-        return self._step_offset + self._epoch_start + batch + 1
 
     # --- writing -------------------------------------------------------------
 
@@ -304,6 +373,7 @@ class RunWriter:
         mine = [name for name in created if f".{os.getpid()}." in name]
         self.path = os.path.join(folder, mine[0]) if len(mine) == 1 else None
         self._functions: dict[tuple[str, ...], Any] = {}
+        self._layout: bytes | None = None
 
     def alive(self) -> bool:
         """True while the writer's event file still exists."""
@@ -344,12 +414,89 @@ class RunWriter:
             function._omit_frequent_tracing_warning = True
         return function
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """A markdown text summary (TensorBoard's Text dashboard)."""
+        import tensorflow as tf
+
+        with self.writer.as_default(), tf.summary.record_if(True):
+            tf.summary.text(tag, text, step=step)
+
+    def write_layout(self, layout: Any) -> None:
+        """The run's `custom_scalars` layout, unless this writer already wrote it.
+
+        TensorFlow 2 has no op for it: the serialized summary proto is written
+        raw (tensorboard PR 5011).
+        """
+        import tensorflow as tf
+        from tensorboard.plugins.custom_scalar import summary as custom_scalar
+
+        serialized = layout.SerializeToString()
+        if serialized == self._layout:
+            return
+        with self.writer.as_default(), tf.summary.record_if(True):
+            tf.summary.experimental.write_raw_pb(
+                custom_scalar.pb(layout).SerializeToString(), step=0
+            )
+        self._layout = serialized
+
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self._functions = {}
         self.writer.close()
+
+
+def custom_scalars_layout(
+    penalties: dict[str, list[str]], gates: dict[str, list[str]]
+) -> Any:
+    """The `custom_scalars` layout: several series per chart.
+
+    - category `regularization: penalty per layer` (when some weight has a
+      penalty): one chart per layer (an RNN with its cell, both directions of
+      `Bidirectional`) with the `penalty/<path>` series of its weights;
+    - category `regularization: loss`: `loss/data`, `penalty/total` and
+      `loss/total` in one chart (train and validation runs);
+    - category `regularization: L2 norm per gate` (with `per_gate=True`): one
+      chart per gated weight with its `norm_l2/<path>/gate_<g>` series.
+
+    Each chart's regular expression is anchored and lists the exact tags, so
+    it matches those tags and no others.
+
+    Args:
+        penalties: `{layer path: [penalty tags]}`.
+        gates: `{weight path: [gate tags]}`.
+    """
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    def chart(title: str, tags: list[str]) -> Any:
+        pattern = "^(" + "|".join(re.escape(tag) for tag in tags) + ")$"
+        return layout_pb2.Chart(
+            title=title, multiline=layout_pb2.MultilineChartContent(tag=[pattern])
+        )
+
+    categories = []
+    if penalties:
+        categories.append(
+            layout_pb2.Category(
+                title="regularization: penalty per layer",
+                chart=[chart(f"penalty {g}", t) for g, t in penalties.items()],
+            )
+        )
+    categories.append(
+        layout_pb2.Category(
+            title="regularization: loss",
+            chart=[chart("loss", ["loss/data", "penalty/total", "loss/total"])],
+        )
+    )
+    if gates:
+        categories.append(
+            layout_pb2.Category(
+                title="regularization: L2 norm per gate",
+                chart=[chart(f"norm_l2 {w}", t) for w, t in gates.items()],
+            )
+        )
+    return layout_pb2.Layout(category=categories)
 
 
 _RUN_WRITERS: dict[str, RunWriter] = {}  # least recently used first

@@ -88,3 +88,38 @@ def test_merge_call_updates_each_mirrored_copy_once():
     tf.function(lambda: _compat.merge_call(double, variable))()
     assert float(variable.numpy()) == 4.0
     assert strategy is not None
+
+
+class _FindsItsList(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.found = _compat.fit_callbacks(self)
+
+
+def test_fit_callbacks_finds_the_running_callback_list():
+    import numpy as np
+
+    first, probe = keras.callbacks.Callback(), _FindsItsList()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((2, 2)), np.ones((2, 1)), verbose=0, callbacks=[first, probe])
+    # The list Keras calls, in order, with the History it appends.
+    assert probe.found[:2] == [first, probe]
+    assert isinstance(probe.found[-1], keras.callbacks.History)
+    probe.on_train_begin()  # called by hand: no CallbackList on the stack
+    assert probe.found is None
+
+
+class _ListWithoutCallbacks(keras.callbacks.CallbackList):
+    """A CallbackList as a future Keras might make it: no `callbacks` list."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def on_train_begin(self, logs=None):
+        self.callback.on_train_begin(logs)
+
+
+def test_fit_callbacks_fails_loudly_without_the_callbacks_list():
+    probe = _FindsItsList()
+    with pytest.raises(_compat.KerasInternalsChanged, match="callbacks"):
+        _ListWithoutCallbacks(probe).on_train_begin()

@@ -225,6 +225,8 @@ def read_scalars(folder):
     accumulator.Reload()
     result = {}
     for tag in accumulator.Tags()["tensors"]:
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue  # the custom_scalars layout and the text plan
         result[tag] = [
             (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
             for e in accumulator.Tensors(tag)

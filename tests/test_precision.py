@@ -266,6 +266,7 @@ def read_scalars(folder):
             for e in accumulator.Tensors(tag)
         ]
         for tag in accumulator.Tags()["tensors"]
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
     }
 
 

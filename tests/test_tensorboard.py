@@ -250,11 +250,12 @@ def test_batch_level_logging_steps(tmp_path):
     assert [step for step, _ in validation["loss/data"]] == [6, 12]
     w = np_weights(model.get_layer("lstm").cell.kernel)
     assert last(train, kernel) == pytest.approx(np.sqrt((w**2).sum()), rel=1e-5)
-    # A second fit continues the global batch count (optimizer iterations).
+    # A second fit continues the global batch count (optimizer iterations),
+    # and its last log is at its last step (18), not only at multiples of 4.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0,
               callbacks=[WeightNormLogger(tmp_path, update_freq=4)])  # fmt: skip
     steps = [step for step, _ in read_scalars(tmp_path / "train")[kernel]]
-    assert steps == [4, 8, 12, 16]
+    assert steps == [4, 8, 12, 16, 18]
 
 
 def event_files(folder):
