@@ -40,6 +40,7 @@ import numpy as np
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
 from kerasreg.penalties import as_real_scalar
 from kerasreg.selection import Where, check_where, select_weights
@@ -218,6 +219,7 @@ class PostStepTransform(keras.callbacks.Callback):
             )
         refs = self._references(model, variables)
         self.log_key = _FitNames.claim(self, f"{self.name}_{self.STRENGTH}")
+        warn_if_logs_readers_run_first(self, (self.log_key,))
         self._variables = variables
         self._refs = refs
         self._last_strength = None

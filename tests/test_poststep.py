@@ -578,3 +578,31 @@ def test_toward_and_soft_threshold_in_low_precision(policy, rng):
                 assert np.isfinite(w).all()
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def test_warns_once_when_a_logs_reader_comes_first(rng, tmp_path):
+    import warnings
+
+    model = small_model()
+    csv_path = tmp_path / "log.csv"
+    late = WeightDecay(0.1)
+    with pytest.warns(
+        UserWarning, match=r"WeightDecay writes.*weight_decay_rate.*CSVLogger"
+    ):
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras.callbacks.CSVLogger(str(csv_path)), late],
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.fit(
+            *xy(rng),
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            callbacks=[WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))],
+        )
+    assert "weight_decay_rate" in csv_path.read_text().splitlines()[0]
