@@ -14,6 +14,8 @@ from kerasreg.penalties import L2Penalty as L2Penalty
 from kerasreg.penalties import Penalty as Penalty
 from kerasreg.penalties import get as get
 from kerasreg.selection import select_weights as select_weights
+from kerasreg.sweep import SweepResult as SweepResult
+from kerasreg.sweep import sweep as sweep
 from kerasreg.tensorboard import WeightNormLogger as WeightNormLogger
 
 __version__ = "0.1.0"
