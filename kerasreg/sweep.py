@@ -161,7 +161,12 @@ class SweepResult:
         return path
 
     def __str__(self) -> str:
-        keys = list(self.rows[0]["history"])
+        history = list(self.rows[0]["history"])
+        train = [k for k in history if not k.startswith("val_")]
+        keys = sorted(train, key=lambda k: k != "loss")
+        keys += sorted(
+            set(history) - set(train), key=lambda k: (k != "val_loss", history.index(k))
+        )
         width = max(len("penalty"), *(len(row["penalty"]) for row in self.rows))
         header = f"{'penalty':<{width}} " + " ".join(f"{k:>12}" for k in keys)
         lines = [header]
@@ -206,9 +211,9 @@ def sweep(
     Templates for which one stacked fit is not exact or not supported are
     trained one variant after another (K separate fits), with a log line on
     the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
-    scaling, stateful layers, several inputs or outputs, `callbacks`,
-    `class_weight` or `sample_weight`, `loss_weights`, and data other than
-    arrays or a `keras.utils.PyDataset`.
+    scaling, stateful layers, several inputs or outputs, `callbacks` (they
+    would see the stacked model), and training data other than arrays, a
+    `keras.utils.PyDataset` or a `tf.data.Dataset`.
 
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
@@ -386,23 +391,17 @@ def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
         return "the template has several inputs or outputs"
     if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(model)):
         return "the template has stateful layers"
-    for key in ("callbacks", "class_weight", "sample_weight"):
-        if fit_kwargs.get(key) is not None:
-            return f"`{key}` is given (it would see the stacked model)"
-    if compile_config.get("loss_weights") is not None:
-        return "the template is compiled with `loss_weights`"
-    validation = fit_kwargs.get("validation_data")
-    if validation is not None and (
-        not isinstance(validation, (tuple, list))
-        or len(validation) != 2
-        or not _is_array(validation[1])
-    ):
-        return "`validation_data` is not an `(x, y)` pair of arrays"
-    if isinstance(x, keras.utils.PyDataset):
+    if fit_kwargs.get("callbacks"):
+        return "`callbacks` are given (in one stacked fit they would see the stack)"
+    if isinstance(x, keras.utils.PyDataset) or _is_dataset(x):
         return None
     if not (_is_array(x) and _is_array(y)):
-        return "`x`/`y` are not arrays or a keras.utils.PyDataset"
+        return "`x`/`y` are not arrays, a keras.utils.PyDataset or a tf.data.Dataset"
     return None
+
+
+def _is_dataset(x: Any) -> bool:
+    return type(x).__module__.startswith("tensorflow") and hasattr(x, "element_spec")
 
 
 def _is_array(value: Any) -> bool:
@@ -413,64 +412,75 @@ def _is_array(value: Any) -> bool:
 
 
 class _Stack(keras.Model):
-    """K variants as K outputs of one functional model; tracks each penalty."""
+    """K variants as K outputs of one functional model.
+
+    Each variant is a compiled model; its loss is computed by its own
+    `compute_loss` (its compiled loss plus its own penalties) and its metrics
+    by its own `compute_metrics`, so they are the very numbers a separate fit
+    computes. The stacked loss is their sum.
+    """
 
     def __init__(self, inputs, outputs, variants):
         super().__init__(inputs=inputs, outputs=outputs, name="kerasreg_sweep")
+        self.keys = list(outputs)
         self.variants = variants
-        self.penalty_trackers = [
-            keras.metrics.Mean(name=f"{key}_penalty") for key in outputs
-        ]
+        # Weighted by batch size, as Keras's own loss tracker is.
+        self.loss_trackers = [keras.metrics.Mean(name=f"{k}_loss") for k in outputs]
+
+    @property
+    def metrics(self):
+        metrics = list(super().metrics)
+        for variant in self.variants:
+            metrics.extend(variant.metrics)
+        return metrics
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        total = super().compute_loss(x, y, y_pred, sample_weight, training)
-        batch = keras.ops.shape(next(iter(y_pred.values())))[0]
-        for tracker, variant in zip(self.penalty_trackers, self.variants, strict=True):
-            penalty = [keras.ops.cast(v, "float32") for v in variant.losses]
-            value = keras.ops.sum(keras.ops.stack(penalty)) if penalty else 0.0
-            tracker.update_state(value, sample_weight=batch)
+        batch = keras.ops.shape(_first(x))[0]
+        total = None
+        for key, variant, tracker in zip(
+            self.keys, self.variants, self.loss_trackers, strict=True
+        ):
+            loss = variant.compute_loss(
+                x, y, y_pred[key], sample_weight, training=training
+            )
+            tracker.update_state(loss, sample_weight=batch)
+            total = loss if total is None else total + loss
         return total
 
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        for key, variant in zip(self.keys, self.variants, strict=True):
+            variant.compute_metrics(x, y, y_pred[key], sample_weight)
+        return self.get_metrics_result()
 
-class _Targets(keras.utils.PyDataset):
-    """A PyDataset whose targets are repeated for every variant."""
+    def get_metrics_result(self):
+        logs = {}
+        for key, variant, tracker in zip(
+            self.keys, self.variants, self.loss_trackers, strict=True
+        ):
+            logs[f"{key}_loss"] = tracker.result()
+            for name, value in variant.get_metrics_result().items():
+                if name != "loss":
+                    logs[f"{key}_{name}"] = value
+        return logs
 
-    def __init__(self, inner: keras.utils.PyDataset, keys: list[str]):
-        super().__init__(
-            workers=inner.workers,
-            use_multiprocessing=inner.use_multiprocessing,
-            max_queue_size=inner.max_queue_size,
-        )
-        self.inner = inner
-        self.keys = keys
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    @property
-    def num_batches(self):
-        return self.inner.num_batches
-
-    def __getitem__(self, index):
-        batch = self.inner[index]
-        if not isinstance(batch, tuple) or len(batch) != 2:
-            raise ValueError(
-                "kerasreg.sweep: a PyDataset must yield `(x, y)` batches; "
-                f"received a {type(batch).__name__} of length {len(batch)}."
-            )
-        return batch[0], dict.fromkeys(self.keys, batch[1])
-
-    def on_epoch_begin(self):
-        self.inner.on_epoch_begin()
-
-    def on_epoch_end(self):
-        self.inner.on_epoch_end()
+def _first(x):
+    return next(item for item in keras.tree.flatten(x) if item is not None)
 
 
 def _fit_stacked(models, names, logs, compile_config, x, y, fit_kwargs):
-    keys = [f"v{i}" for i in range(len(models))]
+    keys = [f"v{i:04d}" for i in range(len(models))]
+    sample = _sample_batch(x, y)
+    for variant in models:
+        variant.compile(**keras.saving.deserialize_keras_object(compile_config))
+        # Build the compiled loss and metrics eagerly on two samples, so their
+        # variables exist before the stacked step is traced.
+        prediction = variant(sample[0])
+        variant.compute_loss(sample[0], sample[1], prediction, training=False)
+        variant.compute_metrics(sample[0], sample[1], prediction, None)
+        variant.reset_metrics()
     template_input = models[0].inputs[0]
     inputs = keras.Input(
         batch_shape=template_input.shape,
@@ -479,35 +489,25 @@ def _fit_stacked(models, names, logs, compile_config, x, y, fit_kwargs):
     )
     outputs = {key: variant(inputs) for key, variant in zip(keys, models, strict=True)}
     stack = _Stack(inputs, outputs, models)
-
-    def fresh(name):
-        return keras.saving.deserialize_keras_object(compile_config.get(name))
-
-    per_output = {
-        name: {key: fresh(name) for key in keys}
-        if compile_config.get(name) is not None
-        else None
-        for name in ("loss", "metrics", "weighted_metrics")
-    }
     stack.compile(
-        optimizer=fresh("optimizer"),
-        **per_output,
+        optimizer=keras.saving.deserialize_keras_object(compile_config["optimizer"]),
         run_eagerly=compile_config.get("run_eagerly", False),
         steps_per_execution=compile_config.get("steps_per_execution", 1),
         jit_compile=compile_config.get("jit_compile", "auto"),
     )
     kwargs = dict(fit_kwargs)
-    if isinstance(x, keras.utils.PyDataset):
-        x = _Targets(x, keys)
-    else:
-        y = dict.fromkeys(keys, y)
-    if kwargs.get("validation_data") is not None:
-        xv, yv = kwargs["validation_data"]
-        kwargs["validation_data"] = (xv, dict.fromkeys(keys, yv))
     monitor = _Monitor(models, names, logs, kwargs.get("verbose", "auto"), keys)
     kwargs["callbacks"] = [monitor]
     stack.fit(x, y, **kwargs)
     return monitor.histories
+
+
+def _sample_batch(x, y):
+    if isinstance(x, keras.utils.PyDataset):
+        x, y = x[0][:2]
+    elif _is_dataset(x):
+        x, y = next(iter(x))[:2]
+    return x[:2], y[:2]
 
 
 # --- per-variant logs, histories and TensorBoard --------------------------------
@@ -559,9 +559,10 @@ class _Monitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        per_variant = (
-            [logs] if self.split is None else [_split(logs, k) for k in self.split]
-        )
+        if self.split is None:
+            per_variant = [logs]
+        else:
+            per_variant = [_split(logs, k) for k in self.split]
         if any(log is not None for log in self.logs):
             self.model  # noqa: B018 on JAX this syncs the trained values into the variables
         for history, variant_logs, log in zip(
@@ -584,16 +585,12 @@ class _Monitor(keras.callbacks.Callback):
 
 
 def _split(logs: dict, key: str) -> dict:
-    """Variant `key`'s logs in a separate fit's order and names."""
+    """Variant `key`'s logs, named as a separate fit names them."""
     out = {}
     for prefix in ("", "val_"):
         start = f"{prefix}{key}_"
-        loss = logs.get(f"{start}loss")
-        if loss is None:
-            continue
-        out[f"{prefix}loss"] = float(loss) + float(logs[f"{start}penalty"])
         for name, value in logs.items():
-            if name.startswith(start) and name[len(start) :] not in ("loss", "penalty"):
+            if name.startswith(start):
                 out[f"{prefix}{name[len(start) :]}"] = float(value)
     return out
 
