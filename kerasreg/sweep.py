@@ -212,7 +212,8 @@ def sweep(
     trained one variant after another (K separate fits), with a log line on
     the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
     scaling, stateful layers, several inputs or outputs, `callbacks` (they
-    would see the stacked model), and training data other than arrays, a
+    would see the stacked model; they are given to each of the K fits
+    instead), and training data other than arrays, a
     `keras.utils.PyDataset` or a `tf.data.Dataset`.
 
     Args:
@@ -252,7 +253,8 @@ def sweep(
     ...                           keras.layers.Dense(1)])
     >>> model.compile(optimizer="adam", loss="mse")
     >>> x, y = np.random.rand(32, 2), np.random.rand(32, 1)
-    >>> result = kerasreg.sweep(model, [None, 1e-3, 1e-2], x, y, epochs=3,
+    >>> grid = [None] + [kerasreg.L2Penalty(a) for a in (1e-3, 1e-2)]
+    >>> result = kerasreg.sweep(model, grid, x, y, epochs=3,
     ...                         verbose=0)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
     """
@@ -287,8 +289,8 @@ def sweep(
             variant.fit(x, y, **kwargs)
             histories.append(monitor.histories[0])
     for variant in models:
+        variant.name = model.name
         if reason is None:
-            variant.name = model.name
             variant.compile_from_config(compile_config)
     rows = [
         _row(name, v, _strength(v), history)
