@@ -101,6 +101,7 @@ def assert_same_fit(row, model, history, weights):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow  # one sweep and two traced reference fits per optimizer
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
 def test_each_variant_equals_a_separate_fit(kind):
     x, y = data()
@@ -122,6 +123,7 @@ def test_each_variant_equals_a_separate_fit(kind):
         assert_same_fit(row, trained, history, weights)
 
 
+@pytest.mark.slow  # the stack of copies path, with its reference fits
 def test_training_loop_options_keep_equality():
     # Per-variable clipnorm, gradient accumulation and several steps per call.
     x, y = data()
