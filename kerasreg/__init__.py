@@ -22,6 +22,8 @@ _PUBLIC = {
     "get": "kerasreg.penalties",
     "describe": "kerasreg.plan",
     "select_weights": "kerasreg.selection",
+    "SweepResult": "kerasreg.sweep",
+    "sweep": "kerasreg.sweep",
     "WeightNormLogger": "kerasreg.tensorboard",
 }
 __all__ = sorted(_PUBLIC)

@@ -126,9 +126,13 @@ def test_moons_script_reproduces_the_published_direction(tmp_path):
     assert norm_l2 < 0.5 * norm_none
     assert result.stdout.rstrip().splitlines()[-1].startswith("tensorboard --logdir")
     assert_png(tmp_path / "moons.png")
-    runs = {p.name for p in (tmp_path / "moons").iterdir()}
+    runs = {p.name for p in (tmp_path / "moons").iterdir() if p.is_dir()}
     assert runs == {"none", "L2Penalty_0.001"}
     assert "epoch_loss" in scalars(tmp_path / "moons" / "none" / "train")
+    # One sweep: the HParams experiment sits at the root of the runs.
+    hparams = EventAccumulator(str(tmp_path / "moons"))
+    hparams.Reload()
+    assert "_hparams_/experiment" in hparams.Tags()["tensors"]
 
 
 def test_d2l_weight_decay_norms(tmp_path):

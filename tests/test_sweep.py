@@ -1,0 +1,473 @@
+"""`kerasreg.sweep`: K variants in one stacked fit equal K separate fits.
+
+References are independent of `sweep`: each variant's separate fit is a model
+built with Keras's own `kernel_regularizer`/`bias_regularizer` arguments,
+given the template's weights and compiled like it; penalties are checked
+against numpy formulas; TensorBoard files are read back with TensorBoard's
+own reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+import kerasreg
+from tests.conftest import run_python
+
+TORCH = keras.backend.backend() == "torch"
+RTOL, ATOL = 2e-5, 2e-6
+PENALTIES = [
+    None,
+    kerasreg.L2Penalty(1e-2),
+    {"kernel": kerasreg.L1Penalty(1e-3), "bias": kerasreg.L2Penalty(1e-2)},
+]
+
+
+def build(kernel=None, bias=None, *, name="net"):
+    """The test network, with Keras's own regularizer arguments."""
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(
+                8, "tanh", kernel_regularizer=kernel, bias_regularizer=bias
+            ),
+            keras.layers.Dense(
+                1, "sigmoid", kernel_regularizer=kernel, bias_regularizer=bias
+            ),
+        ],
+        name=name,
+    )
+
+
+def data(n=48, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = (x[:, :1] + 0.5 * x[:, 1:2] > 0).astype("float32")
+    return x, y
+
+
+def optimizer(kind):
+    return {
+        "sgd": lambda: keras.optimizers.SGD(0.1),
+        "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+        "adam": lambda: keras.optimizers.Adam(0.01),
+        "adam_clipnorm": lambda: keras.optimizers.Adam(0.01, clipnorm=0.05),
+    }[kind]()
+
+
+def template(kind="adam", **compile_kwargs):
+    model = build()
+    model.compile(
+        optimizer=optimizer(kind),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+        **compile_kwargs,
+    )
+    return model
+
+
+def separate_fit(model, penalty, kind, x, y, compile_kwargs=None, **fit_kwargs):
+    """A plain Keras fit of the template's architecture and weights with `penalty`."""
+    roles = penalty if isinstance(penalty, dict) else {"kernel": penalty}
+    reference = build(roles.get("kernel"), roles.get("bias"))
+    reference.set_weights(model.get_weights())
+    reference.compile(
+        optimizer=optimizer(kind),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+        **(compile_kwargs or {}),
+    )
+    history = reference.fit(x, y, **fit_kwargs).history
+    return history, reference.get_weights()
+
+
+def assert_same_fit(row, model, history, weights):
+    assert set(row["history"]) == set(history)
+    for key, values in history.items():
+        np.testing.assert_allclose(
+            row["history"][key], values, rtol=RTOL, atol=ATOL, err_msg=key
+        )
+        assert row[key] == row["history"][key][-1]
+    for got, want in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow  # one sweep and two traced reference fits per optimizer
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_each_variant_equals_a_separate_fit(kind):
+    x, y = data()
+    model = template(kind)
+    fit_kwargs = dict(
+        epochs=2,
+        batch_size=10,  # 48 points: a last batch of 8, weighted as Keras weighs it
+        shuffle=False,
+        validation_data=data(16, seed=4),
+        verbose=0,
+    )
+    penalties = PENALTIES[1:]  # the baseline (None) is checked by the other tests
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.stacked
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        history, weights = separate_fit(model, penalty, kind, x, y, **fit_kwargs)
+        assert_same_fit(row, trained, history, weights)
+
+
+@pytest.mark.slow  # the stack of copies path, with its reference fits
+def test_training_loop_options_keep_equality():
+    # Per-variable clipnorm, gradient accumulation and several steps per call.
+    x, y = data()
+    compile_kwargs = {} if TORCH else {"steps_per_execution": 3}
+    model = build()
+    model.compile(
+        optimizer=keras.optimizers.Adam(
+            0.01, clipnorm=0.05, gradient_accumulation_steps=2
+        ),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+        **compile_kwargs,
+    )
+    penalties = [kerasreg.L2Penalty(1e-1), kerasreg.ExpAbsPenalty(1e-2)]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.stacked
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build(penalty)
+        reference.set_weights(model.get_weights())
+        reference.compile(
+            optimizer=keras.optimizers.Adam(
+                0.01, clipnorm=0.05, gradient_accumulation_steps=2
+            ),
+            loss="binary_crossentropy",
+            metrics=["accuracy"],
+            **compile_kwargs,
+        )
+        history = reference.fit(x, y, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())
+
+
+class SeededShuffle(keras.utils.PyDataset):
+    """Batches in a new seeded random order every epoch."""
+
+    def __init__(self, x, y, batch_size, seed):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(x))
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(len(self.x))
+
+
+def test_shuffled_order_is_shared_and_equals_separate_fits():
+    x, y = data()
+    model = template("momentum")
+    result = kerasreg.sweep(
+        model,
+        PENALTIES[:2],
+        SeededShuffle(x, y, 10, seed=7),
+        epochs=3,
+        shuffle=False,  # Keras would also shuffle the batches' order
+        verbose=0,
+    )
+    assert result.stacked
+    for penalty, row, trained in zip(
+        PENALTIES[:2], result.rows, result.models, strict=True
+    ):
+        history, weights = separate_fit(
+            model,
+            penalty,
+            "momentum",
+            SeededShuffle(x, y, 10, seed=7),
+            None,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+        )
+        assert_same_fit(row, trained, history, weights)
+
+
+def test_shuffle_true_uses_one_order_for_all_variants():
+    # Keras shuffles the arrays itself; two variants with the same penalty
+    # then follow the same trajectory only if they saw the same order.
+    x, y = data()
+    model = template("sgd")
+    penalty = kerasreg.L2Penalty(1e-2)
+    result = kerasreg.sweep(
+        model,
+        [penalty, penalty],
+        x,
+        y,
+        epochs=3,
+        batch_size=8,
+        shuffle=True,
+        verbose=0,
+    )
+    assert [row["penalty"] for row in result.rows] == [
+        "L2Penalty_0.01",
+        "L2Penalty_0.01_2",
+    ]
+    a, b = result.rows
+    assert a["history"] == b["history"]
+    for wa, wb in zip(
+        result.models[0].get_weights(), result.models[1].get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
+    unshuffled = kerasreg.sweep(
+        model, [penalty], x, y, epochs=3, batch_size=8, shuffle=False, verbose=0
+    )
+    assert unshuffled.rows[0]["history"]["loss"] != a["history"]["loss"]
+
+
+@pytest.mark.slow  # a fresh process loads the saved model
+def test_template_is_untouched_and_models_carry_their_penalty(tmp_path):
+    x, y = data()
+    model = template("adam")
+    before = [w.copy() for w in model.get_weights()]
+    result = kerasreg.sweep(model, PENALTIES, x, y, epochs=1, batch_size=16, verbose=0)
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    assert all(layer.kernel_regularizer is None for layer in model.layers)
+    assert model.name == "net" and all(m.name == "net" for m in result.models)
+
+    trained = result.models[2]
+    assert trained.layers[0].kernel_regularizer == kerasreg.L1Penalty(1e-3)
+    assert trained.layers[1].bias_regularizer == kerasreg.L2Penalty(1e-2)
+    assert result.models[0].layers[0].kernel_regularizer is None
+    # The model's losses are the numpy penalties of its own final weights.
+    kernels = [np.asarray(layer.kernel) for layer in trained.layers]
+    biases = [np.asarray(layer.bias) for layer in trained.layers]
+    expected = sum(1e-3 * np.abs(k).sum() for k in kernels) + sum(
+        1e-2 * (b.astype("float64") ** 2).sum() for b in biases
+    )
+    got = sum(float(keras.ops.convert_to_numpy(v)) for v in trained.losses)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    path = tmp_path / "variant.keras"
+    trained.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "p.npy", trained.predict(x, verbose=0))
+    done = run_python(
+        "import keras, numpy as np, kerasreg\n"
+        f"m = keras.saving.load_model({str(path)!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"p = np.load({str(tmp_path / 'p.npy')!r})\n"
+        "np.testing.assert_allclose(m.predict(x, verbose=0), p, rtol=1e-6)\n"
+        "assert m.layers[0].kernel_regularizer == kerasreg.L1Penalty(1e-3)\n"
+        "assert m.layers[1].bias_regularizer == kerasreg.L2Penalty(1e-2)\n"
+        "print('ok', m.optimizer.__class__.__name__)\n"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["ok", "Adam"]
+
+
+def test_global_norm_clipping_falls_back_to_separate_fits(caplog):
+    x, y = data()
+    model = build()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.1),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    penalties = [None, kerasreg.L2Penalty(1e-1)]
+    with caplog.at_level(logging.WARNING, logger="kerasreg"):
+        result = kerasreg.sweep(
+            model, penalties, x, y, epochs=2, batch_size=16, shuffle=False, verbose=0
+        )
+    assert not result.stacked
+    assert "global norm" in caplog.text and "one after another" in caplog.text
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build(penalty)
+        reference.set_weights(model.get_weights())
+        reference.compile(
+            optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.1),
+            loss="binary_crossentropy",
+            metrics=["accuracy"],
+        )
+        history = reference.fit(
+            x, y, epochs=2, batch_size=16, shuffle=False, verbose=0
+        ).history
+        assert_same_fit(row, trained, history, reference.get_weights())
+
+
+def test_bad_inputs_raise_and_leave_the_template_alone():
+    x, y = data()
+    model = template("adam")
+    before = [w.copy() for w in model.get_weights()]
+    config = model.get_compile_config()
+    with pytest.raises(ValueError, match=r"`penalties`.*empty"):
+        kerasreg.sweep(model, [], x, y)
+    with pytest.raises(TypeError, match=r"`penalties`.*list"):
+        kerasreg.sweep(model, kerasreg.L2Penalty(0.1), x, y)
+    with pytest.raises(
+        ValueError, match=r"penalties\[\d\].*no layer in scope has a recurrent weight"
+    ):
+        kerasreg.sweep(model, [None, kerasreg.L2Penalty(0.1)], x, y, role="recurrent")
+    with pytest.raises(ValueError, match=r"`role`.*'weights'"):
+        kerasreg.sweep(model, [None], x, y, role="weights")
+    with pytest.raises(ValueError, match=r"penalties\[0\].*not_a_penalty"):
+        kerasreg.sweep(model, ["not_a_penalty"], x, y)
+    with pytest.raises(TypeError, match=r"`model`.*str"):
+        kerasreg.sweep("model.keras", [None], x, y)
+    uncompiled = build()
+    with pytest.raises(ValueError, match="not compiled"):
+        kerasreg.sweep(uncompiled, [None], x, y)
+    no_input = keras.Sequential([keras.layers.Dense(1)])
+    no_input.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="no known input"):
+        kerasreg.sweep(no_input, [None], x, y)
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert model.get_compile_config() == config
+    assert all(layer.kernel_regularizer is None for layer in model.layers)
+    assert not uncompiled.compiled
+
+
+def test_best_plot_str_and_progress(tmp_path, capsys):
+    x, y = data()
+    model = template("adam")
+    result = kerasreg.sweep(
+        model,
+        [None, kerasreg.L2Penalty(1e-1), kerasreg.L2Penalty(3.0)],
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        validation_data=data(16, seed=4),
+        verbose=1,
+    )
+    printed = capsys.readouterr().out
+    val = np.array([row["history"]["val_loss"] for row in result.rows])
+    expected = [result.rows[int(i)]["penalty"] for i in np.argmin(val, axis=0)]
+    announced = re.findall(r"best so far by val_loss: (\S+) \(", printed)
+    assert announced == expected
+    final = [row["history"]["val_loss"][-1] for row in result.rows]
+    assert result.best()["penalty"] == result.rows[int(np.argmin(final))]["penalty"]
+    acc = [row["history"]["val_accuracy"][-1] for row in result.rows]
+    assert result.best("val_accuracy")["val_accuracy"] == max(acc)
+    assert result.best("loss", mode="max")["loss"] == max(
+        r["loss"] for r in result.rows
+    )
+    with pytest.raises(ValueError, match=r"`monitor`.*'val_auc'"):
+        result.best("val_auc")
+    assert [row["strength"] for row in result.rows] == [0.0, 0.1, 3.0]
+    assert result.rows[2]["config"]["kernel"]["config"] == {"l2": 3.0}
+
+    text = str(result)
+    assert text.splitlines()[0].split() == [
+        "penalty",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+    ]
+    for row, line in zip(result.rows, text.splitlines()[1:], strict=True):
+        assert line.split()[0] == row["penalty"]
+        assert float(line.split()[1]) == pytest.approx(row["loss"], rel=1e-4)
+
+    png = result.plot(tmp_path / "curve.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    with pytest.raises(ValueError, match="`metric`"):
+        result.plot(tmp_path / "x.png", metric="val_loss")
+
+
+def scalars(folder):
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: [
+            (event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+            for event in accumulator.Tensors(tag)
+        ]
+        for tag in accumulator.Tags()["tensors"]
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }, accumulator
+
+
+def test_log_dir_writes_one_run_per_variant_and_hparams(tmp_path):
+    x, y = data()
+    model = template("adam")
+    penalties = [None, kerasreg.L2Penalty(1e-2)]
+    result = kerasreg.sweep(
+        model,
+        penalties,
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        validation_data=data(16, seed=4),
+        log_dir=tmp_path,
+        verbose=0,
+    )
+    names = [row["penalty"] for row in result.rows]
+    assert names == ["none", "L2Penalty_0.01"]
+    for row, trained in zip(result.rows, result.models, strict=True):
+        train, _ = scalars(tmp_path / row["penalty"] / "train")
+        validation, _ = scalars(tmp_path / row["penalty"] / "validation")
+        for key in ("loss", "accuracy"):
+            np.testing.assert_allclose(
+                [v for _, v in train[f"epoch_{key}"]], row["history"][key], rtol=1e-6
+            )
+            assert [s for s, _ in train[f"epoch_{key}"]] == [0, 1]
+            np.testing.assert_allclose(
+                [v for _, v in validation[f"epoch_{key}"]],
+                row["history"][f"val_{key}"],
+                rtol=1e-6,
+            )
+        # WeightNormLogger data: the last penalty is the numpy penalty of the
+        # final weights.
+        kernels = [
+            np.asarray(layer.kernel, dtype="float64") for layer in trained.layers
+        ]
+        expected = (
+            0.0
+            if row["penalty"] == "none"
+            else sum(1e-2 * (k**2).sum() for k in kernels)
+        )
+        assert train["penalty/total"][-1] == (
+            1,
+            pytest.approx(expected, rel=1e-5, abs=1e-9),
+        )
+        assert "norm_l2/dense/kernel" in train
+
+    _, root = scalars(tmp_path)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        root.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    ).experiment
+    assert [h.name for h in experiment.hparam_infos] == ["penalty", "strength"]
+    assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} == {
+        ("train", "epoch_loss"),
+        ("train", "epoch_accuracy"),
+        ("validation", "epoch_loss"),
+        ("validation", "epoch_accuracy"),
+    }
+    for row in result.rows:
+        _, run = scalars(tmp_path / row["penalty"])
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            run.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+        ).session_start_info
+        assert start.hparams["penalty"].string_value == row["penalty"]
+        assert start.hparams["strength"].number_value == pytest.approx(row["strength"])
