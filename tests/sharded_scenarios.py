@@ -15,6 +15,7 @@ The last line of stdout is `RESULT <json>`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -255,6 +256,43 @@ def scenario_decay_training():
             "weights": weights(model),
             "sharding": shardings(model),
         }
+    return out
+
+
+class StepProgram(keras.callbacks.Callback):
+    """At `on_train_begin`, after the callbacks before it, compile the train step.
+
+    A `WeightDecay` listed before it has folded itself into `model.train_step`
+    by then; the step is lowered on the trainer's state and one batch, and the
+    all-gathers and collectives of XLA's compiled program are recorded.
+    """
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        state = (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.optimizer.variables],
+            [v.value for v in model.metrics_variables],
+        )
+        lowered = jax.jit(model.train_step).lower(state, (FLAT[:8], Y[:8]))
+        hlo = lowered.compile().as_text()
+        self.result = {
+            "folded": not inspect.ismethod(model.train_step),
+            "gathers": gathers(hlo),
+            "collectives": collective_count(hlo),
+        }
+
+
+def scenario_decay_step_program():
+    # The compiled train step with the decay folded in vs without it.
+    out = {}
+    for name, callbacks in (("plain", []), ("decay", [kerasreg.WeightDecay(0.1)])):
+        model = build(penalties=False)
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        probe = StepProgram()
+        fit(model, callbacks=[*callbacks, probe])
+        out[name] = probe.result
     return out
 
 

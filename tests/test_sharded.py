@@ -392,5 +392,15 @@ def test_weight_norms_reduce_each_shard_where_it_lives(runs):
     assert max(gathers) < 8 * 64
 
 
+def test_folded_decay_adds_no_communication_to_the_train_step(runs):
+    sharded = runs["sharded"]["decay_step_program"]
+    assert sharded["decay"]["folded"] and not sharded["plain"]["folded"]
+    # The decay is elementwise on each shard: the compiled step with it has
+    # exactly the collectives of the step without it, and no all-gather.
+    assert sharded["decay"]["collectives"] == sharded["plain"]["collectives"] > 0
+    assert sharded["decay"]["gathers"] == sharded["plain"]["gathers"] == []
+    assert runs["one"]["decay_step_program"]["decay"]["collectives"] == 0
+
+
 def test_shrink_weights_runs_without_communication(runs):
     assert runs["sharded"]["shrink"]["collectives"] == 0
