@@ -207,21 +207,25 @@ def work_around_keras_multi_worker_bugs(model, x, y):
     from keras import tree
     from keras.src.backend.tensorflow import trainer
 
-    original = model._maybe_symbolic_build
+    # Older Keras releases lack these functions (and these bugs): patch only
+    # what exists.
+    original = getattr(model, "_maybe_symbolic_build", None)
+    if original is not None:
 
-    def build_from_local_batch(iterator=None, data_batch=None):
-        return original(data_batch=(x, y))
+        def build_from_local_batch(iterator=None, data_batch=None):
+            return original(data_batch=(x, y))
 
-    model._maybe_symbolic_build = build_from_local_batch
+        model._maybe_symbolic_build = build_from_local_batch
 
-    reduce_per_replica = trainer.reduce_per_replica
+    reduce_per_replica = getattr(trainer, "reduce_per_replica", None)
+    multi_worker = getattr(trainer, "_collective_all_reduce_multi_worker", None)
+    if reduce_per_replica is None or multi_worker is None:
+        return
     if getattr(reduce_per_replica, "scalar_aware", False):
         return
 
     def reduce_scalars_too(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not (
-            trainer._collective_all_reduce_multi_worker(strategy)
-        ):
+        if reduction not in ("auto", "mean") or not multi_worker(strategy):
             return reduce_per_replica(values, strategy, reduction)
 
         def reduce(v):
