@@ -61,7 +61,7 @@ def launch(
     out_dir: str | os.PathLike,
     *,
     crash: bool = False,
-    timeout: float = 240.0,
+    timeout: float = 420.0,
     grace: float = 20.0,
 ) -> dict:
     """Run one job of `workers` processes; return `{index: worker result}`.
@@ -252,7 +252,7 @@ def worker(engine: str, index: int, workers: int, out_dir: str, crash: bool) -> 
             coordinator_address=f"127.0.0.1:{port}",
             num_processes=workers,
             process_id=index,
-            initialization_timeout=60,
+            initialization_timeout=120,
             heartbeat_timeout_seconds=10,
         )
     import keras
@@ -271,7 +271,7 @@ def worker(engine: str, index: int, workers: int, out_dir: str, crash: bool) -> 
     if engine == "tf" and distributed:
         import tensorflow as tf
 
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=options
         )

@@ -145,10 +145,10 @@ def test_the_chief_alone_writes_one_set_of_event_files(engine, tmp_path_factory)
 def test_a_crashed_worker_ends_the_job_with_a_clear_error(engine, tmp_path):
     start = time.monotonic()
     with pytest.raises(WorkerFailed) as failure:
-        launch(engine, 2, tmp_path, crash=True, timeout=240, grace=20)
+        launch(engine, 2, tmp_path, crash=True, timeout=420, grace=20)
     elapsed = time.monotonic() - start
     message = str(failure.value)
     assert f"worker 1 of 2 exited with code {CRASH_EXIT_CODE}" in message
-    assert elapsed < 240
+    assert elapsed < 420  # the crash ended the job, not the whole-job timeout
     # The crash came before the end of the first epoch: nothing was finished.
     assert not list(tmp_path.glob("worker*.json"))
