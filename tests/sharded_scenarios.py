@@ -32,6 +32,7 @@ from tensorboard.util import tensor_util
 import kerasreg
 from kerasreg import decay as decay_module
 from kerasreg import norms as norms_module
+from kerasreg.inplace import InPlaceUpdate
 
 rng = np.random.default_rng(0)
 SEQ = rng.normal(size=(16, 3, 8)).astype("float32")  # LSTM model input
@@ -306,8 +307,9 @@ def scenario_shrink():
     sharding_shrunk = shardings(model)
     # The compiled in-place update shrink_weights runs, lowered on the same values.
     variables = kerasreg.select_weights(model)
-    scaled = _jitted(decay_module.ScaleInPlace(variables))
-    hlo = scaled.lower([v.value for v in variables], 0.5).compile().as_text()
+    scaled = _jitted(InPlaceUpdate(variables, decay_module._scale))
+    values = [v.value for v in variables]
+    hlo = scaled.lower(values, 0.5, [None] * len(values)).compile().as_text()
     second = fit(model)["loss"]
     return {
         "loss": first + second,
@@ -322,11 +324,11 @@ def scenario_shrink():
 
 
 def _jitted(update):
-    """The `jax.jit` function inside a JAX `ScaleInPlace`."""
-    for cell in update._scale.__closure__ or ():
+    """The `jax.jit` function inside a JAX `InPlaceUpdate`."""
+    for cell in update._run.__closure__ or ():
         if hasattr(cell.cell_contents, "lower"):
             return cell.cell_contents
-    raise RuntimeError("ScaleInPlace on JAX holds no jitted function")
+    raise RuntimeError("InPlaceUpdate on JAX holds no jitted function")
 
 
 def read_scalars(folder):
