@@ -13,7 +13,12 @@ from kerasreg.penalties import L1Penalty as L1Penalty
 from kerasreg.penalties import L2Penalty as L2Penalty
 from kerasreg.penalties import Penalty as Penalty
 from kerasreg.penalties import get as get
+from kerasreg.selection import Selector as Selector
+from kerasreg.selection import kernels as kernels
+from kerasreg.selection import layer as layer
+from kerasreg.selection import path as path
 from kerasreg.selection import select_weights as select_weights
+from kerasreg.selection import trainable as trainable
 from kerasreg.tensorboard import WeightNormLogger as WeightNormLogger
 
 __version__ = "0.1.0"
