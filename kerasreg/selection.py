@@ -36,7 +36,7 @@ import keras
 
 from kerasreg._compat import sublayers
 
-Where = "None | str | Callable[[Any], bool] | Iterable[Any]"
+Where = "None | str | Selector | Callable[[Any], bool] | Iterable[Any]"
 
 
 def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[Any, tuple[Any, ...]]]:
