@@ -70,6 +70,21 @@ def test_the_docs_have_snippets_and_few_skips():
     assert skipped <= max(2, run // 10), "skip-snippet is for code that cannot run here"
 
 
+def test_readme_is_short_and_keeps_the_quick_start():
+    readme = (ROOT / "README.md").read_bytes()
+    assert len(readme) <= 12_000
+    text = readme.decode()
+    assert "```bash\npython3 dev.py demo\npython3 dev.py test\n```" in text
+
+
+def test_every_docs_page_is_in_the_nav():
+    """mkdocs only reports unlisted pages at INFO level, which --strict lets pass."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    for page in (ROOT / "docs").rglob("*.md"):
+        name = page.relative_to(ROOT / "docs").as_posix()
+        assert re.search(rf":\s*{re.escape(name)}\s*$", config, re.MULTILINE), name
+
+
 def pages_with_snippets() -> list:
     return [
         p for p in pages() if any(not s for _, _, s in python_blocks(p.read_text()))
