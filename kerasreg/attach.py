@@ -19,7 +19,6 @@ import keras
 
 from kerasreg.penalties import get
 from kerasreg.selection import (
-    as_selector,
     compile_pattern,
     describe_where,
     walk_layers,
@@ -101,10 +100,10 @@ def regularize(
             role, since the role already says which kind of weight (so
             `bias=` reaches biases, which the `kernels()` rule leaves out).
             E.g. `where=kerasreg.layer("^encoder$")` or `where="^encoder/"`.
-        layers: deprecated alias, kept for now: `layers=x` is
-            `where=kerasreg.layer(x)` (a layer-name regular expression, a
-            callable `layer -> bool`, or an iterable of layers of `model`).
-            Emits a `DeprecationWarning`.
+        layers: deprecated alias, kept for now: `layers=x` (a layer-name
+            regular expression, a callable `layer -> bool`, or an iterable of
+            layers of `model`) is `where=kerasreg.layer(x)`, except that it
+            also reaches non-trainable weights. Emits a `DeprecationWarning`.
 
     Returns:
         `model` itself.
@@ -159,8 +158,9 @@ def regularize(
                 f"layers={_describe(layers)}."
             )
         warnings.warn(
-            "regularize(layers=...) is deprecated: pass "
-            "where=kerasreg.layer(...) (same meaning), or any other `where=` rule.",
+            "regularize(layers=...) is deprecated: pass where=kerasreg.layer(...) "
+            "with the same layers (it selects their trainable weights), or any "
+            "other `where=` rule.",
             DeprecationWarning,
             stacklevel=2,
         )
@@ -172,7 +172,7 @@ def regularize(
     if where is None:
         selected: Callable[[Any], bool] = lambda variable: True  # noqa: E731
     else:
-        selected = where_predicate(as_selector(where), model)
+        selected = where_predicate(where, model)
 
     changes: list[tuple[Any, str, Any, Any]] = []
     for role, penalty in requested.items():
