@@ -2,6 +2,7 @@
 
     python3 dev.py demo            # the main job: examples/demo.py
     python3 dev.py test [ARGS]     # pytest ARGS, after installing the test extras
+    python3 dev.py docs [ARGS]     # the docs site, `mkdocs build --strict` into site/
 
 Needs only Python 3.10+ and pip. The environment lives in `.venv/` (override with
 KERASREG_VENV) and is reinstalled only when `setup.cfg` changes. Set
@@ -27,7 +28,8 @@ BACKEND_PACKAGES = {
     # several GB of CUDA libraries.
     "torch": ["torch==2.13.0"],
 }
-EXTRAS = {"demo": "examples", "test": "test,examples"}
+# The tests build the docs too (tests/test_docs.py), so they install its extra.
+EXTRAS = {"demo": "examples", "test": "test,examples,docs", "docs": "docs"}
 
 
 def python_in_venv() -> Path:
@@ -81,6 +83,9 @@ def main(argv: list[str]) -> int:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if task == "demo":
         command = [str(python), str(ROOT / "examples" / "demo.py"), *rest]
+    elif task == "docs":
+        site = str(ROOT / "site")
+        command = [str(python), "-m", "mkdocs", "build", "--strict", "-d", site, *rest]
     else:
         command = [str(python), "-m", "pytest", *rest]
     return subprocess.run(command, cwd=ROOT, env=env).returncode

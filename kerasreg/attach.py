@@ -11,13 +11,19 @@ attribute (so `get_config` and saving keep it), the variable's `regularizer`
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
 
 from kerasreg.penalties import get
-from kerasreg.selection import compile_pattern, walk_layers
+from kerasreg.selection import (
+    compile_pattern,
+    describe_where,
+    walk_layers,
+    where_predicate,
+)
 
 
 class _Remove:
@@ -61,6 +67,7 @@ def regularize(
     recurrent: Any = None,
     bias: Any = None,
     *,
+    where: Any = None,
     layers: Any = None,
 ) -> keras.Model:
     """Attach (or remove) weight penalties on a built or trained model, in place.
@@ -87,20 +94,26 @@ def regularize(
             take their penalty off.
         recurrent: same, for the recurrent kernels of RNN layers.
         bias: same, for biases.
-        layers: which layers: `None` (all), a regular expression searched in
-            the layer name, a callable `layer -> bool`, or an iterable of
-            layers of `model`. A layer is in scope when it or one of its
-            ancestors (enclosing model, `Bidirectional`, RNN layer) matches.
+        where: which weights, as everywhere in kerasreg (see
+            `kerasreg.selection`): each role applies to the selected weights
+            that have that role. `None` (default) means every weight of the
+            role, since the role already says which kind of weight (so
+            `bias=` reaches biases, which the `kernels()` rule leaves out).
+            E.g. `where=kerasreg.layer("^encoder$")` or `where="^encoder/"`.
+        layers: deprecated alias, kept for now: `layers=x` (a layer-name
+            regular expression, a callable `layer -> bool`, or an iterable of
+            layers of `model`) is `where=kerasreg.layer(x)`, except that it
+            also reaches non-trainable weights. Emits a `DeprecationWarning`.
 
     Returns:
         `model` itself.
 
     Raises:
-        TypeError: `model` is not a `keras.Model`, or `layers` has an
-            unsupported type.
+        TypeError: `model` is not a `keras.Model`, or `where`/`layers` has
+            an unsupported type, or both are given.
         ValueError: a penalty cannot be resolved, no role is given, `layers`
-            matches no layer (or names a layer outside `model`), or no layer in
-            scope has a requested role.
+            matches no layer (or names a layer outside `model`), or no selected
+            weight has a requested role.
 
     Example:
 
@@ -137,11 +150,29 @@ def regularize(
             f"Model {model.name!r} is not built: build it (call it on data or "
             "give it an Input) before attaching penalties."
         )
+    if layers is not None:
+        if where is not None:
+            raise TypeError(
+                "regularize() takes `where=` or its deprecated alias `layers=`, "
+                f"not both. Received: where={describe_where(where)}, "
+                f"layers={_describe(layers)}."
+            )
+        warnings.warn(
+            "regularize(layers=...) is deprecated: pass where=kerasreg.layer(...) "
+            "with the same layers (it selects their trainable weights), or any "
+            "other `where=` rule.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     if isinstance(layers, Iterable) and not isinstance(
         layers, (str, bytes, dict, keras.layers.Layer)
     ):
         layers = list(layers)  # a generator is read twice: to match and to report
     in_scope = _layers_in_scope(model, layers)
+    if where is None:
+        selected: Callable[[Any], bool] = lambda variable: True  # noqa: E731
+    else:
+        selected = where_predicate(where, model)
 
     changes: list[tuple[Any, str, Any, Any]] = []
     for role, penalty in requested.items():
@@ -149,8 +180,14 @@ def regularize(
             (layer, attribute, variable)
             for layer in in_scope
             for attribute, variable in _role_slots(layer, role)
+            if selected(variable)
         ]
         if not found:
+            if where is not None:
+                raise ValueError(
+                    f"Invalid `{role}`: no weight that "
+                    f"`where`={describe_where(where)} selects has a {role} role."
+                )
             names = ", ".join(layer.name for layer in in_scope[:12])
             raise ValueError(
                 f"Invalid `{role}`: no layer in scope has a {role} weight "

@@ -358,3 +358,99 @@ def test_remove_sentinel_is_a_named_singleton():
     assert kerasreg.REMOVE is REMOVE
     assert copy.deepcopy(REMOVE) is REMOVE
     assert pickle.loads(pickle.dumps(REMOVE)) is REMOVE
+
+
+# `where=`: the one selection rule, here picking which weights of each role ----
+
+
+def regularized_paths(model):
+    paths = kerasreg.selection.weight_paths(model)
+    return sorted(paths[id(v)] for v in model.weights if v.regularizer is not None)
+
+
+@pytest.mark.parametrize(
+    "make_where, roles, expected",
+    [
+        (
+            lambda m: kerasreg.layer("^encoder$"),
+            ("kernel", "bias"),
+            ["encoder/enc_dense/bias", "encoder/enc_dense/kernel"],
+        ),
+        (
+            lambda m: "^block/",
+            ("kernel",),
+            ["block/seq_dense/kernel"],
+        ),
+        (
+            lambda m: ~kerasreg.layer(m.get_layer("out")),
+            ("bias",),
+            ["block/seq_dense/bias", "encoder/enc_dense/bias"],
+        ),
+        (
+            lambda m: kerasreg.layer(keras.layers.Dense) & kerasreg.path("dense/"),
+            ("kernel", "bias"),
+            [
+                "block/seq_dense/bias",
+                "block/seq_dense/kernel",
+                "encoder/enc_dense/bias",
+                "encoder/enc_dense/kernel",
+            ],
+        ),
+    ],
+    ids=["layer", "regex", "not", "and"],
+)
+def test_where_picks_the_weights_each_role_applies_to(make_where, roles, expected, rng):
+    model, x, y = trained("nested", rng)
+    kwargs = {role: L2Penalty(C_KERNEL) for role in roles}
+    regularize(model, **kwargs, where=make_where(model))
+    assert regularized_paths(model) == expected
+    # The penalty is in the very next evaluate: data loss + sum over selected.
+    selected = {
+        id(v)
+        for v in model.weights
+        if kerasreg.selection.weight_paths(model)[id(v)] in expected
+    }
+    penalty = sum(
+        C_KERNEL * (to_np(v) ** 2).sum() for v in model.weights if id(v) in selected
+    )
+    data_loss = float(np.mean((to_np(model.predict(x, verbose=0)) - y) ** 2))
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(
+        data_loss + penalty, rel=1e-4
+    )
+
+
+def test_layers_is_a_deprecated_alias_of_where_layer(rng):
+    old, _, _ = trained("nested", rng)
+    new, _, _ = trained("nested", rng)
+    with pytest.warns(DeprecationWarning, match=r"where=kerasreg\.layer"):
+        regularize(old, kernel=L2Penalty(C_KERNEL), layers="^enc")
+    regularize(new, kernel=L2Penalty(C_KERNEL), where=kerasreg.layer("^enc"))
+    assert (
+        regularized_paths(old) == regularized_paths(new) == ["encoder/enc_dense/kernel"]
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            dict(kernel=L2Penalty(), where="x", layers="y"),
+            TypeError,
+            "not both",
+        ),
+        (
+            dict(recurrent=L2Penalty(), where=kerasreg.layer("^hidden$")),
+            ValueError,
+            r"`recurrent`.*layer\('\^hidden\$'\) selects has a recurrent role",
+        ),
+        (dict(bias=L2Penalty(), where=kerasreg.kernels()), ValueError, "`bias`"),
+        (dict(kernel=L2Penalty(), where="(bad"), ValueError, "not a valid regular"),
+        (dict(kernel=L2Penalty(), where=3), TypeError, "where=3"),
+    ],
+)
+def test_rejected_where_changes_nothing(kwargs, error, match, rng):
+    model, _, _ = trained("dense", rng)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        regularize(model, **kwargs)
+    assert snapshot(model) == before

@@ -1,8 +1,10 @@
 """The `where=` rule: every form against the weight paths the test model must have."""
 
 import keras
+import numpy as np
 import pytest
 
+import kerasreg
 from kerasreg.selection import check_where, select_weights, walk_layers
 
 
@@ -260,3 +262,267 @@ def test_a_regex_matches_the_same_weights_after_save_and_load(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     for m in (model, loaded):
         assert [v.shape for v in select_weights(m, "^hidden/")] == [(3, 2), (2,)]
+
+
+# Composable selectors: each against path lists written out by hand above ------
+
+BIASES = [
+    f"bi/forward_lstm/{CELL}/bias",
+    f"bi/backward_lstm/{CELL}/bias",
+    "proj/bias",
+    "encoder/inner_dense/bias",
+    "conv/bias",
+    "gru/gru_cell/bias",
+    "head/bias",
+]
+# `weight_paths` keeps the enclosing sub-model's name, which Keras's own
+# `variable.path` (used by the tests above) drops for the nested encoder.
+WP_KERNELS = [p.replace("inner_dense/", "encoder/inner_dense/") for p in KERNELS]
+TRAINABLE = WP_KERNELS + BIASES + ["bn/gamma", "bn/beta"]
+
+
+def chosen(model, where):
+    from kerasreg.selection import weight_paths
+
+    names = weight_paths(model)
+    return sorted(names[id(v)] for v in select_weights(model, where))
+
+
+def test_kernels_is_the_default_and_trainable_is_everything_trainable():
+    model = build_net()
+    assert chosen(model, kerasreg.kernels()) == sorted(WP_KERNELS)
+    assert chosen(model, kerasreg.trainable()) == sorted(TRAINABLE)
+    assert len(TRAINABLE) == len(model.trainable_weights)  # the list is complete
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        # A layer name regex: the layer and everything inside it.
+        (
+            lambda m: kerasreg.layer("^encoder$"),
+            ["encoder/inner_dense/kernel", "encoder/inner_dense/bias"],
+        ),
+        (
+            lambda m: kerasreg.layer("^bi$"),
+            [p for p in TRAINABLE if p.startswith("bi/")],
+        ),
+        # A cell is owned by its RNN layer: matching the cell's name selects it.
+        (
+            lambda m: kerasreg.layer("gru_cell"),
+            [
+                "gru/gru_cell/kernel",
+                "gru/gru_cell/recurrent_kernel",
+                "gru/gru_cell/bias",
+            ],
+        ),
+        (lambda m: kerasreg.layer(m.get_layer("proj")), ["proj/kernel", "proj/bias"]),
+        # A class: every Dense, also the one nested in the encoder.
+        (
+            lambda m: kerasreg.layer(keras.layers.Dense),
+            [
+                "proj/kernel",
+                "proj/bias",
+                "encoder/inner_dense/kernel",
+                "encoder/inner_dense/bias",
+                "head/kernel",
+                "head/bias",
+            ],
+        ),
+        (
+            lambda m: kerasreg.layer(lambda layer: layer.name == "conv"),
+            ["conv/kernel", "conv/bias"],
+        ),
+        # Several specs: any of them.
+        (
+            lambda m: kerasreg.layer("^emb$", keras.layers.BatchNormalization),
+            ["emb/embeddings", "bn/gamma", "bn/beta"],
+        ),
+    ],
+    ids=[
+        "regex-submodel",
+        "regex-bidirectional",
+        "regex-cell",
+        "instance",
+        "class",
+        "callable",
+        "several",
+    ],
+)
+def test_layer_selects_owned_and_nested_trainable_weights(make, expected):
+    model = build_net()
+    assert chosen(model, make(model)) == sorted(expected)
+
+
+def test_path_is_a_bare_string_and_matches_biases_too():
+    model = build_net()
+    assert chosen(model, kerasreg.path("^proj/")) == ["proj/bias", "proj/kernel"]
+    assert chosen(model, "^proj/") == chosen(model, kerasreg.path("^proj/"))
+    # Non-trainable weights are never matched by a pattern.
+    with pytest.raises(ValueError, match="selects no weight"):
+        select_weights(model, kerasreg.path("moving_mean"))
+
+
+def test_combinations_read_as_sentences():
+    model = build_net()
+    encoder_dense_kernels = (
+        kerasreg.kernels()
+        & kerasreg.layer("^encoder$")
+        & kerasreg.layer(keras.layers.Dense)
+    )
+    assert chosen(model, encoder_dense_kernels) == ["encoder/inner_dense/kernel"]
+    # Everything but the LSTM: the complement is taken among trainable weights.
+    assert chosen(model, ~kerasreg.layer("^bi$")) == sorted(
+        p for p in TRAINABLE if not p.startswith("bi/")
+    )
+    assert chosen(model, kerasreg.kernels() | kerasreg.path("^head/bias$")) == sorted(
+        [*WP_KERNELS, "head/bias"]
+    )
+    # Strings, callables and layer lists combine from either side.
+    assert chosen(model, "recurrent" & kerasreg.layer("^gru$")) == [
+        "gru/gru_cell/recurrent_kernel"
+    ]
+    assert chosen(model, kerasreg.kernels() & (lambda v: len(v.shape) == 3)) == [
+        "conv/kernel"
+    ]
+    assert chosen(model, [model.get_layer("head")] | kerasreg.path("^proj/bias")) == [
+        "head/kernel",
+        "proj/bias",
+    ]
+
+
+ATOMS = {
+    "kernels": (lambda m: kerasreg.kernels(), set(WP_KERNELS)),
+    "biases": (lambda m: kerasreg.path("/bias$"), set(BIASES)),
+    "bi": (
+        lambda m: kerasreg.layer("^bi$"),
+        {p for p in TRAINABLE if p.startswith("bi/")},
+    ),
+    "dense": (
+        lambda m: kerasreg.layer(keras.layers.Dense),
+        {
+            f"{n}/{w}"
+            for n in ("proj", "encoder/inner_dense", "head")
+            for w in ("kernel", "bias")
+        },
+    ),
+    "bn": (lambda m: kerasreg.layer(m.get_layer("bn")), {"bn/gamma", "bn/beta"}),
+}
+
+
+def expressions():
+    """(selector builder, expected set) pairs: set algebra on the hand-written sets."""
+    from hypothesis import strategies as st
+
+    atoms = st.sampled_from(sorted(ATOMS)).map(lambda k: ATOMS[k])
+
+    def extend(children):
+        def combine(op, a, b):
+            (fa, sa), (fb, sb) = a, b
+            if op == "&":
+                return (lambda m: fa(m) & fb(m)), sa & sb
+            return (lambda m: fa(m) | fb(m)), sa | sb
+
+        invert = children.map(lambda a: ((lambda m: ~a[0](m)), set(TRAINABLE) - a[1]))
+        binary = st.builds(combine, st.sampled_from("&|"), children, children)
+        return invert | binary
+
+    return st.recursive(atoms, extend, max_leaves=5)
+
+
+def test_any_combination_equals_set_algebra_on_the_reference_sets():
+    from hypothesis import HealthCheck, given, settings
+
+    model = build_net()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(expressions())
+    def check(expression):
+        build, expected = expression
+        if expected:
+            assert chosen(model, build(model)) == sorted(expected)
+        else:
+            with pytest.raises(ValueError, match="selects no weight"):
+                select_weights(model, build(model))
+
+    check()
+
+
+def test_selectors_have_readable_reprs_used_in_errors():
+    model = build_net()
+    where = kerasreg.kernels() & ~(
+        kerasreg.path("^bi/") | kerasreg.layer(keras.layers.Dense, "^emb$")
+    )
+    assert repr(where) == "kernels() & ~(path('^bi/') | layer(Dense, '^emb$'))"
+    with pytest.raises(
+        ValueError, match=r"`where`=kernels\(\) & layer\('\^bn\$'\) selects no weight"
+    ):
+        select_weights(model, kerasreg.kernels() & kerasreg.layer("^bn$"))
+
+
+def test_bad_selectors_are_rejected_with_the_value():
+    model = build_net()
+    other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="alien")])
+    with pytest.raises(TypeError, match=r"`regex`.*regex=3"):
+        kerasreg.path(3)
+    with pytest.raises(ValueError, match=r"'\(bad'.*not a valid regular expression"):
+        kerasreg.path("(bad")
+    with pytest.raises(ValueError, match=r"`layer`.*'\[x'.*not a valid regular"):
+        kerasreg.layer("[x")
+    with pytest.raises(TypeError, match=r"`layer` spec.*3\.5"):
+        kerasreg.layer(3.5)
+    with pytest.raises(TypeError, match="at least one spec"):
+        kerasreg.layer()
+    with pytest.raises(ValueError, match="layer 'alien' is not part of model 'net'"):
+        select_weights(model, kerasreg.kernels() & kerasreg.layer(other.layers[0]))
+    with pytest.raises(TypeError, match="must hold Keras layers"):
+        kerasreg.kernels() & [model.get_layer("proj"), "proj"]
+    with pytest.raises(TypeError, match=r"`where`.*where=2\.0"):
+        kerasreg.kernels() | 2.0
+    # `and`/`or` would silently drop one side.
+    with pytest.raises(TypeError, match="combine selectors with `&`"):
+        kerasreg.kernels() and kerasreg.path("x")
+
+
+def test_check_where_passes_selectors_through():
+    where = kerasreg.kernels() & kerasreg.path("x")
+    assert check_where(where) is where
+
+
+def test_a_selector_selects_the_same_weights_after_save_and_load(tmp_path):
+    encoder = keras.Sequential(
+        [keras.layers.Dense(3, name="a"), keras.layers.Dense(2, name="b")],
+        name="encoder",
+    )
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(encoder(inputs)))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    where = kerasreg.kernels() & kerasreg.layer("^encoder$") & ~kerasreg.path("/b/")
+    for m in (model, loaded):
+        assert chosen(m, where) == ["encoder/a/kernel"]
+
+
+def test_every_where_consumer_takes_a_selector(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, name="hidden"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    where = kerasreg.trainable() & kerasreg.layer("^hidden$")
+    before = [keras.ops.convert_to_numpy(v).copy() for v in model.weights]
+    norms = kerasreg.shrink_weights(model, 0.5, where=where)
+    assert sorted(norms) == ["hidden/bias", "hidden/kernel"]
+    after = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    factors = [0.5, 0.5, 1.0, 1.0]  # hidden kernel, hidden bias, head kernel, head bias
+    for b, a, f in zip(before, after, factors, strict=True):
+        np.testing.assert_allclose(a, f * b, rtol=1e-6)
+    assert sorted(kerasreg.weight_norms(model, where)) == [
+        "hidden/bias",
+        "hidden/kernel",
+    ]
+    decay = kerasreg.WeightDecay(0.1, where=where)
+    logger = kerasreg.WeightNormLogger(str(tmp_path), where=where)
+    assert decay.where is where and logger.where is where
