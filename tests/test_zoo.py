@@ -9,6 +9,7 @@ Save/load runs for all rows in ONE fresh Python process per backend.
 """
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -223,47 +224,47 @@ def test_zoo_layer_through_the_post_hoc_api(name):
     model, x, y, roles, gates = make(name)
     layer_name = model.layers[-1].name
     if "kernel" not in roles:
-        with pytest.raises(ValueError, match=f"no layer in scope|{layer_name}"):
+        with pytest.raises(ValueError, match=re.escape(layer_name)):
             regularize(model, kernel=L2Penalty(0.1))
         assert model.losses == []
-    # Keras 3.15's float8 Dense cannot train eagerly on TF (its custom gradient).
-    eager = not name.endswith("(float8)")
+    # Keras 3.15's float8 Dense cannot train eagerly on TF (its custom gradient);
+    # JAX runs small models much faster compiled than op by op.
+    eager = not name.endswith("(float8)") and BACKEND != "jax"
+    quantized_row = name.endswith("8)")
+    selected = [v for v in model.trainable_weights if len(v.shape) >= 2]
+    selected = [v for v in selected if v.name != "bias"]  # the default where=
     if roles:
         regularize(model, **{role: PENALTIES[role] for role in roles})
         expected = numpy_penalty(model, roles)
         assert expected > 0
         assert losses_sum(model) == pytest.approx(expected, rel=1e-5)
 
-        # One train step: its loss is Keras's own evaluate of the same weights.
-        model.compile(keras.optimizers.SGD(0.01), "mse", run_eagerly=eager)
-        before = model.evaluate(x, y, batch_size=4, verbose=0)
-        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-        if not name.startswith("BatchNormalization"):
-            assert history.history["loss"][0] == pytest.approx(before, rel=1e-5)
-
-        # clone_model rebuilds from config: the same penalties on the same weights.
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        assert regularizers_by_path(clone) == regularizers_by_path(model)
-        assert losses_sum(clone) == pytest.approx(losses_sum(model), rel=1e-6)
-
-        regularize(model, **{role: REMOVE for role in roles})
-        assert model.losses == []
-        assert regularizers_by_path(model) == {}
-        assert keras.models.clone_model(model).losses == []
-
-    # WeightDecay, weight_norms and shrink_weights on the default selection.
-    selected = [v for v in model.trainable_weights if len(v.shape) >= 2]
-    selected = [v for v in selected if v.name != "bias"]
-    if not selected:
-        return
-    paths = weight_paths(model)
+    # One train step with WeightDecay(0.5): SGD(0) keeps the gradient step out,
+    # so its loss is Keras's own evaluate of the same weights (penalty included)
+    # and the decay is exactly w * 0.5.
     model.compile(keras.optimizers.SGD(0.0), "mse", run_eagerly=eager)
+    before = model.evaluate(x, y, batch_size=4, verbose=0)
     w0 = [to_np(v) for v in selected]
-    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[WeightDecay(0.5)])
+    callbacks = [WeightDecay(0.5)] if selected else []
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=callbacks)
+    if not name.startswith("BatchNormalization"):  # BN trains on batch statistics
+        assert history.history["loss"][0] == pytest.approx(before, rel=1e-5)
     for v, w in zip(selected, w0, strict=True):
         np.testing.assert_allclose(to_np(v), 0.5 * w, rtol=1e-6, atol=1e-7)
 
+    if roles:
+        if not quantized_row:  # clone_model does not carry Keras's quantized state
+            clone = keras.models.clone_model(model)
+            clone.set_weights(model.get_weights())
+            assert regularizers_by_path(clone) == regularizers_by_path(model)
+            assert losses_sum(clone) == pytest.approx(losses_sum(model), rel=1e-6)
+        regularize(model, **{role: REMOVE for role in roles})
+        assert model.losses == []
+        assert regularizers_by_path(model) == {}
+
+    if not selected:
+        return
+    paths = weight_paths(model)
     norms = weight_norms(model, per_gate=bool(gates))
     assert set(norms) == {paths[id(v)] for v in selected}
     for v in selected:
