@@ -82,6 +82,16 @@ def regularize(
     Every argument is validated before anything changes: a call that raises
     leaves the model exactly as it was.
 
+    Layer by layer (see the support table in `docs/guide/layers.md`):
+    `DepthwiseConv1D/2D` filters are their kernel; `MultiHeadAttention` and
+    `GroupQueryAttention` get the penalty on all projections and in their own
+    saved config (so it survives saving and `clone_model`); on a LoRA-enabled
+    layer the kernel penalty goes on the trainable adapters, as Keras's
+    `enable_lora` does; an integer-quantized kernel is refused. Called from a
+    callback during `fit`, the penalty counts from the next training step.
+    A warning says when a changed layer lives inside a subclassed model or
+    layer, whose saved file will not keep the penalty.
+
     Args:
         model: a built `keras.Model`.
         kernel: penalty for kernels, anything `kerasreg.get` resolves (an
@@ -102,8 +112,9 @@ def regularize(
         TypeError: `model` is not a `keras.Model`, or `layers` has an
             unsupported type.
         ValueError: a penalty cannot be resolved, no role is given, `layers`
-            matches no layer (or names a layer outside `model`), or no layer in
-            scope has a requested role.
+            matches no layer (or names a layer outside `model`), no layer in
+            scope has a requested role, `layers` selects some projections of an
+            attention layer but not the layer, or a kernel is integer-quantized.
 
     Example:
 
