@@ -218,3 +218,56 @@ def fit_callbacks(callback: Any) -> list[Any] | None:
 
 # How far up the stack `fit_callbacks` looks: hook, wrappers, CallbackList.
 _CALLER_FRAMES = 12
+
+# Layers known to keep a role's regularizer in their config for their sublayers.
+_CONFIG_REGULARIZER_LAYERS = ("MultiHeadAttention", "GroupedQueryAttention")
+
+
+def config_regularizer_attribute(layer: Any, attribute: str) -> str | None:
+    """The instance attribute that holds `layer`'s config-level `attribute`.
+
+    For a layer that owns no weight for a role but whose config carries the
+    role's regularizer and rebuilds its sublayers from it (`MultiHeadAttention`
+    and `GroupedQueryAttention`: `kernel_regularizer`, `bias_regularizer`),
+    return the attribute `get_config` reads it from, else `None`.
+
+    Reason: `MultiHeadAttention` keeps it only in the private
+    `_kernel_regularizer`/`_bias_regularizer`, which its `get_config` saves
+    and its `build` passes to its projection layers; there is no public setter.
+    """
+    own = vars(layer)
+    name = next((n for n in (attribute, f"_{attribute}") if n in own), None)
+    known = any(
+        cls.__name__ in _CONFIG_REGULARIZER_LAYERS for cls in type(layer).__mro__
+    ) and attribute in ("kernel_regularizer", "bias_regularizer")
+    if name is None or not sublayers(layer):
+        if known:
+            raise KerasInternalsChanged(
+                f"kerasreg: Keras {keras.__version__} {type(layer).__name__} keeps "
+                f"no `{attribute}` or `_{attribute}` attribute (layer "
+                f"{layer.name!r}); kerasreg cannot make its penalty survive saving."
+            )
+        return None
+    try:
+        saved = layer.get_config().get(attribute, _MISSING)
+    except Exception:
+        saved = _MISSING
+    if saved is _MISSING:
+        if known:
+            raise KerasInternalsChanged(
+                f"kerasreg: Keras {keras.__version__} {type(layer).__name__} no "
+                f"longer saves `{attribute}` in its config (layer {layer.name!r})."
+            )
+        return None
+    if saved != keras.regularizers.serialize(own[name]):
+        if not known:
+            return None
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} {type(layer).__name__} does not "
+            f"save `{attribute}` from `{name}` (layer {layer.name!r}); kerasreg "
+            "cannot make its penalty survive saving."
+        )
+    return name
+
+
+_MISSING = object()

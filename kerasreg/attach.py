@@ -17,6 +17,7 @@ from typing import Any
 
 import keras
 
+from kerasreg._compat import config_regularizer_attribute, sublayers
 from kerasreg.penalties import get
 from kerasreg.selection import (
     compile_pattern,
@@ -46,12 +47,13 @@ class _Remove:
 REMOVE = _Remove()
 """Sentinel for `regularize`: `regularize(model, kernel=REMOVE)` removes penalties."""
 
-# role -> (layer attribute, variable attribute) pairs, tried on every layer/cell.
+# role -> (layer attribute, variable name) pairs, tried on every layer/cell.
 ROLES: dict[str, tuple[tuple[str, str], ...]] = {
     "kernel": (
         ("kernel_regularizer", "kernel"),
         ("embeddings_regularizer", "embeddings"),
         ("depthwise_regularizer", "depthwise_kernel"),
+        ("depthwise_regularizer", "kernel"),  # DepthwiseConv1D/2D's filters
         ("pointwise_regularizer", "pointwise_kernel"),
     ),
     "recurrent": (("recurrent_regularizer", "recurrent_kernel"),),
@@ -86,6 +88,16 @@ def regularize(
     Every argument is validated before anything changes: a call that raises
     leaves the model exactly as it was.
 
+    Layer by layer (see the support table in `docs/guide/layers.md`):
+    `DepthwiseConv1D/2D` filters are their kernel; `MultiHeadAttention` and
+    `GroupQueryAttention` get the penalty on all projections and in their own
+    saved config (so it survives saving and `clone_model`); on a LoRA-enabled
+    layer the kernel penalty goes on the trainable adapters, as Keras's
+    `enable_lora` does; an integer-quantized kernel is refused. Called from a
+    callback during `fit`, the penalty counts from the next training step.
+    A warning says when a changed layer lives inside a subclassed model or
+    layer, whose saved file will not keep the penalty.
+
     Args:
         model: a built `keras.Model`.
         kernel: penalty for kernels, anything `kerasreg.get` resolves (an
@@ -112,8 +124,9 @@ def regularize(
         TypeError: `model` is not a `keras.Model`, or `where`/`layers` has
             an unsupported type, or both are given.
         ValueError: a penalty cannot be resolved, no role is given, `layers`
-            matches no layer (or names a layer outside `model`), or no selected
-            weight has a requested role.
+            matches no layer (or names a layer outside `model`), no selected
+            weight has a requested role, `layers` selects some projections of an
+            attention layer but not the layer, or a kernel is integer-quantized.
 
     Example:
 
@@ -168,7 +181,8 @@ def regularize(
         layers, (str, bytes, dict, keras.layers.Layer)
     ):
         layers = list(layers)  # a generator is read twice: to match and to report
-    in_scope = _layers_in_scope(model, layers)
+    walked = list(walk_layers(model))
+    in_scope = _layers_in_scope(model, layers, walked)
     if where is None:
         selected: Callable[[Any], bool] = lambda variable: True  # noqa: E731
     else:
@@ -193,15 +207,19 @@ def regularize(
                 f"Invalid `{role}`: no layer in scope has a {role} weight "
                 f"(layers={_describe(layers)}; layers in scope: {names})."
             )
+        found.extend(_config_slots(walked, in_scope, found, role, layers))
         value = None if penalty is REMOVE else penalty
         changes.extend((layer, attr, var, value) for layer, attr, var in found)
 
+    _warn_if_lost_on_save(model, walked, {id(layer) for layer, *_ in changes})
     for layer, attribute, variable, value in changes:
-        if hasattr(value, "set_reference"):  # L2SPPenalty: one copy per weight
+        if variable is not None and hasattr(value, "set_reference"):
+            # L2SPPenalty: one copy per weight, its reference the current value.
             value = type(value).from_config(value.get_config()).set_reference(variable)
         setattr(layer, attribute, value)
-        variable.regularizer = value
-    _drop_compiled_functions(model)
+        if variable is not None:
+            variable.regularizer = value
+    _remake_compiled_functions(model)
     return model
 
 
@@ -220,9 +238,10 @@ def _resolve(role: str, value: Any) -> Any:
     return penalty
 
 
-def _layers_in_scope(model: keras.Model, layers: Any) -> list[Any]:
+def _layers_in_scope(
+    model: keras.Model, layers: Any, walked: list[tuple[Any, tuple[Any, ...]]]
+) -> list[Any]:
     """Layers of `model` that `layers` selects, directly or through an ancestor."""
-    walked = list(walk_layers(model))
     if layers is None:
         return [layer for layer, _ in walked]
     match = _layer_predicate(layers, walked, model)
@@ -274,31 +293,135 @@ def _layer_predicate(
 
 
 def _role_slots(layer: Any, role: str) -> list[tuple[str, Any]]:
-    """`(attribute, variable)` pairs through which `layer` itself owns `role`."""
-    slots = []
+    """`(attribute, variable)` pairs through which `layer` itself owns `role`.
+
+    Variables are found by name among the layer's own weights (those no
+    sublayer owns), through public attributes only. A LoRA-enabled layer's
+    kernel role is where Keras's own `enable_lora` puts `kernel_regularizer`:
+    both trainable adapters (and, as at construction, the frozen base kernel).
+    An integer-quantized kernel cannot carry a penalty: that is an error.
+    """
+    slots: list[tuple[str, Any]] = []
+    own = None
     for attribute, variable_name in ROLES[role]:
-        if attribute not in vars(layer):
+        if not hasattr(layer, attribute):
             continue
-        variable = _own_variable(layer, variable_name)
-        if variable is not None:
-            slots.append((attribute, variable))
+        if own is None:
+            own = _own_variables(layer)
+        variable = own.get(variable_name)
+        if variable is None:
+            continue
+        lora = [own.get(f"lora_{variable_name}_{end}") for end in ("a", "b")]
+        if getattr(layer, "lora_enabled", False) and all(v is not None for v in lora):
+            found = [variable, *lora]
+        elif not keras.backend.is_float_dtype(variable.dtype):
+            raise ValueError(
+                f"Invalid `{role}`: layer {layer.name!r} "
+                f"({type(layer).__name__}) is "
+                f"{getattr(layer, 'quantization_mode', None) or 'quantized'}-"
+                f"quantized: its {variable_name!r} is a frozen "
+                f"{keras.backend.standardize_dtype(variable.dtype)} variable that "
+                "no penalty can act on. Regularize before quantizing, enable LoRA "
+                "(`layer.enable_lora(rank)`) to regularize its trainable adapters, "
+                "or leave this layer out with `layers=`."
+            )
+        else:
+            found = [variable]
+        slots.extend((attribute, v) for v in found if all(v is not s for _, s in slots))
     return slots
 
 
-def _own_variable(layer: Any, name: str) -> Any:
-    # Dense/Embedding keep the variable in `_kernel`/`_embeddings` behind a property.
-    for attribute in (f"_{name}", name):
-        candidate = vars(layer).get(attribute)
-        if isinstance(candidate, keras.Variable):
-            return candidate
-    return None
+def _own_variables(layer: Any) -> dict[str, Any]:
+    """`{variable.name: variable}` for the weights `layer` owns itself."""
+    nested = {id(v) for child in sublayers(layer) for v in child.weights}
+    own: dict[str, Any] = {}
+    for variable in layer.weights:
+        if id(variable) not in nested:
+            own.setdefault(variable.name, variable)
+    return own
 
 
-def _drop_compiled_functions(model: keras.Model) -> None:
-    # What `Trainer.compile` does: the next fit/evaluate/predict re-traces.
-    for attribute in ("train_function", "test_function", "predict_function"):
-        if hasattr(model, attribute):
-            setattr(model, attribute, None)
+def _config_slots(
+    walked: list[tuple[Any, tuple[Any, ...]]],
+    in_scope: list[Any],
+    found: list[tuple[Any, str, Any]],
+    role: str,
+    layers: Any,
+) -> list[tuple[Any, str, None]]:
+    """Slots of layers whose config holds the regularizer of their sublayers.
+
+    `MultiHeadAttention` and `GroupedQueryAttention` save one
+    `kernel_regularizer` (and `bias_regularizer`) and rebuild their projection
+    layers from it on load and in `clone_model`: setting only the projections
+    would be lost there. Such a layer is all or nothing: selecting some of its
+    projections without the layer itself is an error.
+    """
+    scope = {id(layer) for layer in in_scope}
+    owners = {id(layer) for layer, *_ in found}
+    extra: list[tuple[Any, str, None]] = []
+    for layer, _ in walked:
+        for attribute in dict.fromkeys(a for a, _ in ROLES[role]):
+            name = config_regularizer_attribute(layer, attribute)
+            if name is None:
+                continue
+            inside = [
+                child
+                for child, parents in walked
+                if id(child) in owners and any(p is layer for p in parents)
+            ]
+            if id(layer) in scope:
+                extra.append((layer, name, None))
+            elif inside:
+                raise ValueError(
+                    f"Invalid `layers`: {_describe(layers)} selects "
+                    f"{', '.join(repr(c.name) for c in inside)} inside "
+                    f"{type(layer).__name__} {layer.name!r} but not the layer "
+                    f"itself. It saves one `{attribute}` for all its projections "
+                    f"and rebuilds them from it on load: select {layer.name!r}."
+                )
+    return extra
+
+
+def _warn_if_lost_on_save(
+    model: keras.Model, walked: list[tuple[Any, tuple[Any, ...]]], changed: set[int]
+) -> None:
+    """Warn when a changed layer lives inside a user-defined (subclassed) layer.
+
+    Keras saves a subclassed model or layer through its own `get_config` and
+    rebuilds its sublayers in `__init__` on load, so penalties set afterwards
+    on those sublayers are not in the saved file.
+    """
+    owners: dict[str, None] = {}
+    for layer, ancestors in walked:
+        if id(layer) not in changed:
+            continue
+        for parent in ancestors:
+            if not type(parent).__module__.startswith("keras."):
+                owners[f"{type(parent).__name__} {parent.name!r}"] = None
+    if owners:
+        warnings.warn(
+            "regularize: the penalties are in `model.losses` and the next `fit`, "
+            f"but not in a saved file: {', '.join(owners)} is a subclassed "
+            "Keras model or layer, which Keras rebuilds from its own `__init__` "
+            "on load. Pass the regularizers in its `__init__` (and `get_config`), "
+            "or call `regularize` again after loading.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _remake_compiled_functions(model: keras.Model) -> None:
+    """Re-trace the model's cached train/test/predict functions.
+
+    Keras's documented way (see `Layer.trainable`): `make_*_function(force=True)`.
+    Unlike dropping them (`None`), it is safe inside `fit`, `evaluate` and
+    `predict`, which call the function they find on the model at each step: a
+    `regularize` from a callback applies from the next call (the next batch,
+    or the next `steps_per_execution` batches).
+    """
+    for kind in ("train", "test", "predict"):
+        if getattr(model, f"{kind}_function", None) is not None:
+            getattr(model, f"make_{kind}_function")(force=True)
 
 
 def _describe(layers: Any) -> str:

@@ -9,6 +9,7 @@ sequence and one transfer, however many weights the model has.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,12 @@ GATES: dict[type, tuple[str, ...]] = {
     keras.layers.LSTMCell: ("i", "f", "c", "o"),
     keras.layers.GRUCell: ("z", "r", "h"),
 }
+# ConvLSTM1D/2D/3D: their cell (a class Keras does not export) has LSTM's
+# i, f, c, o blocks of `filters` output channels.
+CONV_LSTM = (keras.layers.ConvLSTM1D, keras.layers.ConvLSTM2D, keras.layers.ConvLSTM3D)
+
+# Compiled programs kept per model: one per selection and settings in use.
+CACHE_SIZE = 8
 
 
 def weight_norms(
@@ -47,23 +54,31 @@ def weight_norms(
     - `zero_fraction`: the fraction of entries with `|w| < zero_threshold`;
     - `penalty`: the value of the regularizer attached to the variable
       (`variable.regularizer`, what `kernel_regularizer=` and friends set),
-      exactly what Keras adds to the loss for it; `0.0` when it has none.
+      `0.0` when it has none. For a trainable weight it is exactly what Keras
+      adds to the loss for it;
+    - `trainable`: `True` when Keras adds that penalty to the loss (the weight
+      is in `model.trainable_weights`), `False` for a frozen weight (its layer
+      or model has `trainable=False`, or a LoRA base kernel): its `penalty` is
+      reported (what it would add once unfrozen) but is not in the loss, and
+      `WeightNormLogger`'s `penalty/total` leaves it out.
 
     With `per_gate=True`, the weights of `keras.layers.LSTMCell` (so `LSTM`
-    and both directions of `Bidirectional(LSTM)`) and `keras.layers.GRUCell`
-    whose last axis holds one column block per gate (kernel, recurrent kernel,
+    and both directions of `Bidirectional(LSTM)`), `keras.layers.GRUCell` and
+    the cells of `ConvLSTM1D/2D/3D` whose last axis holds one column (channel)
+    block per gate (kernel, recurrent kernel,
     bias; GRU's `reset_after` bias of shape `(2, 3 * units)` too) also get
     `l1/gate_g`, `l2/gate_g`, `linf/gate_g` and `zero_fraction/gate_g` for each
     gate `g` in Keras's column order: LSTM `i, f, c, o` (input, forget, cell,
-    output), GRU `z, r, h` (update, reset, candidate).
+    output; the same for ConvLSTM), GRU `z, r, h` (update, reset, candidate).
 
     All statistics of all weights are computed by one compiled computation
     (a `tf.function` on TensorFlow, `jax.jit` on JAX, plain ops under
     `torch.no_grad()` on PyTorch) that returns one float32 vector, and only
     that vector is copied to the host. float16 and bfloat16 weights are
-    accumulated in float32. The compiled computation is cached per model and
-    rebuilt only when the selection, a regularizer, `per_gate` or
-    `zero_threshold` changes.
+    accumulated in float32, float64 ones in float64 (the result is float32).
+    The compiled computation is cached per model and selection (the last
+    `CACHE_SIZE = 8` combinations of selection, regularizers, `per_gate` and
+    `zero_threshold`), so several selections used in turn are not re-traced.
 
     Args:
         model: a built `keras.Model` (or layer).
@@ -77,7 +92,8 @@ def weight_norms(
             `|w|` strictly below it count as zeros (`0` counts none).
 
     Returns:
-        `{path: {statistic: float}}` in model order, keyed by the weight's
+        `{path: {statistic: value}}` in model order (floats, and the
+        `trainable` bool), keyed by the weight's
         path as `kerasreg.selection.weight_paths` gives it: the same before
         and after a save/load round trip (for a model built in this process
         it is `variable.path` without a `Sequential`'s own name).
@@ -95,7 +111,7 @@ def weight_norms(
     ... ])
     >>> stats = weight_norms(model)["dense/kernel"]
     >>> sorted(stats)
-    ['l1', 'l2', 'linf', 'penalty', 'zero_fraction']
+    ['l1', 'l2', 'linf', 'penalty', 'trainable', 'zero_fraction']
     >>> bool(abs(stats["penalty"] - 0.1 * stats["l2"] ** 2) < 1e-6)
     True
     """
@@ -135,8 +151,10 @@ class _NormProgram:
         keys: list[str],
         gates: dict[int, tuple[str, ...]],
         zero_threshold: float,
+        trainable: list[bool] | None = None,
     ):
         self.variables = variables
+        self.trainable = trainable or [True] * len(variables)
         self.regularizers = [v.regularizer for v in variables]
         self.gates = [gates.get(id(v), ()) for v in variables]
         self.zero_threshold = zero_threshold
@@ -248,10 +266,13 @@ class _NormProgram:
 
     def __call__(self) -> dict[str, dict[str, float]]:
         vector = ops.convert_to_numpy(self.compiled([v.value for v in self.variables]))
-        return {
-            key: {name: float(vector[i]) for name, i in positions.items()}
-            for key, positions in self.layout
-        }
+        result = {}
+        for (key, positions), trainable in zip(
+            self.layout, self.trainable, strict=True
+        ):
+            result[key] = {name: float(vector[i]) for name, i in positions.items()}
+            result[key]["trainable"] = trainable
+        return result
 
 
 # Below this largest |w| a sum of squares may lose entries to float32
@@ -302,10 +323,11 @@ def _first(scalar: Any) -> Any:
 
 def _scaled_norm(a: Any, axis: Any) -> Any:
     """`sqrt(sum(a**2))` over `axis`, scaled by `max(a)`: no overflow, no underflow."""
-    linf = ops.cast(ops.max(a, axis=axis, keepdims=True), "float32")
+    # In the weight's own dtype (float32 or float64): `a / scale` needs one dtype.
+    linf = ops.max(a, axis=axis, keepdims=True)
     scale = ops.where(linf > 0, linf, ops.ones_like(linf))
     norm = ops.sqrt(ops.sum(ops.square(a / scale), axis=axis, keepdims=True)) * scale
-    norm = ops.where(ops.isinf(linf), linf, norm)
+    norm = ops.cast(ops.where(ops.isinf(linf), linf, norm), "float32")
     return ops.reshape(norm, (-1,)) if axis is not None else ops.reshape(norm, ())
 
 
@@ -362,15 +384,22 @@ def gate_layout(model: keras.layers.Layer) -> dict[int, tuple[str, ...]]:
     """Map `id(variable)` to its gate names, for every gated recurrent cell.
 
     A cell's kernel, recurrent kernel and bias qualify when their last axis is
-    `len(gates) * cell.units` wide (one column block per gate).
+    `len(gates) * cell.units` wide (`cell.filters` for ConvLSTM cells): one
+    column (channel) block per gate.
     """
     layout: dict[int, tuple[str, ...]] = {}
     for layer, _ in walk_layers(model):
-        names = next((g for cls, g in GATES.items() if isinstance(layer, cls)), None)
-        if names is None:
-            continue
-        width = len(names) * int(layer.units)
-        for variable in layer.weights:
+        if isinstance(layer, CONV_LSTM):
+            cell, names, units = layer.cell, ("i", "f", "c", "o"), layer.cell.filters
+        else:
+            names = next(
+                (g for cls, g in GATES.items() if isinstance(layer, cls)), None
+            )
+            if names is None:
+                continue
+            cell, units = layer, layer.units
+        width = len(names) * int(units)
+        for variable in cell.weights:
             if len(variable.shape) >= 1 and int(variable.shape[-1]) == width:
                 layout[id(variable)] = names
     return layout
@@ -398,8 +427,11 @@ def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     return fn
 
 
-# model -> (cache key, program); weak so that a cached program never keeps a
-# model alive. The program holds its variables, so their ids cannot be reused.
+# model -> OrderedDict(cache key -> program), least recently used first; weak
+# so that a cached program never keeps a model alive. A program holds its
+# variables, so their ids cannot be reused while it is cached. Several
+# selections used in turn (two loggers, a logger and a user's own call) each
+# keep their program: no re-tracing, no TensorFlow retracing warnings.
 _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -414,23 +446,39 @@ def _program_for(
         # first sees the weight: give it the variable, not a traced value.
         if getattr(v.regularizer, "reference", False) is None:
             v.regularizer(v)
+    trainable = _trainable_ids(model)
     key = (
         tuple(id(v) for v in variables),
         tuple(_regularizer_key(v.regularizer) for v in variables),
-        tuple((tuple(v.shape), str(v.dtype)) for v in variables),
+        tuple((tuple(v.shape), str(v.dtype), id(v) in trainable) for v in variables),
         per_gate,
         zero_threshold,
     )
-    cached = _PROGRAMS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    programs = _PROGRAMS.get(model)
+    if programs is None:
+        programs = _PROGRAMS[model] = OrderedDict()
+    program = programs.get(key)
+    if program is not None:
+        programs.move_to_end(key)
+        return program
     gates = gate_layout(model) if per_gate else {}
     paths = weight_paths(model)
     # A variable outside `model` (allowed in an explicit list) keeps its own path.
     keys = [paths.get(id(v), v.path) for v in variables]
-    program = _NormProgram(variables, keys, gates, zero_threshold)
-    _PROGRAMS[model] = (key, program)
+    inside = {id(v) for v in model.weights}
+    flags = [
+        id(v) in trainable if id(v) in inside else bool(v.trainable) for v in variables
+    ]
+    program = _NormProgram(variables, keys, gates, zero_threshold, flags)
+    programs[key] = program
+    while len(programs) > CACHE_SIZE:
+        programs.popitem(last=False)
     return program
+
+
+def _trainable_ids(model: keras.layers.Layer) -> set[int]:
+    """Ids of the weights whose penalty Keras adds to the loss (trainable ones)."""
+    return {id(v) for v in model.trainable_weights}
 
 
 def _regularizer_key(regularizer: Any) -> tuple:

@@ -387,6 +387,15 @@ def get(identifier: Any) -> keras.regularizers.Regularizer | None:
     a Keras built-in name (`"l2"`, `"L1L2"`), or a plain callable `w -> scalar`.
     Names build the penalty with its default arguments.
 
+    Where strings work: here and in `kerasreg.regularize`. A Keras layer's
+    `kernel_regularizer=` (and friends) resolves strings only among Keras's
+    built-ins (`keras.regularizers.get` has no public extension point for
+    names), so `Dense(4, kernel_regularizer="l2_penalty")` raises Keras's
+    "Could not interpret regularizer identifier". Give a layer an instance
+    (`L2Penalty(1e-4)`), the class (`L2Penalty`, default arguments), a config
+    dict (`{"class_name": "kerasreg>L2Penalty", "config": {"l2": 1e-4}}`), or
+    `kerasreg.get("l2_penalty")`.
+
     Args:
         identifier: what to resolve.
 
@@ -414,7 +423,10 @@ def get(identifier: Any) -> keras.regularizers.Regularizer | None:
         try:
             obj = keras.regularizers.deserialize(identifier, custom_objects=_BY_NAME)
         except (TypeError, ValueError, KeyError) as error:
-            raise ValueError(f"{_unknown(identifier)} ({error})") from None
+            # The class was found but its arguments are wrong: say that first.
+            raise ValueError(
+                f"Invalid regularizer config {identifier!r}: {_cause(error)}"
+            ) from None
         if not callable(obj):
             raise ValueError(_unknown(identifier))
         return obj
@@ -425,6 +437,13 @@ def get(identifier: Any) -> keras.regularizers.Regularizer | None:
     if callable(identifier):
         return identifier
     raise ValueError(_unknown(identifier))
+
+
+def _cause(error: Exception) -> str:
+    """The constructor's own message, without Keras's deserialization preamble."""
+    text = str(error)
+    marker = "Exception encountered: "
+    return text.rsplit(marker, 1)[-1] if marker in text else text
 
 
 def _unknown(identifier: Any) -> str:

@@ -454,3 +454,225 @@ def test_rejected_where_changes_nothing(kwargs, error, match, rng):
     with pytest.raises(error, match=match):
         regularize(model, **kwargs)
     assert snapshot(model) == before
+
+
+# --- issue 16 / issue 10 item 5: layers and uses that were silently wrong ---
+
+
+def attention_model(kind, **kwargs):
+    q = keras.Input((4, 6))
+    if kind == "mha":
+        layer = keras.layers.MultiHeadAttention(2, 3, name="att", **kwargs)
+    else:
+        layer = keras.layers.GroupQueryAttention(3, 2, 1, name="att", **kwargs)
+    return keras.Model(q, layer(q, q))
+
+
+def l2_of_named(model, name, c):
+    """c * sum(w**2) over every trainable weight called `name`, from numpy."""
+    return sum(
+        c * (to_np(v) ** 2).sum() for v in model.trainable_weights if v.name == name
+    )
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_attention_penalty_survives_config_clone_and_save(kind, tmp_path):
+    """Item 1: attention layers rebuild their projections from their own config."""
+    model = attention_model(kind)
+    regularize(model, kernel=L2Penalty(0.1), bias=L1Penalty(0.2))
+    expected = l2_of_named(model, "kernel", 0.1) + sum(
+        0.2 * np.abs(to_np(v)).sum() for v in model.weights if v.name == "bias"
+    )
+    assert losses_sum(model) == pytest.approx(expected, rel=1e-5)
+    config = model.get_layer("att").get_config()
+    assert config["kernel_regularizer"] == keras.regularizers.serialize(L2Penalty(0.1))
+    rebuilt = keras.Model.from_config(model.get_config())
+    rebuilt.set_weights(model.get_weights())
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    model.save(tmp_path / "att.keras")
+    loaded = keras.saving.load_model(tmp_path / "att.keras")
+    for other in (rebuilt, clone, loaded):
+        assert losses_sum(other) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_attention_remove_and_replace_survive_clone_and_save(kind, tmp_path):
+    """Item 1, reverse: a constructor penalty removed or replaced stays so."""
+    model = attention_model(kind, kernel_regularizer=L2Penalty(0.5))
+    regularize(model, kernel=REMOVE)
+    assert model.losses == []
+    assert keras.models.clone_model(model).losses == []
+    model.save(tmp_path / "removed.keras")
+    assert keras.saving.load_model(tmp_path / "removed.keras").losses == []
+    regularize(model, kernel=L1Penalty(0.3))
+    expected = sum(
+        0.3 * np.abs(to_np(v)).sum() for v in model.weights if v.name == "kernel"
+    )
+    model.save(tmp_path / "replaced.keras")
+    loaded = keras.saving.load_model(tmp_path / "replaced.keras")
+    assert losses_sum(loaded) == pytest.approx(expected, rel=1e-5)
+    assert {type(v.regularizer) for v in loaded.weights if v.name == "kernel"} == {
+        L1Penalty
+    }
+
+
+def test_attention_projection_alone_is_refused_unchanged():
+    model = attention_model("mha")
+    with pytest.raises(ValueError, match="select 'att'"):
+        regularize(model, kernel=L2Penalty(0.1), layers="query")
+    assert model.losses == []
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (keras.layers.DepthwiseConv1D(3, name="dw"), (6, 2)),
+        (keras.layers.DepthwiseConv2D(3, name="dw"), (5, 5, 2)),
+    ],
+)
+def test_depthwise_filters_get_the_kernel_role(layer, shape):
+    """Item 2: `kernel` variable behind the `depthwise_regularizer` attribute."""
+    model = keras.Sequential([keras.Input(shape), layer])
+    regularize(model, kernel=L2Penalty(0.1), layers="dw")
+    assert layer.depthwise_regularizer == L2Penalty(0.1)
+    assert losses_sum(model) == pytest.approx(
+        0.1 * (to_np(layer.kernel) ** 2).sum(), rel=1e-5
+    )
+    clone = keras.models.clone_model(model)
+    assert clone.layers[0].kernel.regularizer == L2Penalty(0.1)
+
+
+def test_subclassed_model_warns_that_save_loses_the_penalty():
+    """Item 3: Keras rebuilds a subclassed model's layers in `__init__` on load."""
+
+    class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.hidden = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.hidden(x)
+
+    model = Net()
+    model(np.ones((1, 3), "float32"))
+    with pytest.warns(UserWarning, match="Net .* subclassed"):
+        regularize(model, kernel=L2Penalty(0.1))
+    assert losses_sum(model) == pytest.approx(
+        l2_of_named(model, "kernel", 0.1), rel=1e-5
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # functional models save their layers' config
+        regularize(dense_model(), kernel=L2Penalty(0.1))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_regularize_from_a_callback_applies_from_the_next_step(steps_per_execution):
+    """Item 8: no crash; the penalty counts from the next call of the train step.
+
+    SGD(0) keeps the weights fixed, so each batch loss is the data loss `d`,
+    plus the penalty `P` once it applies: the epoch mean is a closed form.
+    """
+    if keras.backend.backend() == "torch" and steps_per_execution > 1:
+        pytest.skip("Keras supports steps_per_execution > 1 only on TF and JAX")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(
+        keras.optimizers.SGD(0.0), "mse", steps_per_execution=steps_per_execution
+    )
+    x = np.ones((16, 3), "float32")
+    y = np.zeros((16, 1), "float32")
+
+    class WarmUp(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if not self.model.losses:
+                regularize(self.model, kernel=L2Penalty(1.0))
+
+    history = model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[WarmUp()])
+    w, b = to_np(model.layers[0].kernel), to_np(model.layers[0].bias)
+    d = float(((x @ w + b) ** 2).mean())
+    p = float((w**2).sum())
+    k = steps_per_execution  # batches run before the callback first fires
+    assert history.history["loss"] == pytest.approx(
+        [(k * d + (4 - k) * (d + p)) / 4, d + p], rel=1e-5
+    )
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(d + p, rel=1e-5)
+
+
+def lora_model(kind, rank=2):
+    if kind == "embedding":
+        inputs = keras.Input((3,), dtype="int32")
+        layer = keras.layers.Embedding(7, 4, name="lr")
+    elif kind == "einsum":
+        inputs = keras.Input((3,))
+        layer = keras.layers.EinsumDense("ab,bc->ac", output_shape=4, name="lr")
+    else:
+        inputs = keras.Input((3,))
+        layer = keras.layers.Dense(4, name="lr")
+    model = keras.Model(inputs, layer(inputs))
+    layer.enable_lora(rank)
+    for v in layer.trainable_weights:  # LoRA's `b` starts at zero
+        v.assign(np.linspace(-1, 1, int(np.prod(v.shape))).reshape(v.shape))
+    return model, layer
+
+
+@pytest.mark.parametrize("kind", ["dense", "einsum", "embedding"])
+def test_lora_penalty_goes_where_keras_constructor_puts_it(kind, tmp_path):
+    """Issue 10 item 5: on the trainable adapters, as Keras's `enable_lora` does."""
+    model, layer = lora_model(kind)
+    regularize(model, kernel=L2Penalty(0.1))
+    adapters = [v for v in layer.trainable_weights if v.name.startswith("lora_")]
+    assert len(adapters) == 2
+    assert losses_sum(model) == pytest.approx(
+        sum(0.1 * (to_np(v) ** 2).sum() for v in adapters), rel=1e-5
+    )
+    # Independent reference: a layer constructed with the regularizer.
+    attribute = (
+        "embeddings_regularizer" if kind == "embedding" else "kernel_regularizer"
+    )
+    ref_config = {**layer.get_config(), attribute: L2Penalty(0.1), "name": "ref"}
+    ref_config.pop("lora_rank", None)
+    reference = type(layer).from_config(ref_config)
+    reference.build((None, 3))
+    reference.enable_lora(2)
+    regularized = sorted(v.name for v in reference.weights if v.regularizer)
+    assert sorted(v.name for v in layer.weights if v.regularizer) == regularized
+    # Saved: Keras merges the adapters into the kernel and reloads them at zero.
+    model.save(tmp_path / "lora.keras")
+    loaded = keras.saving.load_model(tmp_path / "lora.keras").get_layer("lr")
+    assert loaded.lora_enabled
+    loaded_adapters = [
+        v for v in loaded.trainable_weights if v.name.startswith("lora_")
+    ]
+    for v in loaded_adapters:
+        assert v.regularizer == L2Penalty(0.1)
+        v.assign(np.full(v.shape, 0.5))
+    assert losses_sum(loaded) == pytest.approx(
+        sum(0.1 * 0.25 * np.prod(v.shape) for v in loaded_adapters), rel=1e-5
+    )
+
+
+def test_integer_quantized_kernel_is_refused_unchanged():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="q")])
+    model.layers[0].quantize("int8")
+    with pytest.raises(ValueError, match="'q' \\(Dense\\) is int8-quantized"):
+        regularize(model, kernel=L2Penalty(0.1))
+    assert model.layers[0].kernel_regularizer is None
+    assert model.losses == []
+    # Its float bias can still carry a penalty, and LoRA adapters the kernel's.
+    regularize(model, bias=L1Penalty(0.1))
+    assert len(model.losses) == 1
+    model.layers[0].enable_lora(2)
+    regularize(model, kernel=L2Penalty(0.1))
+    names = {v.name for v in model.trainable_weights if v.regularizer is not None}
+    assert names == {"bias", "lora_kernel_a", "lora_kernel_b"}
+
+
+def test_float8_quantized_kernel_is_regularized():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="q")])
+    model.layers[0].quantize("float8")
+    regularize(model, kernel=L2Penalty(0.1))
+    assert losses_sum(model) == pytest.approx(
+        0.1 * (to_np(model.layers[0].kernel) ** 2).sum(), rel=1e-5
+    )

@@ -123,3 +123,30 @@ def test_fit_callbacks_fails_loudly_without_the_callbacks_list():
     probe = _FindsItsList()
     with pytest.raises(_compat.KerasInternalsChanged, match="callbacks"):
         _ListWithoutCallbacks(probe).on_train_begin()
+
+
+def test_config_regularizer_attribute_is_what_attention_layers_save():
+    q = keras.Input((4, 6))
+    mha = keras.layers.MultiHeadAttention(2, 3)
+    gqa = keras.layers.GroupQueryAttention(3, 2, 1)
+    keras.Model(q, [mha(q, q), gqa(q, q)])
+    for layer in (mha, gqa):
+        for attribute in ("kernel_regularizer", "bias_regularizer"):
+            name = _compat.config_regularizer_attribute(layer, attribute)
+            assert name in (attribute, f"_{attribute}")
+            setattr(layer, name, keras.regularizers.L2(0.5))
+            saved = layer.get_config()[attribute]
+            assert keras.regularizers.deserialize(saved).l2 == pytest.approx(0.5)
+    # Ordinary layers keep the attribute public and own their weights: no slot.
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    assert _compat.config_regularizer_attribute(dense, "kernel_regularizer") is None
+
+
+def test_config_regularizer_attribute_fails_loudly_when_keras_changes():
+    q = keras.Input((4, 6))
+    mha = keras.layers.MultiHeadAttention(2, 3)
+    keras.Model(q, mha(q, q))
+    del mha._kernel_regularizer  # what a Keras release renaming it would look like
+    with pytest.raises(_compat.KerasInternalsChanged, match="MultiHeadAttention"):
+        _compat.config_regularizer_attribute(mha, "kernel_regularizer")

@@ -105,7 +105,9 @@ def test_every_statistic_matches_numpy():
     assert list(result) == [key(model, v) for v in model.weights]
     for variable in model.weights:
         stats = result[key(model, variable)]
-        assert set(stats) == {"l1", "l2", "linf", "zero_fraction", "penalty"}
+        assert set(stats) == {
+            "l1", "l2", "linf", "zero_fraction", "penalty", "trainable"
+        }  # fmt: skip
         assert_matches(stats, variable)
     # A weight without regularizer reports penalty 0.0.
     assert result["out/kernel"]["penalty"] == 0.0
@@ -287,11 +289,11 @@ def test_low_precision_weights_accumulate_in_float32(dtype):
 def test_values_follow_weight_updates_and_regularizer_changes():
     model = dense_conv_model()
     first = weight_norms(model)
-    program = norms_module._PROGRAMS[model][1]
+    (program,) = norms_module._PROGRAMS[model].values()
     kernel = model.get_layer("hidden").kernel
     kernel.assign(kernel * 2.0)
     second = weight_norms(model)
-    assert norms_module._PROGRAMS[model][1] is program  # cached, not rebuilt
+    assert list(norms_module._PROGRAMS[model].values()) == [program]  # cached
     assert second[key(model, kernel)]["l2"] == pytest.approx(
         2 * first[key(model, kernel)]["l2"]
     )
@@ -299,7 +301,7 @@ def test_values_follow_weight_updates_and_regularizer_changes():
         assert program.compiled.experimental_get_tracing_count() == 1
     kernel.regularizer = kerasreg.L2Penalty(1.0)
     third = weight_norms(model)
-    assert norms_module._PROGRAMS[model][1] is not program
+    assert list(norms_module._PROGRAMS[model].values())[-1] is not program
     assert_matches(third[key(model, kernel)], kernel)
 
 
@@ -313,3 +315,111 @@ def test_invalid_arguments_raise_naming_them():
         weight_norms(model, "nothing-matches")
     with pytest.raises(ValueError, match="regular expression"):
         weight_norms(model, "(")
+
+
+# --- issue 16: float64, cache per selection, ConvLSTM gates, frozen weights --
+
+
+def test_float64_weights_match_numpy_and_shrink(tmp_path):
+    """Item 7: float64 models on every path, the scaled-l2 one included."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(
+                4, dtype="float64", kernel_regularizer=kerasreg.L2Penalty(0.1)
+            ),
+            keras.layers.Dense(2, dtype="float64", name="big"),
+        ]
+    )
+    kernel = model.layers[0].kernel
+    assert_matches(weight_norms(model)[key(model, kernel)], kernel)
+    big = model.get_layer("big").kernel
+    big.assign(np.full((4, 2), 1e30))  # squares overflow float32: scaled path
+    stats = weight_norms(model)[key(model, big)]
+    assert stats["l2"] == pytest.approx(1e30 * np.sqrt(8), rel=1e-5)
+    w0 = np_weights(kernel)
+    report = kerasreg.shrink_weights(model, 0.5)
+    np.testing.assert_allclose(np_weights(kernel), 0.5 * w0, rtol=1e-12)
+    assert report[key(model, kernel)]["after"] == pytest.approx(
+        0.5 * np.sqrt((w0**2).sum()), rel=1e-6
+    )
+
+
+def test_float64_model_trains_with_weight_norm_logger(tmp_path):
+    """Item 7: a whole float64 model (floatx), trained with the logger attached."""
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    keras.utils.clear_session()  # Keras caches float32 state across floatx changes
+    try:
+        model = keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(4, kernel_regularizer=kerasreg.L2Penalty(0.1)),
+            ]
+        )
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        logger = kerasreg.WeightNormLogger(str(tmp_path / "logs"))
+        model.fit(np.ones((4, 3)), np.ones((4, 4)), verbose=0, callbacks=[logger])
+    finally:
+        keras.config.set_floatx(floatx)
+    assert any((tmp_path / "logs" / "train").iterdir())
+
+
+def test_alternating_selections_compile_once_each(monkeypatch):
+    """Item 9: two selections used in turn keep one compiled program each."""
+    compiled = []
+    real_compile = norms_module._compile
+
+    def counting(fn):
+        compiled.append(fn)
+        return real_compile(fn)
+
+    monkeypatch.setattr(norms_module, "_compile", counting)
+    model = dense_conv_model()
+    for _ in range(3):
+        weight_norms(model, "conv")
+        weight_norms(model, "hidden")
+    assert len(compiled) == 2
+    monkeypatch.setattr(norms_module, "CACHE_SIZE", 2)  # bounded: oldest dropped
+    weight_norms(model, "out")
+    assert len(norms_module._PROGRAMS[model]) == 2
+    weight_norms(model, "conv")
+    assert len(compiled) == 4
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (keras.layers.ConvLSTM1D(2, 3, name="clstm"), (3, 6, 2)),
+        (keras.layers.ConvLSTM2D(2, 3, name="clstm"), (3, 5, 5, 1)),
+    ],
+)
+def test_conv_lstm_per_gate_follows_keras_channel_order(layer, shape):
+    """Item 10: ConvLSTM kernels hold i, f, c, o blocks of `filters` channels."""
+    model = keras.Sequential([keras.Input(shape), layer])
+    rng = np.random.default_rng(5)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape))
+    result = weight_norms(model, where=lambda v: True, per_gate=True)
+    for variable in model.weights:
+        path = key(model, variable)
+        assert_matches(result[path], variable)
+        assert_gates_match(result[path], np_weights(variable), "ifco", path)
+
+
+def test_frozen_weights_report_their_penalty_marked_not_trainable():
+    """Item 13: reported, marked, and the trainable ones sum to `model.losses`."""
+    model = dense_conv_model()
+    conv, hidden = model.get_layer("conv"), model.get_layer("hidden")
+    conv.trainable = False
+    result = weight_norms(model, [conv.kernel, hidden.kernel, hidden.bias])
+    frozen = result[key(model, conv.kernel)]
+    assert frozen["trainable"] is False
+    assert frozen["penalty"] == pytest.approx(
+        0.02 * np.abs(np_weights(conv.kernel)).sum(), rel=1e-5
+    )
+    in_loss = sum(s["penalty"] for s in result.values() if s["trainable"])
+    keras_adds = sum(float(ops.convert_to_numpy(x)) for x in model.losses)
+    assert in_loss == pytest.approx(keras_adds, rel=1e-5)
+    conv.trainable = True
+    assert weight_norms(model, [conv.kernel])[key(model, conv.kernel)]["trainable"]

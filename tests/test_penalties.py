@@ -534,3 +534,43 @@ def test_save_load_in_fresh_process(tmp_path):
     # Keras names the unknown registered penalty; it never falls back to a built-in.
     assert "kerasreg>" in bare.stderr
     assert "Could not interpret regularizer identifier" in bare.stderr
+
+
+# --- issue 16 items 11 and 12: names in Keras layers, config errors ----------
+
+
+def test_where_names_work_in_keras_layers():
+    """Item 11: Keras resolves only its built-in names; class and dict work."""
+    with pytest.raises(ValueError, match="Could not interpret regularizer"):
+        keras.layers.Dense(2, kernel_regularizer="l2_penalty")
+    with pytest.raises(ValueError, match="Could not interpret regularizer"):
+        keras.layers.Dense(2, kernel_regularizer="kerasreg>L2Penalty")
+    by_class = keras.layers.Dense(2, kernel_regularizer=L2Penalty)
+    assert by_class.kernel_regularizer == L2Penalty()
+    registered = keras.saving.get_registered_object("kerasreg>L2Penalty")
+    assert keras.layers.Dense(2, kernel_regularizer=registered).kernel_regularizer == (
+        L2Penalty()
+    )
+    config = {"class_name": "kerasreg>L2Penalty", "config": {"l2": 1e-4}}
+    by_dict = keras.layers.Dense(2, kernel_regularizer=config)
+    assert by_dict.kernel_regularizer == L2Penalty(1e-4)
+    by_get = keras.layers.Dense(2, kernel_regularizer=kerasreg.get("l2_penalty"))
+    assert by_get.kernel_regularizer == L2Penalty()
+
+
+@pytest.mark.parametrize(
+    "config, cause",
+    [
+        ({"class_name": "kerasreg>L2Penalty", "config": {"l2": -1.0}}, "invalid `l2`"),
+        ({"class_name": "L2Penalty", "config": {"l3": 1.0}}, "unexpected keyword"),
+    ],
+)
+def test_config_dict_error_leads_with_the_cause(config, cause):
+    """Item 12: the constructor's complaint comes first, not a generic message."""
+    with pytest.raises(ValueError) as info:
+        kerasreg.get(config)
+    message = str(info.value)
+    assert message.startswith("Invalid regularizer config")
+    assert cause in message.split("\n")[0]
+    assert "Could not interpret" not in message
+    assert "could not be deserialized properly" not in message
