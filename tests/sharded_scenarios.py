@@ -376,7 +376,7 @@ def scenario_lstm():
         ("per_gate", {"where": ".*", "per_gate": True}),
     ):
         norms = kerasreg.weight_norms(model, **kwargs)
-        program = norms_module._PROGRAMS[model][1]
+        program = next(reversed(norms_module._PROGRAMS[model].values()))  # latest
         values = [v.value for v in program.variables]
         hlo = program.compiled.lower(values).compile().as_text()
         out[name] = {
