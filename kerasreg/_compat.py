@@ -34,3 +34,22 @@ def sublayers(layer: Any) -> list[Any]:
             "nested layers on this Keras version."
         )
     return list(children)
+
+
+def nnx_enabled() -> bool:
+    """Whether Keras runs JAX models as Flax NNX modules.
+
+    Reason: Flax NNX trainers call the class's `train_step`, not the instance's,
+    so decay cannot be folded into the step; `keras.config.is_nnx_enabled` only
+    exists since Keras 3.11 (NNX support), and older Keras never enables NNX.
+    """
+    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    if is_enabled is None:
+        if KERAS_VERSION >= (3, 11):
+            raise KerasInternalsChanged(
+                f"kerasreg: Keras {keras.__version__} has no "
+                "`keras.config.is_nnx_enabled` (present since Keras 3.11); "
+                "kerasreg cannot tell whether JAX models run as Flax NNX modules."
+            )
+        return False
+    return bool(is_enabled())

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasreg import _compat
 from kerasreg.norms import weight_norms
 from kerasreg.penalties import as_real_scalar, is_low_precision
 from kerasreg.selection import Where, check_where, select_weights
@@ -458,7 +459,7 @@ def _can_fold(schedule: Any) -> bool:
     backend = keras.backend.backend()
     if backend == "jax":
         # Flax NNX trainers call the class's `train_step`, not the instance's.
-        return not keras.config.is_nnx_enabled()
+        return not _compat.nnx_enabled()
     return backend in ("tensorflow", "torch")
 
 

@@ -32,3 +32,32 @@ def test_sublayers_fails_loudly_without_the_tracker():
 
     with pytest.raises(_compat.KerasInternalsChanged, match="_layers"):
         _compat.sublayers(Bare())
+
+
+def test_nnx_enabled_follows_keras_config():
+    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    if is_enabled is None:
+        # Keras added NNX support (and the switch) in 3.11; before, never NNX.
+        assert _compat.KERAS_VERSION < (3, 11), keras.__version__
+        assert _compat.nnx_enabled() is False
+    else:
+        assert _compat.nnx_enabled() is is_enabled()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_nnx_enabled_reads_the_switch_each_call(monkeypatch, enabled):
+    monkeypatch.setattr(keras.config, "is_nnx_enabled", lambda: enabled, raising=False)
+    assert _compat.nnx_enabled() is enabled
+
+
+def test_nnx_enabled_is_false_on_keras_without_nnx(monkeypatch):
+    monkeypatch.delattr(keras.config, "is_nnx_enabled", raising=False)
+    monkeypatch.setattr(_compat, "KERAS_VERSION", (3, 8))
+    assert _compat.nnx_enabled() is False
+
+
+def test_nnx_enabled_fails_loudly_when_the_switch_disappears(monkeypatch):
+    monkeypatch.delattr(keras.config, "is_nnx_enabled", raising=False)
+    monkeypatch.setattr(_compat, "KERAS_VERSION", (3, 11))
+    with pytest.raises(_compat.KerasInternalsChanged, match="is_nnx_enabled"):
+        _compat.nnx_enabled()
