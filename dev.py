@@ -8,6 +8,10 @@ Needs only Python 3.10+ and pip. The environment lives in `.venv/` (override wit
 KERASREG_VENV) and is reinstalled only when `setup.cfg` changes. Set
 KERAS_BACKEND=jax or torch to run on another backend: its package is installed
 too (PyTorch as the CPU build).
+
+KERASREG_FLOOR=1 uses a separate environment, `.venv-floor/`, holding exactly the
+oldest Keras, TensorFlow, JAX and numpy kerasreg supports (`ci/floor-constraints.txt`),
+for the TensorFlow and JAX backends.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = Path(os.environ.get("KERASREG_VENV", ROOT / ".venv"))
+FLOOR = os.environ.get("KERASREG_FLOOR", "") not in ("", "0")
+FLOOR_CONSTRAINTS = ROOT / "ci" / "floor-constraints.txt"
+FLOOR_BACKENDS = ("tensorflow", "jax")
+VENV = Path(
+    os.environ.get("KERASREG_VENV", ROOT / (".venv-floor" if FLOOR else ".venv"))
+)
 BACKEND_PACKAGES = {
     "tensorflow": [],
     "jax": ["jax[cpu]"],
@@ -43,9 +52,10 @@ def ensure_environment(task: str, backend: str) -> Path:
         print(f"dev.py: creating virtual environment {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     extras = EXTRAS[task]
-    key = hashlib.sha256(
-        (ROOT / "setup.cfg").read_bytes() + f"{extras};{backend}".encode()
-    ).hexdigest()[:16]
+    recipe = (ROOT / "setup.cfg").read_bytes() + f"{extras};{backend}".encode()
+    if FLOOR:
+        recipe += FLOOR_CONSTRAINTS.read_bytes()
+    key = hashlib.sha256(recipe).hexdigest()[:16]
     stamp = VENV / f".kerasreg-installed-{key}"
     if not stamp.exists():
         print(f"dev.py: installing kerasreg[{extras}] ({backend})", flush=True)
@@ -58,6 +68,9 @@ def ensure_environment(task: str, backend: str) -> Path:
             "--disable-pip-version-check",
         ]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
+        if FLOOR:
+            # Every install below resolves within the floor's exact pins.
+            pip.extend(["--constraint", str(FLOOR_CONSTRAINTS)])
         subprocess.run([*pip, "-e", f"{ROOT}[{extras}]"], check=True)
         if BACKEND_PACKAGES[backend]:
             subprocess.run([*pip, *BACKEND_PACKAGES[backend]], check=True)
@@ -75,6 +88,13 @@ def main(argv: list[str]) -> int:
         print(
             f"dev.py: KERAS_BACKEND={backend!r} is not supported; expected one of "
             f"{', '.join(BACKEND_PACKAGES)}.",
+            file=sys.stderr,
+        )
+        return 2
+    if FLOOR and backend not in FLOOR_BACKENDS:
+        print(
+            f"dev.py: KERASREG_FLOOR=1 with KERAS_BACKEND={backend!r}: the floor "
+            f"environment is tested on {' and '.join(FLOOR_BACKENDS)} only.",
             file=sys.stderr,
         )
         return 2

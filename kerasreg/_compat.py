@@ -87,17 +87,6 @@ def merge_call(fn: Any, *args: Any) -> Any:
     return merge(fn, tf.distribute.get_strategy(), *args)
 
 
-def nnx_enabled() -> bool:
-    """Whether Keras runs JAX models as Flax NNX modules.
-
-    Reason: NNX trainers call the class's `train_step`, not the instance's, so
-    a step folded on the instance would not run. `keras.config.is_nnx_enabled`
-    exists from Keras 3.11; older Keras has no NNX support at all.
-    """
-    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
-    return bool(is_enabled()) if is_enabled is not None else False
-
-
 def learning_rate_at(optimizer: Any, step: Any) -> Any:
     """The learning rate `optimizer` uses for its update number `step`.
 
@@ -271,3 +260,22 @@ def config_regularizer_attribute(layer: Any, attribute: str) -> str | None:
 
 
 _MISSING = object()
+
+
+def nnx_enabled() -> bool:
+    """Whether Keras runs JAX models as Flax NNX modules.
+
+    Reason: Flax NNX trainers call the class's `train_step`, not the instance's,
+    so decay cannot be folded into the step; `keras.config.is_nnx_enabled` only
+    exists since Keras 3.11 (NNX support), and older Keras never enables NNX.
+    """
+    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    if is_enabled is None:
+        if KERAS_VERSION >= (3, 11):
+            raise KerasInternalsChanged(
+                f"kerasreg: Keras {keras.__version__} has no "
+                "`keras.config.is_nnx_enabled` (present since Keras 3.11); "
+                "kerasreg cannot tell whether JAX models run as Flax NNX modules."
+            )
+        return False
+    return bool(is_enabled())

@@ -703,8 +703,29 @@ class StopAt(keras.callbacks.Callback):
             raise RuntimeError(f"stop at batch {batch}")
 
 
+def keras_keeps_weights_readable_after_an_interrupted_fit():
+    """Keras 3.8 on JAX does not, even without kerasreg: a callback that raises
+    mid-fit leaves the model's variables purged (reading one raises TypeError)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = np.ones((16, 3), "float32")
+    with pytest.raises(RuntimeError, match="stop at batch 0"):
+        model.fit(x, x[:, :2], batch_size=8, verbose=0, callbacks=[StopAt(0)])
+    try:
+        ops.convert_to_numpy(model.weights[0])
+    except TypeError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("position", ["before_stop", "after_stop"])
 def test_interrupted_fit_leaves_every_weight_decayed_for_the_steps_that_ran(position):
+    if not keras_keeps_weights_readable_after_an_interrupted_fit():
+        pytest.skip(
+            f"Keras {keras.__version__} on {keras.backend.backend()} leaves a "
+            "model's weights unreadable after an interrupted fit, with or "
+            "without kerasreg"
+        )
     rng = np.random.default_rng(3)
     model = keras.Sequential(
         [

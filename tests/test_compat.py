@@ -68,12 +68,6 @@ def test_learning_rate_at_evaluates_the_schedule_on_the_batch_counter():
     assert _compat.gradient_accumulation_steps(plain) == 1
 
 
-def test_nnx_flag_is_read_or_absent():
-    assert _compat.nnx_enabled() in (True, False)
-    if hasattr(keras.config, "is_nnx_enabled"):
-        assert _compat.nnx_enabled() == keras.config.is_nnx_enabled()
-
-
 def test_merge_call_updates_each_mirrored_copy_once():
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.distribute")
@@ -150,3 +144,32 @@ def test_config_regularizer_attribute_fails_loudly_when_keras_changes():
     del mha._kernel_regularizer  # what a Keras release renaming it would look like
     with pytest.raises(_compat.KerasInternalsChanged, match="MultiHeadAttention"):
         _compat.config_regularizer_attribute(mha, "kernel_regularizer")
+
+
+def test_nnx_enabled_follows_keras_config():
+    is_enabled = getattr(keras.config, "is_nnx_enabled", None)
+    if is_enabled is None:
+        # Keras added NNX support (and the switch) in 3.11; before, never NNX.
+        assert _compat.KERAS_VERSION < (3, 11), keras.__version__
+        assert _compat.nnx_enabled() is False
+    else:
+        assert _compat.nnx_enabled() is is_enabled()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_nnx_enabled_reads_the_switch_each_call(monkeypatch, enabled):
+    monkeypatch.setattr(keras.config, "is_nnx_enabled", lambda: enabled, raising=False)
+    assert _compat.nnx_enabled() is enabled
+
+
+def test_nnx_enabled_is_false_on_keras_without_nnx(monkeypatch):
+    monkeypatch.delattr(keras.config, "is_nnx_enabled", raising=False)
+    monkeypatch.setattr(_compat, "KERAS_VERSION", (3, 8))
+    assert _compat.nnx_enabled() is False
+
+
+def test_nnx_enabled_fails_loudly_when_the_switch_disappears(monkeypatch):
+    monkeypatch.delattr(keras.config, "is_nnx_enabled", raising=False)
+    monkeypatch.setattr(_compat, "KERAS_VERSION", (3, 11))
+    with pytest.raises(_compat.KerasInternalsChanged, match="is_nnx_enabled"):
+        _compat.nnx_enabled()

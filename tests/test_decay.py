@@ -615,7 +615,7 @@ MIRRORED = textwrap.dedent(
     y = rng.normal(size=(16, 1)).astype("float32")
     init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
 
-    def run(strategy, decay=True):
+    def run(strategy, decay=True, penalty=True):
         with strategy.scope():
             model = keras.Sequential([
                 keras.Input((3,)),
@@ -624,7 +624,8 @@ MIRRORED = textwrap.dedent(
             ])
             model.set_weights(init)
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        regularize(model, kernel=L2Penalty(0.01))
+        if penalty:
+            regularize(model, kernel=L2Penalty(0.01))
         history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
                             callbacks=[WeightDecay(0.05)] if decay else [])
         # Every replica's copy must hold the decayed value, not just the first.
@@ -641,6 +642,9 @@ MIRRORED = textwrap.dedent(
         "one": run(tf.distribute.OneDeviceStrategy(devices[0].name)),
         "mirrored": run(mirrored),
         "no_decay": run(mirrored, decay=False),
+        # Without kerasreg: does Keras itself report the one-device loss?
+        "keras_one": run(tf.distribute.OneDeviceStrategy(devices[0].name), False, False),
+        "keras_mirrored": run(mirrored, decay=False, penalty=False),
     }))
     """
 )
@@ -657,9 +661,14 @@ def test_mirrored_strategy_matches_one_device():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
     (loss_one, w_one), (loss_two, w_two) = out["one"], out["mirrored"]
-    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
     for a, b in zip(w_one, w_two, strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)
+    # Keras 3.8 reports another loss under MirroredStrategy than on one device
+    # even without kerasreg (same weights): compare losses only where Keras's
+    # own agree.
+    keras_loss_one, keras_loss_two = out["keras_one"][0], out["keras_mirrored"][0]
+    if np.allclose(keras_loss_two, keras_loss_one, rtol=1e-5):
+        np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
     # The decay did act under the strategy: the first kernel differs without it.
     gap = np.abs(np.array(out["no_decay"][1][0]) - np.array(w_two[0])).max()
     assert gap > 1e-3

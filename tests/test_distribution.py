@@ -220,6 +220,20 @@ def scenario_shrink():
     }
 
 
+def scenario_keras_loss():
+    # No kerasreg at all: what Keras itself reports as the loss under this
+    # strategy (Keras 3.8's MirroredStrategy reports a different number than
+    # one device although the weights are the same).
+    model = build(penalties=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return {
+        "loss": fit(model)["loss"],
+        "evaluate": float(model.evaluate(X, Y, batch_size=8, verbose=0)),
+        "weights": weights(model),
+        "replicas": replica_report(model),
+    }
+
+
 def read_scalars(folder):
     accumulator = EventAccumulator(folder, size_guidance={"tensors": 0})
     accumulator.Reload()
@@ -383,6 +397,36 @@ def np_stats(w):
     }
 
 
+# Keys computed from the loss Keras reports (history, evaluate, `loss/data`).
+REPORTED_LOSS_KEYS = (
+    "loss",
+    "val_loss",
+    "evaluate",
+    "evaluate_before",
+    "evaluate_after",
+)
+
+
+def keras_reports_the_same_loss(runs):
+    """Whether Keras itself, without kerasreg, reports the one-device loss on
+    two replicas. Keras 3.8's MirroredStrategy does not (its weights do match);
+    kerasreg cannot make Keras's reported loss right, so the checks of reported
+    losses apply only where Keras gets its own right."""
+    one, two = runs["one"]["keras_loss"], runs["two"]["keras_loss"]
+    return all(
+        np.allclose(two[k], one[k], rtol=TOLERANCE, atol=TOLERANCE)
+        for k in ("loss", "evaluate")
+    )
+
+
+def skip_unless_keras_reports_the_same_loss(runs, setting):
+    if setting == "two" and not keras_reports_the_same_loss(runs):
+        pytest.skip(
+            f"Keras {keras.__version__} reports a different loss on two replicas "
+            "than on one even without kerasreg; weights are compared instead"
+        )
+
+
 def assert_close(actual, expected, what):
     np.testing.assert_allclose(
         np.asarray(actual, np.float64),
@@ -396,6 +440,7 @@ def assert_close(actual, expected, what):
 # --- two devices == one device ----------------------------------------------
 
 SCENARIO_NAMES = [
+    "keras_loss",
     "penalties",
     "regularize",
     "decay",
@@ -431,11 +476,14 @@ def test_losses_and_weights_match_one_device(runs, name):
         pairs = [
             (f"{name}/{v}", one, runs["two"][name][v]) for v, one in pairs[0][1].items()
         ]
+    same_loss = keras_reports_the_same_loss(runs)
     for label, one, two in pairs:
         assert set(one) == set(two)
         for key in one:
             if key in ("replicas", "replicas_end", "logged", "norms", "paths"):
                 continue
+            if key in REPORTED_LOSS_KEYS and not same_loss:
+                continue  # Keras's own number differs; the weights must not
             a, b = one[key], two[key]
             if key.startswith("weights"):
                 assert len(a) == len(b) == 6
@@ -447,12 +495,15 @@ def test_losses_and_weights_match_one_device(runs, name):
 
 def test_logged_values_match_one_device(runs):
     one, two = runs["one"]["logger"]["logged"], runs["two"]["logger"]["logged"]
+    same_loss = keras_reports_the_same_loss(runs)
     assert set(one) == set(two)
     for run in one:
         assert set(one[run]) == set(two[run]), run
         for tag, events in one[run].items():
             # Same steps: the logger wrote each step once, not once per replica.
             assert [s for s, _ in two[run][tag]] == [s for s, _ in events], tag
+            if tag == "loss/data" and not same_loss:
+                continue  # Keras's reported loss minus the penalty
             assert_close(
                 [v for _, v in two[run][tag]], [v for _, v in events], f"{run} {tag}"
             )
@@ -463,6 +514,7 @@ def test_logged_values_match_one_device(runs):
 
 @pytest.mark.parametrize("setting", ["one", "two"])
 def test_penalties_are_in_the_loss(runs, setting):
+    skip_unless_keras_reports_the_same_loss(runs, setting)
     x, y, *_ = data()
     out = runs[setting]["penalties"]
     final = out["weights"]
@@ -477,6 +529,7 @@ def test_regularize_adds_the_penalty_and_keeps_the_weights(runs, setting):
     before = arrays(out["weights_before"])
     for w, w_after in zip(before, arrays(out["weights_at_regularize"]), strict=True):
         np.testing.assert_array_equal(w_after, w)
+    skip_unless_keras_reports_the_same_loss(runs, setting)
     kernels, biases = before[0::2], before[1::2]
     penalty = 0.02 * sum(np.sum(k**2) for k in kernels) + 0.01 * sum(
         np.sum(np.abs(b)) for b in biases
