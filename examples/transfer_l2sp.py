@@ -21,8 +21,8 @@ per seed, never trained on; the test images are never used to choose). The
 table gives mean +- std over seeds of the test accuracy at the chosen
 strength, and `drift`, `||W_body - W_pretrained||_2` after fine-tuning.
 The figure goes to `logs/transfer_l2sp.png`, the numbers to
-`logs/transfer_l2sp/results.json`, and one TensorBoard run per method (first
-seed, chosen strength, `kerasreg.WeightNormLogger`) under `logs/transfer_l2sp/`.
+`logs/transfer_l2sp/results.json`, and one TensorBoard run per method and strength
+(first seed, `kerasreg.WeightNormLogger`) under `logs/transfer_l2sp/`.
 
     python examples/transfer_l2sp.py           # 5 seeds, 4 strengths per method
     python examples/transfer_l2sp.py --quick   # 2 seeds, 1 strength, fewer steps
@@ -164,6 +164,12 @@ def fine_tune(method, strength, pretrained, split, seed, steps, run_dir=None) ->
     return {"val": accuracy("val"), "test": accuracy("test"), "drift": float(drift)}
 
 
+def run_dir(log_dir: Path, method: str, strength: float) -> Path:
+    """TensorBoard run of the first seed, e.g. `L2SPPenalty_0.01`."""
+    name = method.replace("(toward='start')", "_toward_start")
+    return log_dir / (name if method == "none" else f"{name}_{strength:g}")
+
+
 def plot(rows: dict, path: Path, shots: int) -> None:
     names = list(rows)
     fig, (acc, drift) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
@@ -217,7 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     for method, grid in grids.items():
         runs = {
             s: [
-                fine_tune(method, s, pretrained, splits[seed], seed, steps)
+                fine_tune(
+                    method,
+                    s,
+                    pretrained,
+                    splits[seed],
+                    seed,
+                    steps,
+                    run_dir(args.log_dir, method, s) if seed == seeds[0] else None,
+                )
                 for seed in seeds
             ]
             for s in grid
@@ -237,8 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
             "val_mean": float(np.mean([r["val"] for r in chosen])),
             "drift_mean": float(np.mean([r["drift"] for r in chosen])),
         }
-        run_dir = args.log_dir / method.replace("(toward='start')", "_toward_start")
-        fine_tune(method, best, pretrained, splits[seeds[0]], seeds[0], steps, run_dir)
     seconds = time.perf_counter() - start
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
