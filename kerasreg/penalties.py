@@ -355,9 +355,9 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
             store["0"] = ops.convert_to_numpy(self.reference)
 
     def load_own_variables(self, store: Any) -> None:
-        self.reference = (
-            ops.convert_to_tensor(store["0"][...]) if "0" in store else None
-        )
+        # `keys()`: Keras 3.8's store has no `in` operator.
+        saved = "0" in store.keys()
+        self.reference = ops.convert_to_tensor(store["0"][...]) if saved else None
         self._owner = None
 
     def __reduce__(self):
