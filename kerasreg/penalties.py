@@ -356,7 +356,7 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
 
     def load_own_variables(self, store: Any) -> None:
         # `keys()`: Keras 3.8's store has no `in` operator.
-        saved = "0" in store.keys()
+        saved = "0" in store.keys()  # noqa: SIM118
         self.reference = ops.convert_to_tensor(store["0"][...]) if saved else None
         self._owner = None
 
