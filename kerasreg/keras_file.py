@@ -955,8 +955,9 @@ def measure(
 ) -> dict[str, Any]:
     """Norms, sparsity and penalty of one weight, read in blocks.
 
-    Returns `{"l1", "l2", "linf", "zero_fraction", "penalty"}` (penalty `0.0`
-    without a regularizer, `None` when it is unknown), plus `<stat>/gate_<g>`
+    Returns `{"l1", "l2", "linf", "zero_fraction", "penalty", "trainable"}`
+    (penalty `0.0` without a regularizer, `None` when it is unknown;
+    `trainable` as `kerasreg.weight_norms` reports it), plus `<stat>/gate_<g>`
     entries for gated recurrent weights when `per_gate`.
     """
     dataset = file.h5[weight.dataset]
@@ -991,6 +992,7 @@ def measure(
         row["penalty"] = None
     else:
         row["penalty"] = formula.value(whole)
+    row["trainable"] = bool(weight.trainable)
     for gate, sums in zip(gates, gate_sums, strict=True):
         for stat, value in sums.stats().items():
             row[f"{stat}/gate_{gate}"] = value
