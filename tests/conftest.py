@@ -37,3 +37,24 @@ def run_python(code: str, *, cwd: Path | None = None, timeout: float = 300):
         text=True,
         timeout=timeout,
     )
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """`{tag: [(step, value), ...]}` of a run folder's scalars, read back with
+    TensorBoard's own reader (other plugins' tags, such as the custom-scalars
+    layout and the text plan, are left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+    from tensorboard.util import tensor_util
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: [
+            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+            for e in accumulator.Tensors(tag)
+        ]
+        for tag in accumulator.Tags()["tensors"]
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }

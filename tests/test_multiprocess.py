@@ -26,9 +26,8 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import read_scalars
 from multiprocess_job import CRASH_EXIT_CODE, RATE, WorkerFailed, data, launch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
 
 BACKEND = keras.backend.backend()
 ENGINES = [
@@ -68,18 +67,6 @@ def job(engine, workers, tmp_path_factory):
 
 def event_files(folder):
     return sorted(p for p in folder.rglob("events.out.tfevents.*"))
-
-
-def read_scalars(folder):
-    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [
-            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-            for e in accumulator.Tensors(tag)
-        ]
-        for tag in accumulator.Tags()["tensors"]
-    }
 
 
 def test_every_worker_ends_with_the_single_process_weights(engine, tmp_path_factory):
