@@ -14,9 +14,8 @@ from itertools import pairwise
 import keras
 import numpy as np
 import pytest
+from conftest import read_scalars
 from keras import ops
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
 
 import kerasreg
 
@@ -255,19 +254,6 @@ def test_weight_norms_match_float64(policy, rng):
         assert_close(stats["penalty"], penalty, f"{policy}: penalty of {role}")
     # The float16 overflow this guards against: these sums exceed 65504.
     assert norms["d0/kernel"]["l2"] ** 2 > FLOAT16_MAX
-
-
-def read_scalars(folder):
-    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [
-            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-            for e in accumulator.Tensors(tag)
-        ]
-        for tag in accumulator.Tags()["tensors"]
-        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
-    }
 
 
 def test_weight_norm_logger_values_match_float64(policy, rng, tmp_path):
