@@ -340,6 +340,8 @@ def read_scalars(folder):
             for e in accumulator.Tensors(tag)
         ]
         for tag in accumulator.Tags()["tensors"]
+        # Not the custom-scalars layout or the text plan the logger also writes.
+        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
     }
 
 
