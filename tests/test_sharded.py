@@ -268,7 +268,8 @@ def test_weight_norms_are_global_statistics(runs, setting):
         expected["penalty"] = penalties.get(path, 0.0)
         if path.startswith("lstm/"):  # kernel, recurrent kernel and bias: gated
             expected.update(np_gate_stats(w))
-        assert set(per_gate[path]) == set(expected), path
+        assert set(per_gate[path]) == set(expected) | {"trainable"}, path
+        assert per_gate[path]["trainable"] is True  # every weight here trains
         for stat, value in expected.items():
             assert_close(per_gate[path][stat], value, f"{setting} {path} {stat}")
             if path in default and "/gate_" not in stat:
