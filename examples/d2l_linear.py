@@ -77,7 +77,10 @@ class DataLosses(keras.callbacks.Callback):
         self.curves = {"train": [], "test": []}
 
     def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % (NUM_TRAIN // BATCH_SIZE):
+        # The optimizer's step count, not Keras's `batch` argument: under
+        # `steps_per_execution` older Keras passes the execution's first step.
+        done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if done % (NUM_TRAIN // BATCH_SIZE):
             return
         kernel, bias = (keras.ops.convert_to_numpy(w) for w in self.model.weights)
         for name, (x, y) in (("train", self.train), ("test", self.test)):
