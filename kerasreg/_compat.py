@@ -279,3 +279,66 @@ def nnx_enabled() -> bool:
             )
         return False
     return bool(is_enabled())
+
+
+def mean_metric_function(metric: Any) -> tuple[Any, dict[str, Any]]:
+    """The per-sample function of a `keras.metrics.MeanMetricWrapper` and its kwargs.
+
+    Reason: `sweep`'s vectorised engine evaluates one metric for K variants
+    at once; `MeanMetricWrapper` (accuracy, MSE, crossentropy, ...) keeps its
+    per-sample function in `_fn` and `_fn_kwargs` (Keras 3.0 to 3.15 at
+    least) and has no public accessor.
+    """
+    fn = getattr(metric, "_fn", None)
+    kwargs = getattr(metric, "_fn_kwargs", None)
+    if not callable(fn) or not isinstance(kwargs, dict):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} MeanMetricWrapper "
+            f"{getattr(metric, 'name', metric)!r} has no `_fn`/`_fn_kwargs`; "
+            "kerasreg.sweep cannot vectorise its metrics on this Keras version."
+        )
+    return fn, dict(kwargs)
+
+
+def per_sample_loss(fn: Any) -> Any:
+    """A Keras `Loss` with reduction "none" around a loss function, as `compile` wraps it.
+
+    Reason: `compile(loss="mse")` wraps the function in Keras's
+    `LossFunctionWrapper` (which also aligns the ranks of `y_true` and
+    `y_pred`); the class is not exported under `keras.losses`.
+    """
+    try:
+        from keras.src.losses.losses import LossFunctionWrapper
+    except ImportError:
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} has no "
+            "keras.src.losses.losses.LossFunctionWrapper; kerasreg.sweep cannot "
+            "vectorise a loss given as a function on this Keras version."
+        ) from None
+    return LossFunctionWrapper(fn, reduction="none")
+
+
+def weight_decay_exclusions(optimizer: Any, weights: list[Any]) -> tuple[list, list]:
+    """What `optimizer.exclude_from_weight_decay` was told: `(var_names, indices)`.
+
+    `var_names` is a list of regular expressions (empty: none), `indices` the
+    positions in `weights` of the variables excluded by `var_list`.
+
+    Reason: `sweep` gives each variant a fresh optimizer from the template's
+    config, and `get_config` drops these exclusions (Keras 3.8 to 3.15 keep
+    them in `_exclude_from_weight_decay_pattern` and, by `_var_key`, in
+    `_exclude_from_weight_decay`); losing them would silently decay biases.
+    """
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    keys = getattr(optimizer, "_exclude_from_weight_decay", None) or set()
+    var_key = getattr(optimizer, "_var_key", None)
+    if not hasattr(optimizer, "exclude_from_weight_decay") or (
+        keys and var_key is None
+    ):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} optimizers keep weight-decay "
+            "exclusions differently; kerasreg.sweep cannot copy them."
+        )
+    names = [] if pattern is None else [pattern.pattern]
+    indices = [i for i, w in enumerate(weights) if keys and var_key(w) in keys]
+    return names, indices

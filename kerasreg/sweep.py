@@ -23,6 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasreg import _compat, _sweep_vector
 from kerasreg.attach import REMOVE, ROLES, regularize
 from kerasreg.penalties import get
 from kerasreg.selection import walk_layers
@@ -48,8 +49,13 @@ class SweepResult:
         models: list of the trained models, each a standalone copy of the
             template carrying its penalty, compiled like the template (with a
             fresh optimizer), ready to `evaluate`, `predict` and `save`.
-        stacked: `True` when the variants were trained in one stacked `fit`,
-            `False` when they were trained one after another.
+        engine: how the variants were trained: `"vectorized"` (one model
+            whose weights have a leading axis of K: Dense chains with the
+            common penalties, losses, metrics and optimizers), `"stacked"`
+            (K copies side by side in one `fit`), or `"sequential"` (K
+            separate fits; the reason is logged).
+        stacked: `True` when the variants were trained in one `fit`
+            (`engine` is `"vectorized"` or `"stacked"`).
 
     Example:
 
@@ -60,10 +66,11 @@ class SweepResult:
     'L2Penalty_0.001'
     """
 
-    def __init__(self, rows: list[dict], models: list[keras.Model], stacked: bool):
+    def __init__(self, rows: list[dict], models: list[keras.Model], engine: str):
         self.rows = rows
         self.models = models
-        self.stacked = stacked
+        self.engine = engine
+        self.stacked = engine != "sequential"
 
     def best(self, monitor: str = "val_loss", mode: str = "auto") -> dict:
         """The row with the best final `monitor` value.
@@ -264,6 +271,8 @@ def sweep(
     compile_config = model.get_compile_config()
     models = [_make_variant(model, v, where, i) for i, v in enumerate(variants)]
     reason = _why_not_stacked(model, x, y, fit_kwargs, compile_config)
+    # get_config drops `exclude_from_weight_decay`: carried over by hand.
+    exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
@@ -272,7 +281,9 @@ def sweep(
     ]
     verbose = fit_kwargs.get("verbose", "auto")
     if reason is None:
-        histories = _fit_stacked(models, names, logs, compile_config, x, y, fit_kwargs)
+        histories, engine = _fit_stacked(
+            models, names, logs, compile_config, exclusions, x, y, fit_kwargs
+        )
     else:
         logger.warning(
             "kerasreg.sweep: %s; training the %d variants one after another "
@@ -282,23 +293,24 @@ def sweep(
         )
         histories = []
         for variant, name, log in zip(models, names, logs, strict=True):
-            variant.compile_from_config(compile_config)
+            _compile_like(variant, compile_config, exclusions)
             monitor = _Monitor([variant], [name], [log], verbose, split=None)
             callbacks = [*(fit_kwargs.get("callbacks") or []), monitor]
             kwargs = {**fit_kwargs, "callbacks": callbacks}
             variant.fit(x, y, **kwargs)
             histories.append(monitor.histories[0])
+        engine = "sequential"
     for variant in models:
         variant.name = model.name
         if reason is None:
-            variant.compile_from_config(compile_config)
+            _compile_like(variant, compile_config, exclusions)
     rows = [
         _row(name, v, _strength(v), history)
         for name, v, history in zip(names, variants, histories, strict=True)
     ]
     if log_dir is not None:
         _write_hparams(log_dir, rows)
-    return SweepResult(rows, models, stacked=reason is None)
+    return SweepResult(rows, models, engine)
 
 
 # --- validation ---------------------------------------------------------------
@@ -472,36 +484,71 @@ def _first(x):
     return next(item for item in keras.tree.flatten(x) if item is not None)
 
 
-def _fit_stacked(models, names, logs, compile_config, x, y, fit_kwargs):
+def _fresh_optimizer(compile_config, exclusions, models):
+    """The template's optimizer, anew, with its weight-decay exclusions for `models`."""
+    optimizer = keras.saving.deserialize_keras_object(compile_config["optimizer"])
+    names, indices = exclusions
+    if names or indices:
+        optimizer.exclude_from_weight_decay(
+            var_list=[m.weights[i] for m in models for i in indices] or None,
+            var_names=names or None,
+        )
+    return optimizer
+
+
+def _compile_like(variant, compile_config, exclusions):
+    config = keras.saving.deserialize_keras_object(compile_config)
+    config["optimizer"] = _fresh_optimizer(compile_config, exclusions, [variant])
+    variant.compile(**config)
+
+
+def _fit_stacked(models, names, logs, compile_config, exclusions, x, y, fit_kwargs):
+    """Train the variants in one fit; returns (histories, engine name)."""
     keys = [f"v{i:04d}" for i in range(len(models))]
     sample = _sample_batch(x, y)
-    for variant in models:
-        variant.compile(**keras.saving.deserialize_keras_object(compile_config))
+    for index, variant in enumerate(models):
+        _compile_like(variant, compile_config, exclusions)
         # Build the compiled loss and metrics eagerly on two samples, so their
         # variables exist before the stacked step is traced.
         prediction = variant(sample[0])
         variant.compute_loss(sample[0], sample[1], prediction, training=False)
         variant.compute_metrics(sample[0], sample[1], prediction, None)
         variant.reset_metrics()
-    template_input = models[0].inputs[0]
-    inputs = keras.Input(
-        batch_shape=template_input.shape,
-        dtype=template_input.dtype,
-        name="sweep_input",
-    )
-    outputs = {key: variant(inputs) for key, variant in zip(keys, models, strict=True)}
-    stack = _Stack(inputs, outputs, models)
+        if index == 0:
+            reason = _sweep_vector.why_not(models[0], models, variant)
+            if reason is None and exclusions[1]:
+                reason = "weight decay excludes variables by identity (var_list)"
+            if reason is None:
+                break
+            logger.debug("kerasreg.sweep: not vectorised: %s", reason)
+    if reason is None:
+        stack = _sweep_vector.VectorStack(models[0], models, models[0])
+        sync = stack.copy_to
+    else:
+        template_input = models[0].inputs[0]
+        inputs = keras.Input(
+            batch_shape=template_input.shape,
+            dtype=template_input.dtype,
+            name="sweep_input",
+        )
+        outputs = {k: variant(inputs) for k, variant in zip(keys, models, strict=True)}
+        stack = _Stack(inputs, outputs, models)
+        sync = None
     stack.compile(
-        optimizer=keras.saving.deserialize_keras_object(compile_config["optimizer"]),
+        optimizer=_fresh_optimizer(
+            compile_config, exclusions, [] if reason is None else models
+        ),
         run_eagerly=compile_config.get("run_eagerly", False),
         steps_per_execution=compile_config.get("steps_per_execution", 1),
         jit_compile=compile_config.get("jit_compile", "auto"),
     )
     kwargs = dict(fit_kwargs)
-    monitor = _Monitor(models, names, logs, kwargs.get("verbose", "auto"), keys)
+    monitor = _Monitor(models, names, logs, kwargs.get("verbose", "auto"), keys, sync)
     kwargs["callbacks"] = [monitor]
     stack.fit(x, y, **kwargs)
-    return monitor.histories
+    if sync is not None:
+        sync(models)
+    return monitor.histories, "vectorized" if reason is None else "stacked"
 
 
 def _sample_batch(x, y):
@@ -545,8 +592,9 @@ class _VariantLog:
 class _Monitor(keras.callbacks.Callback):
     """Splits the stacked logs into each variant's logs, as a separate fit's."""
 
-    def __init__(self, variants, names, logs, verbose, split):
+    def __init__(self, variants, names, logs, verbose, split, sync=None):
         super().__init__()
+        self.sync = sync
         self.variants = variants
         self.names = names
         self.logs = logs
@@ -567,6 +615,8 @@ class _Monitor(keras.callbacks.Callback):
             per_variant = [_split(logs, k) for k in self.split]
         if any(log is not None for log in self.logs):
             self.model  # noqa: B018 on JAX this syncs the trained values into the variables
+            if self.sync is not None:
+                self.sync(self.variants)
         for history, variant_logs, log in zip(
             self.histories, per_variant, self.logs, strict=True
         ):

@@ -173,3 +173,68 @@ def test_nnx_enabled_fails_loudly_when_the_switch_disappears(monkeypatch):
     monkeypatch.setattr(_compat, "KERAS_VERSION", (3, 11))
     with pytest.raises(_compat.KerasInternalsChanged, match="is_nnx_enabled"):
         _compat.nnx_enabled()
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        keras.metrics.BinaryAccuracy,
+        keras.metrics.MeanSquaredError,
+        keras.metrics.CategoricalAccuracy,
+    ],
+)
+def test_mean_metric_function_gives_the_per_sample_values_keras_averages(metric):
+    rng = np.random.default_rng(0)
+    y_true = (rng.random((6, 3)) > 0.5).astype("float32")
+    y_pred = rng.random((6, 3)).astype("float32")
+    wrapper = metric()
+    fn, kwargs = _compat.mean_metric_function(wrapper)
+    per_sample = keras.ops.convert_to_numpy(fn(y_true, y_pred, **kwargs))
+    per_sample = per_sample.reshape(6, -1).mean(axis=1)
+    wrapper.update_state(y_true, y_pred)
+    assert float(wrapper.result()) == pytest.approx(per_sample.mean(), rel=1e-6)
+
+
+def test_mean_metric_function_fails_loudly_when_keras_changes():
+    metric = keras.metrics.BinaryAccuracy()
+    del metric._fn  # what a Keras release renaming it would look like
+    with pytest.raises(_compat.KerasInternalsChanged, match="binary_accuracy"):
+        _compat.mean_metric_function(metric)
+
+
+def test_per_sample_loss_is_what_compile_averages():
+    rng = np.random.default_rng(1)
+    y_true = (rng.random((5, 1)) > 0.5).astype("float32")
+    y_pred = rng.random((5, 1)).astype("float32")
+    fn = keras.losses.get("binary_crossentropy")
+    per_sample = keras.ops.convert_to_numpy(
+        _compat.per_sample_loss(fn)(
+            y_true[:, 0], y_pred
+        )  # ranks aligned as compile does
+    )
+    assert per_sample.shape == (5,)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Identity()])
+    model.compile(loss="binary_crossentropy")
+    compiled = float(model.compute_loss(y=y_true[:, 0], y_pred=y_pred))
+    assert compiled == pytest.approx(per_sample.mean(), rel=1e-6)
+
+
+def test_weight_decay_exclusions_are_read_back_as_given():
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)]
+    )
+    optimizer = keras.optimizers.AdamW(weight_decay=0.1)
+    assert _compat.weight_decay_exclusions(optimizer, model.weights) == ([], [])
+    optimizer.exclude_from_weight_decay(
+        var_list=[model.layers[1].kernel], var_names=["bias"]
+    )
+    names, indices = _compat.weight_decay_exclusions(optimizer, model.weights)
+    assert indices == [2]  # the second layer's kernel
+    # The names act as Keras's own rule does: a fresh optimizer told these
+    # names leaves exactly the biases undecayed.
+    fresh = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
+    fresh.exclude_from_weight_decay(var_names=names)
+    before = [np.array(w) for w in model.weights]
+    fresh.apply([keras.ops.zeros_like(w) for w in model.weights], model.weights)
+    kept = [np.array_equal(np.array(w), b) for w, b in zip(model.weights, before)]
+    assert kept == [False, True, False, True]

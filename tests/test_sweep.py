@@ -64,18 +64,27 @@ def optimizer(kind):
     }[kind]()
 
 
-def template(kind="adam", **compile_kwargs):
+def metrics(engine="vectorized"):
+    # AUC is not a per-sample mean: it sends the sweep to its general engine.
+    if engine == "stacked":
+        return ["accuracy", keras.metrics.AUC(name="auc")]
+    return ["accuracy"]
+
+
+def template(kind="adam", engine="vectorized", **compile_kwargs):
     model = build()
     model.compile(
         optimizer=optimizer(kind),
         loss="binary_crossentropy",
-        metrics=["accuracy"],
+        metrics=metrics(engine),
         **compile_kwargs,
     )
     return model
 
 
-def separate_fit(model, penalty, kind, x, y, compile_kwargs=None, **fit_kwargs):
+def separate_fit(
+    model, penalty, kind, x, y, compile_kwargs=None, engine="vectorized", **fit_kwargs
+):
     """A plain Keras fit of the template's architecture and weights with `penalty`."""
     roles = penalty if isinstance(penalty, dict) else {"kernel": penalty}
     reference = build(roles.get("kernel"), roles.get("bias"))
@@ -83,7 +92,7 @@ def separate_fit(model, penalty, kind, x, y, compile_kwargs=None, **fit_kwargs):
     reference.compile(
         optimizer=optimizer(kind),
         loss="binary_crossentropy",
-        metrics=["accuracy"],
+        metrics=metrics(engine),
         **(compile_kwargs or {}),
     )
     history = reference.fit(x, y, **fit_kwargs).history
@@ -101,11 +110,20 @@ def assert_same_fit(row, model, history, weights):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.slow  # one sweep and two traced reference fits per optimizer
-@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
-def test_each_variant_equals_a_separate_fit(kind):
+@pytest.mark.slow  # one sweep and two traced reference fits per case
+@pytest.mark.parametrize(
+    "kind, engine",
+    [
+        ("sgd", "vectorized"),
+        ("momentum", "vectorized"),
+        ("adam", "vectorized"),
+        ("momentum", "stacked"),
+        ("adam", "stacked"),
+    ],
+)
+def test_each_variant_equals_a_separate_fit(kind, engine):
     x, y = data()
-    model = template(kind)
+    model = template(kind, engine)
     fit_kwargs = dict(
         epochs=2,
         batch_size=10,  # 48 points: a last batch of 8, weighted as Keras weighs it
@@ -115,11 +133,13 @@ def test_each_variant_equals_a_separate_fit(kind):
     )
     penalties = PENALTIES[1:]  # the baseline (None) is checked by the other tests
     result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
-    assert result.stacked
+    assert result.stacked and result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
-        history, weights = separate_fit(model, penalty, kind, x, y, **fit_kwargs)
+        history, weights = separate_fit(
+            model, penalty, kind, x, y, engine=engine, **fit_kwargs
+        )
         assert_same_fit(row, trained, history, weights)
 
 
@@ -156,6 +176,125 @@ def test_training_loop_options_keep_equality():
         )
         history = reference.fit(x, y, **fit_kwargs).history
         assert_same_fit(row, trained, history, reference.get_weights())
+
+
+def classifier(kernel=None, bias=None):
+    """Three classes, softmax output, ReLU layer: the other common Dense chain."""
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(6, kernel_regularizer=kernel, bias_regularizer=bias),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3, "softmax", kernel_regularizer=kernel),
+        ],
+        name="classifier",
+    )
+
+
+def classifier_compile(model, steps_per_execution):
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 4, 0.7)
+    adamw = keras.optimizers.AdamW(
+        schedule, weight_decay=0.05, gradient_accumulation_steps=2
+    )
+    adamw.exclude_from_weight_decay(var_names=["bias"])
+    model.compile(
+        optimizer=adamw,
+        loss=keras.losses.SparseCategoricalCrossentropy(reduction="sum"),
+        metrics=[
+            "sparse_categorical_accuracy",
+            keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2"),
+        ],
+        steps_per_execution=steps_per_execution,
+    )
+
+
+@pytest.mark.slow  # a sweep and three traced reference fits
+def test_vectorized_engine_with_the_options_that_change_the_loop():
+    # AdamW with a schedule and name-based exclusion, gradient accumulation,
+    # several steps per call, a loss summed (not averaged) over integer
+    # labels, a ReLU layer and two metrics: still K separate fits.
+    x, _ = data()
+    labels = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0.5).astype("int32")
+    spe = 1 if TORCH else 3
+    model = classifier()
+    classifier_compile(model, spe)
+    penalties = [None, kerasreg.L2Penalty(3e-2), keras.regularizers.L1L2(1e-2, 1e-2)]
+    fit_kwargs = dict(
+        epochs=3,
+        batch_size=8,
+        shuffle=False,
+        validation_data=(x[:16], labels[:16]),
+        verbose=0,
+    )
+    result = kerasreg.sweep(model, penalties, x, labels, **fit_kwargs)
+    assert result.engine == "vectorized"
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = classifier(penalty)
+        reference.set_weights(model.get_weights())
+        classifier_compile(reference, spe)
+        history = reference.fit(x, labels, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())
+
+
+def residual():
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(3)(inputs)
+    return keras.Model(inputs, keras.layers.Add()([inputs, hidden]))
+
+
+ENGINES = {
+    # What a user writes, and the engine it gets.
+    "dense chain, Adam": (build, "adam", ["accuracy"], None, "vectorized"),
+    "LayerNormalization": (
+        lambda: keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(1),
+            ]
+        ),
+        "adam",
+        ["mse"],
+        None,
+        "stacked",
+    ),
+    "residual branch": (residual, "adam", ["mse"], None, "stacked"),
+    "per-variable clipnorm": (build, "adam_clipnorm", ["accuracy"], None, "stacked"),
+    "AUC metric": (build, "adam", ["accuracy", "auc"], None, "stacked"),
+    "penalty without a vector form": (
+        build,
+        "adam",
+        ["accuracy"],
+        kerasreg.ExpAbsPenalty(1e-2),
+        "stacked",
+    ),
+    "global clipnorm": (
+        build,
+        lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0),
+        ["accuracy"],
+        None,
+        "sequential",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINES))
+def test_each_template_gets_the_fastest_exact_engine(case):
+    make, kind, metric_names, penalty, expected = ENGINES[case]
+    model = make()
+    model.compile(
+        optimizer=kind() if callable(kind) else optimizer(kind),
+        loss="mse",
+        metrics=metric_names,
+    )
+    x, y = data(8)
+    result = kerasreg.sweep(
+        model, [penalty or kerasreg.L2Penalty(1e-2)], x, y, epochs=1, verbose=0
+    )
+    assert result.engine == expected
+    assert result.stacked == (expected != "sequential")
 
 
 class SeededShuffle(keras.utils.PyDataset):
