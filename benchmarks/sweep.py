@@ -12,7 +12,9 @@ times the latter. Calls are interleaved round after round (the order rotating,
 time(sweep) / time(one fit) from the same round, in wall-clock and process CPU
 time. Results are also written to `benchmarks/results/sweep.json`.
 
-Workloads: Brownlee's two-moons network (`Dense(500, relu) -> Dense(1,
+Workloads: Brownlee's two-moons network trained as Brownlee trains it (one
+full-batch epoch at a time, validation after each, `steps_per_execution=1`),
+where the per-epoch work of `fit` dominates; the same network (`Dense(500, relu) -> Dense(1,
 sigmoid)`, 30 points, Adam, full batch, `steps_per_execution=100` on
 TensorFlow and JAX) for K = 6 and K = 12 strengths, 4000 updates as in
 `examples/moons.py`; and an MLP 256-1024-1024-10 on 4096 points (batch 128),
@@ -60,6 +62,15 @@ def moons_workload(k: int, updates: int):
     x, y = np.tile(x, (per_epoch, 1)), np.tile(y, per_epoch)
     kwargs = dict(batch_size=30, epochs=updates // per_epoch, shuffle=False)
     template = moons_model()
+    return template, x, y, kwargs, strengths(k)
+
+
+def brownlee_workload(k: int, epochs: int):
+    """Brownlee's own protocol: one full batch per epoch, validation every epoch."""
+    (x, y), test = moons_data()
+    kwargs = dict(batch_size=32, epochs=epochs, shuffle=False, validation_data=test)
+    template = moons_model()
+    template.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
     return template, x, y, kwargs, strengths(k)
 
 
@@ -134,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     updates = 400 if args.quick else 4000
     rounds = 1 if args.quick else args.rounds
+    epochs = 100 if args.quick else 1000
     rows = [
+        bench(
+            f"moons, Brownlee's protocol ({epochs} one-batch epochs, validation)",
+            brownlee_workload(6, epochs),
+            rounds,
+        ),
         bench("moons 4000 updates", moons_workload(6, updates), rounds),
         bench("moons 4000 updates", moons_workload(12, updates), rounds),
         bench("MLP 256-1024-1024-10", mlp_workload(6, 1 if args.quick else 3), rounds),

@@ -323,9 +323,9 @@ class VectorStack(keras.Model):
         self.build(template.inputs[0].shape)
         for stage, layers in zip(self.stages, per_layer, strict=True):
             if isinstance(stage, _StackedDense):
-                stage.kernel.assign(ops.stack([layer.kernel for layer in layers]))
+                stage.kernel.assign(ops.stack([layer.kernel.value for layer in layers]))
                 if stage.bias is not None:
-                    stage.bias.assign(ops.stack([layer.bias for layer in layers]))
+                    stage.bias.assign(ops.stack([layer.bias.value for layer in layers]))
 
     def build(self, input_shape):
         shape = tuple(input_shape)

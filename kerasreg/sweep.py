@@ -223,6 +223,15 @@ def sweep(
     instead), and training data other than arrays, a
     `keras.utils.PyDataset` or a `tf.data.Dataset`.
 
+    The engine is chosen per template (`SweepResult.engine`). A chain of
+    `Dense` and activation layers with the usual penalties (kerasreg's L1,
+    L2 and elastic net, Keras's L1, L2 and L1L2), a per-sample loss, mean
+    metrics (accuracy, MSE, ...) and an elementwise optimizer (SGD, Adam,
+    AdamW, RMSprop, ...) is `"vectorized"`: one model whose weights have a
+    leading axis of K, so a step is one batched matrix product per layer and
+    one optimizer update. Other templates are `"stacked"` (K copies side by
+    side). Both are the same computation as K separate fits.
+
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
             the template. It is neither trained nor changed.
@@ -233,9 +242,11 @@ def sweep(
         y: training targets, as for `fit`.
         role: `"kernel"` (default), `"recurrent"` or `"bias"`: the role of
             the penalties given without a dict.
-        where: which layers get the penalties: `regularize`'s `layers=`
-            (`None` = all layers with the role, a regular expression searched
-            in the layer name, or a callable `layer -> bool`).
+        where: which weights get the penalties: `regularize`'s `where=`, the
+            selection rule used everywhere in kerasreg (`None` = every weight
+            of the role; a regular expression searched in weight paths such
+            as `"hidden/kernel"`; or a selector such as
+            `kerasreg.layer("^hidden$")`).
         log_dir: optional TensorBoard root: one run per variant,
             `log_dir/<penalty name>/train|validation`, with Keras's
             `epoch_<metric>` scalars and `WeightNormLogger` data, plus the
@@ -388,7 +399,7 @@ def _make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
     variant.name = f"variant_{index}"
     roles = {r: (REMOVE if p is None else p) for r, p in penalty.items()}
     try:
-        regularize(variant, **roles, layers=where)
+        regularize(variant, **roles, where=where)
     except (TypeError, ValueError) as error:
         raise type(error)(f"kerasreg.sweep: penalties[{index}]: {error}") from None
     return variant
