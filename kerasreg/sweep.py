@@ -529,6 +529,8 @@ def _fit_stacked(models, names, logs, compile_config, exclusions, x, y, fit_kwar
             reason = _sweep_vector.why_not(models[0], models, variant)
             if reason is None and exclusions[1]:
                 reason = "weight decay excludes variables by identity (var_list)"
+            if reason is None and _has_sample_weights(x, fit_kwargs):
+                reason = "the data carry sample or class weights"
             if reason is None:
                 break
             logger.debug("kerasreg.sweep: not vectorised: %s", reason)
@@ -560,6 +562,24 @@ def _fit_stacked(models, names, logs, compile_config, exclusions, x, y, fit_kwar
     if sync is not None:
         sync(models)
     return monitor.histories, "vectorized" if reason is None else "stacked"
+
+
+def _has_sample_weights(x, fit_kwargs) -> bool:
+    """Whether any batch of training or validation data may carry weights."""
+    if fit_kwargs.get("sample_weight") is not None or fit_kwargs.get("class_weight"):
+        return True
+    validation = fit_kwargs.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) > 2:
+        return validation[2] is not None
+    if validation is not None and not isinstance(validation, (tuple, list)):
+        return True  # a dataset: its elements may hold weights
+    if isinstance(x, keras.utils.PyDataset):
+        first = x[0]
+        return len(first) > 2 and first[2] is not None
+    if _is_dataset(x):
+        spec = x.element_spec
+        return not isinstance(spec, tuple) or len(spec) > 2
+    return False
 
 
 def _sample_batch(x, y):

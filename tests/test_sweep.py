@@ -238,6 +238,23 @@ def test_vectorized_engine_with_the_options_that_change_the_loop():
         assert_same_fit(row, trained, history, reference.get_weights())
 
 
+def test_sample_weights_are_weighed_as_separate_fits_weigh_them():
+    x, y = data()
+    weights = np.linspace(0.2, 2.0, len(x)).astype("float32")
+    model = template("adam")
+    penalties = [None, kerasreg.L2Penalty(1e-2)]
+    fit_kwargs = dict(
+        epochs=2, batch_size=16, shuffle=False, sample_weight=weights, verbose=0
+    )
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.engine == "stacked"  # the vectorised engine takes no weights
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        history, final = separate_fit(model, penalty, "adam", x, y, **fit_kwargs)
+        assert_same_fit(row, trained, history, final)
+
+
 def residual():
     inputs = keras.Input((3,))
     hidden = keras.layers.Dense(3)(inputs)
