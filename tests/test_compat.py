@@ -235,7 +235,7 @@ def test_weight_decay_exclusions_are_read_back_as_given():
     fresh = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
     fresh.exclude_from_weight_decay(var_names=names)
     before = [keras.ops.convert_to_numpy(w) for w in model.weights]
-    fresh.apply([np.zeros(w.shape, "float32") for w in model.weights], model.weights)
+    fresh.apply([keras.ops.zeros(w.shape) for w in model.weights], model.weights)
     after = [keras.ops.convert_to_numpy(w) for w in model.weights]
     kept = [np.array_equal(a, b) for a, b in zip(after, before, strict=True)]
     assert kept == [False, True, False, True]
