@@ -29,7 +29,6 @@ what they share:
 
 from __future__ import annotations
 
-import math
 import numbers
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,9 +39,9 @@ import numpy as np
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg._checks import as_real_scalar, optimizer_iterations, validate_bool
 from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
-from kerasreg.penalties import as_real_scalar
 from kerasreg.selection import Where, check_where, select_weights
 
 FREQUENCIES = ("batch", "epoch")
@@ -84,11 +83,7 @@ class PostStepTransform(keras.callbacks.Callback):
                 f"{', '.join(map(repr, FREQUENCIES))}. Received: "
                 f"frequency={frequency!r}."
             )
-        if not isinstance(lr_scaled, (bool, np.bool_)):
-            raise TypeError(
-                f"{owner}: invalid `lr_scaled`: expected True or False. "
-                f"Received: lr_scaled={lr_scaled!r} (type {type(lr_scaled).__name__})."
-            )
+        lr_scaled = validate_bool(lr_scaled, "lr_scaled", owner)
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"{owner}: invalid `schedule`: expected None or a callable "
@@ -223,7 +218,7 @@ class PostStepTransform(keras.callbacks.Callback):
         self._variables = variables
         self._refs = refs
         self._last_strength = None
-        self._step = _optimizer_iterations(model)
+        self._step = optimizer_iterations(model)
         if self.folded:
             _TrainStepFold.add(model, self)
             return
@@ -241,7 +236,7 @@ class PostStepTransform(keras.callbacks.Callback):
         self._epoch_pending = self.frequency == "epoch"
         if self.folded and self._needs_guard():
             # Check the epoch's steps before they run (nothing moves on error).
-            self._epoch_first_step = _optimizer_iterations(self.model)
+            self._epoch_first_step = optimizer_iterations(self.model)
             steps = (self.params or {}).get("steps")
             if steps:
                 first = self._epoch_first_step
@@ -259,7 +254,7 @@ class PostStepTransform(keras.callbacks.Callback):
             if self._needs_guard() and not (self.params or {}).get("steps"):
                 # Unknown epoch length: check the steps that ran (a bad one was
                 # a no-op in the step).
-                done = _optimizer_iterations(self.model)
+                done = optimizer_iterations(self.model)
                 self._check_steps(self._epoch_first_step, done)
             if logs is not None and self.schedule is None and not self.lr_scaled:
                 logs[self.log_key] = self._strength
@@ -276,7 +271,7 @@ class PostStepTransform(keras.callbacks.Callback):
             logs[self.log_key] = float(ops.convert_to_numpy(self._last_strength))
 
     def _after_batch(self, batch: int | None, logs: dict | None = None) -> None:
-        done = _optimizer_iterations(self.model)  # `model`: syncs JAX state
+        done = optimizer_iterations(self.model)  # `model`: syncs JAX state
         first, self._step = self._step, done
         steps = self._update_steps(first, done)
         if steps:
@@ -376,12 +371,6 @@ def _reason(error: Exception) -> str:
     text = str(error)
     marker = "expected"
     return text[text.index(marker) :] if marker in text else text
-
-
-def _optimizer_iterations(model: Any) -> int:
-    """Optimizer steps taken so far (one scalar read from the device)."""
-    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
-    return 0 if iterations is None else int(ops.convert_to_numpy(iterations))
 
 
 def _can_fold(schedule: Any) -> bool:
@@ -627,10 +616,3 @@ _FOLDS = {
     "jax": _fold_jax,
     "torch": _fold_torch,
 }
-
-
-def host_factor(strengths: Sequence[Any]) -> Any:
-    """`prod(1 - s)`: exact in float64 for Python numbers, else in float32."""
-    if all(isinstance(s, float) for s in strengths):
-        return math.prod(1.0 - s for s in strengths)
-    return ops.prod(ops.stack([1.0 - ops.cast(s, "float32") for s in strengths]))

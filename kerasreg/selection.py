@@ -185,20 +185,8 @@ def check_where(where: Where, *, argument: str = "where") -> Where:
         `where`, with an iterable turned into a list (a generator can then be
         used more than once).
     """
-    if isinstance(where, (keras.layers.Layer, keras.Variable)):
-        return [where]
-    if where is None or isinstance(where, Selector) or callable(where):
-        return where
-    if isinstance(where, str):
-        compile_pattern(where, argument)
-        return where
-    if isinstance(where, Iterable) and not isinstance(where, (bytes, dict)):
-        items = list(where)
-        _check_items(items, argument)
-        return items
-    # Same message as `as_selector` gives for an unsupported type.
-    as_selector(where, argument=argument)
-    return where
+    selector = as_selector(where, argument=argument)
+    return selector.items if isinstance(selector, _Items) else where
 
 
 def compile_pattern(pattern: str, argument: str) -> re.Pattern:
@@ -258,10 +246,48 @@ def describe_where(where: Where) -> str:
     """A short text for `where` in error messages."""
     if where is None or isinstance(where, (str, Selector)):
         return repr(where)
-    if callable(where):
+    if callable(where) and not isinstance(where, keras.layers.Layer):
         return getattr(where, "__name__", repr(where))
+    if isinstance(where, (keras.layers.Layer, keras.Variable)):
+        where = [where]
+    if isinstance(where, Iterable) and not isinstance(where, (bytes, dict)):
+        # Variables by path, layers by name: what the error is about.
+        where = [
+            i.path if isinstance(i, keras.Variable) else getattr(i, "name", i)
+            for i in where
+        ]
     text = repr(where)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def layer_matcher(
+    specs: tuple[Any, ...], layers: list[Any], model: Any, argument: str
+) -> Callable[[Any], bool]:
+    """`layer -> bool`: True when any spec matches the layer.
+
+    Specs are the ones `layer(...)` takes: a regular expression searched in
+    the layer's name, a layer instance (which must be one of `layers`), a
+    layer class, a callable `layer -> bool`. Shared by `layer(...)` and
+    `regularize`'s deprecated `layers=`.
+    """
+    known = {id(x) for x in layers}
+    tests = []
+    for spec in specs:
+        if isinstance(spec, str):
+            pattern = compile_pattern(spec, argument)
+            tests.append(lambda x, p=pattern: p.search(x.name) is not None)
+        elif isinstance(spec, keras.layers.Layer):
+            if id(spec) not in known:
+                raise ValueError(
+                    f"Invalid `{argument}`: layer {spec.name!r} is not "
+                    f"part of model {getattr(model, 'name', model)!r}."
+                )
+            tests.append(lambda x, s=spec: x is s)
+        elif isinstance(spec, type):
+            tests.append(lambda x, c=spec: isinstance(x, c))
+        else:
+            tests.append(lambda x, f=spec: bool(f(x)))
+    return lambda x: any(test(x) for test in tests)
 
 
 # Composable selectors ---------------------------------------------------------
@@ -518,26 +544,8 @@ class _Layer(Selector):
     def bind(self, context: _Context) -> Callable[[Any], bool]:
         model = context.model
         inside = [layer for layer, _ in context.walked if layer is not model]
-        known = {id(x) for x in inside}
-        tests = []
-        for spec in self.specs:
-            if isinstance(spec, str):
-                pattern = compile_pattern(spec, "layer")
-                tests.append(lambda x, p=pattern: p.search(x.name) is not None)
-            elif isinstance(spec, keras.layers.Layer):
-                if id(spec) not in known:
-                    raise ValueError(
-                        f"Invalid `{context.argument}`: layer {spec.name!r} is not "
-                        f"part of model {getattr(model, 'name', model)!r}."
-                    )
-                tests.append(lambda x, s=spec: x is s)
-            elif isinstance(spec, type):
-                tests.append(lambda x, c=spec: isinstance(x, c))
-            else:
-                tests.append(lambda x, f=spec: bool(f(x)))
-        ids = {
-            id(v) for x in inside if any(test(x) for test in tests) for v in x.weights
-        }
+        match = layer_matcher(self.specs, inside, model, context.argument)
+        ids = {id(v) for x in inside if match(x) for v in x.weights}
         return lambda v: bool(v.trainable) and id(v) in ids
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 
+from kerasreg._checks import optimizer_iterations, validate_bool
 from kerasreg._compat import fit_callbacks
 from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.norms import STATISTICS, weight_norms
@@ -166,11 +167,7 @@ class WeightNormLogger(keras.callbacks.Callback):
                 f"an int >= 1 (log every N batches). Received: "
                 f"update_freq={update_freq!r}."
             )
-        if not isinstance(per_gate, bool):
-            raise TypeError(
-                "WeightNormLogger: invalid `per_gate`: expected True or False. "
-                f"Received: per_gate={per_gate!r} (type {type(per_gate).__name__})."
-            )
+        per_gate = validate_bool(per_gate, "per_gate", "WeightNormLogger")
         self.log_dir = os.fspath(log_dir)
         self.update_freq = update_freq
         self.where = check_where(where)
@@ -203,7 +200,7 @@ class WeightNormLogger(keras.callbacks.Callback):
             self._check_writable(self._train_dir)
             self._check_writable(self._validation_dir)
         self._writers = {}
-        self._step_offset = _optimizer_iterations(model)
+        self._step_offset = optimizer_iterations(model)
         self._last_train_step = self._step_offset
         if self.update_freq != "epoch":
             n = self.update_freq
@@ -237,7 +234,7 @@ class WeightNormLogger(keras.callbacks.Callback):
     def _log_batch(self, batch: int, logs: dict | None = None) -> None:
         # The step is the optimizer's own count, never rebuilt from `batch`:
         # with `steps_per_execution=k` Keras calls this hook once per k steps.
-        step = _optimizer_iterations(self.model)
+        step = optimizer_iterations(self.model)
         if step < self._next_log_step:
             return
         self._next_log_step = (step // self.update_freq + 1) * self.update_freq
@@ -249,7 +246,7 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         batch_mode = self.update_freq != "epoch"
-        step = _optimizer_iterations(self.model) if batch_mode else epoch
+        step = optimizer_iterations(self.model) if batch_mode else epoch
         norms = self._measure()
         total = self._total_penalty(norms)
         if logs is not None:
@@ -273,7 +270,7 @@ class WeightNormLogger(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.update_freq != "epoch":
             # The last log of a fit is at its last step.
-            step = _optimizer_iterations(self.model)
+            step = optimizer_iterations(self.model)
             if step > self._last_train_step:
                 self._log_train(step, self._measure(), logs)
         for writer in self._writers.values():
@@ -580,11 +577,3 @@ def _regularized_weights(model: keras.Model) -> list[Any]:
     """The weights whose regularizer Keras adds to the loss: trainable ones."""
     weights = {id(v): v for v in model.trainable_weights if v.regularizer is not None}
     return list(weights.values())
-
-
-def _optimizer_iterations(model: keras.Model) -> int:
-    optimizer = getattr(model, "optimizer", None)
-    iterations = getattr(optimizer, "iterations", None)
-    if iterations is None:
-        return 0
-    return int(keras.ops.convert_to_numpy(iterations))
