@@ -158,7 +158,7 @@ class WeightDecay(PostStepTransform):
     def _param(self, strengths: Sequence[Any]) -> Any:
         return host_factor(strengths)
 
-    def _param_in_step(self, strength: Any) -> Any:
+    def param_in_step(self, strength: Any) -> Any:
         if isinstance(strength, float):
             return 1.0 - strength  # exact in float64
         return ops.subtract(1.0, ops.cast(strength, "float32"))
@@ -298,7 +298,7 @@ class SoftThreshold(PostStepTransform):
             return math.fsum(strengths)
         return ops.sum(ops.stack([ops.cast(s, "float32") for s in strengths]))
 
-    def _param_in_step(self, strength: Any) -> Any:
+    def param_in_step(self, strength: Any) -> Any:
         return strength
 
     @staticmethod

@@ -4,6 +4,12 @@
 `kerasreg.selection`) with one compiled computation that returns one small
 float32 vector, copied to the host once. On a GPU this costs one kernel launch
 sequence and one transfer, however many weights the model has.
+
+Longer than 400 lines on purpose: it is one computation. `_NormProgram` and
+its reductions (`_zero_fractions`, `_sum_of_squares`, `_scaled_norm`, the
+linear-penalty shortcut) are its only users and are tuned together for the
+pass count described in `_NormProgram`; the program cache beside them keys
+on exactly what the program bakes in.
 """
 
 from __future__ import annotations
