@@ -2,6 +2,7 @@
 
 - scalar arguments: `as_real_scalar`, `validate_factor` (finite, >= 0),
   `validate_unit_interval` (`[0, 1]` or `[0, 1)`), `validate_bool`;
+- iterables of Keras objects: `check_items`;
 - dtype rules: `is_low_precision`, `accumulation_dtype` (float16 and bfloat16
   weights are summed in float32);
 - the optimizer's step count: `optimizer_iterations`.
@@ -90,6 +91,22 @@ def validate_bool(value: Any, name: str, owner: str) -> bool:
             f"Received: {name}={value!r} (type {type(value).__name__})."
         )
     return bool(value)
+
+
+def check_items(items: Any, types: Any, prefix: str, expected: str) -> list[Any]:
+    """`items` as a list whose every item is an instance of `types`, or raise.
+
+    The `TypeError` reads `"{prefix}: an iterable must hold {expected}.
+    Received an item ..."`, naming the first item of another type.
+    """
+    items = list(items)
+    for item in items:
+        if not isinstance(item, types):
+            raise TypeError(
+                f"{prefix}: an iterable must hold {expected}. Received an item "
+                f"{item!r} (type {type(item).__name__})."
+            )
+    return items
 
 
 def is_low_precision(dtype: Any) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from kerasreg._checks import check_items
 from kerasreg._compat import config_regularizer_attribute, sublayers
 from kerasreg.penalties import get
 from kerasreg.selection import (
@@ -263,13 +264,10 @@ def _layer_predicate(
     if isinstance(layers, (str, keras.layers.Layer)) or callable(layers):
         specs: tuple[Any, ...] = (layers,)
     elif isinstance(layers, Iterable) and not isinstance(layers, (bytes, dict)):
-        specs = tuple(layers)
-        for item in specs:
-            if not isinstance(item, keras.layers.Layer):
-                raise TypeError(
-                    "Invalid `layers`: an iterable must hold Keras layers. "
-                    f"Received an item {item!r} (type {type(item).__name__})."
-                )
+        layer_type = keras.layers.Layer
+        specs = tuple(
+            check_items(layers, layer_type, "Invalid `layers`", "Keras layers")
+        )
     else:
         raise TypeError(
             "Invalid `layers`: expected None, a regular expression string, a "

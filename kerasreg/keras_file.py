@@ -128,13 +128,19 @@ def open_model_file(path: str) -> KerasFile:
         raise KerasFileError(f"cannot read {path!r}: {first_line(error)}") from None
 
 
-def _open_weights_only(path: str) -> KerasFile:
+def _open_h5(source: Any, failure: Callable[[str], str]) -> h5py.File:
+    """`h5py.File(source, "r")`; unreadable: `KerasFileError(failure(reason))`,
+    `reason` being h5py's first line."""
     try:
-        h5 = h5py.File(path, "r")
+        return h5py.File(source, "r")
     except OSError as error:
-        raise KerasFileError(
-            f"cannot read {path!r} as HDF5 weights: {first_line(error)}"
-        ) from None
+        raise KerasFileError(failure(first_line(error))) from None
+
+
+def _open_weights_only(path: str) -> KerasFile:
+    h5 = _open_h5(
+        path, lambda reason: f"cannot read {path!r} as HDF5 weights: {reason}"
+    )
     file = KerasFile(path, None, None, h5, _closers=[h5.close])
     try:
         file.weights = name_weights(h5, None, path)
@@ -300,12 +306,10 @@ def _open_member_h5(
         with archive.open(info) as member:
             shutil.copyfileobj(member, source, CHUNK_BYTES)
         source.seek(0)
-    try:
-        h5 = h5py.File(source, "r")
-    except OSError as error:
-        raise KerasFileError(
-            f"{path!r}: {WEIGHTS} is not a readable HDF5 file ({first_line(error)})."
-        ) from None
+    h5 = _open_h5(
+        source,
+        lambda reason: f"{path!r}: {WEIGHTS} is not a readable HDF5 file ({reason}).",
+    )
     closers.append(h5.close)
     return h5
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import keras
 
+from kerasreg._checks import check_items
 from kerasreg.walk import all_weights, default_rule, walk_layers, weight_paths
 
 Where = "None | str | Selector | Callable[[Any], bool] | Iterable[Any]"
@@ -89,13 +90,8 @@ def _ids_of_items(items: list[Any], model: keras.layers.Layer, argument: str) ->
 
 
 def _check_items(items: list[Any], argument: str) -> None:
-    for item in items:
-        if not isinstance(item, (keras.layers.Layer, keras.Variable)):
-            raise TypeError(
-                f"Invalid `{argument}`: an iterable must hold Keras layers or "
-                f"variables. Received an item {item!r} "
-                f"(type {type(item).__name__})."
-            )
+    kinds = (keras.layers.Layer, keras.Variable)
+    check_items(items, kinds, f"Invalid `{argument}`", "Keras layers or variables")
 
 
 def describe_where(where: Where) -> str:
