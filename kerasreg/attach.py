@@ -10,18 +10,18 @@ attribute (so `get_config` and saving keep it), the variable's `regularizer`
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
 
+from kerasreg._checks import check_items
 from kerasreg._compat import config_regularizer_attribute, sublayers
 from kerasreg.penalties import get
 from kerasreg.selection import (
-    compile_pattern,
     describe_where,
+    layer_matcher,
     walk_layers,
     where_predicate,
 )
@@ -59,8 +59,6 @@ ROLES: dict[str, tuple[tuple[str, str], ...]] = {
     "recurrent": (("recurrent_regularizer", "recurrent_kernel"),),
     "bias": (("bias_regularizer", "bias"),),
 }
-
-LayerFilter = "None | str | Callable[[keras.layers.Layer], bool] | Iterable[Layer]"
 
 
 def regularize(
@@ -168,7 +166,7 @@ def regularize(
             raise TypeError(
                 "regularize() takes `where=` or its deprecated alias `layers=`, "
                 f"not both. Received: where={describe_where(where)}, "
-                f"layers={_describe(layers)}."
+                f"layers={describe_where(layers)}."
             )
         warnings.warn(
             "regularize(layers=...) is deprecated: pass where=kerasreg.layer(...) "
@@ -205,7 +203,7 @@ def regularize(
             names = ", ".join(layer.name for layer in in_scope[:12])
             raise ValueError(
                 f"Invalid `{role}`: no layer in scope has a {role} weight "
-                f"(layers={_describe(layers)}; layers in scope: {names})."
+                f"(layers={describe_where(layers)}; layers in scope: {names})."
             )
         found.extend(_config_slots(walked, in_scope, found, role, layers))
         value = None if penalty is REMOVE else penalty
@@ -253,7 +251,7 @@ def _layers_in_scope(
     if not in_scope:
         names = ", ".join(layer.name for layer, _ in walked[1:13])
         raise ValueError(
-            f"Invalid `layers`: {_describe(layers)} matches no layer of model "
+            f"Invalid `layers`: {describe_where(layers)} matches no layer of model "
             f"{model.name!r}. Its layers are: {names}."
         )
     return in_scope
@@ -262,34 +260,21 @@ def _layers_in_scope(
 def _layer_predicate(
     layers: Any, walked: list[tuple[Any, tuple[Any, ...]]], model: keras.Model
 ) -> Callable[[Any], bool]:
-    if isinstance(layers, str):
-        pattern: re.Pattern = compile_pattern(layers, "layers")
-        return lambda layer: pattern.search(layer.name) is not None
-    if isinstance(layers, keras.layers.Layer):
-        layers = [layers]
-    if callable(layers):
-        return lambda layer: bool(layers(layer))
-    if isinstance(layers, Iterable) and not isinstance(layers, (bytes, dict)):
-        known = {id(layer) for layer, _ in walked}
-        ids = set()
-        for item in layers:
-            if not isinstance(item, keras.layers.Layer):
-                raise TypeError(
-                    "Invalid `layers`: an iterable must hold Keras layers. "
-                    f"Received an item {item!r} (type {type(item).__name__})."
-                )
-            if id(item) not in known:
-                raise ValueError(
-                    f"Invalid `layers`: layer {item.name!r} is not part of "
-                    f"model {model.name!r}."
-                )
-            ids.add(id(item))
-        return lambda layer: id(layer) in ids
-    raise TypeError(
-        "Invalid `layers`: expected None, a regular expression string, a "
-        "callable `layer -> bool`, or an iterable of layers. "
-        f"Received: layers={layers!r} (type {type(layers).__name__})."
-    )
+    """`layers=` as `layer(...)` specs, matched by the one rule of `selection`."""
+    if isinstance(layers, (str, keras.layers.Layer)) or callable(layers):
+        specs: tuple[Any, ...] = (layers,)
+    elif isinstance(layers, Iterable) and not isinstance(layers, (bytes, dict)):
+        layer_type = keras.layers.Layer
+        specs = tuple(
+            check_items(layers, layer_type, "Invalid `layers`", "Keras layers")
+        )
+    else:
+        raise TypeError(
+            "Invalid `layers`: expected None, a regular expression string, a "
+            "callable `layer -> bool`, or an iterable of layers. "
+            f"Received: layers={layers!r} (type {type(layers).__name__})."
+        )
+    return layer_matcher(specs, [layer for layer, _ in walked], model, "layers")
 
 
 def _role_slots(layer: Any, role: str) -> list[tuple[str, Any]]:
@@ -373,7 +358,7 @@ def _config_slots(
                 extra.append((layer, name, None))
             elif inside:
                 raise ValueError(
-                    f"Invalid `layers`: {_describe(layers)} selects "
+                    f"Invalid `layers`: {describe_where(layers)} selects "
                     f"{', '.join(repr(c.name) for c in inside)} inside "
                     f"{type(layer).__name__} {layer.name!r} but not the layer "
                     f"itself. It saves one `{attribute}` for all its projections "
@@ -422,12 +407,3 @@ def _remake_compiled_functions(model: keras.Model) -> None:
     for kind in ("train", "test", "predict"):
         if getattr(model, f"{kind}_function", None) is not None:
             getattr(model, f"make_{kind}_function")(force=True)
-
-
-def _describe(layers: Any) -> str:
-    if layers is None or isinstance(layers, str):
-        return repr(layers)
-    if callable(layers):
-        return getattr(layers, "__name__", repr(layers))
-    text = repr([getattr(item, "name", item) for item in layers])
-    return text if len(text) <= 200 else text[:197] + "..."

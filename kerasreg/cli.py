@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     where = _check_where(args.where)
-    from kerasreg import keras_file
+    from kerasreg import keras_file_stats
 
     with _open(args.model) as file:
         selected = _select(file, where, args.where)
@@ -154,7 +154,7 @@ def _inspect(args: argparse.Namespace) -> int:
         }
         unknown = sorted(
             {
-                str(keras_file.penalty_formula(w.regularizer).label)
+                str(keras_file_stats.penalty_formula(w.regularizer).label)
                 for w in regularized
                 if penalties[w.path] is None
             }
@@ -289,7 +289,7 @@ def _write_shrunk(
     import tempfile
     import zipfile
 
-    from kerasreg import keras_file
+    from kerasreg import keras_file, keras_file_stats
 
     folder = os.path.dirname(os.path.abspath(target))
     temporaries: list[str] = []
@@ -309,7 +309,7 @@ def _write_shrunk(
         raise CommandError(f"cannot write {target!r}: {error.strerror}.") from None
     try:
         names = {w.dataset for w in selected}
-        norms = keras_file.scaled_weights_copy(file, names, factor, weights)
+        norms = keras_file_stats.scaled_weights_copy(file, names, factor, weights)
         with (
             zipfile.ZipFile(file.path) as source,
             zipfile.ZipFile(temporary, "w", allowZip64=True) as output,
@@ -399,10 +399,10 @@ def _select(file: Any, where: re.Pattern | None, text: str | None) -> list[Any]:
 
 
 def _measure(file: Any, weight: Any, *, per_gate: bool) -> dict[str, Any]:
-    from kerasreg import keras_file
+    from kerasreg import keras_file, keras_file_stats
 
     try:
-        return keras_file.measure(file, weight, per_gate=per_gate)
+        return keras_file_stats.measure(file, weight, per_gate=per_gate)
     except keras_file.KerasFileError as error:
         raise CommandError(str(error)) from None
 

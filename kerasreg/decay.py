@@ -17,14 +17,21 @@ import keras
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg._checks import validate_factor, validate_unit_interval
 from kerasreg.inplace import InPlaceUpdate, update_model_weights
 from kerasreg.norms import weight_norms
-from kerasreg.penalties import as_real_scalar
-from kerasreg.poststep import PostStepTransform, host_factor
+from kerasreg.poststep import PostStepTransform
 from kerasreg.selection import Where, check_where, select_weights, weight_paths
 
 LOG_KEY = "weight_decay_rate"  # the default `WeightDecay` logs key
 TOWARD_START = "start"
+
+
+def host_factor(strengths: Sequence[Any]) -> Any:
+    """`prod(1 - s)`: exact in float64 for Python numbers, else in float32."""
+    if all(isinstance(s, float) for s in strengths):
+        return math.prod(1.0 - s for s in strengths)
+    return ops.prod(ops.stack([1.0 - ops.cast(s, "float32") for s in strengths]))
 
 
 def _scale(value: Any, factor: Any, ref: Any) -> Any:
@@ -151,7 +158,7 @@ class WeightDecay(PostStepTransform):
     def _param(self, strengths: Sequence[Any]) -> Any:
         return host_factor(strengths)
 
-    def _param_in_step(self, strength: Any) -> Any:
+    def param_in_step(self, strength: Any) -> Any:
         if isinstance(strength, float):
             return 1.0 - strength  # exact in float64
         return ops.subtract(1.0, ops.cast(strength, "float32"))
@@ -280,8 +287,6 @@ class SoftThreshold(PostStepTransform):
         self._strength = self._check_strength(value, "threshold")
 
     def _check_strength(self, value: Any, name: str) -> float:
-        from kerasreg.penalties import validate_factor
-
         return validate_factor(value, name, type(self).__name__)
 
     def _strength_ok(self, strength: Any) -> Any:
@@ -293,7 +298,7 @@ class SoftThreshold(PostStepTransform):
             return math.fsum(strengths)
         return ops.sum(ops.stack([ops.cast(s, "float32") for s in strengths]))
 
-    def _param_in_step(self, strength: Any) -> Any:
+    def param_in_step(self, strength: Any) -> Any:
         return strength
 
     @staticmethod
@@ -354,22 +359,6 @@ def shrink_weights(
         path: {"before": before[path]["l2"], "after": after[path]["l2"]}
         for path in before
     }
-
-
-def validate_unit_interval(value: Any, name: str, owner: str, *, upper: bool) -> float:
-    """`value` as a float in `[0, 1]` (`upper=True`) or `[0, 1)`, or raise."""
-    accepted = f"a real number in [0, 1{']' if upper else ')'}"
-    number = as_real_scalar(value)
-    if number is None:
-        raise TypeError(
-            f"{owner}: invalid `{name}`: expected {accepted}. "
-            f"Received: {name}={value!r} (type {type(value).__name__})."
-        )
-    if not (0.0 <= number <= 1.0) or (number == 1.0 and not upper):
-        raise ValueError(
-            f"{owner}: invalid `{name}`: expected {accepted}. Received: {name}={value!r}."
-        )
-    return number
 
 
 def _check_toward(toward: Any) -> Any:

@@ -19,7 +19,7 @@ import keras
 from keras import ops
 
 from kerasreg import _compat
-from kerasreg.penalties import is_low_precision
+from kerasreg._checks import is_low_precision
 
 # transform(value, param, ref) -> new value, in `keras.ops`; `ref` may be None.
 Transform = Callable[[Any, Any, Any], Any]

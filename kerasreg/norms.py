@@ -4,6 +4,12 @@
 `kerasreg.selection`) with one compiled computation that returns one small
 float32 vector, copied to the host once. On a GPU this costs one kernel launch
 sequence and one transfer, however many weights the model has.
+
+Longer than 400 lines on purpose: it is one computation. `_NormProgram` and
+its reductions (`_zero_fractions`, `_sum_of_squares`, `_scaled_norm`, the
+linear-penalty shortcut) are its only users and are tuned together for the
+pass count described in `_NormProgram`; the program cache beside them keys
+on exactly what the program bakes in.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from kerasreg.penalties import accumulation_dtype, is_low_precision, validate_factor
+from kerasreg._checks import (
+    accumulation_dtype,
+    is_low_precision,
+    validate_bool,
+    validate_factor,
+)
 from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
@@ -115,11 +126,7 @@ def weight_norms(
     >>> bool(abs(stats["penalty"] - 0.1 * stats["l2"] ** 2) < 1e-6)
     True
     """
-    if not isinstance(per_gate, bool):
-        raise TypeError(
-            "weight_norms: invalid `per_gate`: expected True or False. "
-            f"Received: per_gate={per_gate!r} (type {type(per_gate).__name__})."
-        )
+    per_gate = validate_bool(per_gate, "per_gate", "weight_norms")
     zero_threshold = validate_factor(zero_threshold, "zero_threshold", "weight_norms")
     variables = select_weights(model, where)
     return _program_for(model, variables, per_gate, zero_threshold)()

@@ -11,81 +11,24 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import re
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg._checks import accumulation_dtype, validate_factor
 
 _PACKAGE = "kerasreg"
-_LOW_PRECISION = ("float16", "bfloat16")
 
 # `ExpAbsPenalty` is exact up to this |w|; beyond it, a quadratic continuation.
 EXP_ABS_EXACT_LIMIT = 20.0
 
 
-def validate_factor(value: Any, name: str, owner: str) -> float:
-    """Return `value` as a Python float, or raise naming `name` and `value`.
-
-    Accepts any finite real number >= 0: Python ints and floats, NumPy scalars
-    and 0-d arrays (or tensors). Rejects booleans, strings, sequences, arrays
-    with more than one element, `None`, NaN, infinities and negative numbers.
-    """
-    accepted = "a finite real number >= 0 (int, float, NumPy scalar or 0-d array)"
-    number = as_real_scalar(value)
-    if number is None:
-        raise TypeError(
-            f"{owner}: invalid `{name}`: expected {accepted}. "
-            f"Received: {name}={value!r} (type {type(value).__name__})."
-        )
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(
-            f"{owner}: invalid `{name}`: expected {accepted}. "
-            f"Received: {name}={value!r}."
-        )
-    return number
-
-
-def as_real_scalar(value: Any) -> float | None:
-    """`value` as a Python float if it is one real number, else `None`.
-
-    Python ints and floats, NumPy scalars and 0-d arrays (or tensors) qualify;
-    booleans, strings, `None` and arrays with any dimension do not.
-    """
-    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        try:
-            array = np.asarray(value)
-        except Exception:
-            return None
-        if array.shape == () and array.dtype.kind in "fiu":
-            return float(array)
-    return None
-
-
 def _abs(x):
     """`|x|` whose gradient at 0 is 0 on every backend (JAX's `abs` gives 1 there)."""
     return ops.sign(x) * x
-
-
-def is_low_precision(dtype) -> bool:
-    """True for float16 and bfloat16, which kerasreg sums in float32."""
-    return keras.backend.standardize_dtype(dtype) in _LOW_PRECISION
-
-
-def accumulation_dtype(x):
-    """Low-precision weights are summed in float32 (float16 overflows at 65504)."""
-    x = ops.convert_to_tensor(x)
-    if is_low_precision(x.dtype):
-        return ops.cast(x, "float32")
-    return x
 
 
 class Penalty(keras.regularizers.Regularizer):
@@ -310,7 +253,7 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
         reference = _compat.eager_copy(variable)
         if reference is not None:
             self.reference = reference
-            self._owner = _weak_id(variable)
+            self._owner = id(variable)
         return self
 
     def __call__(self, x):
@@ -319,7 +262,7 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
                 self.set_reference(x)
                 if self.reference is None:  # a shape-only symbolic pass
                     return ops.zeros((), "float32")
-            elif self._owner is not None and self._owner != _weak_id(x):
+            elif self._owner is not None and self._owner != id(x):
                 raise ValueError(
                     f"L2SPPenalty: one instance is attached to two weights "
                     f"({x.path!r} and another one). Each weight needs its own "
@@ -362,10 +305,6 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
 
     def __reduce__(self):
         return (type(self).from_config, (self.get_config(),))
-
-
-def _weak_id(variable: Any) -> int:
-    return id(variable)
 
 
 PENALTIES = (L1Penalty, L2Penalty, ElasticNetPenalty, ExpAbsPenalty, L2SPPenalty)

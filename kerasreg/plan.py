@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasreg._checks import check_items
 from kerasreg._compat import sublayers
 from kerasreg.selection import default_rule, weight_paths, where_predicate
 
@@ -209,15 +210,12 @@ def _check_callbacks(callbacks: Any) -> list[Any]:
             f"keras.callbacks.Callback. Received: callbacks={callbacks!r} "
             f"(type {type(callbacks).__name__})."
         )
-    callbacks = list(callbacks)
-    for item in callbacks:
-        if not isinstance(item, keras.callbacks.Callback):
-            raise TypeError(
-                "describe: invalid `callbacks`: every item must be a "
-                f"keras.callbacks.Callback. Received an item {item!r} "
-                f"(type {type(item).__name__})."
-            )
-    return callbacks
+    return check_items(
+        callbacks,
+        keras.callbacks.Callback,
+        "describe: invalid `callbacks`",
+        "keras.callbacks.Callback instances",
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -14,7 +14,7 @@ what they share:
   Keras's `batch` argument.
 - **How.** Per-step transforms with a constant strength or a
   `keras.optimizers.schedules.LearningRateSchedule` are folded into the
-  model's compiled train step (`_TrainStepFold`): several compose in list
+  model's compiled train step (`kerasreg.train_step_fold`): several compose in list
   order in one compiled step and need no batch hook. Per-epoch transforms and
   Python-callable schedules run from the callback as one compiled in-place
   update (`kerasreg.inplace`); per-epoch ones run before the epoch's
@@ -29,9 +29,7 @@ what they share:
 
 from __future__ import annotations
 
-import math
 import numbers
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -40,10 +38,11 @@ import numpy as np
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg._checks import as_real_scalar, optimizer_iterations, validate_bool
 from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
-from kerasreg.penalties import as_real_scalar
 from kerasreg.selection import Where, check_where, select_weights
+from kerasreg.train_step_fold import TrainStepFold
 
 FREQUENCIES = ("batch", "epoch")
 
@@ -58,7 +57,7 @@ class PostStepTransform(keras.callbacks.Callback):
     Subclasses set `STRENGTH` (the strength's argument name, also the suffix
     of the `logs` key), `DEFAULT_NAME`, and implement `_check_strength`,
     `_strength_ok`, `_param` (host: several steps' strengths to one update
-    parameter), `_param_in_step`, `transform(value, param, ref)` and
+    parameter), `param_in_step`, `transform(value, param, ref)` and
     `describe_action`.
     """
 
@@ -84,11 +83,7 @@ class PostStepTransform(keras.callbacks.Callback):
                 f"{', '.join(map(repr, FREQUENCIES))}. Received: "
                 f"frequency={frequency!r}."
             )
-        if not isinstance(lr_scaled, (bool, np.bool_)):
-            raise TypeError(
-                f"{owner}: invalid `lr_scaled`: expected True or False. "
-                f"Received: lr_scaled={lr_scaled!r} (type {type(lr_scaled).__name__})."
-            )
+        lr_scaled = validate_bool(lr_scaled, "lr_scaled", owner)
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"{owner}: invalid `schedule`: expected None or a callable "
@@ -109,10 +104,10 @@ class PostStepTransform(keras.callbacks.Callback):
         self.name = name
         self.log_key = f"{name}_{self.STRENGTH}"
         self.folded = frequency == "batch" and _can_fold(schedule)
-        self._variables: list[Any] = []
-        self._refs: list[Any] | None = None
+        self.selected: list[Any] = []
+        self.references: list[Any] | None = None
         self._update: InPlaceUpdate | None = None
-        self._fold_cache: dict[tuple, tuple[Any, Any]] = {}
+        self.fold_cache: dict[tuple, tuple[Any, Any]] = {}
         self._step = 0
         self._epoch = 0
         self._epoch_first_step = 0
@@ -136,7 +131,7 @@ class PostStepTransform(keras.callbacks.Callback):
         """Host: the update parameter of several consecutive steps at once."""
         raise NotImplementedError
 
-    def _param_in_step(self, strength: Any) -> Any:
+    def param_in_step(self, strength: Any) -> Any:
         raise NotImplementedError
 
     @staticmethod
@@ -220,12 +215,12 @@ class PostStepTransform(keras.callbacks.Callback):
         refs = self._references(model, variables)
         self.log_key = _FitNames.claim(self, f"{self.name}_{self.STRENGTH}")
         warn_if_logs_readers_run_first(self, (self.log_key,))
-        self._variables = variables
-        self._refs = refs
+        self.selected = variables
+        self.references = refs
         self._last_strength = None
-        self._step = _optimizer_iterations(model)
+        self._step = optimizer_iterations(model)
         if self.folded:
-            _TrainStepFold.add(model, self)
+            TrainStepFold.add(model, self)
             return
         update = InPlaceUpdate.key_of(variables, self.transform, refs)
         if self._update is None or self._update.key != update:
@@ -233,7 +228,7 @@ class PostStepTransform(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.folded:
-            _TrainStepFold.remove(self._model)
+            TrainStepFold.remove(self._model)
         self._epoch_pending = False
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -241,7 +236,7 @@ class PostStepTransform(keras.callbacks.Callback):
         self._epoch_pending = self.frequency == "epoch"
         if self.folded and self._needs_guard():
             # Check the epoch's steps before they run (nothing moves on error).
-            self._epoch_first_step = _optimizer_iterations(self.model)
+            self._epoch_first_step = optimizer_iterations(self.model)
             steps = (self.params or {}).get("steps")
             if steps:
                 first = self._epoch_first_step
@@ -259,7 +254,7 @@ class PostStepTransform(keras.callbacks.Callback):
             if self._needs_guard() and not (self.params or {}).get("steps"):
                 # Unknown epoch length: check the steps that ran (a bad one was
                 # a no-op in the step).
-                done = _optimizer_iterations(self.model)
+                done = optimizer_iterations(self.model)
                 self._check_steps(self._epoch_first_step, done)
             if logs is not None and self.schedule is None and not self.lr_scaled:
                 logs[self.log_key] = self._strength
@@ -276,7 +271,7 @@ class PostStepTransform(keras.callbacks.Callback):
             logs[self.log_key] = float(ops.convert_to_numpy(self._last_strength))
 
     def _after_batch(self, batch: int | None, logs: dict | None = None) -> None:
-        done = _optimizer_iterations(self.model)  # `model`: syncs JAX state
+        done = optimizer_iterations(self.model)  # `model`: syncs JAX state
         first, self._step = self._step, done
         steps = self._update_steps(first, done)
         if steps:
@@ -330,11 +325,11 @@ class PostStepTransform(keras.callbacks.Callback):
 
     # --- folding into the train step --------------------------------------------
 
-    def _fold_config(self) -> tuple:
+    def fold_config(self) -> tuple:
         """What a folded train step bakes in: a change means a new trace."""
         return (
-            tuple(id(v) for v in self._variables),
-            None if self._refs is None else tuple(id(r) for r in self._refs),
+            tuple(id(v) for v in self.selected),
+            None if self.references is None else tuple(id(r) for r in self.references),
             self._strength,
             self.lr_scaled,
             self.schedule,
@@ -342,7 +337,7 @@ class PostStepTransform(keras.callbacks.Callback):
             self._accumulation,
         )
 
-    def _strength_in_step(self, optimizer: Any) -> tuple[Any, Any, Any]:
+    def strength_in_step(self, optimizer: Any) -> tuple[Any, Any, Any]:
         """`(strength, ok, before)` of the step about to run, read before the
         optimizer moves: `ok` is None or a boolean tensor (strength in range),
         `before` the update count so far (or None without accumulation)."""
@@ -354,7 +349,7 @@ class PostStepTransform(keras.callbacks.Callback):
         before = ops.convert_to_tensor(step) if self._accumulation > 1 else None
         return strength, self._strength_ok(strength), before
 
-    def _applies(self, optimizer: Any, ok: Any, before: Any) -> Any:
+    def applies_in_step(self, optimizer: Any, ok: Any, before: Any) -> Any:
         """After the step: whether to transform (None: always). Under gradient
         accumulation only a batch whose step updated the weights counts."""
         if before is None:
@@ -362,26 +357,16 @@ class PostStepTransform(keras.callbacks.Callback):
         updated = ops.greater(ops.convert_to_tensor(optimizer.iterations), before)
         return updated if ok is None else ops.logical_and(ok, updated)
 
-    def _new_value(self, value: Any, param: Any, apply: Any, ref: Any) -> Any:
+    def new_value(self, value: Any, param: Any, apply: Any, ref: Any) -> Any:
         """One weight's value after the transform (unchanged where not `apply`)."""
         new = apply_transform(self.transform, value, param, ref)
         return new if apply is None else ops.where(apply, new, value)
-
-    def _fold_into(self, step: Callable[..., Any], model: keras.Model) -> Callable:
-        """`step` followed by this transform, for the active backend's trainer."""
-        return _FOLDS[keras.backend.backend()](step, model, self)
 
 
 def _reason(error: Exception) -> str:
     text = str(error)
     marker = "expected"
     return text[text.index(marker) :] if marker in text else text
-
-
-def _optimizer_iterations(model: Any) -> int:
-    """Optimizer steps taken so far (one scalar read from the device)."""
-    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
-    return 0 if iterations is None else int(ops.convert_to_numpy(iterations))
 
 
 def _can_fold(schedule: Any) -> bool:
@@ -424,213 +409,3 @@ class _FitNames:
             key = f"{callback.name}_{n}_{callback.STRENGTH}"
         claims[key] = callback
         return key
-
-
-_MISSING = object()
-
-
-class _TrainStepFold:
-    """The transforms folded into one model's `train_step` during one `fit`.
-
-    While active it shadows three model attributes: `train_step` (the original
-    step followed by each transform, in list order), `train_function` (Keras's
-    compiled function over that step, cached so a second `fit` does not
-    re-trace) and `make_train_function` (this object). Keras calls
-    `make_train_function` at the start of every `fit` and `train_on_batch`,
-    before `on_train_begin`, so a `fit` that raised (Keras then skips
-    `on_train_end`) is undone by the model's next training call: no later
-    training can run a stale transform.
-    """
-
-    NAMES = ("train_step", "make_train_function")
-
-    def __init__(self, model: keras.Model):
-        self._model = weakref.ref(model)
-        self.members: list[PostStepTransform] = []
-        self.saved = {name: vars(model).get(name, _MISSING) for name in self.NAMES}
-        self.step = model.train_step
-        self.train_function = model.train_function
-
-    @staticmethod
-    def active(model: keras.Model) -> _TrainStepFold | None:
-        fold = vars(model).get("make_train_function")
-        return fold if isinstance(fold, _TrainStepFold) else None
-
-    @classmethod
-    def add(cls, model: keras.Model, member: PostStepTransform) -> None:
-        fold = cls.active(model)
-        if fold is not None and member in fold.members:
-            fold.restore()  # left by a call that raised before `on_train_end`
-            fold = None
-        if fold is None:
-            fold = cls(model)
-        fold.members.append(member)
-        fold.install()
-
-    @classmethod
-    def remove(cls, model: keras.Model) -> None:
-        fold = cls.active(model)
-        if fold is not None:
-            fold.restore()
-
-    def install(self) -> None:
-        model = self._model()
-        owner = self.members[-1]
-        key = (
-            self.train_function,
-            tuple((member, member._fold_config()) for member in self.members),
-        )
-        if key not in owner._fold_cache:
-            step = self.step
-            for member in self.members:
-                step = member._fold_into(step, model)
-            model.train_step = step
-            self._original_make()(force=True)
-            # Entries built over an older `train_function` (before a `compile`)
-            # can never be used again.
-            for stale in [k for k in owner._fold_cache if k[0] is not key[0]]:
-                del owner._fold_cache[stale]
-            owner._fold_cache[key] = (step, model.train_function)
-        model.train_step, model.train_function = owner._fold_cache[key]
-        model.make_train_function = self
-
-    def restore(self) -> None:
-        model = self._model()
-        for name, value in self.saved.items():
-            if value is not _MISSING:
-                setattr(model, name, value)
-            elif name in vars(model):
-                delattr(model, name)
-        model.train_function = self.train_function
-
-    def _original_make(self) -> Callable[..., Any]:
-        model = self._model()
-        make = self.saved["make_train_function"]
-        return (
-            type(model).make_train_function.__get__(model) if make is _MISSING else make
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Stand-in for `model.make_train_function`: unfold, then build as usual."""
-        model = self._model()
-        self.restore()
-        return model.make_train_function(*args, **kwargs)
-
-
-def _logs_with(logs: Any, key: str, strength: Any) -> Any:
-    if not isinstance(logs, dict):
-        return logs
-    return {**logs, key: ops.convert_to_tensor(strength, "float32")}
-
-
-def _fold_tensorflow(step, model, member):
-    import tensorflow as tf
-
-    optimizer = model.optimizer
-    variables = [v.value for v in member._variables]
-    refs = member._refs or [None] * len(variables)
-
-    def update_one(variable, param, apply, ref):
-        return variable.assign(member._new_value(variable, param, apply, ref))
-
-    def update(distribution, param, apply):
-        # Cross-replica update: each mirrored copy is updated exactly once.
-        for variable, ref in zip(variables, refs, strict=True):
-            distribution.extended.update(
-                variable, update_one, args=(param, apply, ref), group=False
-            )
-
-    def train_step(data):
-        strength, ok, before = member._strength_in_step(optimizer)
-        logs = step(data)
-        apply = member._applies(optimizer, ok, before)
-        param = member._param_in_step(strength)
-        if isinstance(param, float):
-            param = tf.constant(param, "float64")  # keep `1 - rate` exact
-        _compat.merge_call(update, param, apply)
-        return _logs_with(logs, member.log_key, strength)
-
-    return train_step
-
-
-def _fold_jax(step, model, member):
-    optimizer = model.optimizer
-    refs = member._refs or [None] * len(member._variables)
-    selected = {id(v): ref for v, ref in zip(member._variables, refs, strict=True)}
-    # The JAX trainer's state holds values in these two lists' orders.
-    trainable = [
-        (i, selected[id(v)])
-        for i, v in enumerate(model.trainable_variables)
-        if id(v) in selected
-    ]
-    non_trainable = [
-        (i, selected[id(v)])
-        for i, v in enumerate(model.non_trainable_variables)
-        if id(v) in selected
-    ]
-    if len(trainable) + len(non_trainable) != len(selected):
-        raise RuntimeError(
-            f"{type(member).__name__}: a selected weight is not in the model's "
-            "trainable or non-trainable variables, so it cannot be updated in "
-            "the train step."
-        )
-
-    def updated(values, indices, param, apply):
-        values = list(values)
-        for i, ref in indices:
-            values[i] = member._new_value(values[i], param, apply, ref)
-        return values
-
-    def train_step(state, data):
-        mapping = list(zip(optimizer.variables, state[2], strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
-            strength, ok, before = member._strength_in_step(optimizer)
-        logs, state = step(state, data)
-        mapping = list(zip(optimizer.variables, state[2], strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
-            apply = member._applies(optimizer, ok, before)
-        param = member._param_in_step(strength)
-        trainable_values, non_trainable_values, *rest = state
-        state = (
-            updated(trainable_values, trainable, param, apply),
-            updated(non_trainable_values, non_trainable, param, apply),
-            *rest,
-        )
-        return _logs_with(logs, member.log_key, strength), state
-
-    return train_step
-
-
-def _fold_torch(step, model, member):
-    import torch
-
-    optimizer = model.optimizer
-    variables = list(member._variables)
-    refs = member._refs or [None] * len(variables)
-
-    def train_step(data):
-        strength, ok, before = member._strength_in_step(optimizer)
-        logs = step(data)
-        apply = member._applies(optimizer, ok, before)
-        param = member._param_in_step(strength)
-        with torch.no_grad():
-            for variable, ref in zip(variables, refs, strict=True):
-                value = variable.value
-                value.copy_(member._new_value(value, param, apply, ref))
-        return _logs_with(logs, member.log_key, strength)
-
-    return train_step
-
-
-_FOLDS = {
-    "tensorflow": _fold_tensorflow,
-    "jax": _fold_jax,
-    "torch": _fold_torch,
-}
-
-
-def host_factor(strengths: Sequence[Any]) -> Any:
-    """`prod(1 - s)`: exact in float64 for Python numbers, else in float32."""
-    if all(isinstance(s, float) for s in strengths):
-        return math.prod(1.0 - s for s in strengths)
-    return ops.prod(ops.stack([1.0 - ops.cast(s, "float32") for s in strengths]))

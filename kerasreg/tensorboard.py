@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import threading
 import uuid
 from typing import Any
 
 import keras
 
+from kerasreg._checks import optimizer_iterations, validate_bool
 from kerasreg._compat import fit_callbacks
 from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.norms import STATISTICS, weight_norms
 from kerasreg.plan import describe, weight_owners
 from kerasreg.selection import Where, check_where, select_weights
+from kerasreg.summaries import RunWriter, custom_scalars_layout
 
 # `logs` keys written at each epoch end.
 LOGS_KEYS = ("data_loss", "val_data_loss", "penalty")
@@ -166,11 +167,7 @@ class WeightNormLogger(keras.callbacks.Callback):
                 f"an int >= 1 (log every N batches). Received: "
                 f"update_freq={update_freq!r}."
             )
-        if not isinstance(per_gate, bool):
-            raise TypeError(
-                "WeightNormLogger: invalid `per_gate`: expected True or False. "
-                f"Received: per_gate={per_gate!r} (type {type(per_gate).__name__})."
-            )
+        per_gate = validate_bool(per_gate, "per_gate", "WeightNormLogger")
         self.log_dir = os.fspath(log_dir)
         self.update_freq = update_freq
         self.where = check_where(where)
@@ -203,7 +200,7 @@ class WeightNormLogger(keras.callbacks.Callback):
             self._check_writable(self._train_dir)
             self._check_writable(self._validation_dir)
         self._writers = {}
-        self._step_offset = _optimizer_iterations(model)
+        self._step_offset = optimizer_iterations(model)
         self._last_train_step = self._step_offset
         if self.update_freq != "epoch":
             n = self.update_freq
@@ -237,7 +234,7 @@ class WeightNormLogger(keras.callbacks.Callback):
     def _log_batch(self, batch: int, logs: dict | None = None) -> None:
         # The step is the optimizer's own count, never rebuilt from `batch`:
         # with `steps_per_execution=k` Keras calls this hook once per k steps.
-        step = _optimizer_iterations(self.model)
+        step = optimizer_iterations(self.model)
         if step < self._next_log_step:
             return
         self._next_log_step = (step // self.update_freq + 1) * self.update_freq
@@ -249,7 +246,7 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         batch_mode = self.update_freq != "epoch"
-        step = _optimizer_iterations(self.model) if batch_mode else epoch
+        step = optimizer_iterations(self.model) if batch_mode else epoch
         norms = self._measure()
         total = self._total_penalty(norms)
         if logs is not None:
@@ -273,7 +270,7 @@ class WeightNormLogger(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.update_freq != "epoch":
             # The last log of a fit is at its last step.
-            step = _optimizer_iterations(self.model)
+            step = optimizer_iterations(self.model)
             if step > self._last_train_step:
                 self._log_train(step, self._measure(), logs)
         for writer in self._writers.values():
@@ -343,162 +340,6 @@ class WeightNormLogger(keras.callbacks.Callback):
             ) from None
 
 
-class RunWriter:
-    """A summary writer for one run folder, kept open across `fit` calls.
-
-    TensorBoard reads a run's event files in name order, and TensorFlow names
-    them `events.out.tfevents.<seconds>.<host>.<pid>.<counter>.v2`: two files
-    opened in the same second sort by the counter as text (`...10.v2` before
-    `...9.v2`), so a second `fit` logging to the same folder through a new
-    writer can be read before the first. Keeping one writer per folder per
-    process appends every `fit` to the same file, in order.
-
-    All the scalars of one log are written by one cached `tf.function` (one
-    per tag set), about 7 times faster than one eager `tf.summary.scalar` per
-    tag. Writes run under `tf.summary.record_if(True)`, so another callback's
-    `record_if` condition cannot drop them (TensorFlow issue 49109).
-    """
-
-    _MAX_FUNCTIONS = 8
-
-    def __init__(self, folder: str):
-        import tensorflow as tf
-
-        before = _event_files(folder)
-        self.writer = tf.summary.create_file_writer(folder)
-        created = sorted(_event_files(folder) - before)
-        # Our file: the new one with our pid. If another process made one in
-        # the same instant we cannot tell which is ours; then the writer is
-        # not reused (`alive()` is False) and the next `fit` opens a new one.
-        mine = [name for name in created if f".{os.getpid()}." in name]
-        self.path = os.path.join(folder, mine[0]) if len(mine) == 1 else None
-        self._functions: dict[tuple[str, ...], Any] = {}
-        self._layout: bytes | None = None
-
-    def alive(self) -> bool:
-        """True while the writer's event file still exists."""
-        import tensorflow as tf
-
-        return self.path is not None and tf.io.gfile.exists(self.path)
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        import tensorflow as tf
-
-        tags = tuple(scalars)
-        values = tf.constant(list(scalars.values()), dtype=tf.float32)
-        step = tf.constant(step, dtype=tf.int64)
-        function = self._functions.get(tags)
-        if function is None:
-            # First write of these tags: eagerly (a one-off log, such as a
-            # short fit's epoch end, is not worth a trace). Compiled from the
-            # second on.
-            if len(self._functions) >= self._MAX_FUNCTIONS:
-                self._functions.pop(next(iter(self._functions)))
-            self._functions[tags] = self._compile(tags)
-            _write_scalars(self.writer, tags, values, step)
-        else:
-            function(values, step)
-
-    def _compile(self, tags: tuple[str, ...]) -> Any:
-        import tensorflow as tf
-
-        writer = self.writer
-
-        def write_all(values, step):
-            _write_scalars(writer, tags, values, step)
-
-        function = tf.function(write_all, autograph=False)
-        # One trace per writer and tag set is by design; a sweep over many
-        # log dirs must not print TensorFlow's "frequent retracing" warning.
-        if hasattr(function, "_omit_frequent_tracing_warning"):
-            function._omit_frequent_tracing_warning = True
-        return function
-
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        """A markdown text summary (TensorBoard's Text dashboard)."""
-        import tensorflow as tf
-
-        with self.writer.as_default(), tf.summary.record_if(True):
-            tf.summary.text(tag, text, step=step)
-
-    def write_layout(self, layout: Any) -> None:
-        """The run's `custom_scalars` layout, unless this writer already wrote it.
-
-        TensorFlow 2 has no op for it: the serialized summary proto is written
-        raw (tensorboard PR 5011).
-        """
-        import tensorflow as tf
-        from tensorboard.plugins.custom_scalar import summary as custom_scalar
-
-        serialized = layout.SerializeToString()
-        if serialized == self._layout:
-            return
-        with self.writer.as_default(), tf.summary.record_if(True):
-            tf.summary.experimental.write_raw_pb(
-                custom_scalar.pb(layout).SerializeToString(), step=0
-            )
-        self._layout = serialized
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-    def close(self) -> None:
-        self._functions = {}
-        self.writer.close()
-
-
-def custom_scalars_layout(
-    penalties: dict[str, list[str]], gates: dict[str, list[str]]
-) -> Any:
-    """The `custom_scalars` layout: several series per chart.
-
-    - category `regularization: penalty per layer` (when some weight has a
-      penalty): one chart per layer (an RNN with its cell, both directions of
-      `Bidirectional`) with the `penalty/<path>` series of its weights;
-    - category `regularization: loss`: `loss/data`, `penalty/total` and
-      `loss/total` in one chart (train and validation runs);
-    - category `regularization: L2 norm per gate` (with `per_gate=True`): one
-      chart per gated weight with its `norm_l2/<path>/gate_<g>` series.
-
-    Each chart's regular expression is anchored and lists the exact tags, so
-    it matches those tags and no others.
-
-    Args:
-        penalties: `{layer path: [penalty tags]}`.
-        gates: `{weight path: [gate tags]}`.
-    """
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    def chart(title: str, tags: list[str]) -> Any:
-        pattern = "^(" + "|".join(re.escape(tag) for tag in tags) + ")$"
-        return layout_pb2.Chart(
-            title=title, multiline=layout_pb2.MultilineChartContent(tag=[pattern])
-        )
-
-    categories = []
-    if penalties:
-        categories.append(
-            layout_pb2.Category(
-                title="regularization: penalty per layer",
-                chart=[chart(f"penalty {g}", t) for g, t in penalties.items()],
-            )
-        )
-    categories.append(
-        layout_pb2.Category(
-            title="regularization: loss",
-            chart=[chart("loss", ["loss/data", "penalty/total", "loss/total"])],
-        )
-    )
-    if gates:
-        categories.append(
-            layout_pb2.Category(
-                title="regularization: L2 norm per gate",
-                chart=[chart(f"norm_l2 {w}", t) for w, t in gates.items()],
-            )
-        )
-    return layout_pb2.Layout(category=categories)
-
-
 _RUN_WRITERS: dict[str, RunWriter] = {}  # least recently used first
 _RUN_WRITERS_LOCK = threading.Lock()
 # Open files are bounded: a sweep over hundreds of log dirs must not run out
@@ -528,26 +369,6 @@ def _close_run_writers() -> None:
         for writer in _RUN_WRITERS.values():
             writer.close()
         _RUN_WRITERS.clear()
-
-
-def _write_scalars(writer: Any, tags: tuple[str, ...], values: Any, step: Any) -> None:
-    import tensorflow as tf
-
-    with writer.as_default(), tf.summary.record_if(True):
-        for index, tag in enumerate(tags):
-            tf.summary.scalar(tag, values[index], step=step)
-
-
-def _event_files(folder: str) -> set[str]:
-    import tensorflow as tf
-
-    if not tf.io.gfile.isdir(folder):
-        return set()
-    return {
-        name
-        for name in tf.io.gfile.listdir(folder)
-        if name.startswith("events.out.tfevents.")
-    }
 
 
 def writes_summaries(model: keras.Model) -> bool:
@@ -580,11 +401,3 @@ def _regularized_weights(model: keras.Model) -> list[Any]:
     """The weights whose regularizer Keras adds to the loss: trainable ones."""
     weights = {id(v): v for v in model.trainable_weights if v.regularizer is not None}
     return list(weights.values())
-
-
-def _optimizer_iterations(model: keras.Model) -> int:
-    optimizer = getattr(model, "optimizer", None)
-    iterations = getattr(optimizer, "iterations", None)
-    if iterations is None:
-        return 0
-    return int(keras.ops.convert_to_numpy(iterations))

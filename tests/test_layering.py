@@ -1,0 +1,152 @@
+"""The package is layered: a module imports only modules of lower layers.
+
+Every `kerasreg/*.py` is parsed with `ast` (nothing is imported) and each of
+its `kerasreg` imports, at module level or inside a function, is checked
+against `LAYERS`. A new module must be given a layer here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kerasreg"
+
+# Lower numbers are lower layers; a module may import only strictly lower ones.
+LAYERS = {
+    # Helpers and the one door to Keras internals; the Keras-free file naming
+    # and the TensorBoard event-file writer import no kerasreg module.
+    "_checks": 0,
+    "_compat": 0,
+    "keras_file_names": 0,
+    "summaries": 0,
+    # The formulas, the model walk, and the machinery the callbacks share.
+    "penalties": 1,
+    "walk": 1,
+    "callback_order": 1,
+    "inplace": 1,
+    "train_step_fold": 1,
+    "keras_file": 1,
+    "selectors": 2,
+    "keras_file_stats": 2,
+    # The one `where=` rule.
+    "selection": 3,
+    # Features built on penalties and selection.
+    "norms": 4,
+    "attach": 4,
+    "plan": 4,
+    "poststep": 4,
+    "decay": 5,
+    "tensorboard": 5,
+    "sweep": 6,
+    # The command line (Keras-free) and the package surface on top.
+    "cli": 7,
+    "__init__": 8,
+    "__main__": 9,
+}
+
+# (importer, imported): why an import may go upward. Keep this short.
+JUSTIFIED = {
+    ("cli", "__init__"): (
+        "`kerasreg --version` reads `kerasreg.__version__`, inside "
+        "`build_parser`, once the package has finished importing"
+    ),
+}
+
+
+def kerasreg_imports(source: str, known: set[str]) -> set[str]:
+    """The kerasreg modules `source` imports, at any depth (`__init__` for the package).
+
+    `from kerasreg import X` names module `X` when `X` is one of `known`,
+    otherwise an attribute of the package (`__init__`).
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "kerasreg":
+                continue
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                for alias in node.names:
+                    found.add(alias.name if alias.name in known else "__init__")
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            # Relative imports inside the package.
+            module = (node.module or "").split(".")[0]
+            if module:
+                found.add(module)
+            else:
+                found.update(
+                    a.name if a.name in known else "__init__" for a in node.names
+                )
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "kerasreg":
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+    return found
+
+
+def upward_imports(
+    modules: dict[str, str], layers: dict[str, int], justified: dict
+) -> list[str]:
+    """`importer -> imported` for every import that is not strictly downward."""
+    known = set(modules)
+    problems = []
+    for name, source in sorted(modules.items()):
+        for target in sorted(kerasreg_imports(source, known) - {name}):
+            if target not in layers:
+                problems.append(f"{name} -> {target} (no layer declared)")
+            elif layers[target] >= layers[name] and (name, target) not in justified:
+                problems.append(
+                    f"{name} (layer {layers[name]}) -> {target} "
+                    f"(layer {layers[target]})"
+                )
+    return problems
+
+
+def package_sources() -> dict[str, str]:
+    return {path.stem: path.read_text() for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    assert set(package_sources()) == set(LAYERS)
+
+
+def test_no_module_imports_upward():
+    assert upward_imports(package_sources(), LAYERS, JUSTIFIED) == []
+
+
+def test_justified_imports_still_exist():
+    # A stale exception would silently allow an upward import later.
+    sources = package_sources()
+    for importer, imported in JUSTIFIED:
+        assert imported in kerasreg_imports(sources[importer], set(sources))
+
+
+def test_penalties_and_selection_are_below_every_feature():
+    for feature in ("norms", "attach", "poststep", "decay", "tensorboard", "sweep"):
+        assert LAYERS[feature] > LAYERS["selection"] > LAYERS["penalties"]
+        assert LAYERS["penalties"] > LAYERS["_checks"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from kerasreg.decay import WeightDecay",
+        "import kerasreg.decay",
+        "def f():\n    from kerasreg import decay\n",
+        "from kerasreg import WeightDecay",  # the package surface is the top
+        "from . import decay",
+    ],
+)
+def test_an_upward_import_is_caught(source):
+    # The checker on a made-up low module: each form of import is seen,
+    # module level or inside a function.
+    modules = {"penalties": source, "decay": "", "__init__": ""}
+    layers = {"penalties": 1, "decay": 5, "__init__": 8}
+    assert upward_imports(modules, layers, {}) != []
+    assert upward_imports({"penalties": "import numpy"}, layers, {}) == []
