@@ -40,6 +40,7 @@ LAYERS = {
     "poststep": 4,
     "decay": 5,
     "tensorboard": 5,
+    "_sweep_vector": 5,
     "sweep": 6,
     # The command line (Keras-free) and the package surface on top.
     "cli": 7,
