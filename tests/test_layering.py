@@ -40,12 +40,14 @@ LAYERS = {
     "poststep": 4,
     "decay": 5,
     "tensorboard": 5,
-    "_sweep_vector": 5,
-    "sweep": 6,
+    "_sweep_vector": 2,
+    "sweep_result": 5,
+    "_sweep_stack": 6,
+    "sweep": 7,
     # The command line (Keras-free) and the package surface on top.
-    "cli": 7,
-    "__init__": 8,
-    "__main__": 9,
+    "cli": 8,
+    "__init__": 9,
+    "__main__": 10,
 }
 
 # (importer, imported): why an import may go upward. Keep this short.
