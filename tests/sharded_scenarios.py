@@ -390,6 +390,83 @@ def scenario_lstm():
     return out
 
 
+# --- sweep -------------------------------------------------------------------
+
+SWEEP_PENALTIES = [None, 1e-3, 3e-2]  # no penalty, then L2Penalty(strength)
+SWEEP_OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+}
+
+
+def sweep_reference(penalty):
+    """The Dense template with Keras's own `kernel_regularizer` on every layer."""
+    reg = None if penalty is None else kerasreg.L2Penalty(penalty)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(
+                16, activation="tanh", kernel_regularizer=reg, name="d0"
+            ),
+            keras.layers.Dense(
+                16, activation="tanh", kernel_regularizer=reg, name="d1"
+            ),
+            keras.layers.Dense(4, kernel_regularizer=reg, name="d2"),
+        ]
+    )
+    model.set_weights(INIT["mlp"] + INIT["head"])
+    return model
+
+
+def scenario_sweep():
+    # K=3 variants of a Dense template whose kernels the LayoutMap shards:
+    # `sweep` once, and each variant as a plain separate fit, same batches.
+    fit_kwargs = dict(
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        validation_data=(FLAT_V, YV),
+        verbose=0,
+    )
+    out = {}
+    for kind, make_optimizer in SWEEP_OPTIMIZERS.items():
+        template = build(penalties=False)
+        template.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+        template_before = weights(template)
+        template_sharding = shardings(template)
+        penalties = [
+            None if p is None else kerasreg.L2Penalty(p) for p in SWEEP_PENALTIES
+        ]
+        result = kerasreg.sweep(template, penalties, FLAT, Y, **fit_kwargs)
+        variants = []
+        for penalty, row, model in zip(
+            SWEEP_PENALTIES, result.rows, result.models, strict=True
+        ):
+            reference = sweep_reference(penalty)
+            reference.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+            separate = reference.fit(FLAT, Y, **fit_kwargs).history
+            variants.append(
+                {
+                    "history": row["history"],
+                    "weights": weights(model),
+                    "paths": paths(model),
+                    "sharding": shardings(model),
+                    "separate_history": separate,
+                    "separate_weights": weights(reference),
+                    "separate_sharding": shardings(reference),
+                }
+            )
+        out[kind] = {
+            "stacked": result.stacked,
+            "variants": variants,
+            "template_before": template_before,
+            "template_after": weights(template),
+            "template_sharding_before": template_sharding,
+            "template_sharding_after": shardings(template),
+        }
+    return out
+
+
 SCENARIOS = {
     name[len("scenario_") :]: fn
     for name, fn in list(globals().items())
