@@ -15,6 +15,7 @@ The last line of stdout is `RESULT <json>`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -465,6 +466,76 @@ def scenario_sweep():
             "template_sharding_after": shardings(template),
         }
     return out
+
+
+def scenario_sweep_template_paths():
+    # A LayoutMap keyed by the template's own variable paths (`d0/kernel`, as
+    # `variable.path` prints them for a functional model): the variants must
+    # get the layout too, though Keras full-matches each key against a path.
+    distribution = keras.distribution.distribution()
+    scope = contextlib.nullcontext()
+    if distribution is not None:
+        layout_map = keras.distribution.LayoutMap(distribution.device_mesh)
+        for path, axes in LAYOUT.items():
+            layout_map[path] = axes
+        scope = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ).scope()
+    with scope:
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(16, activation="tanh", name="d0")(inputs)
+        hidden = keras.layers.Dense(16, activation="tanh", name="d1")(hidden)
+        template = keras.Model(inputs, keras.layers.Dense(4, name="d2")(hidden))
+        template.set_weights(INIT["mlp"] + INIT["head"])
+        template.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        result = kerasreg.sweep(
+            template,
+            [None, kerasreg.L2Penalty(1e-2)],
+            FLAT,
+            Y,
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
+        )
+        return {
+            "stacked": result.stacked,
+            "template": {"weights": weights(template), "sharding": shardings(template)},
+            "variants": [
+                {"weights": weights(m), "sharding": shardings(m)} for m in result.models
+            ],
+        }
+
+
+def scenario_sweep_data_parallel():
+    # `sweep` under DataParallel over the same four devices: replicated
+    # weights, each batch split in four.
+    scope = contextlib.nullcontext()
+    if keras.distribution.distribution() is not None:
+        scope = keras.distribution.DataParallel(devices=jax.devices()).scope()
+    with scope:
+        template = build(penalties=False)
+        template.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        result = kerasreg.sweep(
+            template,
+            [None, kerasreg.L2Penalty(1e-2)],
+            FLAT,
+            Y,
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
+        return {
+            "stacked": result.stacked,
+            "variants": [
+                {
+                    "history": row["history"],
+                    "weights": weights(m),
+                    "sharding": shardings(m),
+                }
+                for row, m in zip(result.rows, result.models, strict=True)
+            ],
+        }
 
 
 SCENARIOS = {
