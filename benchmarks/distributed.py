@@ -1,6 +1,6 @@
 """kerasreg on sharded weights: JAX `ModelParallel` over 4 host devices.
 
-    KERAS_BACKEND=jax python benchmarks/distributed.py            # about 3 minutes
+    KERAS_BACKEND=jax python benchmarks/distributed.py            # about 4 minutes
     KERAS_BACKEND=jax python benchmarks/distributed.py --quick    # smoke run
 
 Two comparisons, with the harness of `benchmarks/overhead.py` (every call warmed
