@@ -1,6 +1,6 @@
 """kerasreg on sharded weights: JAX `ModelParallel` over 4 host devices.
 
-    KERAS_BACKEND=jax python benchmarks/distributed.py            # about 3 minutes
+    KERAS_BACKEND=jax python benchmarks/distributed.py            # about 4 minutes
     KERAS_BACKEND=jax python benchmarks/distributed.py --quick    # smoke run
 
 Two comparisons, with the harness of `benchmarks/overhead.py` (every call warmed
@@ -12,6 +12,10 @@ of the per-round ratio, and the median ratio of process CPU time):
 - one epoch of `fit` on the sharded model with `WeightDecay` (folded into the
   compiled step) vs the same sharded model with no decay: the per-step cost of
   decaying sharded weights where they live.
+- `kerasreg.sweep` of K=3 penalties (none and two `L2Penalty` strengths) on
+  the sharded model, one epoch, vs one plain `fit` of a fresh copy of it on the
+  mesh, set-up included in both (copies, compiling, tracing), as in
+  `benchmarks/sweep.py`: K separate fits would cost about K times the latter.
 
 Host devices are threads of one CPU: the sharded/unsharded ratio measures the
 cost of partitioning (collectives, per-shard dispatch) on this machine, not a
@@ -169,6 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     ]
     harness.run_rounds(decay, rounds)
 
+    with distribution.scope():
+        template = mlp(width)
+    grid = [None, kerasreg.L2Penalty(1e-4), kerasreg.L2Penalty(1e-3)]
+    fit_kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
+
+    def plain_fit():
+        model = keras.models.clone_model(template)
+        model.set_weights(template.get_weights())
+        model.compile_from_config(template.get_compile_config())
+        model.fit(x, y, **fit_kwargs)
+
+    def sweep():
+        result = kerasreg.sweep(template, grid, x, y, **fit_kwargs)
+        if not result.stacked:  # K sequential fits: not what this row measures
+            raise RuntimeError("sweep did not stack the variants on the mesh")
+
+    sweeps = [
+        harness.Call("one plain fit", in_scope(distribution, plain_fit)),
+        harness.Call(f"sweep K={len(grid)}", in_scope(distribution, sweep)),
+    ]
+    harness.run_rounds(sweeps, rounds)
+
     parameters = sum(int(np.prod(v.shape)) for v in one.weights)
     rows = [
         {
@@ -185,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             "goal": "report",
             **harness.ratios(decay[1], decay[0]),
         },
+        {
+            "workload": f"sharded MLP, {steps} steps of {batch}, set-up included",
+            "variant": f"sweep K={len(grid)} (one stacked fit)",
+            "reference": "one plain fit of a fresh copy",
+            "goal": "report",
+            **harness.ratios(sweeps[1], sweeps[0]),
+        },
     ]
     report = {
         "command": " ".join(
@@ -197,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": len(jax.devices()),
         "layout": layout,
         "rounds": rounds,
-        "seconds": {c.name: float(np.median(c.times)) for c in norms + decay},
+        "seconds": {c.name: float(np.median(c.times)) for c in norms + decay + sweeps},
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

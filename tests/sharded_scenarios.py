@@ -15,6 +15,7 @@ The last line of stdout is `RESULT <json>`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -388,6 +389,153 @@ def scenario_lstm():
         }
     out["sharding"] = shardings(model)
     return out
+
+
+# --- sweep -------------------------------------------------------------------
+
+SWEEP_PENALTIES = [None, 1e-3, 3e-2]  # no penalty, then L2Penalty(strength)
+SWEEP_OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+}
+
+
+def sweep_reference(penalty):
+    """The Dense template with Keras's own `kernel_regularizer` on every layer."""
+    reg = None if penalty is None else kerasreg.L2Penalty(penalty)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(
+                16, activation="tanh", kernel_regularizer=reg, name="d0"
+            ),
+            keras.layers.Dense(
+                16, activation="tanh", kernel_regularizer=reg, name="d1"
+            ),
+            keras.layers.Dense(4, kernel_regularizer=reg, name="d2"),
+        ]
+    )
+    model.set_weights(INIT["mlp"] + INIT["head"])
+    return model
+
+
+def scenario_sweep():
+    # K=3 variants of a Dense template whose kernels the LayoutMap shards:
+    # `sweep` once, and each variant as a plain separate fit, same batches.
+    fit_kwargs = dict(
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        validation_data=(FLAT_V, YV),
+        verbose=0,
+    )
+    out = {}
+    for kind, make_optimizer in SWEEP_OPTIMIZERS.items():
+        template = build(penalties=False)
+        template.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+        template_before = weights(template)
+        template_sharding = shardings(template)
+        penalties = [
+            None if p is None else kerasreg.L2Penalty(p) for p in SWEEP_PENALTIES
+        ]
+        result = kerasreg.sweep(template, penalties, FLAT, Y, **fit_kwargs)
+        variants = []
+        for penalty, row, model in zip(
+            SWEEP_PENALTIES, result.rows, result.models, strict=True
+        ):
+            reference = sweep_reference(penalty)
+            reference.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+            separate = reference.fit(FLAT, Y, **fit_kwargs).history
+            variants.append(
+                {
+                    "history": row["history"],
+                    "weights": weights(model),
+                    "paths": paths(model),
+                    "sharding": shardings(model),
+                    "separate_history": separate,
+                    "separate_weights": weights(reference),
+                    "separate_sharding": shardings(reference),
+                }
+            )
+        out[kind] = {
+            "stacked": result.stacked,
+            "variants": variants,
+            "template_before": template_before,
+            "template_after": weights(template),
+            "template_sharding_before": template_sharding,
+            "template_sharding_after": shardings(template),
+        }
+    return out
+
+
+def scenario_sweep_template_paths():
+    # A LayoutMap keyed by the template's own variable paths (`d0/kernel`, as
+    # `variable.path` prints them for a functional model): the variants must
+    # get the layout too, though Keras full-matches each key against a path.
+    distribution = keras.distribution.distribution()
+    scope = contextlib.nullcontext()
+    if distribution is not None:
+        layout_map = keras.distribution.LayoutMap(distribution.device_mesh)
+        for path, axes in LAYOUT.items():
+            layout_map[path] = axes
+        scope = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ).scope()
+    with scope:
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(16, activation="tanh", name="d0")(inputs)
+        hidden = keras.layers.Dense(16, activation="tanh", name="d1")(hidden)
+        template = keras.Model(inputs, keras.layers.Dense(4, name="d2")(hidden))
+        template.set_weights(INIT["mlp"] + INIT["head"])
+        template.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        result = kerasreg.sweep(
+            template,
+            [None, kerasreg.L2Penalty(1e-2)],
+            FLAT,
+            Y,
+            batch_size=8,
+            shuffle=False,
+            verbose=0,
+        )
+        return {
+            "stacked": result.stacked,
+            "template": {"weights": weights(template), "sharding": shardings(template)},
+            "variants": [
+                {"weights": weights(m), "sharding": shardings(m)} for m in result.models
+            ],
+        }
+
+
+def scenario_sweep_data_parallel():
+    # `sweep` under DataParallel over the same four devices: replicated
+    # weights, each batch split in four.
+    scope = contextlib.nullcontext()
+    if keras.distribution.distribution() is not None:
+        scope = keras.distribution.DataParallel(devices=jax.devices()).scope()
+    with scope:
+        template = build(penalties=False)
+        template.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        result = kerasreg.sweep(
+            template,
+            [None, kerasreg.L2Penalty(1e-2)],
+            FLAT,
+            Y,
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
+        return {
+            "stacked": result.stacked,
+            "variants": [
+                {
+                    "history": row["history"],
+                    "weights": weights(m),
+                    "sharding": shardings(m),
+                }
+                for row, m in zip(result.rows, result.models, strict=True)
+            ],
+        }
 
 
 SCENARIOS = {

@@ -405,3 +405,199 @@ def test_folded_decay_adds_no_communication_to_the_train_step(runs):
 
 def test_shrink_weights_runs_without_communication(runs):
     assert runs["sharded"]["shrink"]["collectives"] == 0
+
+
+# --- sweep: K variants in one fit on sharded weights ------------------------
+
+SWEEP_L2 = [None, 1e-3, 3e-2]  # the scenario's penalties: none, L2Penalty(l2)
+SWEEP_KINDS = ["adam", "momentum"]
+SWEEP_HISTORY = ["loss", "mae", "val_loss", "val_mae"]
+SWEEP_RTOL, SWEEP_ATOL = 1e-5, 1e-6
+
+
+def assert_same_training(a, b, what):
+    """Per-epoch history and final weights of two runs, float32 tolerance."""
+    assert list(a["history"]) == list(b["history"]) == SWEEP_HISTORY, what
+    for key in SWEEP_HISTORY:
+        assert len(a["history"][key]) == 3, f"{what}: {key}"  # epochs=3
+        np.testing.assert_allclose(
+            a["history"][key],
+            b["history"][key],
+            rtol=SWEEP_RTOL,
+            atol=SWEEP_ATOL,
+            err_msg=f"{what}: history[{key!r}]",
+        )
+    assert len(a["weights"]) == len(b["weights"]) == 6, what
+    for i, (wa, wb) in enumerate(zip(a["weights"], b["weights"], strict=True)):
+        np.testing.assert_allclose(
+            np.asarray(wa, np.float64),
+            np.asarray(wb, np.float64),
+            rtol=SWEEP_RTOL,
+            atol=SWEEP_ATOL,
+            err_msg=f"{what}: weights[{i}]",
+        )
+
+
+def separate(variant):
+    return {
+        "history": variant["separate_history"],
+        "weights": variant["separate_weights"],
+    }
+
+
+def np_mlp_mse(weights, x, y):
+    k0, b0, k1, b1, k2, b2 = arrays(weights)
+    out = np.tanh(np.tanh(np.asarray(x, np.float64) @ k0 + b0) @ k1 + b1) @ k2 + b2
+    return float(np.mean((out - y) ** 2))
+
+
+@pytest.mark.parametrize("setting", ["one", "sharded"])
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sweep_is_one_stacked_fit(runs, setting, kind):
+    out = runs[setting]["sweep"][kind]
+    assert out["stacked"] is True  # one fit of the K variants, not K fits
+    assert len(out["variants"]) == len(SWEEP_L2)
+
+
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sharded_sweep_equals_the_sweep_on_one_device(runs, kind):
+    sharded = runs["sharded"]["sweep"][kind]["variants"]
+    one = runs["one"]["sweep"][kind]["variants"]
+    for l2, a, b in zip(SWEEP_L2, sharded, one, strict=True):
+        assert_same_training(a, b, f"{kind} L2Penalty({l2})")
+
+
+@pytest.mark.parametrize("setting", ["one", "sharded"])
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sweep_variants_equal_separate_fits(runs, setting, kind):
+    variants = runs[setting]["sweep"][kind]["variants"]
+    one_device = runs["one"]["sweep"][kind]["variants"]
+    for l2, variant, reference in zip(SWEEP_L2, variants, one_device, strict=True):
+        what = f"{setting} {kind} L2Penalty({l2})"
+        # A plain fit of the same model with that penalty, in the same setting...
+        assert_same_training(variant, separate(variant), what + " vs separate fit")
+        # ... and on one device.
+        assert_same_training(
+            variant, separate(reference), what + " vs separate fit on one device"
+        )
+
+
+@pytest.mark.parametrize("setting", ["one", "sharded"])
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sweep_variants_trained_with_their_own_penalty(runs, setting, kind):
+    # Keras's val_loss is the data loss plus the variant's penalty: checked
+    # against a numpy forward pass of each variant's final weights.
+    d = data()
+    x_v, y_v = d["seq_v"][:, 0], d["y_v"]
+    init = d["init"]["mlp"] + d["init"]["head"]
+    finals = []
+    for l2, variant in zip(
+        SWEEP_L2, runs[setting]["sweep"][kind]["variants"], strict=True
+    ):
+        final = arrays(variant["weights"])
+        finals.append(final)
+        penalty = 0.0 if l2 is None else l2 * sum(np.sum(w**2) for w in final[0::2])
+        expected = np_mlp_mse(final, x_v, y_v) + penalty
+        assert variant["history"]["val_loss"][-1] == pytest.approx(
+            expected, rel=SWEEP_RTOL
+        ), f"{setting} {kind} L2Penalty({l2})"
+        assert (
+            max(np.max(np.abs(w - w0)) for w, w0 in zip(final, init, strict=True))
+            > 1e-2
+        )
+    # Different penalties, different models: the strongest has the smallest kernels.
+    sizes = [sum(np.sum(w**2) for w in final[0::2]) for final in finals]
+    assert sizes[2] < sizes[1] < sizes[0], sizes
+
+
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sweep_models_carry_the_layout(runs, kind):
+    out = runs["sharded"]["sweep"][kind]
+    for l2, variant in zip(SWEEP_L2, out["variants"], strict=True):
+        for key in ("sharding", "separate_sharding"):
+            assert list(variant[key]) == variant["paths"]
+            for path, w in zip(variant["paths"], variant["weights"], strict=True):
+                spec, devices, shard_shape = variant[key][path]
+                shape = np.shape(w)
+                expected = LAYOUT.get(path, [None] * len(shape))
+                what = f"{kind} L2Penalty({l2}) {key} {path}"
+                assert spec == expected, what
+                assert devices == 4, what
+                assert shard_shape == [
+                    n // MESH[a] for n, a in zip(shape, expected, strict=True)
+                ], what
+        assert sum(path in LAYOUT for path in variant["paths"]) == 3
+    for variant in runs["one"]["sweep"][kind]["variants"]:
+        for spec, devices, _ in variant["sharding"].values():
+            assert devices == 1 and spec is None
+
+
+@pytest.mark.parametrize("setting", ["one", "sharded"])
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_sweep_leaves_the_template_alone(runs, setting, kind):
+    out = runs[setting]["sweep"][kind]
+    init = data()["init"]
+    for before, after, start in zip(
+        out["template_before"],
+        out["template_after"],
+        init["mlp"] + init["head"],
+        strict=True,
+    ):
+        np.testing.assert_array_equal(after, before)
+        np.testing.assert_array_equal(before, start)
+    assert out["template_sharding_after"] == out["template_sharding_before"]
+    for path, (spec, devices, _) in out["template_sharding_after"].items():
+        if setting == "sharded":
+            assert devices == 4 and spec == LAYOUT.get(path, [None]), path
+        else:
+            assert devices == 1 and spec is None, path
+
+
+def test_sweep_with_a_layout_map_keyed_by_the_template_paths(runs):
+    out, one = (
+        runs["sharded"]["sweep_template_paths"],
+        runs["one"]["sweep_template_paths"],
+    )
+    assert out["stacked"] is True
+    for path, (spec, devices, _) in out["template"]["sharding"].items():
+        assert spec == LAYOUT.get(path, [None]) and devices == 4, path
+    for variant, reference in zip(out["variants"], one["variants"], strict=True):
+        for wa, wb in zip(variant["weights"], reference["weights"], strict=True):
+            np.testing.assert_allclose(
+                np.asarray(wa), np.asarray(wb), rtol=SWEEP_RTOL, atol=SWEEP_ATOL
+            )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sweep clones each variant under the name scope kerasreg_sweep_<i>; "
+    "Keras full-matches LayoutMap keys against variable paths, so keys written "
+    "for the template's paths miss the variants, which end up replicated",
+)
+def test_sweep_variants_get_the_layout_keyed_by_the_template_paths(runs):
+    out = runs["sharded"]["sweep_template_paths"]
+    for variant in out["variants"]:
+        assert variant["sharding"] == out["template"]["sharding"]
+
+
+def test_sweep_under_data_parallel_equals_one_device(runs):
+    out = runs["sharded"]["sweep_data_parallel"]
+    one = runs["one"]["sweep_data_parallel"]
+    assert out["stacked"] is True
+    for variant, reference in zip(out["variants"], one["variants"], strict=True):
+        assert list(variant["history"]) == ["loss"]
+        np.testing.assert_allclose(
+            variant["history"]["loss"],
+            reference["history"]["loss"],
+            rtol=SWEEP_RTOL,
+            atol=SWEEP_ATOL,
+        )
+        for wa, wb in zip(variant["weights"], reference["weights"], strict=True):
+            np.testing.assert_allclose(
+                np.asarray(wa), np.asarray(wb), rtol=SWEEP_RTOL, atol=SWEEP_ATOL
+            )
+        for path, (spec, devices, shard_shape) in variant["sharding"].items():
+            index = list(variant["sharding"]).index(path)
+            # Replicated: every device holds the whole weight.
+            assert devices == 4 and set(spec) == {None}, path
+            assert shard_shape == list(np.shape(variant["weights"][index])), path
