@@ -15,6 +15,7 @@ trained one variant after another instead, with a log line saying why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -249,7 +250,13 @@ def _make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
     try:
         # Unique variable paths: the torch backend keys parameters by path, and
         # one stacked model with K equal paths would zero only one variant's grads.
-        with keras.name_scope(f"kerasreg_sweep_{index}"):
+        # Under a keras.distribution (JAX) the LayoutMap full-matches paths: there
+        # the template's paths are kept, so every variant gets the template's layout.
+        if keras.distribution.distribution() is None:
+            scope = keras.name_scope(f"kerasreg_sweep_{index}")
+        else:
+            scope = contextlib.nullcontext()
+        with scope:
             variant = keras.models.clone_model(model)
     except Exception as error:  # Keras raises many types for uncloneable models
         raise ValueError(

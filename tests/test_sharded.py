@@ -568,12 +568,6 @@ def test_sweep_with_a_layout_map_keyed_by_the_template_paths(runs):
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sweep clones each variant under the name scope kerasreg_sweep_<i>; "
-    "Keras full-matches LayoutMap keys against variable paths, so keys written "
-    "for the template's paths miss the variants, which end up replicated",
-)
 def test_sweep_variants_get_the_layout_keyed_by_the_template_paths(runs):
     out = runs["sharded"]["sweep_template_paths"]
     for variant in out["variants"]:
