@@ -215,6 +215,9 @@ def test_rate_bypassing_the_setter_is_caught_when_fit_starts(rng):
     model = small_model()
     before = snapshot(model)
     decay = WeightDecay(0.1)
+    # No public path stores an invalid rate (constructor, setter, from_config
+    # all validate): this pins the check `fit` makes anyway, against code that
+    # writes the stored value directly, so it must write it directly too.
     decay._strength = 2.0
     with pytest.raises(ValueError, match=r"`rate`"):
         model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
