@@ -43,18 +43,25 @@ class KerasregPrograms:
     def __init__(self):
         self.calls = []  # (jitted, args, outputs)
         real_jit = jax.jit
+        calls = self.calls
+
+        class Recorded:
+            def __init__(self, jitted):
+                self.jitted = jitted
+
+            def __call__(self, *args):
+                out = self.jitted(*args)
+                calls.append((self.jitted, args, out))
+                return out
+
+            def __getattr__(self, name):  # `lower` and the rest: the real one
+                return getattr(self.jitted, name)
 
         def jit(fn, *args, **kwargs):
             jitted = real_jit(fn, *args, **kwargs)
             if not getattr(fn, "__module__", "").startswith("kerasreg"):
                 return jitted  # Keras's own train step etc.: untouched
-
-            def recorded(*call_args):
-                out = jitted(*call_args)
-                self.calls.append((jitted, call_args, out))
-                return out
-
-            return recorded
+            return Recorded(jitted)
 
         jax.jit = jit
 
