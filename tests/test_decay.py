@@ -2,23 +2,18 @@
 
 import csv
 import math
-import textwrap
 import zipfile
 
 import keras
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_mirrored, to_np
 from keras import ops
 
 from kerasreg import L2Penalty, WeightDecay, regularize, shrink_weights
 from kerasreg.selection import weight_paths
 
 N = 12  # samples; batch_size 4 gives 3 steps per epoch
-
-
-def to_np(x):
-    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
 
 
 def zero_gradient_loss(y_true, y_pred):
@@ -597,69 +592,32 @@ def test_shrink_weights_rejected_changes_nothing(factor, where, error, match):
 
 # --- tf.distribute ------------------------------------------------------------
 
-MIRRORED = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
+MIRRORED = """
+from kerasreg import L2Penalty, WeightDecay, regularize
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-    import keras
-    from kerasreg import L2Penalty, WeightDecay, regularize
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 3)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
-
-    def run(strategy, decay=True, penalty=True):
-        with strategy.scope():
-            model = keras.Sequential([
-                keras.Input((3,)),
-                keras.layers.Dense(4, activation="tanh"),
-                keras.layers.Dense(1),
-            ])
-            model.set_weights(init)
-            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+def run(strategy, decay=True, penalty=True):
+    def prepare(model):
         if penalty:
             regularize(model, kernel=L2Penalty(0.01))
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
-                            callbacks=[WeightDecay(0.05)] if decay else [])
-        # Every replica's copy must hold the decayed value, not just the first.
-        for v in model.weights:
-            copies = getattr(v.value, "values", [v.value])
-            for c in copies:
-                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
-        return history.history["loss"], [w.tolist() for w in model.get_weights()]
+    return fit_under(strategy, [WeightDecay(0.05)] if decay else [], prepare)
 
-    devices = tf.config.list_logical_devices("CPU")
-    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
-    print(json.dumps({
-        "replicas": mirrored.num_replicas_in_sync,
-        "one": run(tf.distribute.OneDeviceStrategy(devices[0].name)),
-        "mirrored": run(mirrored),
-        "no_decay": run(mirrored, decay=False),
-        # Without kerasreg: does Keras itself report the one-device loss?
-        "keras_one": run(tf.distribute.OneDeviceStrategy(devices[0].name), False, False),
-        "keras_mirrored": run(mirrored, decay=False, penalty=False),
-    }))
-    """
-)
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    "one": run(one),
+    "mirrored": run(mirrored),
+    "no_decay": run(mirrored, decay=False),
+    # Without kerasreg: does Keras itself report the one-device loss?
+    "keras_one": run(one, decay=False, penalty=False),
+    "keras_mirrored": run(mirrored, decay=False, penalty=False),
+}))
+"""
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow only"
 )
 def test_mirrored_strategy_matches_one_device():
-    import json
-
-    result = run_python(MIRRORED)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
+    out = run_mirrored(MIRRORED)
     (loss_one, w_one), (loss_two, w_two) = out["one"], out["mirrored"]
     for a, b in zip(w_one, w_two, strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)

@@ -6,13 +6,10 @@ length), out-of-range strengths rejected before they touch a weight, distinct
 logs keys, per-epoch transforms before validation, and composition in list order.
 """
 
-import json
-import textwrap
-
 import keras
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_mirrored
 from keras import ops
 from test_decay import assert_decayed, small_model, snapshot, to_np, xy
 
@@ -493,65 +490,26 @@ def test_describe_action_says_what_each_callback_does():
     )
 
 
-MIRRORED = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
+MIRRORED = """
+from kerasreg import SoftThreshold, WeightDecay
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-    import keras
-    from kerasreg import SoftThreshold, WeightDecay
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 3)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
-
-    def run(strategy, make_callbacks):
-        with strategy.scope():
-            model = keras.Sequential([
-                keras.Input((3,)),
-                keras.layers.Dense(4, activation="tanh"),
-                keras.layers.Dense(1),
-            ])
-            model.set_weights(init)
-            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
-                  callbacks=make_callbacks())
-        for v in model.weights:
-            copies = getattr(v.value, "values", [v.value])
-            for c in copies:
-                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
-        return [w.tolist() for w in model.get_weights()]
-
-    devices = tf.config.list_logical_devices("CPU")
-    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
-    one = tf.distribute.OneDeviceStrategy(devices[0].name)
-    settings = {
-        "toward": lambda: [WeightDecay(0.2, toward="start")],
-        "soft": lambda: [SoftThreshold(0.05)],
-        "both": lambda: [WeightDecay(0.1, toward="start"), SoftThreshold(0.02)],
-    }
-    print(json.dumps({
-        "replicas": mirrored.num_replicas_in_sync,
-        **{k: [run(one, f), run(mirrored, f)] for k, f in settings.items()},
-    }))
-    """
-)
+settings = {
+    "toward": lambda: [WeightDecay(0.2, toward="start")],
+    "soft": lambda: [SoftThreshold(0.05)],
+    "both": lambda: [WeightDecay(0.1, toward="start"), SoftThreshold(0.02)],
+}
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    **{k: [fit_under(s, f())[1] for s in (one, mirrored)] for k, f in settings.items()},
+}))
+"""
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow only"
 )
 def test_toward_and_soft_threshold_under_mirrored_strategy():
-    result = run_python(MIRRORED)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
+    out = run_mirrored(MIRRORED)
     for name in ("toward", "soft", "both"):
         one, mirrored = out[name]
         for a, b in zip(one, mirrored, strict=True):
