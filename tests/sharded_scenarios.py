@@ -26,8 +26,7 @@ import time
 import jax
 import keras
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
+from conftest import read_scalars  # this script's folder is on sys.path
 
 import kerasreg
 
@@ -363,20 +362,6 @@ def scenario_shrink():
         "sharding_shrunk": sharding_shrunk,
         "sharding": shardings(model),
         "collectives": collective_count(hlo),
-    }
-
-
-def read_scalars(folder):
-    accumulator = EventAccumulator(folder, size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [
-            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-            for e in accumulator.Tensors(tag)
-        ]
-        for tag in accumulator.Tags()["tensors"]
-        # Not the custom-scalars layout or the text plan the logger also writes.
-        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
     }
 
 

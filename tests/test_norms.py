@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import np_penalty, np_stats, np_weights
 from keras import ops
 
 import kerasreg
@@ -14,34 +15,6 @@ from kerasreg.selection import weight_paths
 def key(model, variable):
     """The key `weight_norms` reports `variable` under (its save/load-stable path)."""
     return weight_paths(model)[id(variable)]
-
-
-def np_weights(variable):
-    return np.asarray(ops.convert_to_numpy(variable.value)).astype(np.float64)
-
-
-def np_stats(w, threshold=1e-8):
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    return {
-        "l1": a.sum(),
-        "l2": np.sqrt((a**2).sum()),
-        "linf": a.max(),
-        "zero_fraction": (a < threshold).mean(),
-    }
-
-
-def np_penalty(regularizer, w):
-    """Independent formulas for the regularizers used in these tests."""
-    w = np.asarray(w, dtype=np.float64)
-    if regularizer is None:
-        return 0.0
-    if isinstance(regularizer, kerasreg.L2Penalty):
-        return regularizer.l2 * (w**2).sum()
-    if isinstance(regularizer, kerasreg.L1Penalty):
-        return regularizer.l1 * np.abs(w).sum()
-    if isinstance(regularizer, keras.regularizers.L1L2):
-        return regularizer.l1 * np.abs(w).sum() + regularizer.l2 * (w**2).sum()
-    raise AssertionError(regularizer)
 
 
 def assert_matches(stats, variable, threshold=1e-8, rel=1e-5):

@@ -23,7 +23,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, arrays, assert_close, np_stats, sigmoid
 
 pytestmark = [
     pytest.mark.slow,
@@ -93,14 +93,6 @@ def data():
     }
 
 
-def arrays(weights):
-    return [np.asarray(w, np.float64) for w in weights]
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def np_lstm_mse(weights, x, y):
     """Keras LSTM (gates i, f, c, o; tanh, sigmoid), then two Dense layers."""
     k, r, b, k1, b1, k2, b2 = arrays(weights)
@@ -127,16 +119,6 @@ def np_lstm_penalties(weights):
     }
 
 
-def np_stats(w):
-    a = np.abs(np.asarray(w, np.float64))
-    return {
-        "l1": a.sum(),
-        "l2": np.sqrt((a**2).sum()),
-        "linf": a.max(),
-        "zero_fraction": (a < 1e-8).mean(),
-    }
-
-
 def np_gate_stats(w, gates=4):
     """Per gate (Keras column blocks i, f, c, o along the last axis)."""
     w = np.asarray(w, np.float64)
@@ -147,16 +129,6 @@ def np_gate_stats(w, gates=4):
         for stat, value in np_stats(w[..., g * width : (g + 1) * width]).items():
             out[f"{stat}/gate_{names[g]}"] = value
     return out
-
-
-def assert_close(actual, expected, what, tolerance=TOLERANCE):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        rtol=tolerance,
-        atol=tolerance,
-        err_msg=what,
-    )
 
 
 def each_run(runs, name):
