@@ -45,6 +45,11 @@ def xy(rng, n=N):
     )
 
 
+def fit(model, data, callbacks, epochs=1):
+    """`model.fit(x, y)` quietly in batches of 4 (3 steps per epoch at `N`)."""
+    return model.fit(*data, batch_size=4, epochs=epochs, verbose=0, callbacks=callbacks)
+
+
 def snapshot(model):
     """`{path: value}`, keyed as `weight_norms` keys its results."""
     paths = weight_paths(model)
@@ -111,13 +116,7 @@ def test_lr_scaled_uses_optimizer_learning_rate(rng):
     rate, lr = 0.2, 0.25
     model = small_model(lr=lr)
     before = snapshot(model)
-    history = model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(rate, lr_scaled=True)],
-    )
+    history = fit(model, xy(rng), [WeightDecay(rate, lr_scaled=True)], epochs=2)
     assert_decayed(model, before, (1 - rate * lr) ** 6)
     assert history.history["weight_decay_rate"] == pytest.approx([rate * lr] * 2)
 
@@ -152,15 +151,11 @@ def test_keras_schedule_object_and_per_epoch_schedule(rng):
 
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        x,
-        y,
-        batch_size=4,
+    fit(
+        model,
+        (x, y),
+        [WeightDecay(frequency="epoch", schedule=lambda e: [0.1, 0.2, 0.3][e])],
         epochs=3,
-        verbose=0,
-        callbacks=[
-            WeightDecay(frequency="epoch", schedule=lambda e: [0.1, 0.2, 0.3][e])
-        ],
     )
     assert_decayed(model, before, 0.9 * 0.8 * 0.7)
 
@@ -168,13 +163,7 @@ def test_keras_schedule_object_and_per_epoch_schedule(rng):
 def test_where_selects_what_decays(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.1, where="^out/")],
-    )
+    fit(model, xy(rng), [WeightDecay(0.1, where="^out/")])
     for v in model.weights:
         path = weight_paths(model)[id(v)]
         factor = 0.9**3 if path.startswith("out/") else 1.0
@@ -267,13 +256,7 @@ def test_lr_scaled_is_exact_under_a_learning_rate_schedule(rng):
     lr = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
     model = small_model(lr=lr)
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(rate, lr_scaled=True)],
-    )
+    fit(model, xy(rng), [WeightDecay(rate, lr_scaled=True)], epochs=2)
     assert_decayed(model, before, math.prod(1 - rate * 0.2 * 0.5**t for t in range(6)))
 
 
@@ -326,12 +309,10 @@ def test_fit_twice_reuses_the_compiled_step_and_restores_the_model(rng):
 def test_two_decays_in_one_fit(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[
+    fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, where="^hidden/"),
             WeightDecay(0.2, where="^out/"),
         ],
@@ -356,14 +337,7 @@ def test_fit_that_raised_is_undone_by_the_next_training_call(rng, tmp_path):
     before = snapshot(model)
     x, y = xy(rng)
     with pytest.raises(RuntimeError, match="stop here"):
-        model.fit(
-            x,
-            y,
-            batch_size=4,
-            epochs=3,
-            verbose=0,
-            callbacks=[WeightDecay(0.1), Interrupt()],
-        )
+        fit(model, (x, y), [WeightDecay(0.1), Interrupt()], epochs=3)
     assert_decayed(model, before, 0.9**3)
     model.save(tmp_path / "interrupted.keras")
     # Keras skipped on_train_end; the next fit (without the callback) unfolds.
@@ -448,16 +422,15 @@ def test_csv_logger_and_batch_logs_see_the_rate(rng, tmp_path):
     )
     path = tmp_path / "log.csv"
     model = small_model(lr=0.5)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[
+    fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, lr_scaled=True),
             recorder,
             keras.callbacks.CSVLogger(str(path)),
         ],
+        epochs=2,
     )
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -521,13 +494,7 @@ def test_empty_selection_raises_before_any_change(rng):
     model = small_model(loss="mse")
     before = snapshot(model)
     with pytest.raises(ValueError, match="'no_such' selects no weight"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.1, where="no_such")],
-        )
+        fit(model, xy(rng), [WeightDecay(0.1, where="no_such")])
     for v in model.weights:
         np.testing.assert_array_equal(to_np(v), before[weight_paths(model)[id(v)]])
 
@@ -535,13 +502,7 @@ def test_empty_selection_raises_before_any_change(rng):
 def test_bad_schedule_value_names_the_step(rng):
     model = small_model()
     with pytest.raises(ValueError, match=r"`schedule\(0\)`.*1.5"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=lambda t: 1.5)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=lambda t: 1.5)])
 
 
 # --- shrink_weights -----------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import run_mirrored
 from keras import ops
-from test_decay import assert_decayed, small_model, snapshot, to_np, xy
+from test_decay import assert_decayed, fit, small_model, snapshot, to_np, xy
 
 import kerasreg
 from kerasreg import SoftThreshold, WeightDecay
@@ -122,13 +122,7 @@ def test_learning_rate_schedule_out_of_range_is_refused_before_training(rng):
     model = small_model(loss="mse")
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"optimizer step 0.*1\.5.*\[0, 1\)"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=2,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=schedule)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=schedule)], epochs=2)
     for path, w in snapshot(model).items():  # not even the optimizer moved
         np.testing.assert_array_equal(w, before[path])
 
@@ -139,13 +133,7 @@ def test_schedule_leaving_its_range_mid_fit_names_the_step(rng):
     model = small_model()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"rate at optimizer step 4"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=3,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=schedule)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=schedule)], epochs=3)
     assert_decayed(model, before, 0.9**3)  # epoch 1 only: refused before epoch 2
 
 
@@ -186,13 +174,7 @@ def test_rate_times_learning_rate_out_of_range(rng):
     model = small_model(lr=3.0)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"times the learning rate gives"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.5, lr_scaled=True)],
-        )
+        fit(model, xy(rng), [WeightDecay(0.5, lr_scaled=True)])
     assert_decayed(model, before, 1.0)
 
 
@@ -226,17 +208,16 @@ def test_rate_bypassing_the_setter_is_caught_when_fit_starts(rng):
 
 def test_each_callback_has_its_own_logs_key(rng):
     model = small_model()
-    history = model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[
+    history = fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, where="^hidden/"),
             WeightDecay(0.2, where="^out/"),
             WeightDecay(0.3, where="^out/", name="head"),
             SoftThreshold(0.001),
         ],
+        epochs=2,
     )
     logged = history.history
     assert logged["weight_decay_rate"] == pytest.approx([0.1, 0.1])
@@ -291,12 +272,11 @@ def test_toward_a_model_closed_form(frequency, rng):
         v.assign(np.random.default_rng(3).normal(size=v.shape))
     w0 = {p: w for p, w in snapshot(model).items()}
     r = {weight_paths(reference)[id(v)]: to_np(v) for v in reference.weights}
-    model.fit(
-        *xy(rng),
-        batch_size=4,
+    fit(
+        model,
+        xy(rng),
+        [WeightDecay(0.1, frequency=frequency, toward=reference)],
         epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(0.1, frequency=frequency, toward=reference)],
     )
     n = 6 if frequency == "batch" else 2
     for path, w in snapshot(model).items():
@@ -345,13 +325,7 @@ def test_toward_a_mapping(rng):
     model = small_model()
     before = snapshot(model)
     target = {"hidden/kernel": np.ones((3, 4)), "out/kernel": np.full((4, 1), -2.0)}
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.5, toward=target)],
-    )
+    fit(model, xy(rng), [WeightDecay(0.5, toward=target)])
     for path, w in snapshot(model).items():
         if path in target:
             np.testing.assert_allclose(
@@ -404,13 +378,7 @@ def test_soft_threshold_closed_form_gives_exact_zeros(frequency, rng):
     model = small_model()
     before = snapshot(model)
     t = 0.05
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[SoftThreshold(t, frequency=frequency)],
-    )
+    fit(model, xy(rng), [SoftThreshold(t, frequency=frequency)], epochs=2)
     n = 6 if frequency == "batch" else 2
     zeros = 0
     for path, w in snapshot(model).items():
@@ -456,13 +424,7 @@ def test_soft_threshold_with_real_gradients_matches_numpy_proximal_sgd(rng):
 def test_transforms_compose_in_list_order(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.5), SoftThreshold(0.02)],
-    )
+    fit(model, xy(rng), [WeightDecay(0.5), SoftThreshold(0.02)])
     for path, w in snapshot(model).items():
         if path.endswith("kernel"):
             expected = before[path]
@@ -523,13 +485,7 @@ def test_toward_and_soft_threshold_in_low_precision(policy, rng):
     try:
         model = small_model()
         before = snapshot(model)
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.5, toward="start"), SoftThreshold(0.01)],
-        )
+        fit(model, xy(rng), [WeightDecay(0.5, toward="start"), SoftThreshold(0.01)])
         for path, w in snapshot(model).items():
             if path.endswith("kernel"):
                 w0 = expected = before[path]
@@ -550,20 +506,10 @@ def test_warns_once_when_a_logs_reader_comes_first(rng, tmp_path):
     with pytest.warns(
         UserWarning, match=r"WeightDecay writes.*weight_decay_rate.*CSVLogger"
     ):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[keras.callbacks.CSVLogger(str(csv_path)), late],
-        )
+        fit(model, xy(rng), [keras.callbacks.CSVLogger(str(csv_path)), late])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))],
+        fit(
+            model, xy(rng), [WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))]
         )
     assert "weight_decay_rate" in csv_path.read_text().splitlines()[0]
