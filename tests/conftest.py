@@ -197,3 +197,26 @@ def run_mirrored(script: str) -> dict:
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
     return out
+
+
+def run_result(args, *, backend, host_devices=None, timeout=600) -> dict:
+    """Run `python *args` in a fresh process under `KERAS_BACKEND=backend`
+    (with `host_devices` XLA host devices: devices are set before the
+    framework starts) and return the JSON of its last `RESULT <json>` line."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if host_devices is not None:
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={host_devices}"
+        )
+    result = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])

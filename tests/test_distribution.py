@@ -11,15 +11,10 @@ norms), and read the logged values back from the event files with
 TensorBoard's own reader.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT, arrays, assert_close, np_stats
+from conftest import arrays, assert_close, np_stats, run_result
 
 TOLERANCE = 1e-5
 BACKEND = keras.backend.backend()
@@ -302,21 +297,8 @@ sys.stdout.flush()
 
 
 def run_scenarios(backend):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    if backend == "jax":
-        flags = env.get("XLA_FLAGS", "")
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
-    result = subprocess.run(
-        [sys.executable, "-c", SCENARIOS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    host_devices = 2 if backend == "jax" else None
+    return run_result(["-c", SCENARIOS], backend=backend, host_devices=host_devices)
 
 
 PLATFORMS = [

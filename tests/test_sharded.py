@@ -15,15 +15,10 @@ and read XLA's compiled programs to check that `weight_norms` and
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT, arrays, assert_close, np_stats, sigmoid
+from conftest import ROOT, arrays, assert_close, np_stats, run_result, sigmoid
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,20 +43,7 @@ MESH = {None: 1, "batch": 2, "model": 2}
 
 @pytest.fixture(scope="module")
 def runs():
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return run_result([SCRIPT], backend="jax", host_devices=4, timeout=900)
 
 
 # --- independent references (numpy float64) ---------------------------------
