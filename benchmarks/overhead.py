@@ -347,33 +347,42 @@ def bench_training(
             }
         )
 
-    if "penalty" in groups:
-        vs = penalty_variants(kind, steps)
-        run_rounds(list(vs.values()), rounds)
-        row("penalty", "L2Penalty", "keras L2", "<= 1.02", vs)
-
-    vs = decay_variants(kind, steps)
-    run_rounds(list(vs.values()), rounds)
-    row("decay", "WeightDecay", "SGD(weight_decay)", "<= 1.00", vs)
-    row("decay", "WeightDecay", "eager assign loop", "clearly < 1", vs)
-    row("decay", "WeightDecay", "set_weights loop", "clearly < 1", vs)
-    row("decay", "WeightDecay", "memory floor", "<= 1.2", vs)
-    row("decay", "WeightDecay", "no decay", "(report)", vs)
-    row("decay", "memory floor", "no decay", "(report)", vs)
-    row("decay", "SGD(weight_decay)", "no decay", "(report)", vs)
-    row("decay", "eager assign loop", "no decay", "(report)", vs)
-    if "logger" not in groups:
-        return rows
-
-    vs = logger_variants(kind, steps, log_root)
-    run_rounds(list(vs.values()), rounds)
-    row("logger", "WeightNormLogger(epoch)", "no callback", "<= 1.01", vs)
-    row("logger", "WeightNormLogger(10)", "no callback", "<= 1.03", vs)
-    row("logger", "WeightNormLogger(10)", "empty batch hook", "(report)", vs)
-    row("logger", "empty batch hook", "no callback", "(report)", vs)
-    row("logger", "WeightNormLogger(epoch)", "TensorBoard(histogram_freq=1)", "< 1", vs)
-    row("logger", "TensorBoard(histogram_freq=1)", "no callback", "(report)", vs)
+    variants = {
+        "penalty": lambda: penalty_variants(kind, steps),
+        "decay": lambda: decay_variants(kind, steps),
+        "logger": lambda: logger_variants(kind, steps, log_root),
+    }
+    for group in ("penalty", "decay", "logger"):
+        if group in groups:
+            vs = variants[group]()
+            run_rounds(list(vs.values()), rounds)
+            for variant, reference, goal in COMPARISONS[group]:
+                row(group, variant, reference, goal, vs)
     return rows
+
+
+# Per group: (variant, reference, goal) rows of the table, in order.
+COMPARISONS = {
+    "penalty": [("L2Penalty", "keras L2", "<= 1.02")],
+    "decay": [
+        ("WeightDecay", "SGD(weight_decay)", "<= 1.00"),
+        ("WeightDecay", "eager assign loop", "clearly < 1"),
+        ("WeightDecay", "set_weights loop", "clearly < 1"),
+        ("WeightDecay", "memory floor", "<= 1.2"),
+        ("WeightDecay", "no decay", "(report)"),
+        ("memory floor", "no decay", "(report)"),
+        ("SGD(weight_decay)", "no decay", "(report)"),
+        ("eager assign loop", "no decay", "(report)"),
+    ],
+    "logger": [
+        ("WeightNormLogger(epoch)", "no callback", "<= 1.01"),
+        ("WeightNormLogger(10)", "no callback", "<= 1.03"),
+        ("WeightNormLogger(10)", "empty batch hook", "(report)"),
+        ("empty batch hook", "no callback", "(report)"),
+        ("WeightNormLogger(epoch)", "TensorBoard(histogram_freq=1)", "< 1"),
+        ("TensorBoard(histogram_freq=1)", "no callback", "(report)"),
+    ],
+}
 
 
 def big_model(parameters: int) -> keras.Model:
@@ -517,21 +526,33 @@ def main(argv: list[str] | None = None) -> int:
     if "norms" in only:
         rows += bench_norms(parameters, max(3 * rounds, 21))
 
+    write_report("overhead", argv, args.out, rounds, steps, rows)
+    return 0
+
+
+def write_report(
+    name: str,
+    argv: list[str] | None,
+    out: Path,
+    rounds: int,
+    steps: dict[str, int],
+    rows: list[dict],
+) -> None:
+    """Write `benchmarks/<name>.py`'s JSON report to `out` and print its table."""
     report = {
         "command": " ".join(
-            ["python benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
+            [f"python benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)]
         ),
         "machine": machine(),
         "rounds": rounds,
         "steps_per_epoch": steps,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print(f"\n{report['machine']}; {rounds} rounds\n")
     print(table(rows))
-    print(f"\nJSON: {args.out}")
-    return 0
+    print(f"\nJSON: {out}")
 
 
 if __name__ == "__main__":

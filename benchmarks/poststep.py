@@ -22,7 +22,6 @@ as JSON to `benchmarks/results/poststep.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -38,10 +37,10 @@ from overhead import (
     Variant,
     compiled,
     data,
-    machine,
     ratios,
     run_rounds,
     table,
+    write_report,
 )
 
 import kerasreg
@@ -108,20 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows), flush=True)
         keras.utils.clear_session()
 
-    report = {
-        "command": " ".join(
-            ["python benchmarks/poststep.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "rounds": rounds,
-        "steps_per_epoch": steps,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n{report['machine']}; {rounds} rounds\n")
-    print(table(rows))
-    print(f"\nJSON: {args.out}")
+    write_report("poststep", argv, args.out, rounds, steps, rows)
     return 0
 
 

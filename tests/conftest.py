@@ -1,8 +1,11 @@
 """Shared test set-up: quiet TensorFlow, deterministic seeds, fresh Keras state."""
 
+import json
+import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -58,3 +61,162 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
         for tag in accumulator.Tags()["tensors"]
         if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
     }
+
+
+# --- independent numpy references (float64), one copy for every test file -----
+
+
+def to_np(x):
+    """A tensor or variable as a float64 numpy array."""
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def np_weights(variable):
+    """A variable's current value as a float64 numpy array."""
+    return to_np(variable.value)
+
+
+def arrays(weights):
+    """A list of weights (nested lists from JSON, arrays) as float64 arrays."""
+    return [np.asarray(w, np.float64) for w in weights]
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_stats(w, threshold=1e-8):
+    """What `weight_norms` reports for `w`: `l1`, `l2` (not squared), `linf`,
+    `zero_fraction` (entries with `|w| < threshold`)."""
+    a = np.abs(np.asarray(w, np.float64))
+    return {
+        "l1": a.sum(),
+        "l2": np.sqrt((a**2).sum()),
+        "linf": a.max(),
+        "zero_fraction": (a < threshold).mean(),
+    }
+
+
+def np_exp_abs_terms(w):
+    """`exp(|w|) - 1`, continued beyond 20 as documented in the README."""
+    a = np.abs(np.asarray(w, np.float64))
+    d = np.maximum(a - 20.0, 0.0)
+    return np.expm1(np.minimum(a, 20.0)) + math.exp(20.0) * (d + 0.5 * d**2)
+
+
+def np_penalty(regularizer, w):
+    """The penalty `regularizer(w)` from its formula (its factors read back
+    from the object): the kerasreg penalties and Keras's `L1`/`L2`/`L1L2`."""
+    import kerasreg
+
+    w = np.asarray(w, dtype=np.float64)
+    if regularizer is None:
+        return 0.0
+    l1 = getattr(regularizer, "l1", 0.0)
+    l2 = getattr(regularizer, "l2", 0.0)
+    if isinstance(regularizer, kerasreg.ExpAbsPenalty):
+        return regularizer.factor * np_exp_abs_terms(w).sum()
+    known = (
+        kerasreg.L1Penalty,
+        kerasreg.L2Penalty,
+        kerasreg.ElasticNetPenalty,
+        keras.regularizers.L1,
+        keras.regularizers.L2,
+        keras.regularizers.L1L2,
+    )
+    if not isinstance(regularizer, known):
+        raise AssertionError(f"no numpy reference for {regularizer!r}")
+    return float(l1) * np.abs(w).sum() + float(l2) * (w**2).sum()
+
+
+def assert_close(actual, expected, what, tolerance=1e-5):
+    """`actual` (finite) equals `expected` within `tolerance` (rel and abs)."""
+    actual = np.asarray(actual, np.float64)
+    assert np.all(np.isfinite(actual)), f"{what}: not finite: {actual}"
+    np.testing.assert_allclose(
+        actual,
+        np.asarray(expected, np.float64),
+        rtol=tolerance,
+        atol=tolerance,
+        err_msg=what,
+    )
+
+
+# --- a fresh process with two TensorFlow replicas -----------------------------
+
+MIRRORED_PRELUDE = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
+    devices = tf.config.list_logical_devices("CPU")
+    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
+    one = tf.distribute.OneDeviceStrategy(devices[0].name)
+
+    def fit_under(strategy, callbacks=(), prepare=None):
+        # The same 3-4-1 model from `init`, `prepare(model)`, two epochs:
+        # `(loss history, weights)`, after checking every replica's copy of
+        # every weight holds the same value, not just the first.
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((3,)),
+                keras.layers.Dense(4, activation="tanh"),
+                keras.layers.Dense(1),
+            ])
+            model.set_weights(init)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        if prepare is not None:
+            prepare(model)
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                            callbacks=list(callbacks))
+        for v in model.weights:
+            copies = getattr(v.value, "values", [v.value])
+            for c in copies:
+                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
+        return history.history["loss"], [w.tolist() for w in model.get_weights()]
+    """
+)
+
+
+def run_mirrored(script: str) -> dict:
+    """Run `MIRRORED_PRELUDE + script` (which prints one JSON line last) in a
+    fresh process (devices are set before TensorFlow starts); its JSON."""
+    result = run_python(MIRRORED_PRELUDE + textwrap.dedent(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    return out
+
+
+def run_result(args, *, backend, host_devices=None, timeout=600) -> dict:
+    """Run `python *args` in a fresh process under `KERAS_BACKEND=backend`
+    (with `host_devices` XLA host devices: devices are set before the
+    framework starts) and return the JSON of its last `RESULT <json>` line."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if host_devices is not None:
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={host_devices}"
+        )
+    result = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])

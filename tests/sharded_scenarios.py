@@ -27,13 +27,56 @@ import time
 import jax
 import keras
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.util import tensor_util
+from conftest import read_scalars  # this script's folder is on sys.path
 
 import kerasreg
-from kerasreg import decay as decay_module
-from kerasreg import norms as norms_module
-from kerasreg.inplace import InPlaceUpdate
+
+
+class KerasregPrograms:
+    """Every call of a `jax.jit` program that kerasreg compiles, recorded.
+
+    Seen through the public `jax.jit` (kerasreg calls it when it builds the
+    `weight_norms` computation or an in-place update), so the scenarios can
+    lower exactly the programs kerasreg ran, on the arguments it passed.
+    """
+
+    def __init__(self):
+        self.calls = []  # (jitted, args, outputs)
+        real_jit = jax.jit
+        calls = self.calls
+
+        class Recorded:
+            def __init__(self, jitted):
+                self.jitted = jitted
+
+            def __call__(self, *args):
+                out = self.jitted(*args)
+                calls.append((self.jitted, args, out))
+                return out
+
+            def __getattr__(self, name):  # `lower` and the rest: the real one
+                return getattr(self.jitted, name)
+
+        def jit(fn, *args, **kwargs):
+            jitted = real_jit(fn, *args, **kwargs)
+            if not getattr(fn, "__module__", "").startswith("kerasreg"):
+                return jitted  # Keras's own train step etc.: untouched
+            return Recorded(jitted)
+
+        jax.jit = jit
+
+    def hlo_of_calls(self, since, outputs=None):
+        """XLA's compiled text of the calls made since `since`; with
+        `outputs` (a list of shapes), only the calls returning those."""
+        texts = []
+        for jitted, args, out in self.calls[since:]:
+            shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(out)]
+            if outputs is None or shapes == outputs:
+                texts.append(jitted.lower(*args).compile().as_text())
+        return texts
+
+
+PROGRAMS = KerasregPrograms()  # before any kerasreg program is built
 
 rng = np.random.default_rng(0)
 SEQ = rng.normal(size=(16, 3, 8)).astype("float32")  # LSTM model input
@@ -303,14 +346,13 @@ def scenario_shrink():
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     first = fit(model)["loss"]
     before = weights(model)
+    start = len(PROGRAMS.calls)
     norms = kerasreg.shrink_weights(model, 0.5)
     shrunk = weights(model)
     sharding_shrunk = shardings(model)
-    # The compiled in-place update shrink_weights runs, lowered on the same values.
-    variables = kerasreg.select_weights(model)
-    scaled = _jitted(InPlaceUpdate(variables, decay_module._scale))
-    values = [v.value for v in variables]
-    hlo = scaled.lower(values, 0.5, [None] * len(values)).compile().as_text()
+    # The compiled update shrink_weights ran: the program returning new weights.
+    new_weights = [tuple(v.shape) for v in kerasreg.select_weights(model)]
+    (hlo,) = PROGRAMS.hlo_of_calls(start, outputs=new_weights)
     second = fit(model)["loss"]
     return {
         "loss": first + second,
@@ -321,28 +363,6 @@ def scenario_shrink():
         "sharding_shrunk": sharding_shrunk,
         "sharding": shardings(model),
         "collectives": collective_count(hlo),
-    }
-
-
-def _jitted(update):
-    """The `jax.jit` function inside a JAX `InPlaceUpdate`."""
-    for cell in update._run.__closure__ or ():
-        if hasattr(cell.cell_contents, "lower"):
-            return cell.cell_contents
-    raise RuntimeError("InPlaceUpdate on JAX holds no jitted function")
-
-
-def read_scalars(folder):
-    accumulator = EventAccumulator(folder, size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [
-            (e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-            for e in accumulator.Tensors(tag)
-        ]
-        for tag in accumulator.Tags()["tensors"]
-        # Not the custom-scalars layout or the text plan the logger also writes.
-        if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
     }
 
 
@@ -378,10 +398,9 @@ def scenario_lstm():
         ("default", {}),
         ("per_gate", {"where": ".*", "per_gate": True}),
     ):
+        start = len(PROGRAMS.calls)
         norms = kerasreg.weight_norms(model, **kwargs)
-        program = next(reversed(norms_module._PROGRAMS[model].values()))  # latest
-        values = [v.value for v in program.variables]
-        hlo = program.compiled.lower(values).compile().as_text()
+        (hlo,) = PROGRAMS.hlo_of_calls(start)  # its one compiled computation
         out[name] = {
             "norms": norms,
             "gathers": gathers(hlo),

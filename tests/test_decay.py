@@ -2,23 +2,18 @@
 
 import csv
 import math
-import textwrap
 import zipfile
 
 import keras
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_mirrored, to_np
 from keras import ops
 
 from kerasreg import L2Penalty, WeightDecay, regularize, shrink_weights
 from kerasreg.selection import weight_paths
 
 N = 12  # samples; batch_size 4 gives 3 steps per epoch
-
-
-def to_np(x):
-    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
 
 
 def zero_gradient_loss(y_true, y_pred):
@@ -48,6 +43,11 @@ def xy(rng, n=N):
         rng.normal(size=(n, 3)).astype("float32"),
         rng.normal(size=(n, 1)).astype("float32"),
     )
+
+
+def fit(model, data, callbacks, epochs=1):
+    """`model.fit(x, y)` quietly in batches of 4 (3 steps per epoch at `N`)."""
+    return model.fit(*data, batch_size=4, epochs=epochs, verbose=0, callbacks=callbacks)
 
 
 def snapshot(model):
@@ -116,13 +116,7 @@ def test_lr_scaled_uses_optimizer_learning_rate(rng):
     rate, lr = 0.2, 0.25
     model = small_model(lr=lr)
     before = snapshot(model)
-    history = model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(rate, lr_scaled=True)],
-    )
+    history = fit(model, xy(rng), [WeightDecay(rate, lr_scaled=True)], epochs=2)
     assert_decayed(model, before, (1 - rate * lr) ** 6)
     assert history.history["weight_decay_rate"] == pytest.approx([rate * lr] * 2)
 
@@ -157,15 +151,11 @@ def test_keras_schedule_object_and_per_epoch_schedule(rng):
 
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        x,
-        y,
-        batch_size=4,
+    fit(
+        model,
+        (x, y),
+        [WeightDecay(frequency="epoch", schedule=lambda e: [0.1, 0.2, 0.3][e])],
         epochs=3,
-        verbose=0,
-        callbacks=[
-            WeightDecay(frequency="epoch", schedule=lambda e: [0.1, 0.2, 0.3][e])
-        ],
     )
     assert_decayed(model, before, 0.9 * 0.8 * 0.7)
 
@@ -173,13 +163,7 @@ def test_keras_schedule_object_and_per_epoch_schedule(rng):
 def test_where_selects_what_decays(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.1, where="^out/")],
-    )
+    fit(model, xy(rng), [WeightDecay(0.1, where="^out/")])
     for v in model.weights:
         path = weight_paths(model)[id(v)]
         factor = 0.9**3 if path.startswith("out/") else 1.0
@@ -272,13 +256,7 @@ def test_lr_scaled_is_exact_under_a_learning_rate_schedule(rng):
     lr = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
     model = small_model(lr=lr)
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(rate, lr_scaled=True)],
-    )
+    fit(model, xy(rng), [WeightDecay(rate, lr_scaled=True)], epochs=2)
     assert_decayed(model, before, math.prod(1 - rate * 0.2 * 0.5**t for t in range(6)))
 
 
@@ -331,12 +309,10 @@ def test_fit_twice_reuses_the_compiled_step_and_restores_the_model(rng):
 def test_two_decays_in_one_fit(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[
+    fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, where="^hidden/"),
             WeightDecay(0.2, where="^out/"),
         ],
@@ -361,14 +337,7 @@ def test_fit_that_raised_is_undone_by_the_next_training_call(rng, tmp_path):
     before = snapshot(model)
     x, y = xy(rng)
     with pytest.raises(RuntimeError, match="stop here"):
-        model.fit(
-            x,
-            y,
-            batch_size=4,
-            epochs=3,
-            verbose=0,
-            callbacks=[WeightDecay(0.1), Interrupt()],
-        )
+        fit(model, (x, y), [WeightDecay(0.1), Interrupt()], epochs=3)
     assert_decayed(model, before, 0.9**3)
     model.save(tmp_path / "interrupted.keras")
     # Keras skipped on_train_end; the next fit (without the callback) unfolds.
@@ -453,16 +422,15 @@ def test_csv_logger_and_batch_logs_see_the_rate(rng, tmp_path):
     )
     path = tmp_path / "log.csv"
     model = small_model(lr=0.5)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[
+    fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, lr_scaled=True),
             recorder,
             keras.callbacks.CSVLogger(str(path)),
         ],
+        epochs=2,
     )
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -526,13 +494,7 @@ def test_empty_selection_raises_before_any_change(rng):
     model = small_model(loss="mse")
     before = snapshot(model)
     with pytest.raises(ValueError, match="'no_such' selects no weight"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.1, where="no_such")],
-        )
+        fit(model, xy(rng), [WeightDecay(0.1, where="no_such")])
     for v in model.weights:
         np.testing.assert_array_equal(to_np(v), before[weight_paths(model)[id(v)]])
 
@@ -540,13 +502,7 @@ def test_empty_selection_raises_before_any_change(rng):
 def test_bad_schedule_value_names_the_step(rng):
     model = small_model()
     with pytest.raises(ValueError, match=r"`schedule\(0\)`.*1.5"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=lambda t: 1.5)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=lambda t: 1.5)])
 
 
 # --- shrink_weights -----------------------------------------------------------
@@ -597,69 +553,32 @@ def test_shrink_weights_rejected_changes_nothing(factor, where, error, match):
 
 # --- tf.distribute ------------------------------------------------------------
 
-MIRRORED = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
+MIRRORED = """
+from kerasreg import L2Penalty, WeightDecay, regularize
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-    import keras
-    from kerasreg import L2Penalty, WeightDecay, regularize
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 3)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
-
-    def run(strategy, decay=True, penalty=True):
-        with strategy.scope():
-            model = keras.Sequential([
-                keras.Input((3,)),
-                keras.layers.Dense(4, activation="tanh"),
-                keras.layers.Dense(1),
-            ])
-            model.set_weights(init)
-            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+def run(strategy, decay=True, penalty=True):
+    def prepare(model):
         if penalty:
             regularize(model, kernel=L2Penalty(0.01))
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
-                            callbacks=[WeightDecay(0.05)] if decay else [])
-        # Every replica's copy must hold the decayed value, not just the first.
-        for v in model.weights:
-            copies = getattr(v.value, "values", [v.value])
-            for c in copies:
-                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
-        return history.history["loss"], [w.tolist() for w in model.get_weights()]
+    return fit_under(strategy, [WeightDecay(0.05)] if decay else [], prepare)
 
-    devices = tf.config.list_logical_devices("CPU")
-    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
-    print(json.dumps({
-        "replicas": mirrored.num_replicas_in_sync,
-        "one": run(tf.distribute.OneDeviceStrategy(devices[0].name)),
-        "mirrored": run(mirrored),
-        "no_decay": run(mirrored, decay=False),
-        # Without kerasreg: does Keras itself report the one-device loss?
-        "keras_one": run(tf.distribute.OneDeviceStrategy(devices[0].name), False, False),
-        "keras_mirrored": run(mirrored, decay=False, penalty=False),
-    }))
-    """
-)
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    "one": run(one),
+    "mirrored": run(mirrored),
+    "no_decay": run(mirrored, decay=False),
+    # Without kerasreg: does Keras itself report the one-device loss?
+    "keras_one": run(one, decay=False, penalty=False),
+    "keras_mirrored": run(mirrored, decay=False, penalty=False),
+}))
+"""
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow only"
 )
 def test_mirrored_strategy_matches_one_device():
-    import json
-
-    result = run_python(MIRRORED)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
+    out = run_mirrored(MIRRORED)
     (loss_one, w_one), (loss_two, w_two) = out["one"], out["mirrored"]
     for a, b in zip(w_one, w_two, strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6)

@@ -11,15 +11,10 @@ norms), and read the logged values back from the event files with
 TensorBoard's own reader.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import arrays, assert_close, np_stats, run_result
 
 TOLERANCE = 1e-5
 BACKEND = keras.backend.backend()
@@ -302,21 +297,8 @@ sys.stdout.flush()
 
 
 def run_scenarios(backend):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    if backend == "jax":
-        flags = env.get("XLA_FLAGS", "")
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
-    result = subprocess.run(
-        [sys.executable, "-c", SCENARIOS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    host_devices = 2 if backend == "jax" else None
+    return run_result(["-c", SCENARIOS], backend=backend, host_devices=host_devices)
 
 
 PLATFORMS = [
@@ -366,10 +348,6 @@ def data():
     return x, y, xv, yv, init
 
 
-def arrays(weights):
-    return [np.asarray(w, np.float64) for w in weights]
-
-
 def np_mse(weights, x, y):
     k0, b0, k1, b1, k2, b2 = arrays(weights)
     h = np.tanh(np.tanh(x @ k0 + b0) @ k1 + b1)
@@ -384,16 +362,6 @@ def np_penalties(weights):
         "d0/bias": 0.002 * np.sum(np.abs(b0)),
         "d1/kernel": 0.003 * np.sum(np.abs(k1)) + 0.02 * np.sum(k1**2),
         "d2/kernel": 0.004 * np.sum(np.expm1(np.abs(k2))),
-    }
-
-
-def np_stats(w):
-    a = np.abs(np.asarray(w, np.float64))
-    return {
-        "norm_l1": a.sum(),
-        "norm_l2": np.sqrt((a**2).sum()),
-        "norm_linf": a.max(),
-        "zero_fraction": (a < 1e-8).mean(),
     }
 
 
@@ -425,16 +393,6 @@ def skip_unless_keras_reports_the_same_loss(runs, setting):
             f"Keras {keras.__version__} reports a different loss on two replicas "
             "than on one even without kerasreg; weights are compared instead"
         )
-
-
-def assert_close(actual, expected, what):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        rtol=TOLERANCE,
-        atol=TOLERANCE,
-        err_msg=what,
-    )
 
 
 # --- two devices == one device ----------------------------------------------
@@ -585,7 +543,8 @@ def test_logged_values_match_numpy_from_the_final_weights(runs, setting):
 
     train = out["logged"]["epoch/train"]
     for path, w in by_path.items():  # where=".*": every weight
-        for tag, value in np_stats(w).items():
+        for stat, value in np_stats(w).items():  # logged as norm_l1, ...
+            tag = stat if stat == "zero_fraction" else f"norm_{stat}"
             assert train[f"{tag}/{path}"][-1] == pytest.approx(
                 [1, value], rel=TOLERANCE, abs=TOLERANCE
             )

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import np_penalty, np_stats, np_weights
 from keras import ops
 
 import kerasreg
@@ -14,34 +15,6 @@ from kerasreg.selection import weight_paths
 def key(model, variable):
     """The key `weight_norms` reports `variable` under (its save/load-stable path)."""
     return weight_paths(model)[id(variable)]
-
-
-def np_weights(variable):
-    return np.asarray(ops.convert_to_numpy(variable.value)).astype(np.float64)
-
-
-def np_stats(w, threshold=1e-8):
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    return {
-        "l1": a.sum(),
-        "l2": np.sqrt((a**2).sum()),
-        "linf": a.max(),
-        "zero_fraction": (a < threshold).mean(),
-    }
-
-
-def np_penalty(regularizer, w):
-    """Independent formulas for the regularizers used in these tests."""
-    w = np.asarray(w, dtype=np.float64)
-    if regularizer is None:
-        return 0.0
-    if isinstance(regularizer, kerasreg.L2Penalty):
-        return regularizer.l2 * (w**2).sum()
-    if isinstance(regularizer, kerasreg.L1Penalty):
-        return regularizer.l1 * np.abs(w).sum()
-    if isinstance(regularizer, keras.regularizers.L1L2):
-        return regularizer.l1 * np.abs(w).sum() + regularizer.l2 * (w**2).sum()
-    raise AssertionError(regularizer)
 
 
 def assert_matches(stats, variable, threshold=1e-8, rel=1e-5):
@@ -286,22 +259,53 @@ def test_low_precision_weights_accumulate_in_float32(dtype):
     assert_matches(stats, kernel, rel=1e-4)
 
 
+class CountingL2(kerasreg.L2Penalty):
+    """An `L2Penalty` that records each run of its Python body in `calls`.
+
+    A public hook on tracing: on TensorFlow and JAX `weight_norms` runs a
+    compiled program, and the regularizer's Python body runs only while that
+    program is traced, so `len(calls)` counts traces. On PyTorch the
+    computation is eager (no program to re-trace) and the body runs on every
+    call. A subclass, so `weight_norms` calls it instead of summing `w**2`.
+    """
+
+    def __init__(self, l2, calls):
+        super().__init__(l2)
+        self.calls = calls
+
+    def __call__(self, x):
+        self.calls.append(1)
+        return super().__call__(x)
+
+
+def body_runs(programs, calls):
+    """Expected runs of a `CountingL2` body after `calls` calls of
+    `weight_norms` that built `programs` programs: one per trace when compiled
+    (TensorFlow, JAX), one per call when eager (PyTorch)."""
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        return programs
+    return calls
+
+
 def test_values_follow_weight_updates_and_regularizer_changes():
     model = dense_conv_model()
+    calls = []
+    model.get_layer("out").kernel.regularizer = CountingL2(0.2, calls)
     first = weight_norms(model)
-    (program,) = norms_module._PROGRAMS[model].values()
     kernel = model.get_layer("hidden").kernel
     kernel.assign(kernel * 2.0)
     second = weight_norms(model)
-    assert list(norms_module._PROGRAMS[model].values()) == [program]  # cached
+    # Not re-traced for new weight values, yet the values are the new ones.
+    assert len(calls) == body_runs(1, 2)
     assert second[key(model, kernel)]["l2"] == pytest.approx(
         2 * first[key(model, kernel)]["l2"]
     )
-    if keras.backend.backend() == "tensorflow":
-        assert program.compiled.experimental_get_tracing_count() == 1
+    for variable in model.weights:
+        if variable.ndim >= 2:
+            assert_matches(second[key(model, variable)], variable)
     kernel.regularizer = kerasreg.L2Penalty(1.0)
     third = weight_norms(model)
-    assert list(norms_module._PROGRAMS[model].values())[-1] is not program
+    assert len(calls) == body_runs(2, 3)  # a new regularizer: a new program
     assert_matches(third[key(model, kernel)], kernel)
 
 
@@ -367,24 +371,27 @@ def test_float64_model_trains_with_weight_norm_logger(tmp_path):
 
 def test_alternating_selections_compile_once_each(monkeypatch):
     """Item 9: two selections used in turn keep one compiled program each."""
-    compiled = []
-    real_compile = norms_module._compile
-
-    def counting(fn):
-        compiled.append(fn)
-        return real_compile(fn)
-
-    monkeypatch.setattr(norms_module, "_compile", counting)
     model = dense_conv_model()
+    calls = {name: [] for name in ("conv", "hidden", "out")}
+    for name, made in calls.items():
+        model.get_layer(name).kernel.regularizer = CountingL2(0.1, made)
     for _ in range(3):
-        weight_norms(model, "conv")
-        weight_norms(model, "hidden")
-    assert len(compiled) == 2
+        conv = weight_norms(model, "conv")
+        hidden = weight_norms(model, "hidden")
+    assert len(calls["conv"]) == len(calls["hidden"]) == body_runs(1, 3)
+    assert_matches(conv[key(model, model.get_layer("conv").kernel)],
+                   model.get_layer("conv").kernel)  # fmt: skip
+    assert_matches(hidden[key(model, model.get_layer("hidden").kernel)],
+                   model.get_layer("hidden").kernel)  # fmt: skip
     monkeypatch.setattr(norms_module, "CACHE_SIZE", 2)  # bounded: oldest dropped
-    weight_norms(model, "out")
-    assert len(norms_module._PROGRAMS[model]) == 2
-    weight_norms(model, "conv")
-    assert len(compiled) == 4
+    weight_norms(model, "out")  # drops "conv", the least recently used
+    weight_norms(model, "conv")  # traced again; drops "hidden"
+    assert len(calls["conv"]) == body_runs(2, 4)
+    weight_norms(model, "hidden")  # traced again; drops "out"
+    assert len(calls["hidden"]) == body_runs(2, 4)
+    weight_norms(model, "conv")  # still cached: at most 2 kept, the newest
+    assert len(calls["conv"]) == body_runs(2, 5)
+    assert len(calls["out"]) == body_runs(1, 1)
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,12 @@ length), out-of-range strengths rejected before they touch a weight, distinct
 logs keys, per-epoch transforms before validation, and composition in list order.
 """
 
-import json
-import textwrap
-
 import keras
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_mirrored
 from keras import ops
-from test_decay import assert_decayed, small_model, snapshot, to_np, xy
+from test_decay import assert_decayed, fit, small_model, snapshot, to_np, xy
 
 import kerasreg
 from kerasreg import SoftThreshold, WeightDecay
@@ -125,13 +122,7 @@ def test_learning_rate_schedule_out_of_range_is_refused_before_training(rng):
     model = small_model(loss="mse")
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"optimizer step 0.*1\.5.*\[0, 1\)"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=2,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=schedule)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=schedule)], epochs=2)
     for path, w in snapshot(model).items():  # not even the optimizer moved
         np.testing.assert_array_equal(w, before[path])
 
@@ -142,13 +133,7 @@ def test_schedule_leaving_its_range_mid_fit_names_the_step(rng):
     model = small_model()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"rate at optimizer step 4"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=3,
-            verbose=0,
-            callbacks=[WeightDecay(schedule=schedule)],
-        )
+        fit(model, xy(rng), [WeightDecay(schedule=schedule)], epochs=3)
     assert_decayed(model, before, 0.9**3)  # epoch 1 only: refused before epoch 2
 
 
@@ -189,13 +174,7 @@ def test_rate_times_learning_rate_out_of_range(rng):
     model = small_model(lr=3.0)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"times the learning rate gives"):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.5, lr_scaled=True)],
-        )
+        fit(model, xy(rng), [WeightDecay(0.5, lr_scaled=True)])
     assert_decayed(model, before, 1.0)
 
 
@@ -215,6 +194,9 @@ def test_rate_bypassing_the_setter_is_caught_when_fit_starts(rng):
     model = small_model()
     before = snapshot(model)
     decay = WeightDecay(0.1)
+    # No public path stores an invalid rate (constructor, setter, from_config
+    # all validate): this pins the check `fit` makes anyway, against code that
+    # writes the stored value directly, so it must write it directly too.
     decay._strength = 2.0
     with pytest.raises(ValueError, match=r"`rate`"):
         model.fit(*xy(rng), batch_size=4, epochs=1, verbose=0, callbacks=[decay])
@@ -226,17 +208,16 @@ def test_rate_bypassing_the_setter_is_caught_when_fit_starts(rng):
 
 def test_each_callback_has_its_own_logs_key(rng):
     model = small_model()
-    history = model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[
+    history = fit(
+        model,
+        xy(rng),
+        [
             WeightDecay(0.1, where="^hidden/"),
             WeightDecay(0.2, where="^out/"),
             WeightDecay(0.3, where="^out/", name="head"),
             SoftThreshold(0.001),
         ],
+        epochs=2,
     )
     logged = history.history
     assert logged["weight_decay_rate"] == pytest.approx([0.1, 0.1])
@@ -291,12 +272,11 @@ def test_toward_a_model_closed_form(frequency, rng):
         v.assign(np.random.default_rng(3).normal(size=v.shape))
     w0 = {p: w for p, w in snapshot(model).items()}
     r = {weight_paths(reference)[id(v)]: to_np(v) for v in reference.weights}
-    model.fit(
-        *xy(rng),
-        batch_size=4,
+    fit(
+        model,
+        xy(rng),
+        [WeightDecay(0.1, frequency=frequency, toward=reference)],
         epochs=2,
-        verbose=0,
-        callbacks=[WeightDecay(0.1, frequency=frequency, toward=reference)],
     )
     n = 6 if frequency == "batch" else 2
     for path, w in snapshot(model).items():
@@ -345,13 +325,7 @@ def test_toward_a_mapping(rng):
     model = small_model()
     before = snapshot(model)
     target = {"hidden/kernel": np.ones((3, 4)), "out/kernel": np.full((4, 1), -2.0)}
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.5, toward=target)],
-    )
+    fit(model, xy(rng), [WeightDecay(0.5, toward=target)])
     for path, w in snapshot(model).items():
         if path in target:
             np.testing.assert_allclose(
@@ -404,13 +378,7 @@ def test_soft_threshold_closed_form_gives_exact_zeros(frequency, rng):
     model = small_model()
     before = snapshot(model)
     t = 0.05
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[SoftThreshold(t, frequency=frequency)],
-    )
+    fit(model, xy(rng), [SoftThreshold(t, frequency=frequency)], epochs=2)
     n = 6 if frequency == "batch" else 2
     zeros = 0
     for path, w in snapshot(model).items():
@@ -456,13 +424,7 @@ def test_soft_threshold_with_real_gradients_matches_numpy_proximal_sgd(rng):
 def test_transforms_compose_in_list_order(rng):
     model = small_model()
     before = snapshot(model)
-    model.fit(
-        *xy(rng),
-        batch_size=4,
-        epochs=1,
-        verbose=0,
-        callbacks=[WeightDecay(0.5), SoftThreshold(0.02)],
-    )
+    fit(model, xy(rng), [WeightDecay(0.5), SoftThreshold(0.02)])
     for path, w in snapshot(model).items():
         if path.endswith("kernel"):
             expected = before[path]
@@ -490,65 +452,26 @@ def test_describe_action_says_what_each_callback_does():
     )
 
 
-MIRRORED = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import tensorflow as tf
+MIRRORED = """
+from kerasreg import SoftThreshold, WeightDecay
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-    import keras
-    from kerasreg import SoftThreshold, WeightDecay
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 3)).astype("float32")
-    y = rng.normal(size=(16, 1)).astype("float32")
-    init = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 1), (1,)]]
-
-    def run(strategy, make_callbacks):
-        with strategy.scope():
-            model = keras.Sequential([
-                keras.Input((3,)),
-                keras.layers.Dense(4, activation="tanh"),
-                keras.layers.Dense(1),
-            ])
-            model.set_weights(init)
-            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
-                  callbacks=make_callbacks())
-        for v in model.weights:
-            copies = getattr(v.value, "values", [v.value])
-            for c in copies:
-                np.testing.assert_array_equal(c.numpy(), copies[0].numpy())
-        return [w.tolist() for w in model.get_weights()]
-
-    devices = tf.config.list_logical_devices("CPU")
-    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
-    one = tf.distribute.OneDeviceStrategy(devices[0].name)
-    settings = {
-        "toward": lambda: [WeightDecay(0.2, toward="start")],
-        "soft": lambda: [SoftThreshold(0.05)],
-        "both": lambda: [WeightDecay(0.1, toward="start"), SoftThreshold(0.02)],
-    }
-    print(json.dumps({
-        "replicas": mirrored.num_replicas_in_sync,
-        **{k: [run(one, f), run(mirrored, f)] for k, f in settings.items()},
-    }))
-    """
-)
+settings = {
+    "toward": lambda: [WeightDecay(0.2, toward="start")],
+    "soft": lambda: [SoftThreshold(0.05)],
+    "both": lambda: [WeightDecay(0.1, toward="start"), SoftThreshold(0.02)],
+}
+print(json.dumps({
+    "replicas": mirrored.num_replicas_in_sync,
+    **{k: [fit_under(s, f())[1] for s in (one, mirrored)] for k, f in settings.items()},
+}))
+"""
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow only"
 )
 def test_toward_and_soft_threshold_under_mirrored_strategy():
-    result = run_python(MIRRORED)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
+    out = run_mirrored(MIRRORED)
     for name in ("toward", "soft", "both"):
         one, mirrored = out[name]
         for a, b in zip(one, mirrored, strict=True):
@@ -562,13 +485,7 @@ def test_toward_and_soft_threshold_in_low_precision(policy, rng):
     try:
         model = small_model()
         before = snapshot(model)
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.5, toward="start"), SoftThreshold(0.01)],
-        )
+        fit(model, xy(rng), [WeightDecay(0.5, toward="start"), SoftThreshold(0.01)])
         for path, w in snapshot(model).items():
             if path.endswith("kernel"):
                 w0 = expected = before[path]
@@ -589,20 +506,10 @@ def test_warns_once_when_a_logs_reader_comes_first(rng, tmp_path):
     with pytest.warns(
         UserWarning, match=r"WeightDecay writes.*weight_decay_rate.*CSVLogger"
     ):
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[keras.callbacks.CSVLogger(str(csv_path)), late],
-        )
+        fit(model, xy(rng), [keras.callbacks.CSVLogger(str(csv_path)), late])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        model.fit(
-            *xy(rng),
-            batch_size=4,
-            epochs=1,
-            verbose=0,
-            callbacks=[WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))],
+        fit(
+            model, xy(rng), [WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))]
         )
     assert "weight_decay_rate" in csv_path.read_text().splitlines()[0]

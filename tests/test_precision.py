@@ -8,13 +8,12 @@ weights are large enough that a float16 sum of squares (or a float16
 `exp(|w|)`) would overflow 65504.
 """
 
-import math
 from itertools import pairwise
 
 import keras
 import numpy as np
 import pytest
-from conftest import read_scalars
+from conftest import np_exp_abs_terms, np_penalty, np_stats, read_scalars
 from keras import ops
 
 import kerasreg
@@ -44,36 +43,6 @@ def test_policy_is_restored_after_each_test():
 def np_value(variable):
     """The variable's exact value as float64 (float16 -> float64 is exact)."""
     return np.asarray(ops.convert_to_numpy(ops.cast(variable.value, "float32")), "f8")
-
-
-def np_exp_abs_terms(w):
-    """`exp(|w|) - 1`, continued beyond 20 as documented in the README."""
-    a = np.abs(np.asarray(w, np.float64))
-    d = np.maximum(a - 20.0, 0.0)
-    return np.expm1(np.minimum(a, 20.0)) + math.exp(20.0) * (d + 0.5 * d**2)
-
-
-def np_penalty(penalty, w):
-    w = np.asarray(w, np.float64)
-    if isinstance(penalty, kerasreg.L1Penalty):
-        return penalty.l1 * np.abs(w).sum()
-    if isinstance(penalty, kerasreg.L2Penalty):
-        return penalty.l2 * (w**2).sum()
-    if isinstance(penalty, kerasreg.ElasticNetPenalty):
-        return penalty.l1 * np.abs(w).sum() + penalty.l2 * (w**2).sum()
-    if isinstance(penalty, kerasreg.ExpAbsPenalty):
-        return penalty.factor * np_exp_abs_terms(w).sum()
-    raise AssertionError(penalty)
-
-
-def np_stats(w):
-    a = np.abs(np.asarray(w, np.float64))
-    return {
-        "l1": a.sum(),
-        "l2": np.sqrt((a**2).sum()),
-        "linf": a.max(),
-        "zero_fraction": (a < 1e-8).mean(),
-    }
 
 
 # --- a model whose float16 sums of squares overflow ------------------------------

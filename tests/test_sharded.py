@@ -15,15 +15,10 @@ and read XLA's compiled programs to check that `weight_norms` and
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, arrays, assert_close, np_stats, run_result, sigmoid
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,20 +43,7 @@ MESH = {None: 1, "batch": 2, "model": 2}
 
 @pytest.fixture(scope="module")
 def runs():
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+    return run_result([SCRIPT], backend="jax", host_devices=4, timeout=900)
 
 
 # --- independent references (numpy float64) ---------------------------------
@@ -93,14 +75,6 @@ def data():
     }
 
 
-def arrays(weights):
-    return [np.asarray(w, np.float64) for w in weights]
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def np_lstm_mse(weights, x, y):
     """Keras LSTM (gates i, f, c, o; tanh, sigmoid), then two Dense layers."""
     k, r, b, k1, b1, k2, b2 = arrays(weights)
@@ -127,16 +101,6 @@ def np_lstm_penalties(weights):
     }
 
 
-def np_stats(w):
-    a = np.abs(np.asarray(w, np.float64))
-    return {
-        "l1": a.sum(),
-        "l2": np.sqrt((a**2).sum()),
-        "linf": a.max(),
-        "zero_fraction": (a < 1e-8).mean(),
-    }
-
-
 def np_gate_stats(w, gates=4):
     """Per gate (Keras column blocks i, f, c, o along the last axis)."""
     w = np.asarray(w, np.float64)
@@ -147,16 +111,6 @@ def np_gate_stats(w, gates=4):
         for stat, value in np_stats(w[..., g * width : (g + 1) * width]).items():
             out[f"{stat}/gate_{names[g]}"] = value
     return out
-
-
-def assert_close(actual, expected, what, tolerance=TOLERANCE):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        rtol=tolerance,
-        atol=tolerance,
-        err_msg=what,
-    )
 
 
 def each_run(runs, name):
