@@ -8,6 +8,7 @@ stacked logs into each variant's history and TensorBoard run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -93,7 +94,9 @@ def _first(x):
 
 def _fresh_optimizer(compile_config, exclusions, models):
     """The template's optimizer, anew, with its weight-decay exclusions for `models`."""
-    optimizer = keras.saving.deserialize_keras_object(compile_config["optimizer"])
+    # Keras's deserialization consumes parts of the config it reads: a copy.
+    config = copy.deepcopy(compile_config["optimizer"])
+    optimizer = keras.saving.deserialize_keras_object(config)
     names, indices = exclusions
     if names or indices:
         optimizer.exclude_from_weight_decay(
@@ -104,7 +107,7 @@ def _fresh_optimizer(compile_config, exclusions, models):
 
 
 def compile_like(variant, compile_config, exclusions):
-    config = keras.saving.deserialize_keras_object(compile_config)
+    config = keras.saving.deserialize_keras_object(copy.deepcopy(compile_config))
     config["optimizer"] = _fresh_optimizer(compile_config, exclusions, [variant])
     variant.compile(**config)
 

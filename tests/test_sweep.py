@@ -287,6 +287,27 @@ ENGINES = {
         kerasreg.ExpAbsPenalty(1e-2),
         "stacked",
     ),
+    "loss scaling": (
+        build,
+        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+        ["accuracy"],
+        None,
+        "sequential",
+    ),
+    "stateful RNN": (
+        lambda: keras.Sequential(
+            [
+                keras.Input(batch_shape=(8, 3)),
+                keras.layers.Reshape((3, 1)),
+                keras.layers.SimpleRNN(2, stateful=True),
+                keras.layers.Dense(1),
+            ]
+        ),
+        "adam",
+        ["mse"],
+        None,
+        "sequential",
+    ),
     "global clipnorm": (
         build,
         lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0),
