@@ -15,7 +15,6 @@ trained one variant after another instead, with a log line saying why.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -24,18 +23,12 @@ from typing import Any
 import keras
 
 from kerasreg import _compat
-from kerasreg._sweep_stack import (
-    Monitor,
-    VariantLog,
-    compile_like,
-    fit_together,
-    is_array,
-    is_dataset,
-)
-from kerasreg.attach import REMOVE, ROLES, regularize
+from kerasreg.attach import ROLES
 from kerasreg.penalties import get
 from kerasreg.selection import walk_layers
-from kerasreg.sweep_result import (
+from kerasreg.sweep.data import is_array, is_dataset
+from kerasreg.sweep.monitor import Monitor, VariantLog
+from kerasreg.sweep.result import (
     SweepResult,
     make_row,
     strength,
@@ -43,6 +36,8 @@ from kerasreg.sweep_result import (
     variant_name,
     write_hparams,
 )
+from kerasreg.sweep.stacked import fit_together
+from kerasreg.sweep.variants import compile_like, make_variant
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -142,7 +137,7 @@ def sweep(
     variants = _check_penalties(penalties, role)
     names = unique([variant_name(v) for v in variants])
     compile_config = model.get_compile_config()
-    models = [_make_variant(model, v, where, i) for i, v in enumerate(variants)]
+    models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
     reason = _why_not_stacked(model, x, y, fit_kwargs, compile_config)
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
@@ -244,33 +239,6 @@ def _check_penalties(penalties: Any, role: str) -> list[dict[str, Any]]:
                 ) from None
         variants.append(resolved)
     return variants
-
-
-def _make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
-    try:
-        # Unique variable paths: the torch backend keys parameters by path, and
-        # one stacked model with K equal paths would zero only one variant's grads.
-        # Under a keras.distribution (JAX) the LayoutMap full-matches paths: there
-        # the template's paths are kept, so every variant gets the template's layout.
-        if keras.distribution.distribution() is None:
-            scope = keras.name_scope(f"kerasreg_sweep_{index}")
-        else:
-            scope = contextlib.nullcontext()
-        with scope:
-            variant = keras.models.clone_model(model)
-    except Exception as error:  # Keras raises many types for uncloneable models
-        raise ValueError(
-            f"kerasreg.sweep: invalid `model`: {model.name!r} cannot be copied "
-            f"with keras.models.clone_model ({type(error).__name__}: {error})."
-        ) from None
-    variant.set_weights(model.get_weights())
-    variant.name = f"variant_{index}"
-    roles = {r: (REMOVE if p is None else p) for r, p in penalty.items()}
-    try:
-        regularize(variant, **roles, where=where)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"kerasreg.sweep: penalties[{index}]: {error}") from None
-    return variant
 
 
 def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
