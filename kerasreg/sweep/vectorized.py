@@ -313,7 +313,7 @@ class VectorStack(keras.Model):
                 self.stages.append(_StackedDense(self.k, first, roles))
             else:
                 self.stages.append(type(first).from_config(first.get_config()))
-        # Not None: `eligible` checked both before this engine was chosen.
+        # Not None: `why_not` checked both before this engine was chosen.
         self.per_sample_loss, self.reduction = _loss(compiled)  # type: ignore[misc]
         self.metric_functions: list = _metrics(compiled)  # type: ignore[assignment]
         self.loss_tracker = _VectorMean(self.k, "loss")
