@@ -331,7 +331,7 @@ def weight_decay_exclusions(optimizer: Any, weights: list[Any]) -> tuple[list, l
     """
     pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
     keys = getattr(optimizer, "_exclude_from_weight_decay", None) or set()
-    var_key = getattr(optimizer, "_var_key", None)
+    var_key: Any = getattr(optimizer, "_var_key", None)
     if not hasattr(optimizer, "exclude_from_weight_decay") or (
         keys and var_key is None
     ):

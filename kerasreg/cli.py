@@ -154,7 +154,8 @@ def _inspect(args: argparse.Namespace) -> int:
         }
         unknown = sorted(
             {
-                str(keras_file_stats.penalty_formula(w.regularizer).label)
+                # w.regularizer is not None here: a Formula or Unknown.
+                str(keras_file_stats.penalty_formula(w.regularizer).label)  # type: ignore[union-attr]
                 for w in regularized
                 if penalties[w.path] is None
             }
@@ -189,7 +190,7 @@ _COLUMNS = ("l1", "l2", "linf", "zero_fraction", "penalty")
 
 
 def _table(weights: list[Any], rows: dict[str, dict[str, Any]]) -> str:
-    table = [("weight", "shape", *_COLUMNS)]
+    table: list[tuple[str, ...]] = [("weight", "shape", *_COLUMNS)]
     for weight in weights:
         stats = rows[weight.path]
         if weight.regularizer is None:

@@ -163,7 +163,7 @@ class WeightDecay(PostStepTransform):
             return 1.0 - strength  # exact in float64
         return ops.subtract(1.0, ops.cast(strength, "float32"))
 
-    transform = staticmethod(_scale)
+    transform = staticmethod(_scale)  # type: ignore[assignment]  # called positionally
 
     def describe_action(self) -> str:
         if self.schedule is not None:

@@ -277,8 +277,8 @@ def _walk(
                 )
             out.append(_weight(dataset, cls, cfg, names, i, prefix, trainable, path))
     consumed = {"vars"}
-    for keys, name, child in _children(cls, cfg):
-        key = next((k for k in keys if k in group), None)
+    for candidates, name, child in _children(cls, cfg):
+        key = next((k for k in candidates if k in group), None)
         if key is None:
             continue
         consumed.add(key)

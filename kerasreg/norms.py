@@ -395,6 +395,7 @@ def gate_layout(model: keras.layers.Layer) -> dict[int, tuple[str, ...]]:
     column (channel) block per gate.
     """
     layout: dict[int, tuple[str, ...]] = {}
+    names: tuple[str, ...] | None
     for layer, _ in walk_layers(model):
         if isinstance(layer, CONV_LSTM):
             cell, names, units = layer.cell, ("i", "f", "c", "o"), layer.cell.filters

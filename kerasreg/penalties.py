@@ -246,7 +246,7 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
     def __init__(self, alpha: float = 0.01):
         self.alpha = validate_factor(alpha, "alpha", type(self).__name__)
         self.reference = None
-        self._owner = None
+        self._owner: int | None = None
 
     def set_reference(self, variable: Any) -> L2SPPenalty:
         """Use the current value of `variable` (a `keras.Variable`) as `ref`."""

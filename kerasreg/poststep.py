@@ -282,7 +282,8 @@ class PostStepTransform(keras.callbacks.Callback):
 
     def _apply(self, strengths: list[Any], logs: dict | None) -> None:
         param = self._param(strengths)
-        update_model_weights(self.model, self._update, param)
+        # `_update` is set when the transform is installed, before any update.
+        update_model_weights(self.model, self._update, param)  # type: ignore[arg-type]
         self._last_strength = strengths[-1]
         if logs is not None:
             logs[self.log_key] = strengths[-1]
@@ -297,7 +298,7 @@ class PostStepTransform(keras.callbacks.Callback):
         if not steps or (self.schedule is None and not self.lr_scaled):
             return
         optimizer = getattr(self._model, "optimizer", None)
-        values = None
+        values: Any = None
         try:
             vector = self.strength_at(ops.convert_to_tensor(steps, "int64"), optimizer)
             values = np.asarray(ops.convert_to_numpy(vector), np.float64).reshape(-1)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias
 
 import keras
 
 from kerasreg._checks import check_items
 from kerasreg.walk import all_weights, default_rule, walk_layers, weight_paths
 
-Where = "None | str | Selector | Callable[[Any], bool] | Iterable[Any]"
+Where: TypeAlias = "str | Selector | Callable[[Any], bool] | Iterable[Any] | None"
 
 
 def where_predicate(

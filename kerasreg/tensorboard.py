@@ -203,7 +203,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         self._step_offset = optimizer_iterations(model)
         self._last_train_step = self._step_offset
         if self.update_freq != "epoch":
-            n = self.update_freq
+            n: int = self.update_freq  # type: ignore[assignment]  # not "epoch": an int
             self._next_log_step = (self._step_offset // n + 1) * n
         if self._is_writer:
             self._write_plan_and_layout(model)
@@ -237,7 +237,8 @@ class WeightNormLogger(keras.callbacks.Callback):
         step = optimizer_iterations(self.model)
         if step < self._next_log_step:
             return
-        self._next_log_step = (step // self.update_freq + 1) * self.update_freq
+        n: int = self.update_freq  # type: ignore[assignment]  # batch mode: an int
+        self._next_log_step = (step // n + 1) * n
         self._log_train(step, self._measure(), logs)
 
     def _log_train(self, step: int, norms: dict, logs: dict | None) -> None:
@@ -278,7 +279,7 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     # --- measuring -----------------------------------------------------------
 
-    def _measure(self) -> dict[str, dict[str, float]]:
+    def _measure(self) -> dict[int, tuple[str, dict[str, float]]]:
         # `self.model` (not `_model`): on JAX it syncs the trainer's state.
         norms = weight_norms(self.model, self._variables, per_gate=self.per_gate)
         # Keys follow `self._variables`: model order, repeated paths suffixed.

@@ -40,7 +40,7 @@ class TrainStepFold:
     NAMES = ("train_step", "make_train_function")
 
     def __init__(self, model: keras.Model):
-        self._model = weakref.ref(model)
+        self._model: Callable[[], Any] = weakref.ref(model)
         self.members: list[Any] = []
         self.saved = {name: vars(model).get(name, _MISSING) for name in self.NAMES}
         self.step = model.train_step

@@ -313,8 +313,9 @@ class VectorStack(keras.Model):
                 self.stages.append(_StackedDense(self.k, first, roles))
             else:
                 self.stages.append(type(first).from_config(first.get_config()))
-        self.per_sample_loss, self.reduction = _loss(compiled)
-        self.metric_functions = _metrics(compiled)
+        # Not None: `why_not` checked both before this engine was chosen.
+        self.per_sample_loss, self.reduction = _loss(compiled)  # type: ignore[misc]
+        self.metric_functions: list = _metrics(compiled)  # type: ignore[assignment]
         self.loss_tracker = _VectorMean(self.k, "loss")
         self.metric_trackers = [
             _VectorMean(self.k, name) for name, _, _ in self.metric_functions
