@@ -21,23 +21,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from kerasreg import _compat
-from kerasreg.attach import ROLES
-from kerasreg.penalties import get
 from kerasreg.selection import walk_layers
+from kerasreg.sweep import separate
 from kerasreg.sweep.data import is_array, is_dataset
-from kerasreg.sweep.monitor import Monitor, VariantLog
+from kerasreg.sweep.items import GridPoint, parse_grid
+from kerasreg.sweep.monitor import VariantLog
+from kerasreg.sweep.repeats import build_variant, check_seeds
 from kerasreg.sweep.result import (
     SweepResult,
     make_row,
-    strength,
+    metric_directions,
+    run_name,
     unique,
-    variant_name,
     write_hparams,
 )
 from kerasreg.sweep.stacked import fit_together
-from kerasreg.sweep.variants import compile_like, make_variant
+from kerasreg.sweep.variants import compile_like
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -52,6 +54,7 @@ def sweep(
     *,
     role: str = "kernel",
     where: Any = None,
+    seeds: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
     **fit_kwargs: Any,
 ) -> SweepResult:
@@ -134,11 +137,18 @@ def sweep(
     >>> print(result)  # doctest: +SKIP
     """
     _check_template(model)
-    variants = _check_penalties(penalties, role)
-    names = unique([variant_name(v) for v in variants])
+    points = parse_grid(penalties, role)
+    seeds = check_seeds(seeds)
+    runs = _runs(points, seeds)
+    names = [run_name(name, seed) for _, _, name, seed in runs]
+    callbacks = separate.check_callbacks(fit_kwargs.get("callbacks"), names)
     compile_config = model.get_compile_config()
-    models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
-    reason = _why_not_stacked(model, x, y, fit_kwargs, compile_config)
+    models = [
+        build_variant(model, point, where, i, seed, item)
+        for i, (item, point, _, seed) in enumerate(runs)
+    ]
+    requested = _why_separate_fits(points, seeds, callbacks)
+    reason = requested or _why_not_stacked(model, x, y, fit_kwargs, compile_config)
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     if log_dir is not None:
@@ -147,38 +157,78 @@ def sweep(
         VariantLog(os.path.join(log_dir, name)) if log_dir is not None else None
         for name in names
     ]
-    verbose = fit_kwargs.get("verbose", "auto")
+    best_epochs: list[int | None] = [None] * len(models)
     if reason is None:
         histories, engine = fit_together(
             models, names, logs, compile_config, exclusions, x, y, fit_kwargs
         )
     else:
-        logger.warning(
+        # Asked for (transforms, seeds, callbacks): INFO; a template the
+        # one-fit engines cannot take: WARNING.
+        logger.log(
+            logging.INFO if requested else logging.WARNING,
             "kerasreg.sweep: %s; training the %d variants one after another "
             "(K separate fits).",
             reason,
             len(models),
         )
-        histories = []
-        for variant, name, log in zip(models, names, logs, strict=True):
-            compile_like(variant, compile_config, exclusions)
-            monitor = Monitor([variant], [name], [log], verbose, split=None)
-            callbacks = [*(fit_kwargs.get("callbacks") or []), monitor]
-            kwargs = {**fit_kwargs, "callbacks": callbacks}
-            variant.fit(x, y, **kwargs)
-            histories.append(monitor.histories[0])
+        histories, best_epochs = separate.fit(
+            models,
+            names,
+            logs,
+            compile_config,
+            exclusions,
+            x,
+            y,
+            fit_kwargs,
+            transforms=[point.fresh_transforms() for _, point, _, _ in runs],
+            data_seed=int(np.random.randint(2**31 - 1)),
+        )
         engine = "sequential"
+    directions = metric_directions(models)  # while the compiled metrics are built
     for variant in models:
         variant.name = model.name
         if reason is None:
             compile_like(variant, compile_config, exclusions)
     rows = [
-        make_row(name, v, strength(v), history)
-        for name, v, history in zip(names, variants, histories, strict=True)
+        make_row(point, name, seed, history, best)
+        for (_, point, name, seed), history, best in zip(
+            runs, histories, best_epochs, strict=True
+        )
     ]
     if log_dir is not None:
         write_hparams(log_dir, rows)
-    return SweepResult(rows, models, engine)
+    return SweepResult(rows, models, engine, directions=directions)
+
+
+# --- grid points, seeds and callbacks (issue 22) ----------------------------------
+
+
+def _runs(
+    points: list[GridPoint], seeds: list[int] | None
+) -> list[tuple[int, GridPoint, str, int | None]]:
+    """`(item, point, name, seed)` per run: grid point by grid point, seeds within."""
+    names = unique([point.name for point in points])
+    return [
+        (item, point, name, seed)
+        for item, (point, name) in enumerate(zip(points, names, strict=True))
+        for seed in (seeds or [None])
+    ]
+
+
+def _why_separate_fits(
+    points: list[GridPoint], seeds: list[int] | None, callbacks: list
+) -> str | None:
+    """Why the runs are K separate fits until the one-fit engines take them."""
+    transforms = sorted({type(t).__name__ for p in points for t in p.transforms})
+    if transforms:
+        return f"the grid has post-step transforms ({', '.join(transforms)})"
+    if seeds is not None:
+        return "`seeds` are given"
+    if callbacks:
+        names = ", ".join(type(c).__name__ for c in callbacks)
+        return f"`callbacks` are given ({names}: each fit gets its own copy)"
+    return None
 
 
 # --- validation ---------------------------------------------------------------
@@ -204,43 +254,6 @@ def _check_template(model: Any) -> None:
         )
 
 
-def _check_penalties(penalties: Any, role: str) -> list[dict[str, Any]]:
-    if role not in ROLES:
-        raise ValueError(
-            f"kerasreg.sweep: invalid `role`: expected one of {sorted(ROLES)}. "
-            f"Received: role={role!r}."
-        )
-    if isinstance(penalties, (str, bytes, dict)) or not isinstance(penalties, Sequence):
-        raise TypeError(
-            "kerasreg.sweep: invalid `penalties`: expected a list of penalties "
-            "(or None, or dicts {role: penalty}). Received: "
-            f"penalties={penalties!r} (type {type(penalties).__name__})."
-        )
-    if not penalties:
-        raise ValueError(
-            "kerasreg.sweep: invalid `penalties`: the list is empty; give at "
-            "least one penalty (None for no penalty)."
-        )
-    variants = []
-    for index, item in enumerate(penalties):
-        mapping = item if isinstance(item, dict) else {role: item}
-        resolved = {}
-        for key, value in mapping.items():
-            if key not in ROLES:
-                raise ValueError(
-                    f"kerasreg.sweep: invalid `penalties[{index}]`: unknown role "
-                    f"{key!r}; expected one of {sorted(ROLES)}. Received: {item!r}."
-                )
-            try:
-                resolved[key] = get(value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"kerasreg.sweep: invalid `penalties[{index}]`: {error}"
-                ) from None
-        variants.append(resolved)
-    return variants
-
-
 def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
     """Why one stacked fit would not be exact or is not supported (None: it is)."""
     optimizer = model.optimizer
@@ -252,8 +265,6 @@ def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
         return "the template has several inputs or outputs"
     if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(model)):
         return "the template has stateful layers"
-    if fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (in one stacked fit they would see the stack)"
     if isinstance(x, keras.utils.PyDataset) or is_dataset(x):
         return None
     if not (is_array(x) and is_array(y)):
