@@ -45,8 +45,8 @@ LAYERS = {
     # The sweep subpackage: data checks and the vectorised engine low, the
     # call on top, its public surface (`kerasreg/sweep/__init__.py`) above it.
     "sweep.data": 2,
-    "sweep.grids": 2,
     "sweep.vectorized": 2,
+    "sweep.grids": 5,
     "sweep.items": 5,
     "sweep.result": 5,
     "sweep.variants": 5,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kerasreg._checks import as_real_scalar
+from kerasreg.poststep import PostStepTransform
 
 
 def grid(knob: Callable[..., Any], values: Any = None, /, **arguments: Any) -> list:
@@ -95,11 +96,11 @@ def product(*axes: Sequence[Any]) -> list:
 
     `product([None, L2Penalty(1e-4)], [None, WeightDecay(1e-3)])` is
     `[None, [None, WeightDecay(1e-3)], L2Penalty(1e-4), [L2Penalty(1e-4),
-    WeightDecay(1e-3)]]`: penalty x decay rate, baselines included. A
-    combination whose items are all `None` is `None`; one with a single item
-    left is that item; an item that is itself a list is spread into the
-    combination. In a list, `None` means no penalty on the sweep's `role`
-    unless another item of the list gives that role a penalty.
+    WeightDecay(1e-3)]]`: penalty x decay rate, baselines included. An item
+    that is itself a list is spread into the combination; `None` is left out
+    of a combination that has a penalty; a combination of `None`s is `None`,
+    one with a single item left is that item. (`[None, WeightDecay(1e-3)]`
+    is "no penalty on the sweep's `role`, and decay".)
 
     Args:
         *axes: lists of grid items (penalties, `None`, `{role: penalty}`
@@ -116,7 +117,7 @@ def product(*axes: Sequence[Any]) -> list:
     >>> len(items), items[0]
     (6, None)
     >>> items[4]
-    [L2Penalty(l2=0.0001), <kerasreg.decay.WeightDecay object ...>]
+    [L2Penalty(l2=0.0001), WeightDecay(rate=0.001)]
     """
     if not axes:
         raise ValueError("kerasreg.product: give at least one list of grid items.")
@@ -135,6 +136,8 @@ def product(*axes: Sequence[Any]) -> list:
         parts = []
         for item in combination:
             parts.extend(item if isinstance(item, (list, tuple)) else [item])
+        if any(p is not None and not isinstance(p, PostStepTransform) for p in parts):
+            parts = [p for p in parts if p is not None]  # a penalty: None gives way
         if all(part is None for part in parts):
             items.append(None)
         elif len(parts) == 1:
@@ -149,7 +152,8 @@ def log_range(start: float, stop: float, per_decade: int = 1) -> list[float]:
 
     `start * 10 ** (k / per_decade)` for k = 0, 1, ... while it is at most
     `stop`, rounded to two significant digits so that names stay short
-    (`10 ** 0.5 = 3.162...` becomes `3.2`; within 1.6 % of exact log spacing).
+    (`10 ** 0.5 = 3.162...` becomes `3.2`; at most 5 % from exact log
+    spacing).
 
     Args:
         start: the first value, finite and > 0.

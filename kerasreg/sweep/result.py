@@ -309,11 +309,12 @@ class SweepResult:
 
     def plot(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         metric: str | None = None,
         *,
         monitor: str | None = None,
-    ) -> str:
+        ax: Any = None,
+    ) -> str | None:
         """Draw the validation curve: `metric` against each knob's value, log x axis.
 
         One line per family (kind of knob): validation values solid, training
@@ -322,18 +323,25 @@ class SweepResult:
         of the second. With repeats, each line is the mean over seeds with a
         band of one standard deviation. A grid point without a knob value
         (no penalty) is a dashed horizontal line. The best run (by
-        `monitor`) is marked with a star. Writes a PNG file.
+        `monitor`) is marked with a star. Writes a PNG file, or draws on the
+        matplotlib axes `ax`.
 
         Args:
-            path: the PNG file to write.
+            path: the PNG file to write (optional when `ax` is given).
             metric: a training history key; default: the first compiled
                 metric (such as `"accuracy"`), else `"loss"`.
             monitor: the key that picks the best (as `best` does); default
                 `"val_" + metric` when validation ran, else `metric`.
+            ax: optional matplotlib `Axes` to draw on (a figure of yours).
 
         Returns:
-            `path`, as a string.
+            `path`, as a string (None when only `ax` was drawn on).
         """
+        if path is None and ax is None:
+            raise ValueError(
+                "SweepResult.plot: give `path` (a PNG file to write) or `ax` "
+                "(matplotlib axes to draw on). Received neither."
+            )
         import matplotlib
 
         if matplotlib.get_backend().lower() not in (
@@ -358,7 +366,9 @@ class SweepResult:
         if monitor is None:
             monitor = series[0][0]
         entries = self.summary()
-        fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+        own = ax is None
+        if own:
+            _, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
         colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8)
         x_keys: set[str] = set()
         lines = list(_lines(entries))
@@ -397,9 +407,12 @@ class SweepResult:
             ax.set_title("mean over seeds, band: one standard deviation", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        if path is None:
+            return None
         path = os.fspath(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        ax.figure.savefig(path, dpi=110)
+        if own:
+            plt.close(ax.figure)
         return path
 
     def _mark_best(self, ax, lines: list, monitor: str) -> None:
