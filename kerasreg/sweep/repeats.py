@@ -6,9 +6,11 @@ weight drawn afresh from its layer's initializer, and every random layer
 `keras.utils.set_random_seed(seed)`: exactly what building the template
 again after `keras.utils.set_random_seed(seed)` gives, when the build makes
 its layers in the template's order. The template's own weights are not used.
-The order of the training data is not the seed's: it is the sweep's, shared
-by every run (one fit shuffles once for all its variants; separate fits are
-given the same order).
+In K separate fits, each run's fit also starts from
+`keras.utils.set_random_seed(seed)`, so what the fit draws from the global
+generators (the shuffling order with `shuffle=True`; on PyTorch, the masks
+of a `Dropout` without a `seed` of its own) is what a fit right after that
+build draws, and the runs of one seed share their data order.
 
 Without `seeds=`, a variant starts from the template's current weights.
 """

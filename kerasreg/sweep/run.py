@@ -182,7 +182,7 @@ def sweep(
             y,
             fit_kwargs,
             transforms=[point.fresh_transforms() for _, point, _, _ in runs],
-            data_seed=int(np.random.randint(2**31 - 1)),
+            fit_seeds=_fit_seeds(runs),
         )
         engine = "sequential"
     directions = metric_directions(models)  # while the compiled metrics are built
@@ -214,6 +214,12 @@ def _runs(
         for item, (point, name) in enumerate(zip(points, names, strict=True))
         for seed in (seeds or [None])
     ]
+
+
+def _fit_seeds(runs: list) -> list[int]:
+    """Each run's seed, or one seed drawn for the sweep: one data order per seed."""
+    shared = int(np.random.randint(2**31 - 1))
+    return [shared if seed is None else seed for _, _, _, seed in runs]
 
 
 def _why_separate_fits(

@@ -3,8 +3,11 @@
 Exact by construction: variant k's fit is a plain Keras `fit` of its model,
 with its own copies of the sweep's callbacks and fresh instances of its grid
 point's post-step transforms (a callback or transform is never shared by two
-fits), after `keras.utils.set_random_seed(data_seed)` so that every fit draws
-the same shuffling order, as one shared fit would.
+fits), after `keras.utils.set_random_seed(fit_seeds[k])`: what the fit draws
+from the global random generators (the shuffling order; on PyTorch, the masks
+of a `Dropout` without a `seed` of its own) is the same for every run of one
+seed, as in one shared fit, and for a run of `seeds=` it is what a fit right
+after building the template under that seed draws.
 
 Callbacks that write files get one file (or folder) per variant: `{variant}`
 in the path of `ModelCheckpoint`, `CSVLogger`, `TensorBoard` or
@@ -127,12 +130,13 @@ def fit(
     fit_kwargs: dict,
     *,
     transforms: list[list[PostStepTransform]] | None = None,
-    data_seed: int | None = None,
+    fit_seeds: list[int] | None = None,
 ) -> tuple[list[dict], list[int | None]]:
     """Fit each variant on its own; `(histories, best_epochs)`.
 
     `transforms[k]` are variant k's fresh post-step transforms (they run
-    first in its fit). `best_epochs[k]` is the epoch whose weights variant k
+    first in its fit); `fit_seeds[k]` seeds the global random generators
+    before its fit. `best_epochs[k]` is the epoch whose weights variant k
     ends with when a callback restored them (`EarlyStopping` with
     `restore_best_weights=True`), else None (the last epoch).
     """
@@ -150,8 +154,8 @@ def fit(
         kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor]}
         if verbose:
             print(f"[{index + 1}/{len(variants)}] {name}", flush=True)
-        if data_seed is not None:
-            keras.utils.set_random_seed(data_seed)
+        if fit_seeds is not None:
+            keras.utils.set_random_seed(fit_seeds[index])
         variant.fit(x, y, **kwargs)
         histories.append(monitor.histories[0])
         best_epochs.append(_restored_epoch(copies))
