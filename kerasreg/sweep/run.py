@@ -78,10 +78,12 @@ def sweep(
     Templates for which one stacked fit is not exact or not supported are
     trained one variant after another (K separate fits), with a log line on
     the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
-    scaling, stateful layers, several inputs or outputs, `callbacks` (they
-    would see the stacked model; they are given to each of the K fits
-    instead), and training data other than arrays, a
-    `keras.utils.PyDataset` or a `tf.data.Dataset`.
+    scaling, stateful layers, several inputs or outputs, and training data
+    other than arrays, a `keras.utils.PyDataset` or a `tf.data.Dataset`. So
+    are, for now, grids with post-step transforms, `seeds=` and `callbacks`:
+    each variant's fit gets its own copy of every callback and a fresh
+    instance of its transforms (never shared between two fits), and a
+    callback's file path takes a `{variant}` field (the variant's run name).
 
     The engine is chosen per template (`SweepResult.engine`). A chain of
     `Dense` and activation layers with the usual penalties (kerasreg's L1,
@@ -95,9 +97,14 @@ def sweep(
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
             the template. It is neither trained nor changed.
-        penalties: a non-empty list; each item is anything `regularize`
-            accepts for `role` (`None` = no penalty for that role), or a dict
-            `{role: penalty}` for several roles at once.
+        penalties: a non-empty list of grid items. Each item is a penalty
+            (anything `regularize` accepts, for `role`), `None` (no penalty
+            for that role), a dict `{role: penalty}` for several roles, a
+            kerasreg post-step transform (`WeightDecay(rate)`,
+            `WeightDecay(rate, toward="start")`, `SoftThreshold(threshold)`;
+            it keeps its own `where`), or a list combining them, e.g.
+            `[L2Penalty(1e-4), WeightDecay(1e-3)]`. `kerasreg.grid`,
+            `kerasreg.product` and `kerasreg.log_range` build such lists.
         x: training inputs, as for `fit`.
         y: training targets, as for `fit`.
         role: `"kernel"` (default), `"recurrent"` or `"bias"`: the role of
@@ -107,23 +114,34 @@ def sweep(
             of the role; a regular expression searched in weight paths such
             as `"hidden/kernel"`; or a selector such as
             `kerasreg.layer("^hidden$")`).
+        seeds: optional list of ints: every grid item is trained once per
+            seed, each run from weights drawn afresh under
+            `keras.utils.set_random_seed(seed)` (as if the template were built
+            again under that seed; the template's weights are not used), and
+            its random layers seeded likewise. `SweepResult.summary()` gives
+            the mean and spread per grid item.
         log_dir: optional TensorBoard root: one run per variant,
-            `log_dir/<penalty name>/train|validation`, with Keras's
-            `epoch_<metric>` scalars and `WeightNormLogger` data, plus the
-            HParams experiment (`penalty`, `strength`, final metrics).
+            `log_dir/<name>/train|validation` (`<name>/seed_<s>` with seeds),
+            with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
+            data, plus the HParams experiment (grid item, family, knob values;
+            the metrics at each run's `best_epoch`).
         **fit_kwargs: passed to `fit` (`epochs`, `batch_size`,
-            `validation_data`, `validation_split`, `shuffle`, `verbose`, ...).
-            With `verbose=1` the best variant so far (by `val_loss`, else
-            `loss`) is printed at each epoch end.
+            `validation_data`, `validation_split`, `shuffle`, `callbacks`,
+            `verbose`, ...). With `verbose=1` or `2` the best variant so far
+            (by `val_loss`, else `loss`) is named on its own line after each
+            epoch.
 
     Returns:
         A `SweepResult`.
 
     Raises:
-        TypeError: `model` is not a Keras model, or `penalties` is not a list.
-        ValueError: `penalties` is empty, `role` is unknown, a penalty cannot be
-            resolved or targets a role the model lacks, the template is not
-            built or not compiled, or it cannot be copied.
+        TypeError: `model` is not a Keras model, `penalties`, `seeds` or
+            `callbacks` is not a list, or an item is of the wrong kind.
+        ValueError: `penalties` is empty, `role` is unknown, an item cannot be
+            resolved, targets a role the model lacks or gives one role two
+            penalties, a transform's `where` selects nothing, a callback would
+            write one file for all variants, the template is not built or not
+            compiled, or it cannot be copied. Nothing has trained then.
 
     Example:
 
@@ -131,10 +149,17 @@ def sweep(
     ...                           keras.layers.Dense(1)])
     >>> model.compile(optimizer="adam", loss="mse")
     >>> x, y = np.random.rand(32, 2), np.random.rand(32, 1)
-    >>> grid = [None] + [kerasreg.L2Penalty(a) for a in (1e-3, 1e-2)]
+    >>> grid = [None] + kerasreg.grid(kerasreg.L2Penalty, [1e-3, 1e-2])
     >>> result = kerasreg.sweep(model, grid, x, y, epochs=3,
     ...                         verbose=0)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
+    >>> decay = kerasreg.grid(kerasreg.WeightDecay, kerasreg.log_range(1e-4, 1e-2))
+    >>> study = kerasreg.sweep(
+    ...     model, kerasreg.product(grid, [None] + decay), x, y, epochs=20,
+    ...     validation_split=0.25, seeds=[0, 1, 2], verbose=0,
+    ...     callbacks=[keras.callbacks.EarlyStopping(restore_best_weights=True)],
+    ... )  # doctest: +SKIP
+    >>> study.best_model("val_loss").save("best.keras")  # doctest: +SKIP
     """
     _check_template(model)
     points = parse_grid(penalties, role)
