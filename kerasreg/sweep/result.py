@@ -433,7 +433,10 @@ class SweepResult:
     # --- text ----------------------------------------------------------------------
 
     def __str__(self) -> str:
-        history = self.metric_keys()
+        # Keys every run has (a transform's own logs key is left to the CSV).
+        history = [
+            k for k in self.metric_keys() if all(k in r["history"] for r in self.rows)
+        ]
         train = [k for k in history if not k.startswith("val_")]
         keys = sorted(train, key=lambda k: k != "loss")
         keys += sorted(
