@@ -148,7 +148,8 @@ def test_d2l_weight_decay_norms(tmp_path):
     assert len(free["test_curve"]) == 100
     # The free model interpolates its 20 points: training loss far below test.
     assert free["train_loss"] < 1e-3 < free["test_loss"]
-    series = scalars(tmp_path / "d2l" / "lambda_3" / "train")
+    series = scalars(tmp_path / "d2l" / decayed["run"] / "train")
+    assert decayed["run"] == "L2Penalty_1.5"  # d2l's lambda / 2 * ||w||^2
     logged = [value for _, value in series["batch_test_data_loss"]]
     np.testing.assert_allclose(logged[-1], decayed["test_loss"], rtol=1e-5)
     assert_png(tmp_path / "d2l.png")

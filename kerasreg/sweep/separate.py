@@ -78,14 +78,19 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
                     f"{FIELD} in the path, e.g. 'checkpoints/{FIELD}.keras'; it "
                     f"becomes each variant's run name (such as {runs[0]!r})."
                 )
-        copy_callback(callback, runs[0], where)  # can it be copied?
     return list(callbacks)
 
 
 def copy_callback(
     callback: keras.callbacks.Callback, run: str, where: str = "`callbacks`"
 ) -> keras.callbacks.Callback:
-    """A copy of `callback` for variant `run`'s fit: no state, its own files."""
+    """A copy of `callback` for variant `run`'s fit: no state, its own files.
+
+    Made with `copy.deepcopy` (the model it was last set to is not copied), so
+    a callback that defines `__deepcopy__` decides what its copies share.
+    Every run's copy is made right before its fit, the first before anything
+    trains.
+    """
     if isinstance(callback, PostStepTransform):
         fresh = fresh_transform(callback, where)
     else:
@@ -148,7 +153,9 @@ def fit(
         zip(variants, names, logs, strict=True)
     ):
         compile_like(variant, compile_config, exclusions)
-        copies = [copy_callback(c, name) for c in callbacks]
+        copies = [
+            copy_callback(c, name, f"`callbacks[{i}]`") for i, c in enumerate(callbacks)
+        ]
         monitor = Monitor([variant], [name], [log], verbose, split=None)
         own = [] if transforms is None else list(transforms[index])
         kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor]}
