@@ -255,20 +255,20 @@ def test_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].strip().startswith("tensorboard --logdir ")
     assert "share" in out and "||W1||" in out
-    folders = {p.name for p in (tmp_path / "demo").iterdir()}
+    folders = {p.name for p in (tmp_path / "demo").iterdir() if p.is_dir()}
     assert folders == {
         "none",
-        "L2Penalty_1e-3",
-        "L1Penalty_1e-3",
-        "ExpAbsPenalty_1e-3",
-        "none+WeightDecay_1e-3",
+        "L2Penalty_0.001",
+        "L1Penalty_0.001",
+        "ExpAbsPenalty_0.001",
+        "none+WeightDecay_0.001",
     }
-    series = scalars(tmp_path / "demo" / "L2Penalty_1e-3" / "train")
+    series = scalars(tmp_path / "demo" / "L2Penalty_0.001" / "train")
     assert {"epoch_loss", "penalty/total", "loss/data"} <= set(series)
     steps = [step for step, _ in series["penalty/total"]]
     epochs = none["updates"] // 100
     assert steps == list(range(epochs))
-    decay_series = scalars(tmp_path / "demo" / "none+WeightDecay_1e-3" / "train")
+    decay_series = scalars(tmp_path / "demo" / "none+WeightDecay_0.001" / "train")
     # Its curves go on where the `none` run stopped; WeightDecay logs its rate.
     assert decay_series["epoch_loss"][0][0] == epochs
     rates = [rate for _, rate in decay_series["epoch_weight_decay_rate"]]
