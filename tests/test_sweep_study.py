@@ -28,7 +28,8 @@ from tensorboard.util import tensor_util
 
 import kerasreg
 from kerasreg.sweep.items import parse_grid
-from kerasreg.sweep.result import SweepResult, make_row
+from kerasreg.sweep.result import SweepResult
+from kerasreg.sweep.rows import make_row
 
 RTOL, ATOL = 2e-5, 2e-6
 

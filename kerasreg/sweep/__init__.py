@@ -10,9 +10,11 @@
   copies of the callbacks and transforms.
 - `stacked`: the general engine (K copies side by side in one `fit`).
 - `vectorized`: the engine for Dense chains (weights on a leading K axis).
-- `monitor`: each variant's history and TensorBoard run from the one fit.
+- `monitor`: each variant's history and TensorBoard run from the one fit,
+  and the progress it prints.
 - `data`: what the sweep needs to know of the training data.
-- `result`: `SweepResult`, names, rows, HParams.
+- `result`: `SweepResult` (best, summary, tables); `rows`: a run's row;
+  `figure`: the validation curve; `hparams`: the HParams experiment.
 """
 
 from kerasreg.sweep.grids import grid, log_range, product

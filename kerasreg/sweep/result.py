@@ -1,14 +1,12 @@
 """`SweepResult`, the outcome of `kerasreg.sweep`: rows, models, best, tables, plot.
 
-Also how a row is made from a grid point and its history, and the HParams
-experiment written next to the variants' TensorBoard runs (`hparams.py`
-would be a second file of twenty lines: it stays here).
+Its rows are made by `kerasreg.sweep.rows`, its figure drawn by
+`kerasreg.sweep.figure`; the HParams experiment is `kerasreg.sweep.hparams`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 from typing import Any
@@ -17,6 +15,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
+from kerasreg.sweep.figure import draw
 
 # Row keys that are not metrics, in the order tables show them.
 _DESCRIPTION = (
@@ -112,8 +111,8 @@ class SweepResult:
         """
         pick = max if self._direction(monitor, mode, "best") == "max" else min
         candidates = self.summary() if self.repeated else self.rows
-        scored = [c for c in candidates if not math.isnan(c[monitor])]
-        return pick(scored or candidates, key=lambda c: c[monitor])
+        scored = [c for c in candidates if not math.isnan(c.get(monitor, math.nan))]
+        return pick(scored or candidates, key=lambda c: c.get(monitor, math.nan))
 
     def best_model(self, monitor: str = "val_loss", mode: str = "auto") -> keras.Model:
         """The model of the best run (with repeats: the best seed of the best point).
@@ -129,8 +128,9 @@ class SweepResult:
         if not self.repeated:
             return self.models[self.rows.index(best)]
         pick = max if self._direction(monitor, mode, "best_model") == "max" else min
-        runs = [i for i in best["runs"] if not math.isnan(self.rows[i][monitor])]
-        index = pick(runs or best["runs"], key=lambda i: self.rows[i][monitor])
+        value = [self.rows[i].get(monitor, math.nan) for i in range(len(self.rows))]
+        runs = [i for i in best["runs"] if not math.isnan(value[i])]
+        index = pick(runs or best["runs"], key=lambda i: value[i])
         return self.models[index]
 
     def _direction(self, monitor: str, mode: str, owner: str) -> str:
@@ -360,53 +360,10 @@ class SweepResult:
                 f"SweepResult.plot: invalid `metric`: {metric!r} is not a training "
                 f"history key. Available: {train_keys}."
             )
-        series = [(metric, ":", "o", "train")]
-        if f"val_{metric}" in keys:
-            series.insert(0, (f"val_{metric}", "-", "s", "validation"))
-        if monitor is None:
-            monitor = series[0][0]
-        entries = self.summary()
         own = ax is None
         if own:
             _, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-        colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 8)
-        x_keys: set[str] = set()
-        lines = list(_lines(entries))
-        for label, points, x_key in lines:
-            color = next(colors)
-            for key, style, marker, _ in series:
-                means = np.array([p[key] for p in points])
-                spread = np.array([p[f"{key}_std"] for p in points])
-                line_label = label if key == series[0][0] else None
-                if x_key is None:
-                    ax.axhline(
-                        means[0],
-                        color=color,
-                        ls="--" if style == "-" else ":",
-                        lw=1,
-                        label=line_label,
-                    )
-                    continue
-                x_keys.add(x_key)
-                x = [p["values"][x_key] for p in points]
-                ax.plot(x, means, style, marker=marker, color=color, label=line_label)
-                if self.repeated and style == "-" and not np.all(np.isnan(spread)):
-                    ax.fill_between(
-                        x, means - spread, means + spread, color=color, alpha=0.15
-                    )
-        self._mark_best(ax, lines, monitor)
-        if x_keys and all(
-            p["values"][k] > 0 for k in x_keys for p in entries if k in p["values"]
-        ):
-            ax.set_xscale("log")
-        names = sorted({k.rsplit(".", 1)[-1] for k in x_keys})
-        ax.set_xlabel(f"knob value ({', '.join(names)})" if names else "grid point")
-        described = " / ".join(label for _, _, _, label in series)
-        ax.set_ylabel(f"{metric} ({described}: solid / dotted)")
-        if self.repeated:
-            ax.set_title("mean over seeds, band: one standard deviation", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        draw(self, ax, metric, monitor)
         if path is None:
             return None
         path = os.fspath(path)
@@ -414,21 +371,6 @@ class SweepResult:
         if own:
             plt.close(ax.figure)
         return path
-
-    def _mark_best(self, ax, lines: list, monitor: str) -> None:
-        try:
-            best = self.best(monitor)
-        except ValueError:  # unknown direction: no star rather than a guess
-            return
-        label = f"best by {monitor}: {best['penalty']}"
-        for _, points, x_key in lines:
-            if x_key is not None and any(
-                p["penalty"] == best["penalty"] for p in points
-            ):
-                x, y = best["values"][x_key], best[monitor]
-                ax.plot(x, y, "*", color="k", ms=14, label=label)
-                return
-        ax.plot([], [], "*", color="k", ms=12, label=label)  # a horizontal line
 
     # --- text ----------------------------------------------------------------------
 
@@ -467,149 +409,3 @@ class SweepResult:
     def __repr__(self) -> str:
         names = ", ".join(row["run"] for row in self.rows)
         return f"<SweepResult of {len(self.rows)} runs: {names}>"
-
-
-def _lines(entries: list[dict]):
-    """`(label, points sorted by x, x key or None)` for each line of the plot."""
-    families: dict[str, list[dict]] = {}
-    for entry in entries:
-        families.setdefault(entry["family"], []).append(entry)
-    for family, points in families.items():
-        keys = list(points[0]["values"])
-        varying = [k for k in keys if len({p["values"].get(k) for p in points}) > 1]
-        if not keys:
-            for point in points:
-                yield point["penalty"], [point], None
-            continue
-        x_key = varying[0] if varying else keys[0]
-        others = [k for k in keys if k != x_key]
-        lines: dict[tuple, list[dict]] = {}
-        for point in points:
-            lines.setdefault(tuple(point["values"][k] for k in others), []).append(
-                point
-            )
-        for fixed, members in lines.items():
-            label = family
-            shown = [(k, v) for k, v in zip(others, fixed, strict=True) if k in varying]
-            if shown:
-                label += " (" + ", ".join(f"{k}={v:g}" for k, v in shown) + ")"
-            yield label, sorted(members, key=lambda p: p["values"][x_key]), x_key
-
-
-# --- rows and HParams ------------------------------------------------------------
-
-
-def unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return out
-
-
-def run_name(name: str, seed: int | None) -> str:
-    """The TensorBoard run (and `{variant}` field) of a grid point and seed."""
-    return name if seed is None else f"{name}/seed_{seed}"
-
-
-def make_row(
-    point: Any,
-    name: str,
-    seed: int | None,
-    history: dict,
-    best_epoch: int | None = None,
-) -> dict:
-    """A row of `SweepResult.rows` from a grid point (`items.GridPoint`) and its run."""
-    epochs = max((len(v) for v in history.values()), default=0)
-    if best_epoch is None:
-        best_epoch = epochs - 1
-    config = {
-        role: None if p is None else keras.saving.serialize_keras_object(p)
-        for role, p in point.penalties.items()
-    }
-    row = {
-        "run": run_name(name, seed),
-        "penalty": name,
-        "family": point.family,
-        "values": dict(point.values),
-        "strength": point.strength,
-        "config": config,
-        "transforms": [repr(t) for t in point.transforms],
-        "seed": seed,
-        "history": history,
-        "epochs": epochs,
-        "best_epoch": best_epoch,
-    }
-    for key, values in history.items():
-        if 0 <= best_epoch < len(values):
-            row[key] = values[best_epoch]
-    return row
-
-
-def metric_directions(models: list[keras.Model]) -> dict[str, str]:
-    """The directions of the compiled metrics, read while they are built."""
-    directions: dict[str, str] = {}
-    for model in models:
-        directions.update(_compat.metric_directions(model))
-        if directions:
-            break
-    return directions
-
-
-def trial_prefix(log_dir: str) -> str:
-    """A prefix of HParams trial ids unique to this sweep's log directory.
-
-    TensorBoard groups the sessions of one trial id into one row (the repeats
-    of a grid point); two sweeps under one parent folder must not share ids.
-    """
-    folder = os.path.abspath(log_dir)
-    digest = hashlib.sha1(folder.encode()).hexdigest()[:6]
-    return f"{os.path.basename(folder) or 'sweep'}-{digest}"
-
-
-def write_hparams(log_dir: str, rows: list[dict]) -> None:
-    """The HParams experiment at `log_dir`, one session per run.
-
-    Hyperparameters: `penalty` (the grid point's name), `family`, `strength`
-    and every knob value (`L2Penalty.l2`, `WeightDecay.rate`, ...). Metrics:
-    each history key at the run's `best_epoch`, written to the session's own
-    run as `hparams/<key>`. The runs of one grid point (its seeds) share a
-    trial id, so the table shows them as one row (their mean, by default).
-    """
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
-
-    names = list(dict.fromkeys(row["penalty"] for row in rows))
-    families = list(dict.fromkeys(row["family"] for row in rows))
-    values = list(dict.fromkeys(k for row in rows for k in row["values"]))
-    params = {
-        "penalty": hp.HParam("penalty", hp.Discrete(names)),
-        "family": hp.HParam("family", hp.Discrete(families)),
-        "strength": hp.HParam("strength"),
-        **{key: hp.HParam(key) for key in values},
-    }
-    keys = list(dict.fromkeys(k for row in rows for k in row["history"]))
-    metrics = [
-        hp.Metric(f"hparams/{key}", display_name=key) for key in ["best_epoch", *keys]
-    ]
-    with tf.summary.create_file_writer(log_dir).as_default():
-        hp.hparams_config(hparams=list(params.values()), metrics=metrics)
-    prefix = trial_prefix(log_dir)
-    for row in rows:
-        folder = os.path.join(log_dir, row["run"])
-        chosen = {
-            params["penalty"]: row["penalty"],
-            params["family"]: row["family"],
-            params["strength"]: row["strength"],
-        }
-        chosen.update({params[k]: v for k, v in row["values"].items()})
-        writer = tf.summary.create_file_writer(folder)
-        with writer.as_default():
-            hp.hparams(chosen, trial_id=f"{prefix}/{row['penalty']}")
-            step = row["best_epoch"]
-            tf.summary.scalar("hparams/best_epoch", row["best_epoch"], step=step)
-            for key in keys:
-                if key in row:
-                    tf.summary.scalar(f"hparams/{key}", row[key], step=step)
-        writer.close()

@@ -27,17 +27,12 @@ from kerasreg import _compat
 from kerasreg.selection import walk_layers
 from kerasreg.sweep import separate
 from kerasreg.sweep.data import is_array, is_dataset
+from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
 from kerasreg.sweep.repeats import build_variant, check_seeds
-from kerasreg.sweep.result import (
-    SweepResult,
-    make_row,
-    metric_directions,
-    run_name,
-    unique,
-    write_hparams,
-)
+from kerasreg.sweep.result import SweepResult
+from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
 from kerasreg.sweep.stacked import fit_together
 from kerasreg.sweep.variants import compile_like
 
