@@ -270,7 +270,7 @@ def test_bad_items_seeds_and_callbacks_raise_before_anything_trains(tmp_path):
 # --- every knob, seeds and callbacks: each run equals its own fit ------------------
 
 
-def test_transform_and_mixed_grids_equal_separate_fits():
+def test_transform_and_mixed_grids_equal_separate_fits(caplog):
     x, y = data()
     model = compile_(build())
     grid = [
@@ -279,8 +279,10 @@ def test_transform_and_mixed_grids_equal_separate_fits():
         kerasreg.SoftThreshold(2e-3),
         [kerasreg.L2Penalty(1e-2), kerasreg.WeightDecay(0.05)],
     ]
-    result = kerasreg.sweep(model, grid, x, y, **FIT)
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, grid, x, y, **FIT)
     assert result.engine == "sequential"
+    assert "post-step transforms (SoftThreshold, WeightDecay)" in caplog.text
     assert [row["family"] for row in result.rows] == [
         "WeightDecay",
         "WeightDecay_toward_start",
