@@ -13,10 +13,11 @@ model interpolates the 20 points and the test loss stays high) and about
 
 Keras's L2 has no 1/2, so d2l's `lambda / 2 * ||w||^2` is `L2Penalty(lambda / 2)`;
 d2l's squared loss has a 1/2, so the loss here is half of Keras's mean squared
-error. With both, the gradient step is d2l's exactly. The script writes one
-TensorBoard run per lambda under `logs/d2l_linear/lambda_<value>` (the train and
-test data losses, without the penalty, per epoch, as `batch_train_data_loss` /
-`batch_test_data_loss`)
+error. With both, the gradient step is d2l's exactly. The lambdas are one
+`kerasreg.sweep` call. The script writes one TensorBoard run per lambda under
+`logs/d2l_linear/<variant>` (`none`, `L2Penalty_1.5` for lambda = 3, ...: the
+train and test data losses, without the penalty, per epoch, as
+`batch_train_data_loss` / `batch_test_data_loss`)
 and plots the losses per epoch, the final test loss and ||w|| against lambda in
 `logs/d2l_linear.png`.
 
@@ -56,6 +57,7 @@ def linear_data(seed: int = 0):
     return (x[:NUM_TRAIN], y[:NUM_TRAIN]), (x[NUM_TRAIN:], y[NUM_TRAIN:])
 
 
+@keras.saving.register_keras_serializable(package="d2l_linear")  # sweep copies models
 def half_squared_error(y_true, y_pred):
     """d2l's `squared_loss`: `(y_hat - y)**2 / 2` (Keras's MSE has no 1/2)."""
     return 0.5 * keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1)
@@ -69,12 +71,23 @@ class DataLosses(keras.callbacks.Callback):
     (`steps_per_execution=4`), so the hook runs once per epoch; on PyTorch it
     runs after every step and skips all but the last of each epoch. Put it
     first in `callbacks`, so that `TensorBoard` sees the values too.
+
+    `kerasreg.sweep` gives each variant's fit its own copy of every callback
+    (`copy.deepcopy`); the copies of this one share `runs`, where each fit
+    appends its curves, in the order of the grid.
     """
 
-    def __init__(self, train, test):
+    def __init__(self, train, test, runs=None):
         super().__init__()
         self.train, self.test = train, test
+        self.runs = [] if runs is None else runs
+
+    def __deepcopy__(self, memo):
+        return DataLosses(self.train, self.test, self.runs)
+
+    def on_train_begin(self, logs=None):
         self.curves = {"train": [], "test": []}
+        self.runs.append(self.curves)
 
     def on_train_batch_end(self, batch, logs=None):
         # The optimizer's step count, not Keras's `batch` argument: under
@@ -89,17 +102,19 @@ class DataLosses(keras.callbacks.Callback):
             logs[f"{name}_data_loss"] = loss
 
 
-def train(lambd: float, run_dir: Path, epochs: int, seed: int = 0) -> dict:
-    """Train d2l's model with penalty `lambda / 2 * ||w||^2`; losses and ||w||."""
+def train(lambdas: list[float], log_dir: Path, epochs: int, seed: int = 0) -> list:
+    """d2l's model with penalty `lambda / 2 * ||w||^2`, one `kerasreg.sweep`.
+
+    Every lambda starts from the same initial weights and takes the same
+    minibatches; each variant is exactly its own fit.
+    """
     train_data, test_data = linear_data(seed)
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [
             keras.Input((NUM_INPUTS,)),
             keras.layers.Dense(
-                1,
-                kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0),
-                kernel_regularizer=kerasreg.L2Penalty(lambd / 2) if lambd else None,
+                1, kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0)
             ),
         ]
     )
@@ -119,25 +134,36 @@ def train(lambd: float, run_dir: Path, epochs: int, seed: int = 0) -> dict:
         else steps_per_epoch,
     )
     losses = DataLosses(train_data, test_data)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    model.fit(
+    shutil.rmtree(log_dir, ignore_errors=True)
+    result = kerasreg.sweep(
+        model,
+        [kerasreg.L2Penalty(lam / 2) if lam else None for lam in lambdas],
         train_data[0][order],
         train_data[1][order],
         batch_size=BATCH_SIZE,
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[losses, keras.callbacks.TensorBoard(str(run_dir), update_freq=1)],
+        # One TensorBoard run per lambda: log_dir/none, log_dir/L2Penalty_1.5, ...
+        callbacks=[losses, keras.callbacks.TensorBoard(str(log_dir), update_freq=1)],
     )
-    kernel = keras.ops.convert_to_numpy(model.layers[0].kernel)
-    return {
-        "lambda": lambd,
-        "norm": float(np.linalg.norm(kernel)),
-        "train_curve": losses.curves["train"],
-        "test_curve": losses.curves["test"],
-        "train_loss": losses.curves["train"][-1],
-        "test_loss": losses.curves["test"][-1],
-    }
+    runs = []
+    for lam, row, trained, curves in zip(
+        lambdas, result.rows, result.models, losses.runs, strict=True
+    ):
+        kernel = keras.ops.convert_to_numpy(trained.layers[0].kernel)
+        runs.append(
+            {
+                "lambda": lam,
+                "run": row["run"],
+                "norm": float(np.linalg.norm(kernel)),
+                "train_curve": curves["train"],
+                "test_curve": curves["test"],
+                "train_loss": curves["train"][-1],
+                "test_loss": curves["test"][-1],
+            }
+        )
+    return runs
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -201,10 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     lambdas = (0.0, 3.0) if args.quick else LAMBDAS
 
     start = time.perf_counter()
-    runs = [
-        train(lam, args.log_dir / f"lambda_{lam:g}", args.epochs, args.seed)
-        for lam in lambdas
-    ]
+    runs = train(list(lambdas), args.log_dir, args.epochs, args.seed)
     seconds = time.perf_counter() - start
     figure = args.log_dir.parent / f"{args.log_dir.name}.png"
     plot(runs, figure)

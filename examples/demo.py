@@ -12,15 +12,17 @@ Runs (each 4000 updates from the same initial weights):
 
 - `none`: no regularization (overfits: large weights, wiggly boundary);
 - `L2Penalty(1e-3)`, `L1Penalty(1e-3)`, `ExpAbsPenalty(1e-3)` on the hidden
-  kernel, the tutorial's strength for all three;
+  kernel, the tutorial's strength for all three (these four are one
+  `kerasreg.sweep` call: trained side by side, each exactly its own fit);
 - `none + WeightDecay(1e-3)`: the trained `none` model, trained on for 2000
   more updates with `kerasreg.WeightDecay(1e-3)`, which shrinks every kernel
   by 0.1% after each update (decay applied after the fact, no penalty in the
   loss).
 
-Each run is logged with `keras.callbacks.TensorBoard` and
-`kerasreg.WeightNormLogger` under `logs/demo/<run>` (loss, accuracy, weight
-norms, penalties, data loss, per 100 updates). The summary figure,
+Each run is logged under `logs/demo/<run>` (`none`, `L2Penalty_0.001`, ...,
+`none+WeightDecay_0.001`: loss, accuracy, weight norms, penalties, data loss,
+per 100 updates; the sweep's own runs, then `keras.callbacks.TensorBoard` and
+`kerasreg.WeightNormLogger`). The summary figure,
 `logs/demo.png`, shows each run's decision boundary and bars of accuracy and
 weight norms. The table gives train/test accuracy, the kernels' L2 norms
 (`kerasreg.weight_norms`) and the penalty's share of the final training loss.
@@ -69,16 +71,12 @@ PENALTIES = {
     "ExpAbsPenalty(1e-3)": kerasreg.ExpAbsPenalty(STRENGTH),
 }
 POSTHOC = "none + WeightDecay(1e-3)"
+POSTHOC_RUN = f"none+WeightDecay_{STRENGTH:g}"  # named as the sweep names its runs
 PUBLISHED = {"none": ("1.000", "0.914"), "L2Penalty(1e-3)": ("-", "0.943")}
 
 
-def run_folder(name: str) -> str:
-    """`L2Penalty(1e-3)` -> `L2Penalty_1e-3`: a run name TensorBoard shows well."""
-    return name.replace(" + ", "+").replace("(", "_").replace(")", "")
-
-
-def callbacks(log_dir: Path, name: str) -> list:
-    run_dir = log_dir / run_folder(name)
+def callbacks(log_dir: Path, run: str) -> list:
+    run_dir = log_dir / run
     shutil.rmtree(run_dir, ignore_errors=True)
     return [
         keras.callbacks.TensorBoard(str(run_dir)),
@@ -223,17 +221,21 @@ def main(argv: list[str] | None = None) -> dict:
     (x_train, y_train), _ = moons_data()
 
     results, models = {}, {}
-    for name, penalty in PENALTIES.items():
-        print(f"training {name} ...", flush=True)
-        model = moons_model(penalty)
-        fit_full_batch(
-            model,
-            x_train,
-            y_train,
-            updates,
-            updates_per_epoch=UPDATES_PER_EPOCH,
-            callbacks=callbacks(args.log_dir, name),
-        )
+    print(f"training {', '.join(PENALTIES)} side by side ...", flush=True)
+    shutil.rmtree(args.log_dir, ignore_errors=True)
+    result = kerasreg.sweep(
+        moons_model(),
+        list(PENALTIES.values()),
+        np.tile(x_train, (UPDATES_PER_EPOCH, 1)),  # 100 full-batch updates an epoch
+        np.tile(y_train, UPDATES_PER_EPOCH),
+        where="hidden",  # the hidden kernel
+        batch_size=len(x_train),
+        epochs=updates // UPDATES_PER_EPOCH,
+        shuffle=False,
+        log_dir=args.log_dir,
+        verbose=0,
+    )
+    for name, model in zip(PENALTIES, result.models, strict=True):
         results[name] = measure(model, updates)
         models[name] = model
 
@@ -246,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         more,
         updates_per_epoch=UPDATES_PER_EPOCH,
         initial_epoch=updates // UPDATES_PER_EPOCH,
-        callbacks=[kerasreg.WeightDecay(STRENGTH), *callbacks(args.log_dir, POSTHOC)],
+        callbacks=[
+            kerasreg.WeightDecay(STRENGTH),
+            *callbacks(args.log_dir, POSTHOC_RUN),
+        ],
     )
     results[POSTHOC] = measure(overfit, updates + more)
     seconds = time.perf_counter() - start

@@ -64,7 +64,12 @@ def problem():
     return (x[:300], y[:300]), (x[300:], y[300:])
 
 
-def train(method: str, l1: float, epochs: int, run_dir: Path) -> tuple[dict, dict]:
+def train_grid(runs: list[tuple[str, float]], epochs: int, log_dir: Path):
+    """One `kerasreg.sweep` over the runs: `(rows, kernels per run)`.
+
+    Every run starts from the same initial weights (the template's) and sees
+    the batches in the same order; each is exactly its own fit.
+    """
     (x_train, y_train), (x_test, y_test) = problem()
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -75,47 +80,53 @@ def train(method: str, l1: float, epochs: int, run_dir: Path) -> tuple[dict, dic
         ],
         name="mlp",
     )
-    callbacks = []
-    if method == "L1Penalty":
-        kerasreg.regularize(model, kernel=kerasreg.L1Penalty(l1))
-    elif method == "SoftThreshold":
-        callbacks.append(kerasreg.SoftThreshold(l1, lr_scaled=True))
     model.compile(
         optimizer=keras.optimizers.SGD(LEARNING_RATE),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    shutil.rmtree(run_dir, ignore_errors=True)
-    callbacks.append(kerasreg.WeightNormLogger(str(run_dir)))
-    model.fit(
+    knobs = {
+        "none": lambda l1: None,
+        "L1Penalty": kerasreg.L1Penalty,  # on every kernel
+        "SoftThreshold": lambda l1: kerasreg.SoftThreshold(l1, lr_scaled=True),
+    }
+    result = kerasreg.sweep(
+        model,
+        [knobs[method](l1) for method, l1 in runs],
         x_train,
         y_train,
         batch_size=BATCH_SIZE,
         epochs=epochs,
         verbose=0,
-        callbacks=callbacks,
+        log_dir=log_dir,  # one TensorBoard run per grid item, with weight norms
     )
-    kernels = {
-        n: keras.ops.convert_to_numpy(model.get_layer(n).kernel)
-        for n in ("hidden", "output")
-    }
-    flat = np.concatenate([k.ravel() for k in kernels.values()])
-    used = np.any(kernels["hidden"] != 0, axis=1)
+    rows, arrays = [], {}
+    for (method, l1), trained in zip(runs, result.models, strict=True):
+        kernels = {
+            n: keras.ops.convert_to_numpy(trained.get_layer(n).kernel)
+            for n in ("hidden", "output")
+        }
+        flat = np.concatenate([k.ravel() for k in kernels.values()])
+        used = np.any(kernels["hidden"] != 0, axis=1)
 
-    def accuracy(x, y):
-        logits = keras.ops.convert_to_numpy(model(x))
-        return float(np.mean(np.argmax(logits, 1) == y))
+        def accuracy(x, y, model=trained):
+            logits = keras.ops.convert_to_numpy(model(x))
+            return float(np.mean(np.argmax(logits, 1) == y))
 
-    row = {
-        "method": method,
-        "l1": l1,
-        "zero_fraction": float(np.mean(flat == 0.0)),
-        "near_zero_fraction": float(np.mean(np.abs(flat) < NEAR_ZERO)),
-        "inputs_used": int(used.sum()),
-        "informative_used": int(used[:INFORMATIVE].sum()),
-        "train": accuracy(x_train, y_train),
-        "test": accuracy(x_test, y_test),
-    }
-    return row, kernels
+        rows.append(
+            {
+                "method": method,
+                "l1": l1,
+                "zero_fraction": float(np.mean(flat == 0.0)),
+                "near_zero_fraction": float(np.mean(np.abs(flat) < NEAR_ZERO)),
+                "inputs_used": int(used.sum()),
+                "informative_used": int(used[:INFORMATIVE].sum()),
+                "train": accuracy(x_train, y_train),
+                "test": accuracy(x_test, y_test),
+            }
+        )
+        for name, kernel in kernels.items():
+            arrays[f"{method}_{l1:g}/{name}"] = kernel
+    return rows, arrays
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -171,13 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [("none", 0.0)] + [
         (method, l1) for l1 in strengths for method in ("L1Penalty", "SoftThreshold")
     ]
-    rows, arrays = [], {}
-    for method, l1 in runs:
-        run_dir = args.log_dir / f"{method}_{l1:g}"
-        row, kernels = train(method, l1, epochs, run_dir)
-        rows.append(row)
-        for name, kernel in kernels.items():
-            arrays[f"{method}_{l1:g}/{name}"] = kernel
+    shutil.rmtree(args.log_dir, ignore_errors=True)
+    rows, arrays = train_grid(runs, epochs, args.log_dir)
     seconds = time.perf_counter() - start
 
     args.log_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ new head is never regularized):
 - `WeightDecay(r, toward="start")`: after every update
   `w <- w - r * (w - w_start)`, the decoupled form of the same pull.
 
+Each seed's whole grid (every method at every strength) is one
+`kerasreg.sweep` call on that seed's split; the penalties go on the body's
+kernels (`where=kerasreg.layer("^body_")`), the decay keeps its own `where`.
 Strengths: each regularized method's strength is chosen from a small grid by
 its mean VALIDATION accuracy over the seeds (10 more labelled images per class
 per seed, never trained on; the test images are never used to choose). The
@@ -114,21 +117,24 @@ def target_split(seed: int, shots: int):
     return {k: (x[np.concatenate(v)], y[np.concatenate(v)]) for k, v in parts.items()}
 
 
-def fine_tune(method, strength, pretrained, split, seed, steps, run_dir=None) -> dict:
+def knob(method: str, strength: float):
+    """The grid item of a method: a penalty on the body's kernels, or a decay."""
+    if method == "L2Penalty":
+        return kerasreg.L2Penalty(strength)
+    if method == "L2SPPenalty":
+        return kerasreg.L2SPPenalty(strength)  # reference: the pretrained body
+    if method == "WeightDecay(toward='start')":
+        return kerasreg.WeightDecay(strength, toward="start", where=BODY_KERNELS)
+    return None
+
+
+def fine_tune(grid, pretrained, split, seed, steps, log_dir=None) -> list[dict]:
+    """One `kerasreg.sweep` over `grid` [(method, strength)] for one seed's split."""
     model = body_and_head(1000 + seed)  # a new head per seed
     for layer, weights in zip(
         model.layers[:2], (pretrained[:2], pretrained[2:]), strict=True
     ):
         layer.set_weights(weights)
-    callbacks = []
-    if method == "L2Penalty":
-        kerasreg.regularize(model, kernel=kerasreg.L2Penalty(strength), layers=BODY)
-    elif method == "L2SPPenalty":
-        kerasreg.regularize(model, kernel=kerasreg.L2SPPenalty(strength), layers=BODY)
-    elif method == "WeightDecay(toward='start')":
-        callbacks.append(
-            kerasreg.WeightDecay(strength, toward="start", where=BODY_KERNELS)
-        )
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -136,38 +142,40 @@ def fine_tune(method, strength, pretrained, split, seed, steps, run_dir=None) ->
     x, y = split["train"]
     epochs = 10
     per_epoch = steps // epochs
-    if run_dir is not None:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        callbacks.append(kerasreg.WeightNormLogger(str(run_dir)))
     # Full batch: each epoch is `per_epoch` copies of the few labelled images.
-    model.fit(
+    result = kerasreg.sweep(
+        model,
+        [knob(method, strength) for method, strength in grid],
         np.tile(x, (per_epoch, 1)),
         np.tile(y, per_epoch),
+        where=kerasreg.layer(BODY),  # the penalties; the decay has its own `where`
         batch_size=len(x),
         epochs=epochs,
         shuffle=False,
         verbose=0,
-        callbacks=callbacks,
+        log_dir=log_dir,
     )
+    runs = []
+    for trained in result.models:
 
-    def accuracy(part):
-        xs, ys = split[part]
-        return float(np.mean(np.argmax(keras.ops.convert_to_numpy(model(xs)), 1) == ys))
+        def accuracy(part, model=trained):
+            xs, ys = split[part]
+            logits = keras.ops.convert_to_numpy(model(xs))
+            return float(np.mean(np.argmax(logits, 1) == ys))
 
-    body = [
-        keras.ops.convert_to_numpy(model.get_layer(n).kernel)
-        for n in ("body_1", "body_2")
-    ]
-    drift = np.sqrt(
-        sum(np.sum((w - p) ** 2) for w, p in zip(body, pretrained[::2], strict=True))
-    )
-    return {"val": accuracy("val"), "test": accuracy("test"), "drift": float(drift)}
-
-
-def run_dir(log_dir: Path, method: str, strength: float) -> Path:
-    """TensorBoard run of the first seed, e.g. `L2SPPenalty_0.01`."""
-    name = method.replace("(toward='start')", "_toward_start")
-    return log_dir / (name if method == "none" else f"{name}_{strength:g}")
+        body = [
+            keras.ops.convert_to_numpy(trained.get_layer(n).kernel)
+            for n in ("body_1", "body_2")
+        ]
+        drift = np.sqrt(
+            sum(
+                np.sum((w - p) ** 2) for w, p in zip(body, pretrained[::2], strict=True)
+            )
+        )
+        runs.append(
+            {"val": accuracy("val"), "test": accuracy("test"), "drift": float(drift)}
+        )
+    return runs
 
 
 def plot(rows: dict, path: Path, shots: int) -> None:
@@ -219,31 +227,34 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     pretrained, source_accuracy = pretrain(10 if args.quick else 30)
     splits = {seed: target_split(seed, args.shots) for seed in seeds}
+    grid = [(method, s) for method, strengths in grids.items() for s in strengths]
+    if args.log_dir.exists():
+        shutil.rmtree(args.log_dir)
+    by_seed = [
+        fine_tune(
+            grid,
+            pretrained,
+            splits[seed],
+            seed,
+            steps,
+            args.log_dir if seed == seeds[0] else None,  # TensorBoard: first seed
+        )
+        for seed in seeds
+    ]
     rows = {}
-    for method, grid in grids.items():
-        runs = {
-            s: [
-                fine_tune(
-                    method,
-                    s,
-                    pretrained,
-                    splits[seed],
-                    seed,
-                    steps,
-                    run_dir(args.log_dir, method, s) if seed == seeds[0] else None,
-                )
-                for seed in seeds
-            ]
-            for s in grid
-        }
+    for method, strengths in grids.items():
+        grid_of = {s: grid.index((method, s)) for s in strengths}
+        runs = {s: [seed_runs[grid_of[s]] for seed_runs in by_seed] for s in strengths}
         # Chosen on validation accuracy only; ties go to the weaker strength.
-        best = max(grid, key=lambda s: (statistics.mean(r["val"] for r in runs[s]), -s))
+        best = max(
+            strengths, key=lambda s: (statistics.mean(r["val"] for r in runs[s]), -s)
+        )
         chosen = runs[best]
         tests = [r["test"] for r in chosen]
         rows[method] = {
             "strength": best,
             "grid": {
-                f"{s:g}": statistics.mean(r["val"] for r in runs[s]) for s in grid
+                f"{s:g}": statistics.mean(r["val"] for r in runs[s]) for s in strengths
             },
             "tests": tests,
             "test_mean": float(np.mean(tests)),

@@ -30,6 +30,9 @@ _PUBLIC = {
     "select_weights": "kerasreg.selection",
     "trainable": "kerasreg.selection",
     "SweepResult": "kerasreg.sweep",
+    "grid": "kerasreg.sweep",
+    "log_range": "kerasreg.sweep",
+    "product": "kerasreg.sweep",
     "sweep": "kerasreg.sweep",
     "WeightNormLogger": "kerasreg.tensorboard",
 }

@@ -342,3 +342,37 @@ def weight_decay_exclusions(optimizer: Any, weights: list[Any]) -> tuple[list, l
     names = [] if pattern is None else [pattern.pattern]
     indices = [i for i, w in enumerate(weights) if keys and var_key(w) in keys]
     return names, indices
+
+
+def metric_directions(model: Any) -> dict[str, str]:
+    """`{name: "up" | "down"}` for the compiled metrics of `model` that declare one.
+
+    Reason: Keras's `EarlyStopping`/`ModelCheckpoint` decide `mode="auto"` from
+    a metric object's `_direction` (Keras 3.8 to 3.15: `"up"` for accuracy,
+    AUC, R2, cosine similarity, ...; `"down"` for errors), found in the
+    compiled metrics' containers (`CompileMetrics`, `MetricsList`); there is
+    no public accessor. `SweepResult.best` follows the same rule. Metrics not
+    built yet (before the first step) are not listed.
+    """
+    try:
+        from keras.src.trainers.compile_utils import CompileMetrics, MetricsList
+    except ImportError:
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} has no "
+            "keras.src.trainers.compile_utils.CompileMetrics/MetricsList; "
+            "SweepResult.best cannot read metric directions (pass mode=)."
+        ) from None
+    if getattr(keras.metrics.Accuracy(), "_direction", None) != "up":
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} metrics keep no `_direction`; "
+            "SweepResult.best cannot read metric directions (pass mode=)."
+        )
+    found = []
+    for metric in getattr(model, "metrics", None) or []:
+        if isinstance(metric, (CompileMetrics, MetricsList)):
+            found.extend(metric.metrics)
+    return {
+        m.name: m._direction
+        for m in found
+        if getattr(m, "_direction", None) in ("up", "down")
+    }

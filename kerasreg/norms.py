@@ -423,7 +423,19 @@ def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        function = tf.function(fn)
+        traced = []
+
+        def call(values: list[Any]) -> Any:
+            # Traced once, through `get_concrete_function`: TensorFlow counts
+            # traces of one Python function across all its `tf.function`s, and
+            # one program per model (a sweep's K variants) is not retracing,
+            # though past five its warning says so.
+            if not traced:
+                traced.append(function.get_concrete_function(values))
+            return traced[0](values)
+
+        return call
     if backend == "jax":
         import jax
 

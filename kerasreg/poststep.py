@@ -29,6 +29,7 @@ what they share:
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -117,6 +118,28 @@ class PostStepTransform(keras.callbacks.Callback):
             # Bound per instance so a transform that needs no batch hook
             # (folded, or per epoch) keeps Keras's asynchronous dispatch.
             self.on_train_batch_end = self._after_batch
+
+    def __repr__(self) -> str:
+        """`WeightDecay(rate=0.001, toward='start')`: the arguments not at default."""
+        parts = []
+        signature = inspect.signature(type(self).__init__)
+        for name, parameter in signature.parameters.items():
+            if name == "self" or parameter.kind in (
+                parameter.VAR_POSITIONAL,
+                parameter.VAR_KEYWORD,
+            ):
+                continue
+            value = getattr(self, name, parameter.default)
+            default = self.DEFAULT_NAME if name == "name" else parameter.default
+            if parameter.default is not parameter.empty and (
+                value is default or (isinstance(value, str) and value == default)
+            ):
+                continue
+            if isinstance(value, bool) and value == parameter.default:
+                continue
+            text = f"{value:g}" if isinstance(value, float) else repr(value)
+            parts.append(f"{name}={text}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # --- what subclasses define ----------------------------------------------
 

@@ -239,3 +239,45 @@ def test_weight_decay_exclusions_are_read_back_as_given():
     after = [keras.ops.convert_to_numpy(w) for w in model.weights]
     kept = [np.array_equal(a, b) for a, b in zip(after, before, strict=True)]
     assert kept == [False, True, False, True]
+
+
+def test_metric_directions_are_what_keras_early_stopping_decides():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = (rng.random((16, 1)) > 0.5).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, "sigmoid")])
+    metrics = [
+        "accuracy",
+        "mae",
+        keras.metrics.R2Score(),
+        keras.metrics.CosineSimilarity(),
+        keras.metrics.AUC(name="auc"),
+    ]
+    model.compile(optimizer="sgd", loss="binary_crossentropy", metrics=metrics)
+    assert _compat.metric_directions(model) == {}  # not built before the first step
+    model.fit(x, y, epochs=1, verbose=0)
+    directions = _compat.metric_directions(model)
+    assert set(directions) == {
+        "accuracy",
+        "mae",
+        "r2_score",
+        "cosine_similarity",
+        "auc",
+    }
+    for name, direction in directions.items():
+        stopping = keras.callbacks.EarlyStopping(monitor=f"val_{name}")
+        stopping.set_model(model)
+        stopping._set_monitor_op()  # Keras's own mode="auto" decision
+        up = stopping.monitor_op is keras.ops.greater
+        assert direction == ("up" if up else "down"), name
+
+
+def test_metric_directions_fail_loudly_when_keras_changes(monkeypatch):
+    class Undirected(keras.metrics.Accuracy):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            del self._direction  # what a Keras release renaming it would look like
+
+    monkeypatch.setattr(keras.metrics, "Accuracy", Undirected)
+    with pytest.raises(_compat.KerasInternalsChanged, match="_direction"):
+        _compat.metric_directions(keras.Sequential())

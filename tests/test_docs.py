@@ -115,10 +115,11 @@ def test_page_snippets_run(page, tmp_path, monkeypatch):
 
 
 def modules() -> list[str]:
+    """Every kerasreg module, those of subpackages (`kerasreg.sweep.*`) included."""
     return sorted(
-        f"kerasreg.{info.name}"
-        for info in pkgutil.iter_modules(kerasreg.__path__)
-        if info.name != "__main__"
+        info.name
+        for info in pkgutil.walk_packages(kerasreg.__path__, "kerasreg.")
+        if info.name != "kerasreg.__main__"
     )
 
 

@@ -45,10 +45,17 @@ LAYERS = {
     # The sweep subpackage: data checks and the vectorised engine low, the
     # call on top, its public surface (`kerasreg/sweep/__init__.py`) above it.
     "sweep.data": 2,
+    "sweep.figure": 2,
+    "sweep.hparams": 2,
     "sweep.vectorized": 2,
+    "sweep.grids": 5,
+    "sweep.items": 5,
     "sweep.result": 5,
+    "sweep.rows": 2,
     "sweep.variants": 5,
     "sweep.monitor": 6,
+    "sweep.repeats": 6,
+    "sweep.separate": 7,
     "sweep.stacked": 7,
     "sweep.run": 8,
     "sweep": 9,

@@ -634,12 +634,19 @@ def test_log_dir_writes_one_run_per_variant_and_hparams(tmp_path):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         root.SummaryMetadata("_hparams_/experiment").plugin_data.content
     ).experiment
-    assert [h.name for h in experiment.hparam_infos] == ["penalty", "strength"]
-    assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} == {
-        ("train", "epoch_loss"),
-        ("train", "epoch_accuracy"),
-        ("validation", "epoch_loss"),
-        ("validation", "epoch_accuracy"),
+    # The knob families and values (tests/test_sweep_study.py checks them).
+    assert [h.name for h in experiment.hparam_infos] == [
+        "penalty",
+        "family",
+        "strength",
+        "L2Penalty.l2",
+    ]
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "hparams/best_epoch",
+        "hparams/loss",
+        "hparams/accuracy",
+        "hparams/val_loss",
+        "hparams/val_accuracy",
     }
     for row in result.rows:
         _, run = scalars(tmp_path / row["penalty"])

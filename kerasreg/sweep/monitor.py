@@ -37,8 +37,19 @@ class VariantLog:
         self.norms.on_train_end()
 
 
-class Monitor(keras.callbacks.Callback):
-    """Splits the stacked logs into each variant's logs, as a separate fit's."""
+class Monitor(keras.callbacks.ProgbarLogger):
+    """Splits the stacked logs into each variant's logs, as a separate fit's.
+
+    It is also the fit's progress bar: Keras uses a `ProgbarLogger` found
+    among the callbacks instead of adding its own. With one variant
+    (`split=None`) it shows Keras's own bar. With several, the bar shows the
+    best training loss of the epoch so far (the stacked logs' keys mean
+    nothing to a reader), and after each epoch (`verbose=1` or `2`) one line
+    names the best variant so far by its knob, with its values.
+    """
+
+    # The batch hook only updates the bar, as Keras's own progress bar does.
+    async_safe = True
 
     def __init__(self, variants, names, logs, verbose, split, sync=None):
         super().__init__()
@@ -46,16 +57,21 @@ class Monitor(keras.callbacks.Callback):
         self.variants = variants
         self.names = names
         self.logs = logs
-        self.verbose = verbose
+        self.verbose = verbose  # Keras's `params` set it again in `set_params`
         self.split = split
         self.histories = [{} for _ in variants]
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         for variant, log in zip(self.variants, self.logs, strict=True):
             if log is not None:
                 log.begin(variant)
 
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._compact(logs))
+
     def on_epoch_end(self, epoch, logs=None):
+        shown = self._compact(logs)  # before the TensorBoard logs add their keys
         logs = dict(logs or {})
         if self.split is None:
             per_variant = [logs]
@@ -72,16 +88,40 @@ class Monitor(keras.callbacks.Callback):
                 history.setdefault(key, []).append(float(value))
             if log is not None:
                 log.epoch_end(epoch, variant_logs)
-        if self.verbose == 1 and self.split is not None:
-            monitor = "val_loss" if "val_loss" in per_variant[0] else "loss"
-            values = [float(v[monitor]) for v in per_variant]
-            best = int(np.argmin(values))
-            print(f"best so far by {monitor}: {self.names[best]} ({values[best]:.4g})")
+        super().on_epoch_end(epoch, shown)
+        if self.verbose and self.split is not None:
+            line = best_line(self.names, per_variant)
+            if line:
+                print(line, flush=True)
 
     def on_train_end(self, logs=None):
         for log in self.logs:
             if log is not None:
                 log.end()
+
+    def _compact(self, logs):
+        """What the bar shows: the variant's own logs, or the best loss of K."""
+        if self.split is None or not logs:
+            return dict(logs or {})
+        losses = [logs[f"{k}_loss"] for k in self.split if f"{k}_loss" in logs]
+        losses = [float(v) for v in losses if not np.isnan(float(v))]
+        return {"best_loss": min(losses)} if losses else {}
+
+
+def best_line(names: list[str], per_variant: list[dict]) -> str | None:
+    """`best so far by val_loss: <name> (<value>) - loss: ... - accuracy: ...`."""
+    if not per_variant or not per_variant[0]:
+        return None
+    monitor = "val_loss" if "val_loss" in per_variant[0] else "loss"
+    values = np.array([float(v.get(monitor, np.nan)) for v in per_variant])
+    if np.all(np.isnan(values)):
+        return None
+    best = int(np.nanargmin(values))
+    others = " - ".join(
+        f"{k}: {float(v):.4g}" for k, v in per_variant[best].items() if k != monitor
+    )
+    line = f"best so far by {monitor}: {names[best]} ({values[best]:.4g})"
+    return f"{line} - {others}" if others else line
 
 
 def _split(logs: dict, key: str) -> dict:

@@ -21,23 +21,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from kerasreg import _compat
-from kerasreg.attach import ROLES
-from kerasreg.penalties import get
 from kerasreg.selection import walk_layers
+from kerasreg.sweep import separate
 from kerasreg.sweep.data import is_array, is_dataset
-from kerasreg.sweep.monitor import Monitor, VariantLog
-from kerasreg.sweep.result import (
-    SweepResult,
-    make_row,
-    strength,
-    unique,
-    variant_name,
-    write_hparams,
-)
+from kerasreg.sweep.hparams import write_hparams
+from kerasreg.sweep.items import GridPoint, parse_grid
+from kerasreg.sweep.monitor import VariantLog
+from kerasreg.sweep.repeats import build_variant, check_seeds
+from kerasreg.sweep.result import SweepResult
+from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
 from kerasreg.sweep.stacked import fit_together
-from kerasreg.sweep.variants import compile_like, make_variant
+from kerasreg.sweep.variants import compile_like
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -52,6 +49,7 @@ def sweep(
     *,
     role: str = "kernel",
     where: Any = None,
+    seeds: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
     **fit_kwargs: Any,
 ) -> SweepResult:
@@ -75,10 +73,12 @@ def sweep(
     Templates for which one stacked fit is not exact or not supported are
     trained one variant after another (K separate fits), with a log line on
     the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
-    scaling, stateful layers, several inputs or outputs, `callbacks` (they
-    would see the stacked model; they are given to each of the K fits
-    instead), and training data other than arrays, a
-    `keras.utils.PyDataset` or a `tf.data.Dataset`.
+    scaling, stateful layers, several inputs or outputs, and training data
+    other than arrays, a `keras.utils.PyDataset` or a `tf.data.Dataset`. So
+    are, for now, grids with post-step transforms, `seeds=` and `callbacks`:
+    each variant's fit gets its own copy of every callback and a fresh
+    instance of its transforms (never shared between two fits), and a
+    callback's file path takes a `{variant}` field (the variant's run name).
 
     The engine is chosen per template (`SweepResult.engine`). A chain of
     `Dense` and activation layers with the usual penalties (kerasreg's L1,
@@ -92,9 +92,14 @@ def sweep(
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
             the template. It is neither trained nor changed.
-        penalties: a non-empty list; each item is anything `regularize`
-            accepts for `role` (`None` = no penalty for that role), or a dict
-            `{role: penalty}` for several roles at once.
+        penalties: a non-empty list of grid items. Each item is a penalty
+            (anything `regularize` accepts, for `role`), `None` (no penalty
+            for that role), a dict `{role: penalty}` for several roles, a
+            kerasreg post-step transform (`WeightDecay(rate)`,
+            `WeightDecay(rate, toward="start")`, `SoftThreshold(threshold)`;
+            it keeps its own `where`), or a list combining them, e.g.
+            `[L2Penalty(1e-4), WeightDecay(1e-3)]`. `kerasreg.grid`,
+            `kerasreg.product` and `kerasreg.log_range` build such lists.
         x: training inputs, as for `fit`.
         y: training targets, as for `fit`.
         role: `"kernel"` (default), `"recurrent"` or `"bias"`: the role of
@@ -104,23 +109,34 @@ def sweep(
             of the role; a regular expression searched in weight paths such
             as `"hidden/kernel"`; or a selector such as
             `kerasreg.layer("^hidden$")`).
+        seeds: optional list of ints: every grid item is trained once per
+            seed, each run from weights drawn afresh under
+            `keras.utils.set_random_seed(seed)` (as if the template were built
+            again under that seed; the template's weights are not used), and
+            its random layers seeded likewise. `SweepResult.summary()` gives
+            the mean and spread per grid item.
         log_dir: optional TensorBoard root: one run per variant,
-            `log_dir/<penalty name>/train|validation`, with Keras's
-            `epoch_<metric>` scalars and `WeightNormLogger` data, plus the
-            HParams experiment (`penalty`, `strength`, final metrics).
+            `log_dir/<name>/train|validation` (`<name>/seed_<s>` with seeds),
+            with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
+            data, plus the HParams experiment (grid item, family, knob values;
+            the metrics at each run's `best_epoch`).
         **fit_kwargs: passed to `fit` (`epochs`, `batch_size`,
-            `validation_data`, `validation_split`, `shuffle`, `verbose`, ...).
-            With `verbose=1` the best variant so far (by `val_loss`, else
-            `loss`) is printed at each epoch end.
+            `validation_data`, `validation_split`, `shuffle`, `callbacks`,
+            `verbose`, ...). With `verbose=1` or `2` the best variant so far
+            (by `val_loss`, else `loss`) is named on its own line after each
+            epoch.
 
     Returns:
         A `SweepResult`.
 
     Raises:
-        TypeError: `model` is not a Keras model, or `penalties` is not a list.
-        ValueError: `penalties` is empty, `role` is unknown, a penalty cannot be
-            resolved or targets a role the model lacks, the template is not
-            built or not compiled, or it cannot be copied.
+        TypeError: `model` is not a Keras model, `penalties`, `seeds` or
+            `callbacks` is not a list, or an item is of the wrong kind.
+        ValueError: `penalties` is empty, `role` is unknown, an item cannot be
+            resolved, targets a role the model lacks or gives one role two
+            penalties, a transform's `where` selects nothing, a callback would
+            write one file for all variants, the template is not built or not
+            compiled, or it cannot be copied. Nothing has trained then.
 
     Example:
 
@@ -128,17 +144,31 @@ def sweep(
     ...                           keras.layers.Dense(1)])
     >>> model.compile(optimizer="adam", loss="mse")
     >>> x, y = np.random.rand(32, 2), np.random.rand(32, 1)
-    >>> grid = [None] + [kerasreg.L2Penalty(a) for a in (1e-3, 1e-2)]
+    >>> grid = [None] + kerasreg.grid(kerasreg.L2Penalty, [1e-3, 1e-2])
     >>> result = kerasreg.sweep(model, grid, x, y, epochs=3,
     ...                         verbose=0)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
+    >>> decay = kerasreg.grid(kerasreg.WeightDecay, kerasreg.log_range(1e-4, 1e-2))
+    >>> study = kerasreg.sweep(
+    ...     model, kerasreg.product(grid, [None] + decay), x, y, epochs=20,
+    ...     validation_split=0.25, seeds=[0, 1, 2], verbose=0,
+    ...     callbacks=[keras.callbacks.EarlyStopping(restore_best_weights=True)],
+    ... )  # doctest: +SKIP
+    >>> study.best_model("val_loss").save("best.keras")  # doctest: +SKIP
     """
     _check_template(model)
-    variants = _check_penalties(penalties, role)
-    names = unique([variant_name(v) for v in variants])
+    points = parse_grid(penalties, role)
+    seeds = check_seeds(seeds)
+    runs = _runs(points, seeds)
+    names = [run_name(name, seed) for _, _, name, seed in runs]
+    callbacks = separate.check_callbacks(fit_kwargs.get("callbacks"), names)
     compile_config = model.get_compile_config()
-    models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
-    reason = _why_not_stacked(model, x, y, fit_kwargs, compile_config)
+    models = [
+        build_variant(model, point, where, i, seed, item)
+        for i, (item, point, _, seed) in enumerate(runs)
+    ]
+    requested = _why_separate_fits(points, seeds, callbacks)
+    reason = requested or _why_not_stacked(model, x, y, fit_kwargs, compile_config)
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     if log_dir is not None:
@@ -147,38 +177,84 @@ def sweep(
         VariantLog(os.path.join(log_dir, name)) if log_dir is not None else None
         for name in names
     ]
-    verbose = fit_kwargs.get("verbose", "auto")
+    best_epochs: list[int | None] = [None] * len(models)
     if reason is None:
         histories, engine = fit_together(
             models, names, logs, compile_config, exclusions, x, y, fit_kwargs
         )
     else:
-        logger.warning(
+        # Asked for (transforms, seeds, callbacks): INFO; a template the
+        # one-fit engines cannot take: WARNING.
+        logger.log(
+            logging.INFO if requested else logging.WARNING,
             "kerasreg.sweep: %s; training the %d variants one after another "
             "(K separate fits).",
             reason,
             len(models),
         )
-        histories = []
-        for variant, name, log in zip(models, names, logs, strict=True):
-            compile_like(variant, compile_config, exclusions)
-            monitor = Monitor([variant], [name], [log], verbose, split=None)
-            callbacks = [*(fit_kwargs.get("callbacks") or []), monitor]
-            kwargs = {**fit_kwargs, "callbacks": callbacks}
-            variant.fit(x, y, **kwargs)
-            histories.append(monitor.histories[0])
+        histories, best_epochs = separate.fit(
+            models,
+            names,
+            logs,
+            compile_config,
+            exclusions,
+            x,
+            y,
+            fit_kwargs,
+            transforms=[point.fresh_transforms() for _, point, _, _ in runs],
+            fit_seeds=_fit_seeds(runs),
+        )
         engine = "sequential"
+    directions = metric_directions(models)  # while the compiled metrics are built
     for variant in models:
         variant.name = model.name
         if reason is None:
             compile_like(variant, compile_config, exclusions)
     rows = [
-        make_row(name, v, strength(v), history)
-        for name, v, history in zip(names, variants, histories, strict=True)
+        make_row(point, name, seed, history, best)
+        for (_, point, name, seed), history, best in zip(
+            runs, histories, best_epochs, strict=True
+        )
     ]
     if log_dir is not None:
         write_hparams(log_dir, rows)
-    return SweepResult(rows, models, engine)
+    return SweepResult(rows, models, engine, directions=directions)
+
+
+# --- grid points, seeds and callbacks (issue 22) ----------------------------------
+
+
+def _runs(
+    points: list[GridPoint], seeds: list[int] | None
+) -> list[tuple[int, GridPoint, str, int | None]]:
+    """`(item, point, name, seed)` per run: grid point by grid point, seeds within."""
+    names = unique([point.name for point in points])
+    return [
+        (item, point, name, seed)
+        for item, (point, name) in enumerate(zip(points, names, strict=True))
+        for seed in (seeds or [None])
+    ]
+
+
+def _fit_seeds(runs: list) -> list[int]:
+    """Each run's seed, or one seed drawn for the sweep: one data order per seed."""
+    shared = int(np.random.randint(2**31 - 1))
+    return [shared if seed is None else seed for _, _, _, seed in runs]
+
+
+def _why_separate_fits(
+    points: list[GridPoint], seeds: list[int] | None, callbacks: list
+) -> str | None:
+    """Why the runs are K separate fits until the one-fit engines take them."""
+    transforms = sorted({type(t).__name__ for p in points for t in p.transforms})
+    if transforms:
+        return f"the grid has post-step transforms ({', '.join(transforms)})"
+    if seeds is not None:
+        return "`seeds` are given"
+    if callbacks:
+        names = ", ".join(type(c).__name__ for c in callbacks)
+        return f"`callbacks` are given ({names}: each fit gets its own copy)"
+    return None
 
 
 # --- validation ---------------------------------------------------------------
@@ -204,43 +280,6 @@ def _check_template(model: Any) -> None:
         )
 
 
-def _check_penalties(penalties: Any, role: str) -> list[dict[str, Any]]:
-    if role not in ROLES:
-        raise ValueError(
-            f"kerasreg.sweep: invalid `role`: expected one of {sorted(ROLES)}. "
-            f"Received: role={role!r}."
-        )
-    if isinstance(penalties, (str, bytes, dict)) or not isinstance(penalties, Sequence):
-        raise TypeError(
-            "kerasreg.sweep: invalid `penalties`: expected a list of penalties "
-            "(or None, or dicts {role: penalty}). Received: "
-            f"penalties={penalties!r} (type {type(penalties).__name__})."
-        )
-    if not penalties:
-        raise ValueError(
-            "kerasreg.sweep: invalid `penalties`: the list is empty; give at "
-            "least one penalty (None for no penalty)."
-        )
-    variants = []
-    for index, item in enumerate(penalties):
-        mapping = item if isinstance(item, dict) else {role: item}
-        resolved = {}
-        for key, value in mapping.items():
-            if key not in ROLES:
-                raise ValueError(
-                    f"kerasreg.sweep: invalid `penalties[{index}]`: unknown role "
-                    f"{key!r}; expected one of {sorted(ROLES)}. Received: {item!r}."
-                )
-            try:
-                resolved[key] = get(value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"kerasreg.sweep: invalid `penalties[{index}]`: {error}"
-                ) from None
-        variants.append(resolved)
-    return variants
-
-
 def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
     """Why one stacked fit would not be exact or is not supported (None: it is)."""
     optimizer = model.optimizer
@@ -252,8 +291,6 @@ def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
         return "the template has several inputs or outputs"
     if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(model)):
         return "the template has stateful layers"
-    if fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (in one stacked fit they would see the stack)"
     if isinstance(x, keras.utils.PyDataset) or is_dataset(x):
         return None
     if not (is_array(x) and is_array(y)):

@@ -1,0 +1,196 @@
+"""The `"sequential"` engine of `sweep`: each variant in its own `fit`, one after another.
+
+Exact by construction: variant k's fit is a plain Keras `fit` of its model,
+with its own copies of the sweep's callbacks and fresh instances of its grid
+point's post-step transforms (a callback or transform is never shared by two
+fits), after `keras.utils.set_random_seed(fit_seeds[k])`: what the fit draws
+from the global random generators (the shuffling order; on PyTorch, the masks
+of a `Dropout` without a `seed` of its own) is the same for every run of one
+seed, as in one shared fit, and for a run of `seeds=` it is what a fit right
+after building the template under that seed draws.
+
+Callbacks that write files get one file (or folder) per variant: `{variant}`
+in the path of `ModelCheckpoint`, `CSVLogger`, `TensorBoard` or
+`WeightNormLogger` becomes the variant's run name; a folder without the field
+(`TensorBoard`, `WeightNormLogger`) gets the run name appended; a file
+without it is refused when there are several variants (they would all write
+it). `BackupAndRestore` is refused: one backup of a whole sweep is not
+supported yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import keras
+
+from kerasreg.poststep import PostStepTransform
+from kerasreg.sweep.items import fresh_transform
+from kerasreg.sweep.monitor import Monitor, best_line
+from kerasreg.sweep.variants import compile_like
+from kerasreg.tensorboard import WeightNormLogger
+
+FIELD = "{variant}"
+# Callback class -> (attribute holding its path, whether it is a folder).
+_PATHS: tuple[tuple[type, str, bool], ...] = (
+    (keras.callbacks.ModelCheckpoint, "filepath", False),
+    (keras.callbacks.CSVLogger, "filename", False),
+    (keras.callbacks.TensorBoard, "log_dir", True),
+    (WeightNormLogger, "log_dir", True),
+)
+
+
+def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Callback]:
+    """`sweep`'s `callbacks`, checked for per-variant copies before anything trains."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, keras.callbacks.Callback) or not isinstance(
+        callbacks, (list, tuple)
+    ):
+        raise TypeError(
+            "kerasreg.sweep: invalid `callbacks`: expected a list of "
+            f"keras.callbacks.Callback. Received: callbacks={callbacks!r}."
+        )
+    for index, callback in enumerate(callbacks):
+        where = f"`callbacks[{index}]`"
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise TypeError(
+                f"kerasreg.sweep: invalid {where}: expected a "
+                f"keras.callbacks.Callback. Received: {callback!r} "
+                f"(type {type(callback).__name__})."
+            )
+        if isinstance(callback, keras.callbacks.BackupAndRestore):
+            raise ValueError(
+                f"kerasreg.sweep: invalid {where}: BackupAndRestore is not "
+                "supported in a sweep yet (one backup of the whole sweep is "
+                "planned); run the grid points as separate fits to back them up."
+            )
+        path = _path_of(callback)
+        if path is not None and len(runs) > 1:
+            attribute, value, folder = path
+            if not folder and FIELD not in value:
+                raise ValueError(
+                    f"kerasreg.sweep: invalid {where}: {type(callback).__name__}"
+                    f".{attribute}={value!r} has no {FIELD} field, so the "
+                    f"{len(runs)} variants would all write that one file. Put "
+                    f"{FIELD} in the path, e.g. 'checkpoints/{FIELD}.keras'; it "
+                    f"becomes each variant's run name (such as {runs[0]!r})."
+                )
+    return list(callbacks)
+
+
+def copy_callback(
+    callback: keras.callbacks.Callback, run: str, where: str = "`callbacks`"
+) -> keras.callbacks.Callback:
+    """A copy of `callback` for variant `run`'s fit: no state, its own files.
+
+    Made with `copy.deepcopy` (the model it was last set to is not copied), so
+    a callback that defines `__deepcopy__` decides what its copies share.
+    Every run's copy is made right before its fit, the first before anything
+    trains.
+    """
+    if isinstance(callback, PostStepTransform):
+        fresh = fresh_transform(callback, where)
+    else:
+        model = getattr(callback, "_model", None)
+        memo = {} if model is None else {id(model): None}
+        try:
+            fresh = copy.deepcopy(callback, memo)
+        except Exception as error:
+            raise ValueError(
+                f"kerasreg.sweep: invalid {where}: each variant needs its own "
+                f"copy of {type(callback).__name__}, and copy.deepcopy failed "
+                f"({type(error).__name__}: {error})."
+            ) from None
+    path = _path_of(fresh)
+    if path is not None:
+        attribute, value, folder = path
+        if FIELD in value:
+            value = value.replace(FIELD, run)
+        elif folder:
+            value = os.path.join(value, run)
+        if not folder and os.path.dirname(value):
+            os.makedirs(os.path.dirname(value), exist_ok=True)
+        setattr(fresh, attribute, value)
+    return fresh
+
+
+def _path_of(callback: Any) -> tuple[str, str, bool] | None:
+    for cls, attribute, folder in _PATHS:
+        if isinstance(callback, cls):
+            return attribute, os.fspath(getattr(callback, attribute)), folder
+    return None
+
+
+def fit(
+    variants: list[keras.Model],
+    names: list[str],
+    logs: list[Any],
+    compile_config: dict,
+    exclusions: tuple,
+    x: Any,
+    y: Any,
+    fit_kwargs: dict,
+    *,
+    transforms: list[list[PostStepTransform]] | None = None,
+    fit_seeds: list[int] | None = None,
+) -> tuple[list[dict], list[int | None]]:
+    """Fit each variant on its own; `(histories, best_epochs)`.
+
+    `transforms[k]` are variant k's fresh post-step transforms (they run
+    first in its fit); `fit_seeds[k]` seeds the global random generators
+    before its fit. `best_epochs[k]` is the epoch whose weights variant k
+    ends with when a callback restored them (`EarlyStopping` with
+    `restore_best_weights=True`), else None (the last epoch).
+    """
+    callbacks = list(fit_kwargs.get("callbacks") or [])
+    verbose = fit_kwargs.get("verbose", "auto")
+    histories: list[dict] = []
+    best_epochs: list[int | None] = []
+    for index, (variant, name, log) in enumerate(
+        zip(variants, names, logs, strict=True)
+    ):
+        compile_like(variant, compile_config, exclusions)
+        copies = [
+            copy_callback(c, name, f"`callbacks[{i}]`") for i, c in enumerate(callbacks)
+        ]
+        monitor = Monitor([variant], [name], [log], verbose, split=None)
+        own = [] if transforms is None else list(transforms[index])
+        kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor]}
+        if verbose:
+            print(f"[{index + 1}/{len(variants)}] {name}", flush=True)
+        if fit_seeds is not None:
+            keras.utils.set_random_seed(fit_seeds[index])
+        variant.fit(x, y, **kwargs)
+        histories.append(monitor.histories[0])
+        best_epochs.append(_restored_epoch(copies))
+        if verbose:
+            done = [_at(h, e) for h, e in zip(histories, best_epochs, strict=True)]
+            line = best_line(names[: len(done)], done)
+            if line:
+                print(line, flush=True)
+    return histories, best_epochs
+
+
+def _restored_epoch(callbacks: list[Any]) -> int | None:
+    """The epoch an `EarlyStopping(restore_best_weights=True)` restored, if any."""
+    restored = None
+    for callback in callbacks:
+        if (
+            isinstance(callback, keras.callbacks.EarlyStopping)
+            and callback.restore_best_weights
+            and callback.best_weights is not None
+        ):
+            restored = int(callback.best_epoch)  # the last one to restore wins
+    return restored
+
+
+def _at(history: dict, epoch: int | None) -> dict:
+    """A history's values at `epoch` (the last one when None)."""
+    return {
+        key: values[-1 if epoch is None else epoch]
+        for key, values in history.items()
+        if values
+    }

@@ -1,0 +1,718 @@
+"""`kerasreg.sweep` as a study: every knob, seeds, callbacks per variant, results.
+
+References are independent of `sweep`: each run is compared with a plain
+Keras fit of a model built with Keras's own `kernel_regularizer` argument (and,
+for a post-step transform, a fresh instance of it as that fit's callback);
+a seeded run with a model built after `keras.utils.set_random_seed(seed)`;
+`best` with NumPy's argmin/argmax and each metric's direction as Keras states
+it; tables with the CSV read back by Python's `csv` module; TensorBoard files
+with TensorBoard's own reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import math
+import os
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+
+import kerasreg
+from kerasreg.sweep.items import parse_grid
+from kerasreg.sweep.result import SweepResult
+from kerasreg.sweep.rows import make_row
+
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def build(kernel=None, *, dropout=0.0, name="net"):
+    """The test network, with Keras's own `kernel_regularizer` argument."""
+    layers = [
+        keras.Input((3,)),
+        keras.layers.Dense(8, "tanh", kernel_regularizer=kernel, name="hidden"),
+    ]
+    if dropout:
+        layers.append(keras.layers.Dropout(dropout))
+    layers.append(keras.layers.Dense(1, "sigmoid", kernel_regularizer=kernel))
+    return keras.Sequential(layers, name=name)
+
+
+def data(n=48, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = (x[:, :1] + 0.5 * x[:, 1:2] > 0).astype("float32")
+    return x, y
+
+
+def compile_(model, learning_rate=0.1):
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def reference_fit(template, penalty, transforms, x, y, learning_rate=0.1, **fit_kwargs):
+    """A plain Keras fit: Keras's regularizer argument, a fresh transform callback."""
+    reference = compile_(build(penalty), learning_rate)
+    reference.set_weights(template.get_weights())
+    history = reference.fit(x, y, callbacks=transforms, **fit_kwargs).history
+    return history, reference
+
+
+def assert_same_run(row, model, history, reference):
+    assert set(row["history"]) == set(history)
+    for key, values in history.items():
+        np.testing.assert_allclose(
+            row["history"][key], values, rtol=RTOL, atol=ATOL, err_msg=key
+        )
+    for got, want in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+FIT = dict(epochs=2, batch_size=16, shuffle=False, verbose=0)
+
+
+# --- grid items, families, names ---------------------------------------------------
+
+
+def test_grid_items_name_their_family_and_values():
+    decay = kerasreg.WeightDecay(0.01)
+    items = [
+        None,
+        kerasreg.L2Penalty(1e-3),
+        {"kernel": kerasreg.L1Penalty(1e-4), "bias": kerasreg.L2Penalty(1e-2)},
+        decay,
+        kerasreg.WeightDecay(0.02, toward="start"),
+        kerasreg.SoftThreshold(1e-3, lr_scaled=True),
+        [kerasreg.L2Penalty(1e-3), decay],
+        [None, decay],
+        kerasreg.ElasticNetPenalty(l1=1e-4, l2=1e-3),
+        kerasreg.WeightDecay(0.1, name="decay_hidden", where="hidden"),
+    ]
+    points = parse_grid(items, "kernel")
+    assert [p.family for p in points] == [
+        "none",
+        "L2Penalty",
+        "L1Penalty+bias-L2Penalty",
+        "WeightDecay",
+        "WeightDecay_toward_start",
+        "SoftThreshold_lr_scaled",
+        "L2Penalty+WeightDecay",
+        "none+WeightDecay",
+        "ElasticNetPenalty",
+        "decay_hidden",
+    ]
+    assert [p.name for p in points] == [
+        "none",
+        "L2Penalty_0.001",
+        "L1Penalty_0.0001+bias-L2Penalty_0.01",
+        "WeightDecay_0.01",
+        "WeightDecay_toward_start_0.02",
+        "SoftThreshold_lr_scaled_0.001",
+        "L2Penalty_0.001+WeightDecay_0.01",
+        "none+WeightDecay_0.01",
+        "ElasticNetPenalty_l1=0.0001_l2=0.001",
+        "decay_hidden_0.1",
+    ]
+    assert points[0].values == {} and points[0].strength == 0.0
+    # A decay rate is a value of its own knob, not the no-penalty baseline.
+    assert points[3].values == {"WeightDecay.rate": 0.01}
+    assert points[3].penalties == {} and points[3].strength == 0.01
+    assert points[6].values == {"L2Penalty.l2": 0.001, "WeightDecay.rate": 0.01}
+    assert points[7].penalties == {"kernel": None}  # no penalty, and decay
+    assert points[2].penalties == {
+        "kernel": kerasreg.L1Penalty(1e-4),
+        "bias": kerasreg.L2Penalty(1e-2),
+    }
+    # Each fit gets new transform instances with the same arguments.
+    fresh = points[4].fresh_transforms()[0]
+    assert fresh is not items[4] and repr(fresh) == repr(items[4])
+    assert repr(fresh) == "WeightDecay(rate=0.02, toward='start')"
+    # The sweep's `role` decides which role a bare penalty takes.
+    bias = parse_grid([kerasreg.L2Penalty(1e-2)], "bias")[0]
+    assert bias.penalties == {"bias": kerasreg.L2Penalty(1e-2)}
+    assert bias.family == "L2Penalty"
+
+
+def test_grid_product_and_log_range_build_readable_grids():
+    assert kerasreg.grid(kerasreg.L2Penalty, [1e-4, 1e-3]) == [
+        kerasreg.L2Penalty(1e-4),
+        kerasreg.L2Penalty(1e-3),
+    ]
+    # L1 x L2 strengths: every pair, in itertools.product order.
+    l1, l2 = [1e-4, 1e-3], [1e-5, 1e-4, 1e-3]
+    net = kerasreg.grid(kerasreg.ElasticNetPenalty, l1=l1, l2=l2)
+    assert net == [
+        kerasreg.ElasticNetPenalty(l1=a, l2=b) for a, b in itertools.product(l1, l2)
+    ]
+    # Fixed arguments pass through; NumPy arrays are axes too.
+    decays = kerasreg.grid(kerasreg.WeightDecay, np.array([1e-3, 1e-2]), toward="start")
+    assert [(d.rate, d.toward) for d in decays] == [(1e-3, "start"), (1e-2, "start")]
+    # Penalty x decay rate, baselines included.
+    items = kerasreg.product([None, *net[:2]], [None, *decays])
+    assert len(items) == 9 and items[0] is None
+    assert items[1] == [None, decays[0]] and items[3] is net[0]
+    assert items[4] == [net[0], decays[0]]
+    names = [p.name for p in parse_grid(items, "kernel")]
+    assert len(set(names)) == 9
+    assert (
+        names[4]
+        == "ElasticNetPenalty_l1=0.0001_l2=1e-05+WeightDecay_toward_start_0.001"
+    )
+    # A product of two penalty axes on one role: None gives way, two refuse.
+    both = kerasreg.product([None, kerasreg.L1Penalty(1e-3)], [kerasreg.L2Penalty(1)])
+    assert parse_grid(both[:1], "kernel")[0].penalties == {
+        "kernel": kerasreg.L2Penalty(1)
+    }
+    with pytest.raises(ValueError, match=r"penalties\[1\].*two penalties.*ElasticNet"):
+        parse_grid(both, "kernel")
+
+    # Log ranges: the exact log-spaced values, to two significant digits.
+    assert kerasreg.log_range(1e-5, 1e-1) == [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    for per_decade in (2, 3, 4):
+        values = kerasreg.log_range(1e-4, 1e-1, per_decade=per_decade)
+        exact = np.geomspace(1e-4, 1e-1, 3 * per_decade + 1)
+        np.testing.assert_allclose(values, exact, rtol=0.05)
+        assert all(
+            len(f"{v:e}".split("e")[0].rstrip("0").rstrip(".")) <= 3 for v in values
+        )
+    assert kerasreg.log_range(2e-3, 1e-2) == [2e-3]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: kerasreg.grid("L2Penalty", [1]), TypeError, r"`knob`.*'L2Penalty'"),
+        (lambda: kerasreg.grid(kerasreg.L2Penalty), ValueError, "no values to vary"),
+        (lambda: kerasreg.grid(kerasreg.L2Penalty, "abc"), TypeError, r"`values`.*abc"),
+        (
+            lambda: kerasreg.grid(kerasreg.L2Penalty, [1], l2=[2]),
+            TypeError,
+            r"`l2` is given twice",
+        ),
+        (lambda: kerasreg.product(), ValueError, "at least one list"),
+        (lambda: kerasreg.product([]), ValueError, r"`axes\[0\]`: empty"),
+        (lambda: kerasreg.product(None), TypeError, r"`axes\[0\]`.*None"),
+        (lambda: kerasreg.log_range(0, 1), ValueError, r"`start`.*> 0.*start=0"),
+        (lambda: kerasreg.log_range(1, 0.1), ValueError, r"stop >= start"),
+        (lambda: kerasreg.log_range(1, 10, 1.5), TypeError, r"`per_decade`.*1.5"),
+        (lambda: kerasreg.log_range(1, 10, 0), ValueError, r"`per_decade`.*0"),
+    ],
+)
+def test_grid_helpers_refuse_bad_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+class NoTraining(keras.callbacks.Callback):
+    """Fails the test if any fit starts."""
+
+    def on_train_begin(self, logs=None):
+        raise AssertionError("a variant started training")
+
+
+def test_bad_items_seeds_and_callbacks_raise_before_anything_trains(tmp_path):
+    x, y = data()
+    model = compile_(build())
+    before = [w.copy() for w in model.get_weights()]
+    guard = [NoTraining()]
+    cases = [
+        ([[]], ValueError, r"`penalties\[0\]`: an empty list"),
+        ([None, [[kerasreg.L2Penalty(1)]]], ValueError, r"`penalties\[1\]`.*inside"),
+        ([kerasreg.WeightDecay], TypeError, r"`penalties\[0\]`.*class WeightDecay"),
+        (
+            [keras.callbacks.EarlyStopping()],
+            TypeError,
+            r"`penalties\[0\]`.*EarlyStopping is a callback.*`callbacks=`",
+        ),
+        ([{"kernal": kerasreg.L2Penalty(1)}], ValueError, r"unknown role 'kernal'"),
+        (
+            [None, kerasreg.WeightDecay(0.1, where="no_such_layer")],
+            ValueError,
+            r"`penalties\[1\]`: WeightDecay's `where`.*selects no weight",
+        ),
+    ]
+    for items, error, message in cases:
+        with pytest.raises(error, match=message):
+            kerasreg.sweep(model, items, x, y, callbacks=guard, **FIT)
+    decay = kerasreg.WeightDecay(0.1)
+    with pytest.raises(ValueError, match=r"same transform WeightDecay instance"):
+        kerasreg.sweep(model, [[decay, decay]], x, y, callbacks=guard, **FIT)
+    for seeds, error in (([], ValueError), ([0, 0], ValueError), (3, TypeError)):
+        with pytest.raises(error, match=r"`seeds`"):
+            kerasreg.sweep(model, [None], x, y, seeds=seeds, callbacks=guard, **FIT)
+    with pytest.raises(ValueError, match=r"`seeds`.*-1"):
+        kerasreg.sweep(model, [None], x, y, seeds=[-1], callbacks=guard, **FIT)
+    shared = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"))
+    with pytest.raises(ValueError, match=r"`callbacks\[1\]`.*\{variant\}.*2 variants"):
+        kerasreg.sweep(model, [None, None], x, y, callbacks=[*guard, shared], **FIT)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(ValueError, match=r"`callbacks\[1\]`: BackupAndRestore"):
+        kerasreg.sweep(model, [None], x, y, callbacks=[*guard, backup], **FIT)
+    with pytest.raises(TypeError, match=r"`callbacks`.*list"):
+        kerasreg.sweep(model, [None], x, y, callbacks=guard[0], **FIT)
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not list(tmp_path.rglob("*.keras"))
+
+
+# --- every knob, seeds and callbacks: each run equals its own fit ------------------
+
+
+def test_transform_and_mixed_grids_equal_separate_fits(caplog):
+    x, y = data()
+    model = compile_(build())
+    grid = [
+        kerasreg.WeightDecay(0.05),
+        kerasreg.WeightDecay(0.02, toward="start"),
+        kerasreg.SoftThreshold(2e-3),
+        [kerasreg.L2Penalty(1e-2), kerasreg.WeightDecay(0.05)],
+    ]
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, grid, x, y, **FIT)
+    assert result.engine == "sequential"
+    assert "post-step transforms (SoftThreshold, WeightDecay)" in caplog.text
+    assert [row["family"] for row in result.rows] == [
+        "WeightDecay",
+        "WeightDecay_toward_start",
+        "SoftThreshold",
+        "L2Penalty+WeightDecay",
+    ]
+    references = [
+        (None, [kerasreg.WeightDecay(0.05)]),
+        (None, [kerasreg.WeightDecay(0.02, toward="start")]),
+        (None, [kerasreg.SoftThreshold(2e-3)]),
+        (kerasreg.L2Penalty(1e-2), [kerasreg.WeightDecay(0.05)]),
+    ]
+    for (penalty, transforms), row, trained in zip(
+        references, result.rows, result.models, strict=True
+    ):
+        history, reference = reference_fit(model, penalty, transforms, x, y, **FIT)
+        assert_same_run(row, trained, history, reference)
+        assert row["best_epoch"] == 1 and row["epochs"] == 2
+    # The transforms of the grid were never attached to any fit.
+    for item in grid:
+        for transform in item if isinstance(item, list) else [item]:
+            assert getattr(transform, "_model", None) is None
+    # The decay acted: the weights differ from the undecayed fit.
+    plain, _ = reference_fit(model, None, [], x, y, **FIT)
+    assert not np.allclose(result.rows[0]["history"]["loss"], plain["loss"])
+
+
+def test_each_seeded_repeat_equals_a_template_built_with_that_seed():
+    x, y = data()
+    model = compile_(build(dropout=0.25))
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    seeds = [4, 7]
+    fit = dict(FIT, shuffle=True)  # the order, too, is that seed's
+    result = kerasreg.sweep(model, grid, x, y, seeds=seeds, **fit)
+    assert [(row["penalty"], row["seed"]) for row in result.rows] == [
+        ("none", 4),
+        ("none", 7),
+        ("L2Penalty_0.01", 4),
+        ("L2Penalty_0.01", 7),
+    ]
+    assert [row["run"] for row in result.rows][1] == "none/seed_7"
+    for index, (row, trained) in enumerate(
+        zip(result.rows, result.models, strict=True)
+    ):
+        keras.utils.set_random_seed(row["seed"])
+        reference = compile_(build(grid[index // 2], dropout=0.25))
+        history = reference.fit(x, y, **fit).history
+        assert_same_run(row, trained, history, reference)
+    # Different seeds: different runs; the template's weights were not used.
+    a, b = (np.asarray(m.layers[0].kernel) for m in result.models[:2])
+    assert not np.allclose(a, b)
+    assert result.repeated
+    summary = result.summary()
+    assert [entry["runs"] for entry in summary] == [[0, 1], [2, 3]]
+    losses = [row["loss"] for row in result.rows[:2]]
+    assert summary[0]["loss"] == pytest.approx(np.mean(losses))
+    assert summary[0]["loss_std"] == pytest.approx(np.std(losses, ddof=1))
+
+
+def test_shuffled_separate_fits_share_one_data_order():
+    x, y = data()
+    model = compile_(build())
+    grid = [kerasreg.WeightDecay(0.01), kerasreg.WeightDecay(0.01)]
+    result = kerasreg.sweep(model, grid, x, y, **{**FIT, "shuffle": True, "epochs": 3})
+    assert [row["penalty"] for row in result.rows] == [
+        "WeightDecay_0.01",
+        "WeightDecay_0.01_2",
+    ]
+    first, second = (row["history"] for row in result.rows)
+    assert first == second
+    for got, want in zip(*(m.get_weights() for m in result.models), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def noisy_problem():
+    """Labels independent of the inputs: the validation loss soon rises."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    y = (rng.random((64, 1)) > 0.5).astype("float32")
+    return (x[:48], y[:48]), (x[48:], y[48:])
+
+
+def callbacks_for(folder):
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=1, restore_best_weights=True
+        ),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(folder, "{variant}.keras"), save_best_only=True
+        ),
+        keras.callbacks.CSVLogger(os.path.join(folder, "{variant}.csv")),
+    ]
+
+
+def test_callbacks_act_on_each_variant_as_in_its_own_fit(tmp_path):
+    (x, y), validation = noisy_problem()
+    model = compile_(build(), learning_rate=0.5)
+    grid = [None, kerasreg.L2Penalty(1e-3), kerasreg.WeightDecay(0.01)]
+    fit = dict(FIT, epochs=12, validation_data=validation)
+    result = kerasreg.sweep(
+        model, grid, x, y, callbacks=callbacks_for(str(tmp_path / "sweep")), **fit
+    )
+    stopped = 0
+    for index, (row, trained) in enumerate(
+        zip(result.rows, result.models, strict=True)
+    ):
+        folder = tmp_path / f"reference_{index}"
+        callbacks = callbacks_for(str(folder))
+        callbacks[1].filepath = str(folder / "best.keras")
+        callbacks[2].filename = str(folder / "log.csv")
+        os.makedirs(folder)
+        penalty = grid[index] if index == 1 else None
+        transforms = [kerasreg.WeightDecay(0.01)] if index == 2 else []
+        history, reference = reference_fit(
+            model, penalty, [*transforms, *callbacks], x, y, 0.5, **fit
+        )
+        assert_same_run(row, trained, history, reference)  # restored weights too
+        stopping = callbacks[0]
+        assert row["epochs"] == len(history["loss"])
+        assert row["best_epoch"] == stopping.best_epoch
+        assert row["val_loss"] == pytest.approx(
+            history["val_loss"][stopping.best_epoch], rel=RTOL
+        )
+        stopped += row["epochs"] < 12 and row["best_epoch"] < row["epochs"] - 1
+        # Its own checkpoint: the best of its own fit, not of the sweep so far.
+        saved = keras.saving.load_model(tmp_path / "sweep" / f"{row['run']}.keras")
+        own = keras.saving.load_model(folder / "best.keras")
+        for got, want in zip(saved.get_weights(), own.get_weights(), strict=True):
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+        with open(tmp_path / "sweep" / f"{row['run']}.csv") as file:
+            logged = list(csv.DictReader(file))
+        assert [int(r["epoch"]) for r in logged] == list(range(row["epochs"]))
+        np.testing.assert_allclose(
+            [float(r["val_loss"]) for r in logged], history["val_loss"], rtol=1e-5
+        )
+    assert stopped >= 1, [row["history"]["val_loss"] for row in result.rows]
+
+
+# --- results -----------------------------------------------------------------------
+
+
+def regression_sweep(metrics):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=metrics)
+    grid = [None, *kerasreg.grid(kerasreg.L2Penalty, [1e-2, 1.0, 30.0])]
+    return kerasreg.sweep(
+        model, grid, x[:48], y[:48], validation_data=(x[48:], y[48:]), **FIT
+    )
+
+
+@keras.saving.register_keras_serializable(package="tests")
+def close_to_one(y_true, y_pred):
+    return keras.ops.mean(keras.ops.abs(keras.ops.subtract(y_pred, y_true)))
+
+
+def test_best_follows_each_metric_direction_as_keras_does():
+    metrics = [
+        "mae",
+        keras.metrics.R2Score(),
+        keras.metrics.CosineSimilarity(),
+        close_to_one,
+    ]
+    result = regression_sweep(metrics)
+    directions = {"val_r2_score": np.argmax, "val_cosine_similarity": np.argmax}
+    directions.update({"val_loss": np.argmin, "val_mae": np.argmin, "loss": np.argmin})
+    for monitor, arg in directions.items():
+        values = [row[monitor] for row in result.rows]
+        assert len(set(values)) > 1, monitor  # the grid matters
+        assert result.best(monitor) is result.rows[int(arg(values))], monitor
+    # Keras's own rule for R2 and cosine similarity: maximized.
+    for metric in (keras.metrics.R2Score(), keras.metrics.CosineSimilarity()):
+        assert metric._direction == "up"
+    # A metric without a direction: refused, as Keras refuses it; mode= decides.
+    with pytest.raises(ValueError, match=r"close_to_one.*mode='max'"):
+        result.best("val_close_to_one")
+    values = [row["val_close_to_one"] for row in result.rows]
+    assert (
+        result.best("val_close_to_one", mode="max")
+        is result.rows[int(np.argmax(values))]
+    )
+    with pytest.raises(ValueError, match=r"`mode`.*'best'"):
+        result.best("val_loss", mode="best")
+    assert (
+        result.best_model("val_r2_score")
+        is result.models[int(np.argmax([row["val_r2_score"] for row in result.rows]))]
+    )
+
+
+def synthetic(seeds=(None,)):
+    """A SweepResult built from hand-made rows (known numbers, no training)."""
+    points = parse_grid(
+        [
+            None,
+            *kerasreg.grid(kerasreg.L2Penalty, [1e-3, 1e-2]),
+            *kerasreg.grid(kerasreg.WeightDecay, [1e-3, 1e-2]),
+            *kerasreg.product(
+                kerasreg.grid(kerasreg.L2Penalty, [1e-3, 1e-2]),
+                kerasreg.grid(kerasreg.WeightDecay, [1e-3, 1e-2]),
+            ),
+        ],
+        "kernel",
+    )
+    rng = np.random.default_rng(5)
+    rows = []
+    for point in points:
+        for seed in seeds:
+            loss = rng.random(3).tolist()
+            history = {"loss": loss, "val_loss": (rng.random(3) + 1).tolist()}
+            rows.append(make_row(point, point.name, seed, history, best_epoch=1))
+    return SweepResult(rows, [None] * len(rows), "sequential")
+
+
+def test_summary_best_and_tables_read_back(tmp_path):
+    result = synthetic(seeds=(0, 1, 2))
+    assert len(result.rows) == 27 and result.repeated
+    val = np.array([row["history"]["val_loss"][1] for row in result.rows])
+    assert [row["val_loss"] for row in result.rows] == list(val)  # at best_epoch
+    means = val.reshape(9, 3).mean(axis=1)
+    best = result.best("val_loss")
+    assert best["penalty"] == result.summary()[int(np.argmin(means))]["penalty"]
+    assert best["val_loss"] == pytest.approx(means.min())
+    assert best["val_loss_std"] == pytest.approx(
+        np.std(val.reshape(9, 3)[int(np.argmin(means))], ddof=1)
+    )
+    # The CSV, read back with Python's csv module: one line per run...
+    path = result.to_csv(tmp_path / "runs.csv")
+    with open(path) as file:
+        lines = list(csv.DictReader(file))
+    assert len(lines) == 27
+    for line, row in zip(lines, result.rows, strict=True):
+        assert line["run"] == row["run"] and int(line["seed"]) == row["seed"]
+        assert line["family"] == row["family"]
+        assert float(line["val_loss"]) == pytest.approx(row["val_loss"], rel=1e-12)
+        for key in ("L2Penalty.l2", "WeightDecay.rate"):
+            expected = row["values"].get(key)
+            assert line[key] == ("" if expected is None else repr(expected))
+    # ... or per grid point, with the spread.
+    with open(result.to_csv(tmp_path / "points.csv", summary=True)) as file:
+        points = list(csv.DictReader(file))
+    assert len(points) == 9 and [int(p["runs"]) for p in points] == [3] * 9
+    np.testing.assert_allclose([float(p["val_loss"]) for p in points], means)
+    text = str(result)
+    assert text.splitlines()[0].split()[:2] == ["penalty", "runs"]
+    assert "+-" in text.splitlines()[1]
+
+
+def test_to_frame_needs_pandas_and_says_so():
+    result = synthetic()
+    try:
+        import pandas
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pandas.*to_csv"):
+            result.to_frame()
+        return
+    frame = result.to_frame()
+    columns, records = result.table()
+    assert list(frame.columns) == columns and len(frame) == len(records)
+    assert isinstance(frame, pandas.DataFrame)
+
+
+def test_plot_draws_one_line_per_family_and_marks_the_best(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = synthetic(seeds=(0, 1))
+    fig, ax = plt.subplots()
+    assert result.plot(None, ax=ax) is None
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    best = result.best("val_loss")
+    assert labels == [
+        "none",
+        "L2Penalty",
+        "WeightDecay",
+        "L2Penalty+WeightDecay (WeightDecay.rate=0.001)",
+        "L2Penalty+WeightDecay (WeightDecay.rate=0.01)",
+        f"best by val_loss: {best['penalty']}",
+    ]
+    # The decay rates are their own line, at their own x values.
+    decay = next(line for line in ax.get_lines() if line.get_label() == "WeightDecay")
+    assert list(decay.get_xdata()) == [1e-3, 1e-2]
+    entries = {e["penalty"]: e for e in result.summary()}
+    np.testing.assert_allclose(
+        decay.get_ydata(),
+        [entries[f"WeightDecay_{r:g}"]["val_loss"] for r in (1e-3, 1e-2)],
+    )
+    star = next(line for line in ax.get_lines() if line.get_marker() == "*")
+    assert star.get_ydata()[0] == pytest.approx(best["val_loss"])
+    assert len(ax.collections) == 4  # a band of one std per line with x values
+    plt.close(fig)
+    png = result.plot(tmp_path / "curve.png")
+    with open(png, "rb") as file:
+        assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- TensorBoard, progress, warnings ------------------------------------------------
+
+
+def sessions(folder):
+    """`{run folder: SessionStartInfo}` of every HParams session under `folder`."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        if not any(name.startswith("events.") for name in files):
+            continue
+        accumulator = EventAccumulator(root, size_guidance={"tensors": 0})
+        accumulator.Reload()
+        if "_hparams_/session_start_info" in accumulator.Tags()["tensors"]:
+            content = accumulator.SummaryMetadata(
+                "_hparams_/session_start_info"
+            ).plugin_data.content
+            info = plugin_data_pb2.HParamsPluginData.FromString(content)
+            found[os.path.relpath(root, folder)] = (
+                info.session_start_info,
+                accumulator,
+            )
+    return found
+
+
+def test_hparams_trials_are_unique_across_sweeps_and_group_repeats(tmp_path):
+    x, y = data()
+    model = compile_(build())
+    grid = [None, kerasreg.WeightDecay(0.01)]
+    fit = dict(FIT, validation_data=data(16, seed=4))
+    first = kerasreg.sweep(model, grid, x, y, log_dir=tmp_path / "a", **fit)
+    kerasreg.sweep(model, grid, x, y, log_dir=tmp_path / "b", **fit)
+    found = sessions(tmp_path)
+    assert sorted(found) == [
+        "a/WeightDecay_0.01",
+        "a/none",
+        "b/WeightDecay_0.01",
+        "b/none",
+    ]
+    # TensorBoard groups sessions by group name: four trials, not two.
+    assert len({info.group_name for info, _ in found.values()}) == 4
+    for row in first.rows:
+        info, accumulator = found[f"a/{row['run']}"]
+        assert info.hparams["penalty"].string_value == row["penalty"]
+        assert info.hparams["family"].string_value == row["family"]
+        for key, value in row["values"].items():
+            assert info.hparams[key].number_value == pytest.approx(value)
+        events = accumulator.Tensors("hparams/val_loss")
+        assert [e.step for e in events] == [row["best_epoch"]]
+        assert float(tensor_util.make_ndarray(events[0].tensor_proto)) == pytest.approx(
+            row["val_loss"], rel=1e-6
+        )
+    # Repeats over seeds: one trial per grid point, one session per run.
+    kerasreg.sweep(model, grid, x, y, seeds=[0, 1], log_dir=tmp_path / "c", **fit)
+    seeded = sessions(tmp_path / "c")
+    assert sorted(seeded) == [
+        "WeightDecay_0.01/seed_0",
+        "WeightDecay_0.01/seed_1",
+        "none/seed_0",
+        "none/seed_1",
+    ]
+    groups = {run: info.group_name for run, (info, _) in seeded.items()}
+    assert groups["none/seed_0"] == groups["none/seed_1"]
+    assert len(set(groups.values())) == 2
+    root = EventAccumulator(str(tmp_path / "c"))
+    root.Reload()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        root.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    ).experiment
+    assert [h.name for h in experiment.hparam_infos] == [
+        "penalty",
+        "family",
+        "strength",
+        "WeightDecay.rate",
+    ]
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_progress_names_variants_and_prints_the_best_on_its_own_line(verbose, capsys):
+    x, y = data()
+    model = compile_(build())
+    grid = [None, *kerasreg.grid(kerasreg.L2Penalty, [1e-1, 3.0])]
+    result = kerasreg.sweep(
+        model, grid, x, y, **dict(FIT, validation_data=data(16, 4), verbose=verbose)
+    )
+    assert result.stacked
+    printed = capsys.readouterr().out
+    assert "v0000" not in printed and "v0001" not in printed
+    val = np.array([row["history"]["val_loss"] for row in result.rows])
+    expected = [result.rows[int(i)]["penalty"] for i in np.argmin(val, axis=0)]
+    announced = re.findall(r"^best so far by val_loss: (\S+) \(", printed, re.M)
+    assert announced == expected  # once per epoch, each at the start of a line
+    assert len(re.findall("best so far", printed)) == FIT["epochs"]
+
+
+def test_a_sweep_with_log_dir_emits_no_warning_from_kerasreg(tmp_path):
+    x, y = data()
+    model = compile_(build())
+    model.compile(  # AUC: the stacked engine; six variants, six norm programs
+        optimizer="adam",
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kerasreg.sweep(
+                model,
+                [None, *kerasreg.grid(kerasreg.L2Penalty, kerasreg.log_range(1e-5, 1))],
+                x,
+                y,
+                log_dir=tmp_path,
+                **dict(FIT, validation_data=data(16, 4)),
+            )
+    finally:
+        tf_logger.removeHandler(handler)
+    retracing = [r.getMessage() for r in records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]
+    ours = [w for w in caught if os.sep + "kerasreg" + os.sep in str(w.filename)]
+    assert not ours, [str(w.message) for w in ours]
+    assert len(os.listdir(tmp_path)) > 6  # six runs and the experiment
+
+
+def test_row_values_follow_the_best_epoch():
+    point = parse_grid([kerasreg.L2Penalty(1e-3)], "kernel")[0]
+    history = {"loss": [3.0, 1.0, 2.0], "val_loss": [4.0, 2.5, 3.5]}
+    row = make_row(point, point.name, None, history, best_epoch=1)
+    assert (row["loss"], row["val_loss"], row["epochs"]) == (1.0, 2.5, 3)
+    last = make_row(point, point.name, None, history)
+    assert last["best_epoch"] == 2 and last["val_loss"] == 3.5
+    assert math.isclose(last["strength"], 1e-3)
