@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from kerasreg.selection import select_weights as select_weights
     from kerasreg.selection import trainable as trainable
     from kerasreg.sweep import SweepResult as SweepResult
+    from kerasreg.sweep import grid as grid
+    from kerasreg.sweep import log_range as log_range
+    from kerasreg.sweep import product as product
     from kerasreg.sweep import sweep as sweep
     from kerasreg.tensorboard import WeightNormLogger as WeightNormLogger
 else:
