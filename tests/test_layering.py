@@ -33,6 +33,7 @@ LAYERS = {
     "gradient_stats": 1,
     "keras_file": 1,
     "selectors": 2,
+    "gradient_capture": 2,
     "keras_file_stats": 2,
     # The one `where=` rule.
     "selection": 3,
