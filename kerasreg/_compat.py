@@ -450,7 +450,8 @@ def gradient_accumulators(optimizer: Any, variables: list[Any]) -> list[Any]:
         raise ValueError("gradient_accumulators: the optimizer accumulates nothing.")
     accumulated = getattr(owner, "_accumulated_gradients", None)
     index = getattr(owner, "_get_variable_index", None)
-    if not isinstance(accumulated, list) or not callable(index):
+    # A plain list (TensorFlow's tracking wraps it in a ListWrapper).
+    if not hasattr(accumulated, "__getitem__") or not callable(index):
         raise KerasInternalsChanged(
             f"kerasreg: Keras {keras.__version__} optimizers keep accumulated "
             "gradients differently (no `_accumulated_gradients` list or "

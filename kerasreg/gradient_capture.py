@@ -214,6 +214,11 @@ def _measured_stateful(capture: GradientCapture, model: keras.Model, step, snaps
                 if trainable_variables is not None
                 else list(model.trainable_variables)
             )
+            if not optimizer.built:
+                # What `apply` does first on TensorFlow's first trace (Keras
+                # builds the optimizer lazily there without a strategy).
+                with keras.name_scope(optimizer.name, caller=optimizer):
+                    optimizer.build(variables)
             where = {id(v): i for i, v in enumerate(variables)}
             picked = [grads[where[id(v)]] for v in capture.variables]
             before = [snapshot(v.value) for v in capture.variables]
