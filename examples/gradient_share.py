@@ -163,8 +163,9 @@ READINGS = {
 
 
 def plot(rows: list[dict], path: Path, updates: int) -> None:
+    """Validation curve, penalty share and cosine against alpha, side by side."""
     alphas = [row["alpha"] for row in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
     ax = axes[0]
     ax.plot(alphas, [r["train_accuracy"] for r in rows], "o-", label="train accuracy")
     ax.plot(alphas, [r["test_accuracy"] for r in rows], "s-", label="test accuracy")
@@ -178,37 +179,30 @@ def plot(rows: list[dict], path: Path, updates: int) -> None:
     lines = ax.get_legend_handles_labels()
     more = loss.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower left")
+    readings = {  # color and marker per reading, line style per layer
+        "train_{}_mean": ("C0", "o", "training batch, mean over the run"),
+        "train_{}_end": ("C2", "x", "training batch, at the end"),
+        "val_{}_end": ("C1", "s", "validation data, at the end"),
+    }
     styles = {"hidden": "-", "output": ":"}
-    for ax, kind, title in (
-        (axes[1], "share", "penalty share |g_pen| / (|g_data| + |g_pen|)"),
-        (axes[2], "cosine", "cosine(g_data, g_pen)"),
+    for ax, kind, title, level in (
+        (axes[1], "share", "penalty share  |g_pen| / (|g_data| + |g_pen|)", 0.5),
+        (axes[2], "cosine", "cosine(g_data, g_pen)", -1.0),
     ):
+        ax.axhline(level, color="gray", lw=0.8)
         for layer, style in styles.items():
-            for key, marker, color in (
-                (f"train_{kind}_mean", "o", "C0"),
-                (f"train_{kind}_end", "x", "C2"),
-                (f"val_{kind}_end", "s", "C1"),
-            ):
-                label = {
-                    "train_share_mean": "training batch, mean over run",
-                    "train_cosine_mean": "training batch, mean over run",
-                    "train_share_end": "training batch, end",
-                    "train_cosine_end": "training batch, end",
-                    "val_share_end": "validation data, end",
-                    "val_cosine_end": "validation data, end",
-                }[key]
-                ax.plot(
-                    alphas,
-                    [r["layers"][layer][key] for r in rows],
-                    marker=marker,
-                    ls=style,
-                    color=color,
-                    label=f"{layer}: {label}",
-                )
+            for key, (color, marker, _) in readings.items():
+                values = [r["layers"][layer][key.format(kind)] for r in rows]
+                ax.plot(alphas, values, marker=marker, ls=style, color=color)
         ax.set_title(title)
-        ax.legend(fontsize=7)
-    axes[1].axhline(0.5, color="gray", lw=0.8)
-    axes[2].axhline(-1.0, color="gray", lw=0.8)
+    handles = [
+        plt.Line2D([], [], color=color, marker=marker, label=label)
+        for color, marker, label in readings.values()
+    ] + [
+        plt.Line2D([], [], color="k", ls=style, label=f"{layer} kernel")
+        for layer, style in styles.items()
+    ]
+    axes[2].legend(handles=handles, fontsize=8, loc="lower left")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("alpha of L2Penalty on both kernels")

@@ -376,7 +376,12 @@ def _compile(fn: Callable) -> Callable:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, reduce_retracing=True)
+        function = tf.function(fn, reduce_retracing=True)
+        # One trace per batch shape and model is by design (a last partial
+        # batch, a logger over many fits): no "frequent retracing" warning.
+        if hasattr(function, "_omit_frequent_tracing_warning"):
+            function._omit_frequent_tracing_warning = True
+        return function
     if backend == "jax":
         import jax
 
