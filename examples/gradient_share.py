@@ -202,7 +202,9 @@ def plot(rows: list[dict], path: Path, updates: int) -> None:
         plt.Line2D([], [], color="k", ls=style, label=f"{layer} kernel")
         for layer, style in styles.items()
     ]
-    axes[2].legend(handles=handles, fontsize=8, loc="lower left")
+    axes[2].legend(
+        handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("alpha of L2Penalty on both kernels")

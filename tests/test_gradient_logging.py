@@ -504,3 +504,73 @@ def test_gradient_scalars_seam_for_other_writers():
         "grad_cosine/a/kernel": -1.0,
     }
     assert json.dumps(stats)  # plain floats
+
+
+DATA_PARALLEL = r"""
+import json, sys, tempfile
+import numpy as np
+import jax
+import keras
+import kerasreg
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 3)).astype("float32")
+y = rng.normal(size=(32, 1)).astype("float32")
+
+
+def model():
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(4, activation="tanh", name="h",
+                           kernel_regularizer=kerasreg.L2Penalty(0.05)),
+        keras.layers.Dense(1, name="o"),
+    ])
+    m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return m
+
+
+before = []
+
+
+class Recorder(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        before.append(self.model.get_weights())
+
+
+log_dir = tempfile.mkdtemp()
+with keras.distribution.DataParallel(devices=jax.devices()).scope():
+    trained = model()
+    trained.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[
+        kerasreg.WeightNormLogger(log_dir, update_freq=1, gradients=True), Recorder()])
+    shards = len(trained.get_layer("h").kernel.value.addressable_shards)
+events = EventAccumulator(log_dir + "/train", size_guidance={"tensors": 0})
+events.Reload()
+logged = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+          for e in events.Tensors("grad_data/h/kernel")}
+reference = {}
+for t in range(2):
+    plain = model()
+    plain.set_weights(before[t])
+    batch = slice(16 * t, 16 * t + 16)
+    reference[t + 1] = kerasreg.gradient_norms(
+        plain, x[batch], y[batch], training=True)["h/kernel"]["data"]
+print("RESULT " + json.dumps({"devices": len(jax.devices()), "shards": shards,
+                              "logged": logged, "reference": reference}))
+sys.stdout.flush()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX DataParallel over 2 host devices")
+def test_jax_data_parallel_logs_the_global_gradient():
+    from conftest import run_result
+
+    out = run_result(["-c", DATA_PARALLEL], backend="jax", host_devices=2)
+    assert out["devices"] == 2 and out["shards"] == 2
+    assert set(out["logged"]) == {"1", "2"}
+    for step, value in out["reference"].items():
+        # The gradient of the whole batch (both devices' halves), not a half's.
+        assert_close(out["logged"][step], value, f"step {step}", 1e-5)
