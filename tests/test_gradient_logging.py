@@ -574,3 +574,41 @@ def test_jax_data_parallel_logs_the_global_gradient():
     for step, value in out["reference"].items():
         # The gradient of the whole batch (both devices' halves), not a half's.
         assert_close(out["logged"][step], value, f"step {step}", 1e-5)
+
+
+def test_mixed_precision_logs_the_unscaled_gradient(tmp_path):
+    x, y = data(32)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = make_model(keras.optimizers.SGD(0.1))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        recorder = Recorder()
+        model.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True),
+                recorder,
+            ],
+        )
+        series = logged(tmp_path / "train", "h/kernel")
+        assert sorted(series) == [1, 2]
+        for t in range(2):
+            expected = reference_mixed(
+                recorder.before[t], x[16 * t : 16 * t + 16], y[16 * t : 16 * t + 16]
+            )
+            # float16 arithmetic in the forward and backward passes; the
+            # scale (32768) is divided out, else the norms would be 2**15 off.
+            assert_matches(series[t + 1], expected, f"step {t + 1}", tolerance=2e-2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def reference_mixed(weights, x, y):
+    model = make_model()  # under the mixed policy in force
+    model.set_weights(weights)
+    return kerasreg.gradient_norms(model, x, y, training=True)["h/kernel"]
