@@ -645,6 +645,66 @@ def gradient_scalars(statistics: dict[str, dict[str, float]]) -> dict[str, float
     }
 
 
+def write_gradient_statistics(
+    folder: str, step: int, statistics: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """Write one reading of gradient statistics to the TensorBoard run `folder`.
+
+    The seam for writers other than `WeightNormLogger` (such as one run per
+    sweep variant): `statistics` is what `kerasreg.gradient_norms` returns for
+    one model, `{path: {"data", "penalty", "total", "penalty_share",
+    "cosine"}}` (`"update_ratio"` too, if known); each value is written at
+    `step` under the tags `WeightNormLogger(gradients=True)` uses
+    (`grad_data/<path>`, ...), so its custom-scalars charts show them.
+    Statistics of other names are refused, not dropped.
+
+    Args:
+        folder: the run's folder (`<log_dir>/<variant>/validation`, say).
+        step: the step to write at, an int >= 0.
+        statistics: `{path: {statistic name: float}}`.
+
+    Returns:
+        The scalars written, `{tag: value}`.
+
+    Raises:
+        ValueError: a statistic name or value that is not accepted; nothing is
+            written then.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            "write_gradient_statistics: invalid `step`: expected an int >= 0. "
+            f"Received: step={step!r}."
+        )
+    if not isinstance(statistics, dict) or not all(
+        isinstance(key, str) and isinstance(stats, dict)
+        for key, stats in statistics.items()
+    ):
+        raise ValueError(
+            "write_gradient_statistics: invalid `statistics`: expected "
+            "{path: {statistic name: float}}, as gradient_norms returns. "
+            f"Received: statistics={statistics!r}."
+        )
+    for key, stats in statistics.items():
+        for name, value in stats.items():
+            if name not in GRADIENT_SECTIONS:
+                raise ValueError(
+                    "write_gradient_statistics: invalid `statistics`: unknown "
+                    f"statistic {name!r} for {key!r}. Accepted: "
+                    f"{sorted(GRADIENT_SECTIONS)}."
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    "write_gradient_statistics: invalid `statistics`: "
+                    f"{key!r}/{name!r} is {value!r}; expected a float."
+                )
+    scalars = {tag: float(v) for tag, v in gradient_scalars(statistics).items()}
+    if scalars:
+        writer = run_writer(os.fspath(folder))
+        writer.write(step, scalars)
+        writer.flush()
+    return scalars
+
+
 def _regularized_weights(model: keras.Model) -> list[Any]:
     """The weights whose regularizer Keras adds to the loss: trainable ones."""
     weights = {id(v): v for v in model.trainable_weights if v.regularizer is not None}

@@ -10,6 +10,7 @@ TensorBoard's own reader.
 """
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -401,7 +402,6 @@ def test_layout_charts_gradients_per_layer_and_plan_says_when(tmp_path):
     written = set(read_scalars(tmp_path / "train")) | set(
         read_scalars(tmp_path / "validation")
     )
-    import re
 
     matched = {
         title: sorted(t for t in written if re.fullmatch(pattern, t))
@@ -612,3 +612,93 @@ def reference_mixed(weights, x, y):
     model = make_model()  # under the mixed policy in force
     model.set_weights(weights)
     return kerasreg.gradient_norms(model, x, y, training=True)["h/kernel"]
+
+
+def describe_rows(text):
+    lines = [line for line in text.strip().splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    header = rows[0]
+    return {row[0].strip("`"): dict(zip(header, row, strict=True)) for row in rows[2:]}
+
+
+@pytest.mark.parametrize(
+    "update_freq, when",
+    [(3, "every 3 updates"), ("epoch", "at each epoch's last update")],
+)
+def test_describe_with_callbacks_says_when_gradients_are_logged(
+    tmp_path, update_freq, when
+):
+    model = make_model()
+    logger = kerasreg.WeightNormLogger(
+        tmp_path, update_freq=update_freq, gradients=True
+    )
+    rows = describe_rows(kerasreg.describe(model, callbacks=[logger]))
+    expected = (
+        f"WeightNormLogger: gradient statistics {when} (training batch) and at "
+        "each epoch end on the validation data, if any"
+    )
+    # The logger's default `where` (kernels) gets the sentence; biases do not.
+    assert sorted(rows) == ["h/bias", "h/kernel", "o/bias", "o/kernel"]
+    for path in KEYS:
+        assert expected in rows[path]["callbacks"], rows[path]
+    for path in ("h/bias", "o/bias"):
+        assert "gradient" not in rows[path]["callbacks"], rows[path]
+    # Without gradients=True the plan says nothing about gradients.
+    plain = kerasreg.WeightNormLogger(tmp_path, update_freq=update_freq)
+    assert "gradient" not in kerasreg.describe(model, callbacks=[plain])
+    # Describing is read-only: no run folder is written.
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_gradient_statistics_one_run_per_variant(tmp_path):
+    """The seam a sweep needs: per-variant `gradient_norms` dicts written to
+    each variant's run, read back from disk, against the closed-form penalty
+    gradient of L2Penalty (2 * alpha * ||w||)."""
+    x, y = data(16)
+    written = {}
+    for alpha in (0.05, 0.5):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(
+                    2, kernel_regularizer=kerasreg.L2Penalty(alpha), name="h"
+                ),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        stats = kerasreg.gradient_norms(model, x, y)
+        folder = tmp_path / f"l2_{alpha:g}" / "validation"
+        kerasreg.tensorboard.write_gradient_statistics(str(folder), 7, stats)
+        kernel = np.asarray(model.get_layer("h").kernel.numpy(), np.float64)
+        written[alpha] = (folder, stats, 2 * alpha * np.linalg.norm(kernel))
+    for alpha, (folder, stats, penalty) in written.items():
+        series = logged(folder, "h/kernel")
+        assert list(series) == [7]
+        assert set(series[7]) == set(STATS.values())
+        assert_close(series[7]["penalty"], penalty, f"alpha {alpha}", 1e-5)
+        assert_matches(series[7], stats["h/kernel"], f"alpha {alpha}", 1e-6)
+    # Ten times the strength, ten times the penalty gradient, same data gradient.
+    a, b = (logged(written[k][0], "h/kernel")[7] for k in (0.05, 0.5))
+    assert_close(b["penalty"], 10 * a["penalty"], "penalty x10", 1e-5)
+    assert_close(b["data"], a["data"], "data", 1e-6)
+
+
+@pytest.mark.parametrize(
+    "step, statistics, message",
+    [
+        (-1, {"a/kernel": {"data": 1.0}}, "step=-1"),
+        (True, {"a/kernel": {"data": 1.0}}, "step=True"),
+        (0, {"a/kernel": {"norm": 1.0}}, "unknown statistic 'norm'"),
+        (0, {"a/kernel": {"data": "1"}}, "'a/kernel'/'data' is '1'"),
+        (0, [("a/kernel", {})], "statistics=[("),
+    ],
+)
+def test_write_gradient_statistics_refuses_bad_input(
+    tmp_path, step, statistics, message
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kerasreg.tensorboard.write_gradient_statistics(
+            str(tmp_path / "run"), step, statistics
+        )
+    assert not (tmp_path / "run").exists()
