@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --rounds 11 # the README table
     python benchmarks/overhead.py --quick     # smoke run (about 2 minutes)
     python benchmarks/overhead.py --only norms
+    python benchmarks/overhead.py --only mlp --group logger --only gradients
 
 Every variant is built once and warmed up; then, round after round, each
 variant's `fit` (one epoch) is timed in turn, the order rotating every round.
@@ -17,7 +18,8 @@ round do. Results are printed as a table and written as JSON to
 Workloads: an MLP 784-1024-1024-10 (1.86M parameters, batch 128), a two-layer
 LSTM (128 units, sequences 50 x 32, batch 128), and, for weight decay only, a
 deep stack of 40 Dense(128) layers (many small weights, where per-weight
-Python loops cost most); `weight_norms` on a 25M-parameter model.
+Python loops cost most); `weight_norms` on a 25M-parameter model;
+`gradient_norms` against one `train_on_batch` of the same MLP batch.
 """
 
 from __future__ import annotations
@@ -312,6 +314,17 @@ def logger_variants(kind: str, steps: int, log_root: Path) -> dict[str, Variant]
         y,
         [kerasreg.WeightNormLogger(str(log_root / f"{kind}-10"), update_freq=10)],
     )
+    v["WeightNormLogger(10, gradients)"] = Variant(
+        "WeightNormLogger(10, gradients)",
+        compiled(build, kind),
+        x,
+        y,
+        [
+            kerasreg.WeightNormLogger(
+                str(log_root / f"{kind}-10-gradients"), update_freq=10, gradients=True
+            )
+        ],
+    )
     v["empty batch hook"] = Variant(
         "empty batch hook", compiled(build, kind), x, y, [EmptyBatchHook()]
     )
@@ -381,6 +394,8 @@ COMPARISONS = {
         ("empty batch hook", "no callback", "(report)"),
         ("WeightNormLogger(epoch)", "TensorBoard(histogram_freq=1)", "< 1"),
         ("TensorBoard(histogram_freq=1)", "no callback", "(report)"),
+        ("WeightNormLogger(10, gradients)", "no callback", "<= 1.10"),
+        ("WeightNormLogger(10, gradients)", "WeightNormLogger(10)", "(report)"),
     ],
 }
 
@@ -455,6 +470,36 @@ def bench_norms(parameters: int, rounds: int) -> list[dict]:
     return rows
 
 
+def bench_gradients(rounds: int) -> list[dict]:
+    """`gradient_norms` vs one `train_on_batch` of the same batch (the MLP, 128)."""
+    x, y = data("mlp", 1)
+    model = compiled(mlp, "mlp", regularizer=kerasreg.L2Penalty(1e-4))
+    repeat = 10  # calls per timing: one call is a few milliseconds
+
+    def times(call):
+        return lambda: [call() for _ in range(repeat)]
+
+    calls = {
+        "gradient_norms": Call(
+            "gradient_norms", times(lambda: kerasreg.gradient_norms(model, x, y))
+        ),
+        "train_on_batch": Call(
+            "train_on_batch", times(lambda: model.train_on_batch(x, y))
+        ),
+    }
+    run_rounds(list(calls.values()), rounds)
+    return [
+        {
+            "workload": "mlp, one batch of 128",
+            "group": "gradients",
+            "variant": "gradient_norms",
+            "reference": "train_on_batch",
+            "goal": "<= 1.5",
+            **ratios(calls["gradient_norms"], calls["train_on_batch"]),
+        }
+    ]
+
+
 def machine() -> str:
     import tensorflow as tf
 
@@ -491,7 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
-        "--only", choices=["mlp", "lstm", "deep", "norms"], action="append"
+        "--only",
+        choices=["mlp", "lstm", "deep", "norms", "gradients"],
+        action="append",
+    )
+    parser.add_argument(
+        "--group",
+        choices=["penalty", "decay", "logger"],
+        action="append",
+        help="only these groups of the training workloads (default: all)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args(argv)
@@ -507,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "deep": 10 if args.quick else 60,
     }
     parameters = 4_000_000 if args.quick else 25_000_000
-    only = args.only or ["mlp", "lstm", "deep", "norms"]
+    only = args.only or ["mlp", "lstm", "deep", "norms", "gradients"]
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as log_root:
@@ -518,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups = (
                     ("decay",) if kind == "deep" else ("penalty", "decay", "logger")
                 )
+                groups = tuple(g for g in groups if g in (args.group or groups))
                 rows += bench_training(
                     kind, steps[kind], rounds, Path(log_root), groups
                 )
@@ -525,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                 keras.utils.clear_session()
     if "norms" in only:
         rows += bench_norms(parameters, max(3 * rounds, 21))
+    if "gradients" in only:
+        rows += bench_gradients(max(3 * rounds, 21))
 
     write_report("overhead", argv, args.out, rounds, steps, rows)
     return 0

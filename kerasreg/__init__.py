@@ -14,6 +14,7 @@ _PUBLIC = {
     "SoftThreshold": "kerasreg.decay",
     "WeightDecay": "kerasreg.decay",
     "shrink_weights": "kerasreg.decay",
+    "gradient_norms": "kerasreg.gradients",
     "weight_norms": "kerasreg.norms",
     "ElasticNetPenalty": "kerasreg.penalties",
     "ExpAbsPenalty": "kerasreg.penalties",

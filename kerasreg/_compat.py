@@ -376,3 +376,155 @@ def metric_directions(model: Any) -> dict[str, str]:
         for m in found
         if getattr(m, "_direction", None) in ("up", "down")
     }
+
+
+def compiled_loss(model: Any, x: Any = None, y: Any = None) -> Any:
+    """The loss `model.compile` built from `loss` and `loss_weights`, or None.
+
+    It is the compiled data loss only: no `model.losses` (weight penalties,
+    activity regularizers, `add_loss`). When it has not been built yet (no
+    `fit` or `evaluate` so far), it is built here from the structure of `x`
+    and `y` (symbolic tensors, nothing is computed), as Keras's first step
+    would build it, so that a later traced call creates no variable.
+
+    Reason: Keras keeps it in `model._compile_loss` (Keras 3.0 to 3.15) and
+    has no public accessor; `compute_loss` adds `model.losses` to it.
+    """
+    if not hasattr(model, "_compile_loss"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} models have no `_compile_loss`; "
+            "kerasreg cannot compute the compiled data loss on this Keras version."
+        )
+    loss = model._compile_loss
+    if loss is None or getattr(loss, "built", True) or x is None:
+        return loss
+    build = getattr(loss, "build", None)
+    if build is None:
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__}'s compiled loss has no `build`."
+        )
+
+    def spec(value: Any) -> Any:
+        if value is None:
+            return None
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        return keras.KerasTensor(tuple(value.shape), dtype)
+
+    y_pred = model.compute_output_spec(keras.tree.map_structure(spec, x))
+    build(keras.tree.map_structure(spec, y), y_pred)
+    return loss
+
+
+def data_batches(
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    batch_size: int | None = None,
+    steps: int | None = None,
+) -> Any:
+    """Yield `(x, y, sample_weight)` batches of anything `fit` accepts, in order.
+
+    Arrays (and nested structures of them) in batches of `batch_size` (the
+    last one may be smaller), a `tf.data.Dataset`, a `keras.utils.PyDataset`
+    or a generator as they come; at most `steps` batches. Batches are NumPy.
+
+    Reason: Keras turns these inputs into batches with its data adapters
+    (`keras.src.trainers.data_adapters.get_data_adapter`, Keras 3.0 to 3.15);
+    there is no public equivalent.
+    """
+    try:
+        from keras.src.trainers.data_adapters import get_data_adapter
+    except ImportError:
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} has no "
+            "keras.src.trainers.data_adapters.get_data_adapter; kerasreg cannot "
+            "read batches of data on this Keras version."
+        ) from None
+    adapter = get_data_adapter(
+        x, y, sample_weight, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
+    )
+    if not hasattr(adapter, "get_numpy_iterator"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} data adapters have no "
+            "`get_numpy_iterator`."
+        )
+    begin = getattr(adapter, "on_epoch_begin", None)
+    if begin is not None:
+        begin()
+    try:
+        for index, batch in enumerate(adapter.get_numpy_iterator()):
+            if steps is not None and index >= steps:
+                break
+            yield keras.utils.unpack_x_y_sample_weight(batch)
+    finally:
+        end = getattr(adapter, "on_epoch_end", None)
+        if end is not None:
+            end()
+
+
+def gradient_accumulators(optimizer: Any, variables: list[Any]) -> list[Any]:
+    """The gradient accumulator variable of each of `variables`, in order.
+
+    For an optimizer with `gradient_accumulation_steps` (directly or inside a
+    `LossScaleOptimizer`): before the batch that updates, each holds the sum
+    of the gradients of the window's earlier batches.
+
+    Reason: Keras keeps them in the optimizer's `_accumulated_gradients`,
+    indexed by `_get_variable_index` (Keras 3.8 to 3.15), with no accessor.
+    """
+    owner = next(
+        (
+            candidate
+            for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None))
+            if getattr(candidate, "gradient_accumulation_steps", None)
+        ),
+        None,
+    )
+    if owner is None:
+        raise ValueError("gradient_accumulators: the optimizer accumulates nothing.")
+    accumulated = getattr(owner, "_accumulated_gradients", None)
+    index = getattr(owner, "_get_variable_index", None)
+    # A plain list (TensorFlow's tracking wraps it in a ListWrapper).
+    if not hasattr(accumulated, "__getitem__") or not callable(index):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} optimizers keep accumulated "
+            "gradients differently (no `_accumulated_gradients` list or "
+            "`_get_variable_index`); kerasreg cannot read the gradient they apply."
+        )
+    return [accumulated[index(v)] for v in variables]
+
+
+def record_fit_validation(model: Any, record: Any) -> None:
+    """Call `record(x, y, sample_weight, batch_size, steps)` with the validation
+    data each time `fit` evaluates it, until `forget_fit_validation(model)`.
+
+    Reason: Keras gives callbacks no handle on `fit`'s validation data; `fit`
+    evaluates it with `self.evaluate(x=..., y=..., sample_weight=...,
+    batch_size=..., steps=..., _use_cached_eval_dataset=True)` (Keras 3.0 to
+    3.15, every backend), so an instance-level `evaluate` sees it. Calls
+    without that private flag (a user's own `evaluate`) are not recorded.
+    """
+    forget_fit_validation(model)
+    evaluate = model.evaluate
+
+    def evaluate_and_record(*args: Any, **kwargs: Any) -> Any:
+        result = evaluate(*args, **kwargs)
+        if kwargs.get("_use_cached_eval_dataset") and not args:
+            record(
+                kwargs.get("x"),
+                kwargs.get("y"),
+                kwargs.get("sample_weight"),
+                kwargs.get("batch_size"),
+                kwargs.get("steps"),
+            )
+        return result
+
+    evaluate_and_record.kerasreg_records_validation = True
+    model.evaluate = evaluate_and_record
+
+
+def forget_fit_validation(model: Any) -> None:
+    """Undo `record_fit_validation`."""
+    current = vars(model).get("evaluate")
+    if getattr(current, "kerasreg_records_validation", False):
+        delattr(model, "evaluate")

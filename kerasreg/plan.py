@@ -99,6 +99,19 @@ def is_post_step_callback(callback: Any) -> bool:
     )
 
 
+def logging_text(callback: Any) -> str | None:
+    """What a kerasreg logger records about each weight it selects, or None.
+
+    Duck typing: a callback with `where` and `describe_logging()` (such as
+    `WeightNormLogger(gradients=True)`, which says when it logs gradient
+    statistics)."""
+    describe_logging = getattr(callback, "describe_logging", None)
+    if not hasattr(callback, "where") or not callable(describe_logging):
+        return None
+    text = describe_logging()
+    return None if text is None else f"{type(callback).__name__}: {text}"
+
+
 def action_text(callback: Any) -> str:
     """What `callback` does to each weight it selects, in a few words."""
     name = type(callback).__name__
@@ -122,7 +135,10 @@ def describe(model: keras.Model, callbacks: Iterable[Any] | None = None) -> str:
       `ClassName(arguments)`, or `none`;
     - `callbacks`: what each kerasreg callback in `callbacks` that acts on
       weights after each step (anything with `where` and `describe_action()`,
-      such as `WeightDecay`) does to it;
+      such as `WeightDecay`) does to it, and when a logger records its
+      gradient statistics (`WeightNormLogger(gradients=True)`: "gradient
+      statistics every 10 updates (training batch) ...", for the trainable
+      weights its `where` selects);
     - `default where`: `selected` if the default `where=None` rule selects it,
       else why it is left out: `bias`, `normalization`, `1-D` (or `0-D`), or
       `not trainable`.
@@ -174,6 +190,13 @@ def describe(model: keras.Model, callbacks: Iterable[Any] | None = None) -> str:
         if is_post_step_callback(callback):
             predicate = where_predicate(callback.where, model)
             actions.append((predicate, action_text(callback)))
+        elif (text := logging_text(callback)) is not None:
+            selects = where_predicate(callback.where, model)
+
+            def trained(variable: Any, selects: Any = selects) -> bool:
+                return bool(variable.trainable) and selects(variable)
+
+            actions.append((trained, text))
     lines = [
         "| weight | shape | penalty | callbacks | default where |",
         "|---|---|---|---|---|",

@@ -119,7 +119,9 @@ class RunWriter:
 
 
 def custom_scalars_layout(
-    penalties: dict[str, list[str]], gates: dict[str, list[str]]
+    penalties: dict[str, list[str]],
+    gates: dict[str, list[str]],
+    gradients: dict[str, dict[str, list[str]]] | None = None,
 ) -> Any:
     """The `custom_scalars` layout: several series per chart.
 
@@ -129,7 +131,10 @@ def custom_scalars_layout(
     - category `regularization: loss`: `loss/data`, `penalty/total` and
       `loss/total` in one chart (train and validation runs);
     - category `regularization: L2 norm per gate` (with `per_gate=True`): one
-      chart per gated weight with its `norm_l2/<path>/gate_<g>` series.
+      chart per gated weight with its `norm_l2/<path>/gate_<g>` series;
+    - the `gradients` categories (with `gradients=True`), right after the
+      penalties: gradient norms, penalty share, cosine and update ratio, one
+      chart per layer each.
 
     Each chart's regular expression is anchored and lists the exact tags, so
     it matches those tags and no others.
@@ -137,6 +142,7 @@ def custom_scalars_layout(
     Args:
         penalties: `{layer path: [penalty tags]}`.
         gates: `{weight path: [gate tags]}`.
+        gradients: `{category title: {chart title: [tags]}}`, or None.
     """
     from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -152,6 +158,12 @@ def custom_scalars_layout(
             layout_pb2.Category(
                 title="regularization: penalty per layer",
                 chart=[chart(f"penalty {g}", t) for g, t in penalties.items()],
+            )
+        )
+    for title, charts in (gradients or {}).items():
+        categories.append(
+            layout_pb2.Category(
+                title=title, chart=[chart(c, t) for c, t in charts.items()]
             )
         )
     categories.append(

@@ -6,17 +6,25 @@ import atexit
 import os
 import threading
 import uuid
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import keras
+from keras import ops
 
+from kerasreg import _compat
 from kerasreg._checks import optimizer_iterations, validate_bool
 from kerasreg._compat import fit_callbacks
 from kerasreg.callback_order import warn_if_logs_readers_run_first
+from kerasreg.gradient_capture import GradientCapture
+from kerasreg.gradient_stats import read_statistics
+from kerasreg.gradients import data_batches, program_for
 from kerasreg.norms import STATISTICS, weight_norms
 from kerasreg.plan import describe, weight_owners
-from kerasreg.selection import Where, check_where, select_weights
+from kerasreg.selection import Where, check_where, select_weights, weight_paths
 from kerasreg.summaries import RunWriter, custom_scalars_layout
+from kerasreg.train_step_fold import TrainStepFold
 
 # `logs` keys written at each epoch end.
 LOGS_KEYS = ("data_loss", "val_data_loss", "penalty")
@@ -28,6 +36,16 @@ SECTIONS = {
     "l2": "norm_l2",
     "linf": "norm_linf",
     "zero_fraction": "zero_fraction",
+}
+
+# TensorBoard section (tag prefix) of each gradient statistic (`gradients=True`).
+GRADIENT_SECTIONS = {
+    "data": "grad_data",
+    "penalty": "grad_penalty",
+    "total": "grad_total",
+    "penalty_share": "penalty_share",
+    "cosine": "grad_cosine",
+    "update_ratio": "update_ratio",
 }
 
 
@@ -55,6 +73,35 @@ class WeightNormLogger(keras.callbacks.Callback):
     - `loss/data`: the reported loss minus `penalty/total`.
     - `loss/total`: the reported loss itself, so one custom-scalars chart can
       hold `loss/data`, `penalty/total` and `loss/total`.
+
+    With `gradients=True`, also how hard each penalty pulls, for each weight
+    `where` selects that the optimizer trains (see `kerasreg.gradient_norms`
+    for the statistics):
+
+    - `grad_data/<path>`, `grad_penalty/<path>`, `grad_total/<path>`,
+      `penalty_share/<path>`, `grad_cosine/<path>` in `train`, from the
+      training batch of the logged step: `grad_total` is the gradient the
+      optimizer applied (unscaled by a `LossScaleOptimizer`, the window's
+      mean under gradient accumulation, before clipping), `grad_penalty` the
+      gradient of the weight's own regularizer at the weights before the
+      step and `grad_data` the difference (so it includes the gradient of any
+      activity regularizer or `add_loss` term); and `update_ratio/<path>`,
+      `||w_after - w_before|| / ||w_before||` over that step (the optimizer's
+      update and any transform folded into the step, such as `WeightDecay`).
+      Taken inside the compiled train step, with no extra pass over the data:
+      only the steps that are logged compute them (with
+      `steps_per_execution=k`, every step of an execution that ends with a
+      log, or, when the number of steps per epoch is unknown, every step).
+      Nothing is written for a logged step that applied no update (a
+      loss-scaled step with non-finite gradients, an accumulation batch).
+    - with validation data, the same (without `update_ratio`) in `validation`
+      at each epoch end: the gradient of the compiled loss over the validation
+      data (one extra forward and backward pass over it, in inference mode)
+      against the penalty gradient.
+
+    `gradients=True` refuses a `tf.distribute` strategy with more than one
+    replica (inside the step each replica holds only its own gradient) and
+    JAX models run as Flax NNX modules, at `on_train_begin`.
 
     `loss/data` and `penalty/total` are written to `train` (from `logs["loss"]`)
     and, when `fit` has validation data, to `validation` (from
@@ -127,6 +174,9 @@ class WeightNormLogger(keras.callbacks.Callback):
             the model at `on_train_begin`.
         per_gate: bool, default `False`. Also log per-gate norms of LSTM and
             GRU weights.
+        gradients: bool, default `False`. Also log the gradient statistics
+            above (data and penalty gradient norms, penalty share, cosine,
+            update ratio), at the same steps as the norms.
 
     Example:
 
@@ -149,6 +199,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         update_freq: str | int = "epoch",
         where: Where = None,
         per_gate: bool = False,
+        gradients: bool = False,
     ):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
@@ -168,10 +219,13 @@ class WeightNormLogger(keras.callbacks.Callback):
                 f"update_freq={update_freq!r}."
             )
         per_gate = validate_bool(per_gate, "per_gate", "WeightNormLogger")
+        gradients = validate_bool(gradients, "gradients", "WeightNormLogger")
         self.log_dir = os.fspath(log_dir)
         self.update_freq = update_freq
         self.where = check_where(where)
         self.per_gate = per_gate
+        self.gradients = gradients
+        self._capture: GradientCapture | None = None
         self._writers: dict[str, Any] = {}
         self._is_writer = True
         if update_freq != "epoch":
@@ -183,6 +237,8 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
+        if self.gradients:
+            check_gradients_supported(model)
         warn_if_logs_readers_run_first(self, LOGS_KEYS)
         self._norm_variables = select_weights(model, self.where)
         norm_ids = {id(v) for v in self._norm_variables}
@@ -205,6 +261,8 @@ class WeightNormLogger(keras.callbacks.Callback):
         if self.update_freq != "epoch":
             n: int = self.update_freq  # type: ignore[assignment]  # not "epoch": an int
             self._next_log_step = (self._step_offset // n + 1) * n
+        if self.gradients:
+            self._start_gradients(model)
         if self._is_writer:
             self._write_plan_and_layout(model)
 
@@ -224,7 +282,7 @@ class WeightNormLogger(keras.callbacks.Callback):
                 gates.setdefault(tag[len("norm_l2/") :].rsplit("/", 1)[0], []).append(
                     tag
                 )
-        layout = custom_scalars_layout(groups, gates)
+        layout = custom_scalars_layout(groups, gates, self._gradient_layout(owners))
         callbacks = fit_callbacks(self)
         plan = describe(model, callbacks)
         writer = self._writers["train"] = run_writer(self._train_dir)
@@ -235,6 +293,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         # The step is the optimizer's own count, never rebuilt from `batch`:
         # with `steps_per_execution=k` Keras calls this hook once per k steps.
         step = optimizer_iterations(self.model)
+        self._seen_step = step
         if step < self._next_log_step:
             return
         n: int = self.update_freq  # type: ignore[assignment]  # batch mode: an int
@@ -243,7 +302,15 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def _log_train(self, step: int, norms: dict, logs: dict | None) -> None:
         self._last_train_step = step
-        self._write("train", step, self._train_scalars(norms, logs, "loss"))
+        scalars = self._train_scalars(norms, logs, "loss")
+        if self._capture is not None:
+            scalars.update(self._training_gradient_scalars(step))
+        self._write("train", step, scalars)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        if self._capture is not None:
+            self._capture.calls = 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         batch_mode = self.update_freq != "epoch"
@@ -265,6 +332,8 @@ class WeightNormLogger(keras.callbacks.Callback):
             scalars["loss/data"] = float(logs["val_loss"]) - total
             scalars["loss/total"] = float(logs["val_loss"])
             self._write("validation", step, scalars)
+        if self._capture is not None and self._validation is not None:
+            self._write("validation", step, self._validation_gradient_scalars())
         for writer in self._writers.values():
             writer.flush()
 
@@ -274,8 +343,144 @@ class WeightNormLogger(keras.callbacks.Callback):
             step = optimizer_iterations(self.model)
             if step > self._last_train_step:
                 self._log_train(step, self._measure(), logs)
+        if self._capture is not None:
+            TrainStepFold.remove(self._model)
+            _compat.forget_fit_validation(self._model)
         for writer in self._writers.values():
             writer.flush()
+
+    # --- gradients (`gradients=True`) -----------------------------------------
+
+    def _start_gradients(self, model: keras.Model) -> None:
+        trainable = {id(v) for v in model.trainable_variables}
+        variables = [v for v in self._norm_variables if id(v) in trainable]
+        if not variables:
+            raise ValueError(
+                "WeightNormLogger(gradients=True): `where` selects no weight the "
+                "optimizer trains, so there is no gradient to log. Select "
+                "trainable weights, or pass gradients=False."
+            )
+        capture = self._capture
+        if (
+            capture is None
+            or [id(v) for v in capture.variables] != [id(v) for v in variables]
+            or capture.optimizer is not model.optimizer
+        ):
+            capture = GradientCapture(model, variables)
+        paths = weight_paths(model)
+        self._gradient_keys = [paths.get(id(v), v.path) for v in variables]
+        self._gradient_variables = variables
+        self._seen_step = self._step_offset
+        self._epoch = 0
+        steps = (self.params or {}).get("steps")
+        per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        self._executions = -(-int(steps) // per_execution) if steps else None
+        self._per_execution = per_execution
+        capture.calls = 0
+        capture.latest = None
+        capture.decide = self._measure_execution
+        self._capture = capture
+        self._validation = None
+        TrainStepFold.add(model, capture)
+        _compat.record_fit_validation(model, self._record_validation)
+
+    def _measure_execution(self, call: int) -> bool:
+        """Whether the train function's call number `call` of this epoch (one
+        execution) must measure gradients: it may end with a log."""
+        last_of_epoch = self._executions is None or call >= self._executions - 1
+        if self.update_freq == "epoch":
+            return last_of_epoch
+        epochs = (self.params or {}).get("epochs")
+        if last_of_epoch and (epochs is None or self._epoch >= epochs - 1):
+            return True  # possibly the last step of the fit, which is logged
+        # At most `steps_per_execution` updates per call.
+        return self._seen_step + self._per_execution >= self._next_log_step
+
+    def _training_gradient_scalars(self, step: int) -> dict[str, float]:
+        """The statistics of the training step logged at `step`, if it was
+        measured and applied an update (else none)."""
+        latest = self._capture.latest
+        if latest is None:
+            return {}
+        vector, update = (ops.convert_to_numpy(x) for x in latest)
+        if self.update_freq == "epoch":
+            step = optimizer_iterations(self.model)
+        if vector[-1] < 0.5 or int(update) != step:
+            return {}
+        stats = read_statistics(vector[:-1], self._gradient_keys, update=True)
+        return gradient_scalars(stats)
+
+    def _record_validation(self, x, y, sample_weight, batch_size, steps) -> None:
+        self._validation = (x, y, sample_weight, batch_size, steps)
+
+    def _validation_gradient_scalars(self) -> dict[str, float]:
+        x, y, sample_weight, batch_size, steps = self._validation
+        self._validation = None
+        if isinstance(x, Iterator):
+            # A generator is consumed by the evaluation itself.
+            warnings.warn(
+                "WeightNormLogger(gradients=True) logs no validation gradients: "
+                f"the validation data is a one-pass iterator ({type(x).__name__}) "
+                "that fit's own evaluation has consumed. Pass arrays, a "
+                "tf.data.Dataset or a keras.utils.PyDataset.",
+                stacklevel=2,
+            )
+            return {}
+        owner = "WeightNormLogger"
+        program = program_for(self.model, self._gradient_variables, False, owner)
+        batches = data_batches(x, y, sample_weight, batch_size, steps, owner=owner)
+        stats = program.run(batches)
+        return gradient_scalars(
+            {self._gradient_keys[i]: s for i, s in enumerate(stats.values())}
+        )
+
+    def _gradient_layout(self, owners: dict) -> dict[str, dict[str, list[str]]]:
+        """Custom-scalars charts of the gradient statistics: one per layer."""
+        if self._capture is None:
+            return {}
+        groups: dict[str, list[str]] = {}
+        for variable, key in zip(
+            self._gradient_variables, self._gradient_keys, strict=True
+        ):
+            group = owners.get(id(variable), (None, key.rsplit("/", 1)[0]))[1]
+            groups.setdefault(group, []).append(key)
+        charts = {
+            "regularization: gradient norms per layer": (
+                "gradient",
+                ("data", "penalty"),
+            ),
+            "regularization: penalty share per layer": (
+                "penalty share",
+                ("penalty_share",),
+            ),
+            "regularization: gradient cosine per layer": ("cosine", ("cosine",)),
+            "regularization: update ratio per layer": (
+                "update ratio",
+                ("update_ratio",),
+            ),
+        }
+        return {
+            category: {
+                f"{title} {group}": [
+                    f"{GRADIENT_SECTIONS[stat]}/{key}" for key in keys for stat in stats
+                ]
+                for group, keys in groups.items()
+            }
+            for category, (title, stats) in charts.items()
+        }
+
+    def describe_logging(self) -> str | None:
+        """When gradient statistics are logged, for `kerasreg.describe`."""
+        if not self.gradients:
+            return None
+        if self.update_freq == "epoch":
+            when = "at each epoch's last update"
+        else:
+            when = f"every {self.update_freq} updates"
+        return (
+            f"gradient statistics {when} (training batch) and at each epoch end "
+            "on the validation data, if any"
+        )
 
     # --- measuring -----------------------------------------------------------
 
@@ -396,6 +601,109 @@ def writes_summaries(model: keras.Model) -> bool:
             not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         )
     return True
+
+
+def check_gradients_supported(model: keras.Model) -> None:
+    """Raise when `WeightNormLogger(gradients=True)` cannot measure `model`'s
+    applied gradient exactly (before anything changes)."""
+    owner = "WeightNormLogger(gradients=True)"
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError(f"{owner} needs a model compiled with an optimizer.")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        replicas = int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+        if replicas > 1:
+            raise ValueError(
+                f"{owner} does not support tf.distribute strategies with more than "
+                f"one replica (this model trains under {type(strategy).__name__} "
+                f"with {replicas} replicas): inside the train step each replica "
+                "holds only its own gradient, and kerasreg does not log per-replica "
+                "values as the global gradient. Use gradients=False, or call "
+                "kerasreg.gradient_norms(model, x, y) on the data between fits."
+            )
+    if backend == "jax" and _compat.nnx_enabled():
+        raise ValueError(
+            f"{owner} does not support JAX models run as Flax NNX modules (NNX "
+            "trainers call the class's train_step, so the gradient cannot be "
+            "taken in the step). Use gradients=False."
+        )
+
+
+def gradient_scalars(statistics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """TensorBoard scalars of gradient statistics: `{"grad_data/<path>": ...}`.
+
+    `statistics` is what `kerasreg.gradient_norms` returns (or the logger's
+    per-step reading, which adds `update_ratio`); each statistic goes to its
+    `GRADIENT_SECTIONS` section. Write them with
+    `run_writer(folder).write(step, scalars)`.
+    """
+    return {
+        f"{GRADIENT_SECTIONS[name]}/{key}": value
+        for key, stats in statistics.items()
+        for name, value in stats.items()
+        if name in GRADIENT_SECTIONS
+    }
+
+
+def write_gradient_statistics(
+    folder: str, step: int, statistics: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """Write one reading of gradient statistics to the TensorBoard run `folder`.
+
+    The seam for writers other than `WeightNormLogger` (such as one run per
+    sweep variant): `statistics` is what `kerasreg.gradient_norms` returns for
+    one model, `{path: {"data", "penalty", "total", "penalty_share",
+    "cosine"}}` (`"update_ratio"` too, if known); each value is written at
+    `step` under the tags `WeightNormLogger(gradients=True)` uses
+    (`grad_data/<path>`, ...), so its custom-scalars charts show them.
+    Statistics of other names are refused, not dropped.
+
+    Args:
+        folder: the run's folder (`<log_dir>/<variant>/validation`, say).
+        step: the step to write at, an int >= 0.
+        statistics: `{path: {statistic name: float}}`.
+
+    Returns:
+        The scalars written, `{tag: value}`.
+
+    Raises:
+        ValueError: a statistic name or value that is not accepted; nothing is
+            written then.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(
+            "write_gradient_statistics: invalid `step`: expected an int >= 0. "
+            f"Received: step={step!r}."
+        )
+    if not isinstance(statistics, dict) or not all(
+        isinstance(key, str) and isinstance(stats, dict)
+        for key, stats in statistics.items()
+    ):
+        raise ValueError(
+            "write_gradient_statistics: invalid `statistics`: expected "
+            "{path: {statistic name: float}}, as gradient_norms returns. "
+            f"Received: statistics={statistics!r}."
+        )
+    for key, stats in statistics.items():
+        for name, value in stats.items():
+            if name not in GRADIENT_SECTIONS:
+                raise ValueError(
+                    "write_gradient_statistics: invalid `statistics`: unknown "
+                    f"statistic {name!r} for {key!r}. Accepted: "
+                    f"{sorted(GRADIENT_SECTIONS)}."
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    "write_gradient_statistics: invalid `statistics`: "
+                    f"{key!r}/{name!r} is {value!r}; expected a float."
+                )
+    scalars = {tag: float(v) for tag, v in gradient_scalars(statistics).items()}
+    if scalars:
+        writer = run_writer(os.fspath(folder))
+        writer.write(step, scalars)
+        writer.flush()
+    return scalars
 
 
 def _regularized_weights(model: keras.Model) -> list[Any]:

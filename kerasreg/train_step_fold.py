@@ -78,14 +78,23 @@ class TrainStepFold:
         if key not in owner.fold_cache:
             step = self.step
             for member in self.members:
-                step = fold_step(step, model, member)
+                if not wraps_train_function(member):
+                    step = fold_step(step, model, member)
             model.train_step = step
             self._original_make()(force=True)
+            function = model.train_function
+            # Members that wrap the whole train function (gradient capture)
+            # come last, around every folded transform.
+            for member in self.members:
+                if wraps_train_function(member):
+                    function = member.wrap_train_function(
+                        model, step, function, self.build_train_function
+                    )
             # Entries built over an older `train_function` (before a `compile`)
             # can never be used again.
             for stale in [k for k in owner.fold_cache if k[0] is not key[0]]:
                 del owner.fold_cache[stale]
-            owner.fold_cache[key] = (step, model.train_function)
+            owner.fold_cache[key] = (step, function)
         model.train_step, model.train_function = owner.fold_cache[key]
         model.make_train_function = self
 
@@ -97,6 +106,18 @@ class TrainStepFold:
             elif name in vars(model):
                 delattr(model, name)
         model.train_function = self.train_function
+
+    def build_train_function(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """A train function over `step`, built by Keras's own `make_train_function`
+        (`model.train_step` is left as it was)."""
+        model = self._model()
+        saved = model.train_step
+        model.train_step = step
+        try:
+            self._original_make()(force=True)
+            return model.train_function
+        finally:
+            model.train_step = saved
 
     def _original_make(self) -> Callable[..., Any]:
         model = self._model()
@@ -222,6 +243,12 @@ FOLDS = {
     "jax": _fold_jax,
     "torch": _fold_torch,
 }
+
+
+def wraps_train_function(member: Any) -> bool:
+    """A member that wraps the built train function (`wrap_train_function(model,
+    step, function, build)`) instead of folding a transform into the step."""
+    return callable(getattr(member, "wrap_train_function", None))
 
 
 def fold_step(step: Callable[..., Any], model: keras.Model, member: Any) -> Callable:

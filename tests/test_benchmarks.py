@@ -94,3 +94,20 @@ def test_norm_baselines_compute_the_norms(overhead):
     ]
     assert stats["l2"] == pytest.approx(np.sqrt((a * a).sum()), rel=1e-5)
     assert stats["l1"] == pytest.approx(a.sum(), rel=1e-5)
+
+
+def test_gradient_rows_time_what_they_claim(overhead, tmp_path):
+    variant = overhead.logger_variants("mlp", 2, tmp_path)[
+        "WeightNormLogger(10, gradients)"
+    ]
+    (logger,) = variant.callbacks
+    assert logger.gradients and logger.update_freq == 10
+    assert ("WeightNormLogger(10, gradients)", "no callback", "<= 1.10") in (
+        overhead.COMPARISONS["logger"]
+    )
+    (row,) = overhead.bench_gradients(rounds=1)
+    assert (row["variant"], row["reference"], row["rounds"]) == (
+        "gradient_norms",
+        "train_on_batch",
+        1,
+    )

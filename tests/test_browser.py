@@ -264,6 +264,13 @@ def write_lstm_run(log_dir):
 def tensorboard_server(tmp_path):
     log_dir = tmp_path / "logs"
     write_lstm_run(log_dir)
+    with serve(log_dir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve(log_dir):
+    """`tensorboard` on 127.0.0.1 over `log_dir`, once it has read the layout."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir),
@@ -290,6 +297,100 @@ def tensorboard_server(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def write_gradient_run(log_dir):
+    """An LSTM and a head, penalized, logged with `gradients=True`."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.LSTM(
+                8,
+                kernel_regularizer=kerasreg.L2Penalty(0.01),
+                recurrent_regularizer=kerasreg.L2Penalty(0.02),
+                name="lstm",
+            ),
+            keras.layers.Dense(
+                1, name="out", kernel_regularizer=kerasreg.L2Penalty(0.01)
+            ),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5, 3)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None]
+    logger = kerasreg.WeightNormLogger(log_dir, update_freq=3, gradients=True)
+    model.fit(x, y, batch_size=16, epochs=10, validation_split=0.25, verbose=0,
+              callbacks=[logger, keras.callbacks.TensorBoard(log_dir)])  # fmt: skip
+
+
+# Scroll the custom-scalars category titled TITLE to the top of the page.
+SCROLL_TO_CATEGORY = r"""((title) => {
+  const all = [];
+  const walk = (node) => {
+    if (node.shadowRoot) walk(node.shadowRoot);
+    for (const child of node.children || []) { all.push(child); walk(child); }
+  };
+  walk(document);
+  const panes = all.filter((e) => e.localName === 'tf-category-pane' &&
+      (e.category && e.category.name === title ||
+       (e.textContent || '').includes(title)));
+  const heads = all.filter((e) => e.children.length === 0 &&
+      (e.textContent || '').trim() === title);
+  const target = heads[0] || panes[0];
+  if (!target) return false;
+  target.scrollIntoView({block: 'start'});
+  return true;
+})"""
+
+
+def test_gradient_charts_render_in_a_real_browser(tmp_path):
+    log_dir = tmp_path / "logs"
+    write_gradient_run(log_dir)
+    shot = tmp_path / "gradient_charts.png"
+    with serve(log_dir) as url:
+        browser = Chromium(chromium_binary(), height=1100)
+        try:
+            session = browser.open(f"{url}/#custom_scalars")
+            categories = [
+                "regularization: gradient norms per layer",
+                "regularization: penalty share per layer",
+                "regularization: gradient cosine per layer",
+                "regularization: update ratio per layer",
+            ]
+            series = [
+                "penalty_share/lstm/lstm_cell/kernel (train)",
+                "penalty_share/lstm/lstm_cell/recurrent_kernel (validation)",
+                "grad_data/lstm/lstm_cell/recurrent_kernel (validation)",
+                "update_ratio/out/kernel (train)",
+            ]
+            text = browser.wait_for(
+                session, DEEP_TEXT, lambda t: t and all(s in t for s in series)
+            )
+            for name in [*categories, *series]:
+                assert name in text
+            # Both LSTM kernels, train and validation: 4 lines; data and
+            # penalty norms of both: 8; update ratios (train only): 2.
+            for title, lines in [
+                ("penalty share lstm", 4),
+                ("gradient lstm", 8),
+                ("update ratio lstm", 2),
+            ]:
+                drawn = browser.wait_for(
+                    session,
+                    f"{DRAWN_LINES}({title!r})",
+                    lambda n, k=lines: n and n >= k,
+                )
+                assert drawn >= lines, (title, drawn)
+            assert browser.evaluate(session, f"{SCROLL_TO_CATEGORY}({categories[0]!r})")
+            time.sleep(1.5)  # let the charts redraw after the scroll
+            browser.screenshot(session, shot)
+        finally:
+            browser.close()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("KERASREG_UPDATE_SCREENSHOTS") == "1":
+        shutil.copy(shot, ROOT / "docs" / "img" / shot.name)
 
 
 def test_dashboards_render_in_a_real_browser(tensorboard_server, tmp_path):

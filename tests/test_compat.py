@@ -281,3 +281,136 @@ def test_metric_directions_fail_loudly_when_keras_changes(monkeypatch):
     monkeypatch.setattr(keras.metrics, "Accuracy", Undirected)
     with pytest.raises(_compat.KerasInternalsChanged, match="_direction"):
         _compat.metric_directions(keras.Sequential())
+
+
+# --- gradients (`gradient_norms`, `WeightNormLogger(gradients=True)`) ---------
+
+
+def penalized_model():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer="l2")]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def test_compiled_loss_is_the_compiled_data_loss_only():
+    model = penalized_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype("float32")
+    y = rng.normal(size=(5, 2)).astype("float32")
+    loss = _compat.compiled_loss(model, x, y)
+    prediction = keras.ops.convert_to_numpy(model(x))
+    value = float(keras.ops.convert_to_numpy(loss(y, model(x))))
+    assert np.isclose(value, np.mean((prediction - y) ** 2), rtol=1e-5)
+    assert float(sum(keras.ops.convert_to_numpy(p) for p in model.losses)) > 0
+    assert _compat.compiled_loss(keras.Sequential([keras.layers.Dense(1)])) is None
+
+
+def test_compiled_loss_is_built_from_the_data_structure_without_computing():
+    a = keras.Input((3,), name="a")
+    model = keras.Model(
+        a,
+        {
+            "p": keras.layers.Dense(1, name="p")(a),
+            "q": keras.layers.Dense(2, name="q")(a),
+        },
+    )
+    model.compile(
+        optimizer="sgd",
+        loss={"p": "mse", "q": "mae"},
+        loss_weights={"p": 2.0, "q": 1.0},
+    )
+    x = np.ones((4, 3), "float32")
+    y = {"p": np.ones((4, 1), "float32"), "q": np.zeros((4, 2), "float32")}
+    before = [w.copy() for w in model.get_weights()]
+    loss = _compat.compiled_loss(model, x, y)
+    assert loss.built
+    for b, a in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    p = keras.ops.convert_to_numpy(model(x)["p"])
+    q = keras.ops.convert_to_numpy(model(x)["q"])
+    expected = 2.0 * np.mean((p - 1.0) ** 2) + np.mean(np.abs(q))
+    with keras.StatelessScope():  # its per-output loss trackers stay as they are
+        value = float(keras.ops.convert_to_numpy(loss(y, model(x))))
+    assert np.isclose(value, expected, rtol=1e-5)
+
+
+def test_compiled_loss_fails_loudly_without_the_attribute():
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_compile_loss"):
+        _compat.compiled_loss(Bare())
+
+
+def test_data_batches_reads_arrays_and_datasets_in_order():
+    import tensorflow as tf
+
+    x = np.arange(14, dtype="float32").reshape(7, 2)
+    y = np.arange(7, dtype="float32")
+    s = np.linspace(0.5, 2.0, 7).astype("float32")
+    batches = list(_compat.data_batches(x, y, s, batch_size=3))
+    assert [len(b[0]) for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in batches]), s)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    batches = list(_compat.data_batches(dataset, steps=1))
+    assert len(batches) == 1 and batches[0][2] is None
+    np.testing.assert_array_equal(batches[0][1], y[:4])
+
+
+def test_gradient_accumulators_hold_the_gradient_sum_of_the_window():
+    import kerasreg
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="d")])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=3), loss="mse"
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 1)).astype("float32")
+    expected = kerasreg.gradient_norms(model, x, y)["d/kernel"]["data"]
+    model.train_on_batch(x, y)  # the window's first batch: no update yet
+    (kernel_sum,) = _compat.gradient_accumulators(
+        model.optimizer, [model.get_layer("d").kernel]
+    )
+    norm = np.linalg.norm(keras.ops.convert_to_numpy(kernel_sum.value))
+    assert np.isclose(norm, expected, rtol=1e-5)
+    inner = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(gradient_accumulation_steps=2)
+    )
+    inner.build(model.trainable_variables)
+    assert len(_compat.gradient_accumulators(inner, model.trainable_variables)) == 2
+
+
+def test_gradient_accumulators_fail_loudly_when_keras_changes():
+    class Accumulating:
+        gradient_accumulation_steps = 2
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_accumulated_gradients"):
+        _compat.gradient_accumulators(Accumulating(), [])
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_record_fit_validation_sees_the_data_fit_validates_on(split):
+    model = penalized_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3)).astype("float32")
+    y = rng.normal(size=(12, 2)).astype("float32")
+    seen = []
+    _compat.record_fit_validation(model, lambda *args: seen.append(args))
+    if split:
+        model.fit(x, y, epochs=2, batch_size=4, validation_split=0.25, verbose=0)
+    else:
+        model.fit(x, y, epochs=2, validation_data=(x[:5], y[:5]), verbose=0)
+    model.evaluate(x, y, verbose=0)  # a user's own evaluate: not recorded
+    _compat.forget_fit_validation(model)
+    assert "evaluate" not in vars(model)
+    assert len(seen) == 2
+    vx, vy, sample_weight, batch_size, steps = seen[-1]
+    expected = (x[9:], y[9:]) if split else (x[:5], y[:5])
+    np.testing.assert_array_equal(np.asarray(vx), expected[0])
+    np.testing.assert_array_equal(np.asarray(vy), expected[1])
+    assert sample_weight is None and steps is None
+    assert batch_size == (4 if split else None)

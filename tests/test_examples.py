@@ -526,3 +526,59 @@ def test_weight_decay_study_keeps_and_saves_the_best_of_a_seeded_grid(tmp_path, 
         np.allclose(m.predict(x_test, verbose=0), predicted, atol=1e-6) for m in chosen
     )
     assert_png(out["figure"])
+
+
+def np_moons_gradients(weights, x, y):
+    """Data gradients of the moons network's kernels by hand (NumPy backprop):
+    `relu(x W1 + b1) W2 + b2` -> sigmoid -> mean binary cross-entropy."""
+    w1, b1, w2, b2 = (np.asarray(w, np.float64) for w in weights)
+    x = np.asarray(x, np.float64)
+    pre = x @ w1 + b1
+    h = np.maximum(pre, 0.0)
+    p = 1.0 / (1.0 + np.exp(-(h @ w2 + b2)))
+    dz = (p - np.asarray(y, np.float64)[:, None]) / len(x)
+    return {"hidden": (x.T @ ((dz @ w2.T) * (pre > 0)), w1), "output": (h.T @ dz, w2)}
+
+
+@pytest.mark.slow
+def test_gradient_share_readings_match_numpy_backprop(tmp_path):
+    results = example("gradient_share").main(
+        ["--quick", "--log-dir", str(tmp_path / "gradient_share")]
+    )
+    from moons_problem import moons_data
+
+    _, (x_test, y_test) = moons_data()
+    rows = results["rows"]
+    assert [row["alpha"] for row in rows] == [1e-5, 1e-3, 1e-1]
+    for row in rows:
+        grads = np_moons_gradients(row["weights"], x_test, y_test)
+        for layer, (g, w) in grads.items():
+            pen = 2 * row["alpha"] * w  # L2Penalty(alpha): alpha * sum(w**2)
+            d, p = np.linalg.norm(g), np.linalg.norm(pen)
+            logged = row["layers"][layer]
+            what = f"{layer} at alpha {row['alpha']}"
+            np.testing.assert_allclose(
+                logged["val_data_end"], d, rtol=1e-3, err_msg=what
+            )
+            np.testing.assert_allclose(
+                logged["val_penalty_end"], p, rtol=1e-4, err_msg=what
+            )
+            np.testing.assert_allclose(
+                logged["val_share_end"], p / (d + p), rtol=1e-3, atol=1e-6, err_msg=what
+            )
+            np.testing.assert_allclose(
+                logged["val_cosine_end"],
+                (g * pen).sum() / (d * p),
+                atol=2e-3,
+                err_msg=what,
+            )
+    # At a stationary point of data loss plus penalty the two training
+    # gradients cancel: the strongest penalty converges there, the weakest not.
+    strong, weak = rows[-1]["layers"]["hidden"], rows[0]["layers"]["hidden"]
+    assert abs(strong["train_share_end"] - 0.5) < 0.01
+    assert strong["train_cosine_end"] < -0.99
+    assert weak["train_share_end"] < 0.1 and weak["train_cosine_end"] > -0.9
+    # Held-out data: the weakest penalty's gradient points along the penalty's
+    # (shrinking would lower the test loss), the strongest's against it.
+    assert weak["val_cosine_end"] > 0 > strong["val_cosine_end"]
+    assert_png(results["figure"])

@@ -30,13 +30,16 @@ LAYERS = {
     "callback_order": 1,
     "inplace": 1,
     "train_step_fold": 1,
+    "gradient_stats": 1,
     "keras_file": 1,
     "selectors": 2,
+    "gradient_capture": 2,
     "keras_file_stats": 2,
     # The one `where=` rule.
     "selection": 3,
     # Features built on penalties and selection.
     "norms": 4,
+    "gradients": 4,
     "attach": 4,
     "plan": 4,
     "poststep": 4,
