@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from kerasreg.decay import SoftThreshold as SoftThreshold
     from kerasreg.decay import WeightDecay as WeightDecay
     from kerasreg.decay import shrink_weights as shrink_weights
+    from kerasreg.gradients import gradient_norms as gradient_norms
     from kerasreg.norms import weight_norms as weight_norms
     from kerasreg.penalties import ElasticNetPenalty as ElasticNetPenalty
     from kerasreg.penalties import ExpAbsPenalty as ExpAbsPenalty

@@ -491,7 +491,7 @@ def gradient_accumulators(optimizer: Any, variables: list[Any]) -> list[Any]:
             "gradients differently (no `_accumulated_gradients` list or "
             "`_get_variable_index`); kerasreg cannot read the gradient they apply."
         )
-    return [accumulated[index(v)] for v in variables]
+    return [accumulated[index(v)] for v in variables]  # type: ignore[index]
 
 
 def record_fit_validation(model: Any, record: Any) -> None:
@@ -519,7 +519,7 @@ def record_fit_validation(model: Any, record: Any) -> None:
             )
         return result
 
-    evaluate_and_record.kerasreg_records_validation = True
+    evaluate_and_record.kerasreg_records_validation = True  # type: ignore[attr-defined]
     model.evaluate = evaluate_and_record
 
 

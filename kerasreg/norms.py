@@ -424,7 +424,7 @@ def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
         import tensorflow as tf
 
         function = tf.function(fn)
-        traced = []
+        traced: list[Any] = []
 
         def call(values: list[Any]) -> Any:
             # Traced once, through `get_concrete_function`: TensorFlow counts

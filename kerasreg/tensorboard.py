@@ -226,6 +226,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         self.per_gate = per_gate
         self.gradients = gradients
         self._capture: GradientCapture | None = None
+        self._validation: tuple[Any, ...] | None = None
         self._writers: dict[str, Any] = {}
         self._is_writer = True
         if update_freq != "epoch":
@@ -399,6 +400,7 @@ class WeightNormLogger(keras.callbacks.Callback):
     def _training_gradient_scalars(self, step: int) -> dict[str, float]:
         """The statistics of the training step logged at `step`, if it was
         measured and applied an update (else none)."""
+        assert self._capture is not None  # gradients=True made it
         latest = self._capture.latest
         if latest is None:
             return {}
@@ -414,6 +416,7 @@ class WeightNormLogger(keras.callbacks.Callback):
         self._validation = (x, y, sample_weight, batch_size, steps)
 
     def _validation_gradient_scalars(self) -> dict[str, float]:
+        assert self._validation is not None  # recorded by this fit's evaluation
         x, y, sample_weight, batch_size, steps = self._validation
         self._validation = None
         if isinstance(x, Iterator):

@@ -131,9 +131,9 @@ def product(*axes: Sequence[Any]) -> list:
         if not axis:
             raise ValueError(f"kerasreg.product: invalid `axes[{index}]`: empty.")
         checked.append(list(axis))
-    items = []
+    items: list[Any] = []
     for combination in itertools.product(*checked):
-        parts = []
+        parts: list[Any] = []
         for item in combination:
             parts.extend(item if isinstance(item, (list, tuple)) else [item])
         if any(p is not None and not isinstance(p, PostStepTransform) for p in parts):
@@ -177,6 +177,7 @@ def log_range(start: float, stop: float, per_decade: int = 1) -> list[float]:
                 f"kerasreg.log_range: invalid `{name}`: expected a finite number "
                 f"> 0. Received: {name}={value!r}."
             )
+    assert low is not None and high is not None  # checked just above
     if high < low:
         raise ValueError(
             "kerasreg.log_range: invalid `stop`: expected stop >= start. "
@@ -230,4 +231,4 @@ def _axis(value: Any, name: str) -> list[float]:
             f"numbers. Received: {name}={value!r}."
         )
     # Python ints stay ints; NumPy scalars become Python floats (short reprs).
-    return [v if isinstance(v, int) else as_real_scalar(v) for v in value]
+    return [v if isinstance(v, int) else float(as_real_scalar(v)) for v in value]  # type: ignore[arg-type]

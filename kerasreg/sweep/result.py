@@ -295,7 +295,7 @@ class SweepResult:
             ImportError: pandas is not installed.
         """
         try:
-            import pandas
+            import pandas  # type: ignore[import-untyped]
         except ImportError:
             raise ImportError(
                 "SweepResult.to_frame needs pandas, which kerasreg does not "

@@ -232,7 +232,7 @@ def _runs(
     return [
         (item, point, name, seed)
         for item, (point, name) in enumerate(zip(points, names, strict=True))
-        for seed in (seeds or [None])
+        for seed in (seeds or [None])  # type: ignore[list-item]
     ]
 
 
