@@ -169,6 +169,75 @@ def eager_copy(variable: Any) -> Any:
     return ops.copy(ops.stop_gradient(value))
 
 
+# Reason: a layer passes the `state` variable of every `keras.random.SeedGenerator`
+# it holds as an attribute to its trainers (`layer.variables` and
+# `layer.non_trainable_variables` include it: JAX's compiled steps take it as
+# state, not as a constant), yet never counts it as a weight nor saves it
+# (Keras 3.0 to 3.15; the public docstrings of `Layer.variables` and
+# `Layer.non_trainable_variables` say so). An object of a subclass, set as a
+# layer attribute, has Keras carry its `state` the same way.
+LayerState = keras.random.SeedGenerator
+
+
+def state_variable(value: Any, name: str) -> Any:
+    """A non-trainable `keras.Variable` holding `value`, created eagerly.
+
+    Works while a train step is traced: under `tf.function` the variable is
+    created in `tf.init_scope` (public TF API); in Keras's stateless scope
+    (JAX and TensorFlow symbolic builds), a variable with a callable
+    initializer is created uninitialized and Keras initializes it when the
+    scope exits (what `Layer.add_weight` relies on there too).
+    """
+    shape = tuple(int(d) for d in value.shape)
+    dtype = keras.backend.standardize_dtype(value.dtype)
+
+    def initializer(shape: Any = None, dtype: Any = None) -> Any:
+        return value
+
+    def make() -> Any:
+        return keras.Variable(
+            initializer, shape=shape, dtype=dtype, trainable=False,
+            autocast=False, name=name,
+        )  # fmt: skip
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            return make()
+    return make()
+
+
+def set_tracked_attribute(layer: Any, name: str, value: Any) -> None:
+    """`setattr(layer, name, value)`, also on a built layer, untracking the old value.
+
+    Reason: Keras locks a built layer's tracker, so a new `LayerState` set as
+    an attribute would raise "You cannot add new elements of state"; Keras's
+    own `enable_lora` and `quantize` unlock `layer._tracker` the same way to
+    add state after build (Keras 3.0 to 3.15). The value it replaces leaves
+    the layer's state with it (`Tracker.untrack`).
+    """
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is None or not all(
+        hasattr(tracker, m) for m in ("lock", "unlock", "untrack", "locked")
+    ):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} layers have no `_tracker` with "
+            f"lock/unlock/untrack (layer {getattr(layer, 'name', layer)!r}); "
+            "kerasreg cannot attach an L2SPPenalty to a built layer."
+        )
+    old = getattr(layer, name, None)
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        if isinstance(old, LayerState) and old is not value:
+            tracker.untrack(old)
+        setattr(layer, name, value)
+    finally:
+        if locked:
+            tracker.lock()
+
+
 def fit_callbacks(callback: Any) -> list[Any] | None:
     """The callbacks of the `fit` now calling `callback`'s hook, in list order.
 

@@ -17,7 +17,11 @@ from typing import Any
 import keras
 
 from kerasreg._checks import check_items
-from kerasreg._compat import config_regularizer_attribute, sublayers
+from kerasreg._compat import (
+    config_regularizer_attribute,
+    set_tracked_attribute,
+    sublayers,
+)
 from kerasreg.penalties import get
 from kerasreg.selection import (
     describe_where,
@@ -212,9 +216,12 @@ def regularize(
     _warn_if_lost_on_save(model, walked, {id(layer) for layer, *_ in changes})
     for layer, attribute, variable, value in changes:
         if variable is not None and hasattr(value, "set_reference"):
-            # L2SPPenalty: one copy per weight, its reference the current value.
+            # L2SPPenalty: one copy per weight, its reference the current value,
+            # bound to its weight by a first call (a second weight is refused).
             value = type(value).from_config(value.get_config()).set_reference(variable)
-        setattr(layer, attribute, value)
+            value(variable)
+        # A built layer's tracker is locked; an L2SPPenalty is layer state.
+        set_tracked_attribute(layer, attribute, value)
         if variable is not None:
             variable.regularizer = value
     _remake_compiled_functions(model)

@@ -133,57 +133,100 @@ def main(argv: list[str] | None = None) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     where = _check_where(args.where)
-    from kerasreg import keras_file_stats
-
     with _open(args.model) as file:
-        selected = _select(file, where, args.where)
-        rows = {}
-        for weight in selected:
-            rows[weight.path] = _measure(file, weight, per_gate=args.per_gate)
-        # What Keras adds to the loss: every trainable regularized weight.
-        regularized = [
-            w for w in file.weights if w.trainable and w.regularizer is not None
-        ]
-        penalties = {
-            w.path: (
-                rows[w.path]["penalty"]
-                if w.path in rows
-                else _measure(file, w, per_gate=False)["penalty"]
-            )
-            for w in regularized
-        }
-        unknown = sorted(
-            {
-                # w.regularizer is not None here: a Formula or Unknown.
-                str(keras_file_stats.penalty_formula(w.regularizer).label)  # type: ignore[union-attr]
-                for w in regularized
-                if penalties[w.path] is None
-            }
-        )
+        selected, undetermined = _select(file, where, args.where)
+        shown = [w for w in file.weights if _among(w, selected + undetermined)]
+        rows = {w.path: _measure(file, w, per_gate=args.per_gate) for w in shown}
+        total = _total_penalty(file, rows)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(_table(selected, rows))
-    known = [p for p in penalties.values() if p is not None]
+    print(_table(shown, rows))
+    print(_footer(file, total, len(selected), len(undetermined)))
+    return 0
+
+
+def _among(weight: Any, weights: list[Any]) -> bool:
+    return any(weight is w for w in weights)
+
+
+def _total_penalty(file: Any, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What Keras adds to the loss: every trainable regularized weight.
+
+    `value` is the sum, or None when the file cannot tell a part of it: a
+    regularizer the CLI does not compute, a LoRA adapter (not in the file), or
+    weights whose trainability and penalty are unknown.
+    """
+    from kerasreg import keras_file_stats
+
+    regularized = [
+        w for w in file.weights if w.trainable is True and w.regularizer is not None
+    ]
+    penalties = []
+    not_computed = set()
+    for w in regularized:
+        row = rows.get(w.path) or _measure(file, w, per_gate=False)
+        if row["penalty"] is None:
+            formula = keras_file_stats.penalty_formula(w.regularizer)
+            label = str(getattr(formula, "label", "unknown"))
+            if w.dataset is None:
+                label = f"{label} on LoRA adapters, not in the file"
+            elif w.reference_problem:
+                label = f"{label} ({w.reference_problem})"
+            not_computed.add(label)
+        else:
+            penalties.append(row["penalty"])
+    # A weight of unknown trainability may carry a penalty Keras adds.
+    unknown = [
+        w
+        for w in file.weights
+        if w.trainable is None
+        and w.is_float
+        and (not w.known or w.regularizer is not None)
+    ]
+    known = math.fsum(penalties)
+    value = known if not not_computed and not unknown else None
+    return {
+        "value": value,
+        "known": known,
+        "count": len(regularized),
+        "computed": len(penalties),
+        "not_computed": sorted(not_computed),
+        "unknown_weights": len(unknown),
+    }
+
+
+def _footer(file: Any, total: dict[str, Any], selected: int, undetermined: int) -> str:
+    count = total["count"]
+    value = "unknown" if total["value"] is None else _number(total["value"])
     footer = (
-        f"total penalty (what Keras adds to the loss, {len(regularized)} "
-        f"regularized weight{'s' * (len(regularized) != 1)}): "
-        f"{_number(math.fsum(known))}; {len(selected)} "
-        f"weight{'s' * (len(selected) != 1)} shown"
+        f"total penalty (what Keras adds to the loss, {count} regularized "
+        f"weight{'s' * (count != 1)}): {value}; {selected} "
+        f"weight{'s' * (selected != 1)} shown"
     )
-    if unknown:
-        footer += (
-            f"; not included: {len(penalties) - len(known)} unknown "
-            f"penalt{'ies' if len(penalties) - len(known) != 1 else 'y'} "
-            f"({', '.join(unknown)}), never executed"
-        )
+    if undetermined:
+        footer += f" and {undetermined} unknown"
+    if total["value"] is None:
+        parts = []
+        if total["computed"]:
+            parts.append(
+                f"{_number(total['known'])} from the {total['computed']} it computes"
+            )
+        if total["not_computed"]:
+            parts.append(f"not computed: {', '.join(total['not_computed'])}")
+        if total["unknown_weights"]:
+            n = total["unknown_weights"]
+            parts.append(
+                f"{n} weight{'s' * (n != 1)} whose trainability (or penalty) "
+                "the file cannot tell"
+            )
+        footer += "; total unknown: " + "; ".join(parts)
     if file.config is None:
         footer += (
-            "; a weights-only file: names come from its layer names, "
-            "variables are numbered and penalties are unknown"
+            "; a weights-only file: layers are named from the names Keras "
+            "stores, variables numbered, their trainability and penalties unknown"
         )
-    print(footer)
-    return 0
+    return footer
 
 
 _COLUMNS = ("l1", "l2", "linf", "zero_fraction", "penalty")
@@ -193,7 +236,7 @@ def _table(weights: list[Any], rows: dict[str, dict[str, Any]]) -> str:
     table: list[tuple[str, ...]] = [("weight", "shape", *_COLUMNS)]
     for weight in weights:
         stats = rows[weight.path]
-        if weight.regularizer is None:
+        if weight.known and weight.regularizer is None:
             penalty = "-"
         elif stats["penalty"] is None:
             penalty = "unknown"
@@ -216,8 +259,8 @@ def _table(weights: list[Any], rows: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def _number(value: float) -> str:
-    return f"{value:.6g}"
+def _number(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.6g}"
 
 
 # --- shrink ------------------------------------------------------------------
@@ -235,13 +278,37 @@ def _shrink(args: argparse.Namespace) -> int:
                 f"{source!r} is a weights-only HDF5 file: shrink needs a .keras "
                 "model archive."
             )
-        selected = _select(file, where, args.where)
-        norms = _write_shrunk(file, selected, factor, target)
-    for weight in selected:
+        selected, undetermined = _select(file, where, args.where)
+        # Only what the file proves a trainable float weight is scaled.
+        scaled = [w for w in selected if w.dataset is not None and w.is_float]
+        if not scaled:
+            raise CommandError(
+                f"`--where`={args.where!r} selects no weight of {source!r} that "
+                "the file shows to be a trainable float weight"
+                + _never_shrunk(selected, undetermined),
+                status=2,
+            )
+        norms = _write_shrunk(file, scaled, factor, target)
+    for weight in scaled:
         before, after = norms[weight.dataset]
         print(f"{weight.path}: l2 {_number(before)} -> {_number(after)}")
-    print(f"wrote {target} ({len(selected)} weights scaled by {factor:g})")
+    left = [w for w in selected if not _among(w, scaled)]
+    if left or undetermined:
+        print("not scaled" + _never_shrunk(left, undetermined))
+    print(f"wrote {target} ({len(scaled)} weights scaled by {factor:g})")
     return 0
+
+
+def _never_shrunk(left: list[Any], undetermined: list[Any]) -> str:
+    parts = []
+    if left:
+        names = ", ".join(w.path for w in left[:6])
+        parts.append(f"{names} (not in the file: Keras creates them anew on load)")
+    if undetermined:
+        names = ", ".join(w.path for w in undetermined[:6])
+        more = ", ..." if len(undetermined) > 6 else ""
+        parts.append(f"{names}{more} (the file cannot tell whether Keras trains them)")
+    return (": " + "; ".join(parts) + ".") if parts else "."
 
 
 def _parse_factor(text: str) -> float:
@@ -384,19 +451,25 @@ def _open(path: str) -> Any:
         raise CommandError(str(error)) from None
 
 
-def _select(file: Any, where: re.Pattern | None, text: str | None) -> list[Any]:
+def _select(
+    file: Any, where: re.Pattern | None, text: str | None
+) -> tuple[list[Any], list[Any]]:
+    """`(selected, undetermined)`: the weights `--where` selects, and those it
+    might select were the file to tell what they are (listed as unknown)."""
     from kerasreg import keras_file
 
     selected = keras_file.select(file.weights, where)
-    if not selected:
-        paths = ", ".join(w.path for w in file.weights[:12])
-        more = ", ..." if len(file.weights) > 12 else ""
+    undetermined = keras_file.undetermined(file.weights, where)
+    if not selected and not undetermined:
+        candidates = [w.path for w in file.weights if w.trainable is not False]
+        paths = ", ".join(candidates[:12])
+        more = ", ..." if len(candidates) > 12 else ""
         raise CommandError(
-            f"`--where`={text!r} selects no weight of {file.path!r}. Its weights "
-            f"are: {paths or 'none'}{more}.",
+            f"`--where`={text!r} selects no weight of {file.path!r}. Its "
+            f"trainable weights are: {paths or 'none'}{more}.",
             status=2,
         )
-    return selected
+    return selected, undetermined
 
 
 def _measure(file: Any, weight: Any, *, per_gate: bool) -> dict[str, Any]:

@@ -319,14 +319,31 @@ def _open_member_h5(
 
 def default_rule(weight: Weight) -> bool:
     """`kerasreg.selection.default_rule`: trainable, ndim >= 2, not a bias."""
-    return weight.trainable and len(weight.shape) >= 2 and weight.name != "bias"
+    return weight.trainable is True and len(weight.shape) >= 2 and weight.name != "bias"
 
 
 def select(weights: list[Weight], where: re.Pattern | None) -> list[Weight]:
-    """The weights `--where` selects: the same rule as `select_weights`."""
+    """The weights `--where` selects: the same rule as `select_weights`.
+
+    Only weights the file proves trainable (`trainable is True`): a weight
+    whose trainability is unknown is never selected (see `undetermined`).
+    """
     if where is None:
         return [w for w in weights if default_rule(w)]
-    return [w for w in weights if w.trainable and where.search(w.path)]
+    return [w for w in weights if w.trainable is True and where.search(w.path)]
+
+
+def undetermined(weights: list[Weight], where: re.Pattern | None) -> list[Weight]:
+    """Weights `--where` might select, were the file to tell what they are.
+
+    Float weights whose trainability the file cannot tell (those it cannot
+    name are `unknown:...`) that match `where` (by default: at least two
+    dimensions, not a bias). Listed as unknown, never shrunk.
+    """
+    maybe = [w for w in weights if w.trainable is None and w.is_float]
+    if where is None:
+        return [w for w in maybe if len(w.shape) >= 2 and w.name != "bias"]
+    return [w for w in maybe if where.search(w.path)]
 
 
 # --- reading in blocks -------------------------------------------------------------

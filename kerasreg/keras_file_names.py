@@ -4,16 +4,19 @@ Each HDF5 dataset of a `model.weights.h5` is given the path that
 `kerasreg.selection.weight_paths` gives the same weight once the model is
 loaded (layer-name chain below the model, then the variable name:
 `"bidirectional/forward_lstm/lstm_cell/kernel"`), using what `config.json`
-says about known Keras layers; a weight of a layer not known here is still
-reported, as `<layer path>/var_<i>`. The bottom of the Keras-free file
-readers (`keras_file`, `keras_file_stats`): imports neither Keras nor
-TensorFlow.
+says about the layers Keras ships (`kerasreg.keras_file_layers`: which
+variables each saves, in order, and which it trains). What the file cannot
+tell is said, never guessed: a weight of any other layer (a subclassed model
+or layer, every layer of a weights-only file) is `unknown:<layers>/var_<i>`,
+its trainability and penalty unknown. An L2SPPenalty's saved reference is not
+a weight: it goes with the weight it measures. With `keras_file_layers`, the
+bottom of the Keras-free file readers (`keras_file`, `keras_file_stats`):
+imports neither Keras nor TensorFlow.
 
-Longer than 400 lines on purpose: it is one table-driven walk (which
-variables each known Keras layer saves, in which order, under which
-sublayer), and each table is only correct together with the walk that reads
-it; the storage checks of a dataset (`dataset_dtype`, `check_storage`) sit
-with the walk that finds it.
+Longer than 400 lines on purpose: it is one walk of the file's groups
+(containers, wrappers, cells, attention projections, regularizer state), and
+each step is only correct together with the others; the storage checks of a
+dataset (`dataset_dtype`, `check_storage`) sit with the walk that finds it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from kerasreg.keras_file_layers import (
+    FLOATS,
+    format_shape,
+    gates_of,
+    is_builtin,
+    lora_adapters,
+    lora_base,
+    own_variables,
+    regularizer_key,
+    shape_problem,
+)
 
 # A member or dataset that inflates more than this many times is a zip bomb.
 MAX_COMPRESSION_RATIO = 200
@@ -37,31 +52,43 @@ class KerasFileError(Exception):
 
 @dataclass
 class Weight:
-    """One variable in the weights file, named as `weight_paths` names it."""
+    """One variable of the saved model, named as `weight_paths` names it.
+
+    `known` is False when the file cannot tell what the variable is (a
+    layer class kerasreg does not know, a weights-only file): its path is then
+    `unknown:<layers>/var_<i>`, its trainability and penalty unknown.
+    `trainable` is None whenever the file cannot tell whether the loaded model
+    trains it. A LoRA adapter has no `dataset`: the loaded model creates it
+    anew.
+    """
 
     path: str
-    dataset: str  # the HDF5 dataset's path
+    dataset: str | None  # the HDF5 dataset's path
     shape: tuple[int, ...]
     dtype: str
-    trainable: bool = True
+    trainable: bool | None = True
     regularizer: Any = None  # its serialized config, or None
     gates: tuple[str, ...] = ()
     layer_class: str | None = None
+    known: bool = True
+    reference: str | None = None  # the HDF5 dataset of an L2SPPenalty's reference
+    reference_problem: str | None = None  # why that reference cannot be used
+    owner: str = ""  # the owning layer's path prefix
+    attribute: str = ""  # the layer attribute holding its regularizer
 
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOATS
+
+
+UNKNOWN = "unknown:"
 
 # --- naming the weights --------------------------------------------------------
 
-# Variable names of the layers Keras saves, in the order `save_own_variables`
-# writes them (trainable ones first). `None` entries depend on the config.
-_KERNEL_BIAS = {
-    "Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
-    "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
-}  # fmt: skip
-_CELLS = {"LSTMCell", "GRUCell", "SimpleRNNCell", "ConvLSTMCell"}
 _RNN_CELL = {
     "LSTM": ("LSTMCell", "lstm_cell"),
     "GRU": ("GRUCell", "gru_cell"),
@@ -70,98 +97,26 @@ _RNN_CELL = {
     "ConvLSTM2D": ("ConvLSTMCell", "conv_lstm_cell"),
     "ConvLSTM3D": ("ConvLSTMCell", "conv_lstm_cell"),
 }
-GATES = {"LSTMCell": "ifco", "GRUCell": "zrh", "ConvLSTMCell": "ifco"}
-_NON_TRAINABLE = {"moving_mean", "moving_variance"}
 # Attention layers: (h5 attributes, layer name) of their EinsumDense sublayers.
 _ATTENTION = {
     "MultiHeadAttention": ("query", "key", "value", "output"),
     "GroupedQueryAttention": ("query", "key", "gate", "value", "output"),
     "GroupQueryAttention": ("query", "key", "gate", "value", "output"),
 }
-
-
-def _variable_names(cls: str | None, cfg: dict, count: int) -> list[str] | None:
-    """Names of a known layer's own variables, or None (unknown or mismatch)."""
-    use_bias = cfg.get("use_bias", True) is not False
-    bias = ["bias"] if use_bias else []
-    if cls in _KERNEL_BIAS:
-        names = ["kernel", *bias]
-    elif cls == "EinsumDense":
-        names = ["kernel", *(["bias"] if cfg.get("bias_axes") else [])]
-    elif cls in ("SeparableConv1D", "SeparableConv2D"):
-        names = ["depthwise_kernel", "pointwise_kernel", *bias]
-    elif cls == "Embedding":
-        names = ["embeddings"]
-    elif cls in _CELLS:
-        names = ["kernel", "recurrent_kernel", *bias]
-    elif cls == "BatchNormalization":
-        names = [
-            *(["gamma"] if cfg.get("scale", True) is not False else []),
-            *(["beta"] if cfg.get("center", True) is not False else []),
-            "moving_mean",
-            "moving_variance",
-        ]
-    elif cls in ("LayerNormalization", "GroupNormalization"):
-        names = [
-            *(["gamma"] if cfg.get("scale", True) is not False else []),
-            *(["beta"] if cfg.get("center", True) is not False else []),
-        ]
-    elif cls == "PReLU":
-        names = ["alpha"]
-    else:
-        return None
-    return names if len(names) == count else None
-
-
-def _regularizer_key(cls: str | None, name: str) -> str:
-    if cls in ("DepthwiseConv1D", "DepthwiseConv2D") and name == "kernel":
-        return "depthwise_regularizer"
-    if name == "recurrent_kernel":
-        return "recurrent_regularizer"
-    if name in ("depthwise_kernel", "pointwise_kernel"):
-        return name.replace("_kernel", "_regularizer")
-    return f"{name}_regularizer"
-
-
-def _expected_shape_problem(cls: str | None, cfg: dict, name: str, shape: tuple):
-    """Why `shape` cannot be variable `name` of this layer's config, or None."""
-    units = cfg.get("units")
-    gates = len(GATES.get(cls or "", "")) or 1
-    if cls == "Dense" and isinstance(units, int):
-        want = {"kernel": (None, units), "bias": (units,)}.get(name)
-        if want and (len(shape) != len(want) or shape[-1] != units):
-            return f"Dense units={units} needs {name} of shape {_shape(want)}"
-    if cls == "Embedding" and name == "embeddings":
-        want = (cfg.get("input_dim"), cfg.get("output_dim"))
-        if all(isinstance(d, int) for d in want) and tuple(shape) != want:
-            return f"Embedding needs embeddings of shape {_shape(want)}"
-    if cls in ("LSTMCell", "GRUCell", "SimpleRNNCell") and isinstance(units, int):
-        width = gates * units
-        want = {"kernel": (None, width), "recurrent_kernel": (units, width)}.get(name)
-        if want and (len(shape) != 2 or shape[-1] != width or (
-            want[0] is not None and shape[0] != want[0]
-        )):  # fmt: skip
-            return f"{cls} units={units} needs {name} of shape {_shape(want)}"
-    if cls == "ConvLSTMCell" and name in ("kernel", "recurrent_kernel"):
-        filters = cfg.get("filters")
-        if isinstance(filters, int) and (not shape or shape[-1] != 4 * filters):
-            return (
-                f"ConvLSTM filters={filters} needs {name} with last axis {4 * filters}"
-            )
-    if (
-        cls in _KERNEL_BIAS
-        and cls.startswith("Conv")
-        and "Transpose" not in cls
-        and (name == "kernel")
-    ):
-        filters = cfg.get("filters")
-        if isinstance(filters, int) and (not shape or shape[-1] != filters):
-            return f"{cls} filters={filters} needs a kernel with last axis {filters}"
-    return None
-
-
-def _shape(shape: tuple) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+# Keras containers whose config lists their layers (and whose weights are
+# theirs): a user's subclass, even of `Functional`, may add more.
+_CONTAINERS = {"Functional", "Sequential", "StackedRNNCells"}
+# Layers whose `trainable: false` reaches their sublayers once loaded (Keras
+# 3.8 to 3.15). A frozen attention or ConvLSTM layer, or a user's layer,
+# comes back with trainable sublayers: what those train is left unknown.
+_FROZEN_REACHES = {
+    *_CONTAINERS, *_RNN_CELL, "RNN", "Bidirectional", "TimeDistributed",
+}  # fmt: skip
+_FROZEN_REACHES -= {"ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"}
+# A layer attribute holding a regularizer: its group is the regularizer's own
+# saved state (an L2SPPenalty's reference), never a weight.
+_REGULARIZER_GROUP = re.compile(r"^_?[A-Za-z0-9_]*_regularizer$")
+_L2SP = "kerasreg>L2SPPenalty"
 
 
 def _snake_case(name: str) -> str:
@@ -181,11 +136,17 @@ def _layer(item: Any) -> tuple[str | None, dict]:
     return None, {}
 
 
+def _builtin(cls: str, config: dict) -> dict:
+    """A serialized Keras layer, for the sublayers a config implies."""
+    return {"module": "keras.layers", "class_name": cls, "config": config,
+            "registered_name": None}  # fmt: skip
+
+
 def _children(cls: str | None, cfg: dict) -> list[tuple[tuple[str, ...], str, Any]]:
     """`(h5 attribute candidates, layer name, layer config)` of known sublayers."""
     if cls in _RNN_CELL:
         cell_cls, cell_name = _RNN_CELL[cls]
-        return [(("cell",), cell_name, {"class_name": cell_cls, "config": cfg})]
+        return [(("cell",), cell_name, _builtin(cell_cls, cfg))]
     if cls == "RNN":
         _, cell_cfg = _layer(cfg.get("cell"))
         return [(("cell",), str(cell_cfg.get("name", "cell")), cfg.get("cell"))]
@@ -218,7 +179,7 @@ def _children(cls: str | None, cfg: dict) -> list[tuple[tuple[str, ...], str, An
             (
                 (f"{part}_dense", f"_{part}_dense"),
                 names.get(part, part),
-                {"class_name": "EinsumDense", "config": sub},
+                _builtin("EinsumDense", sub),
             )
             for part in _ATTENTION[cls]
         ]
@@ -228,12 +189,17 @@ def _children(cls: str | None, cfg: dict) -> list[tuple[tuple[str, ...], str, An
 def name_weights(h5: h5py.File, config: dict | None, path: str) -> list[Weight]:
     """Every dataset of the model's weights, named, in the model's weight order.
 
-    With `config=None` (a `.weights.h5` file) the names come from the file
-    alone: the layer names Keras stores with each group, then `var_<i>`.
+    Layers Keras ships are named from `config`; the weights of any other
+    layer (a subclassed model or layer, or every layer of a weights-only
+    file, `config=None`) are `unknown:<layer names>/var_<i>`, the layer names
+    those Keras stores with each group. LoRA adapters follow their layer's
+    saved weights (no dataset). An L2SPPenalty's saved reference is never a
+    weight: it is attached to the weight it measures.
     """
     weights: list[Weight] = []
     top_cls, top_cfg = _layer(config) if config is not None else (None, {})
-    _walk(h5, top_cls, top_cfg, "", True, weights, path, 0, top=True)
+    known = config is not None and is_builtin(config)
+    _walk(h5, top_cls, top_cfg, "", True, known, weights, path, 0, top=True)
     seen: set[str] = set()
     for weight in weights:
         n = 1
@@ -250,45 +216,48 @@ def _walk(
     cls: str | None,
     cfg: dict,
     prefix: str,
-    trainable: bool,
+    trainable: bool | None,
+    known: bool,
     out: list[Weight],
     path: str,
     depth: int,
     *,
     top: bool = False,
 ) -> None:
+    """Name the weights of one layer's group.
+
+    `known`: its class is one Keras ships (and so are its ancestors');
+    `trainable`: False under a frozen ancestor whose flag reaches it, None
+    where the file cannot tell, else True.
+    """
     if depth > MAX_DEPTH:
         raise KerasFileError(f"{path!r}: layers nested more than {MAX_DEPTH} deep.")
-    trainable = trainable and cfg.get("trainable", True) is not False
+    if cfg.get("trainable", True) is False and known:
+        # Its own weights are frozen; its sublayers only if the flag reaches.
+        own_state: bool | None = False
+        trainable = False if cls in _FROZEN_REACHES else None
+    else:
+        own_state = trainable
+    start = len(out)
     if "vars" in group:
-        variables = _group(group, "vars", path)
-        keys = list(variables.keys())
-        if sorted(keys, key=_index) != [str(i) for i in range(len(keys))]:
-            raise KerasFileError(
-                f"{path!r}: malformed weights group {variables.name!r} "
-                f"(members {sorted(keys)[:5]} are not 0..n-1)."
-            )
-        names = _variable_names(cls, cfg, len(keys))
-        for i in range(len(keys)):
-            dataset = variables.get(str(i))
-            if not isinstance(dataset, h5py.Dataset):
-                raise KerasFileError(
-                    f"{path!r}: {variables.name}/{i} is not an HDF5 dataset."
-                )
-            out.append(_weight(dataset, cls, cfg, names, i, prefix, trainable, path))
+        _own(_group(group, "vars", path), cls, cfg, prefix, own_state, known, out, path)
     consumed = {"vars"}
-    for candidates, name, child in _children(cls, cfg):
-        key = next((k for k in candidates if k in group), None)
+    cells = {prefix}
+    for keys, name, child in _children(cls, cfg) if known else []:
+        key = next((k for k in keys if k in group), None)
         if key is None:
             continue
         consumed.add(key)
         child_cls, child_cfg = _layer(child)
-        sub = _group(group, key, path)
-        _walk(sub, child_cls, child_cfg, f"{prefix}{name}/", trainable, out, path,
-              depth + 1)  # fmt: skip
+        if key == "cell":
+            cells.add(f"{prefix}{name}/")
+        _walk(_group(group, key, path), child_cls, child_cfg, f"{prefix}{name}/",
+              trainable, known and is_builtin(child), out, path, depth + 1)  # fmt: skip
     for container in ("layers", "cells"):
         items = cfg.get(container)
-        if not isinstance(items, list) or container not in group:
+        if not known or cls not in _CONTAINERS or not isinstance(items, list):
+            continue
+        if container not in group:
             continue
         consumed.add(container)
         holder = _group(group, container, path)
@@ -307,19 +276,127 @@ def _walk(
             if key in holder and key not in taken:
                 taken.add(key)
                 _walk(_group(holder, key, path), child_cls, child_cfg,
-                      f"{prefix}{name or key}/", trainable, out, path, depth + 1)  # fmt: skip
+                      f"{prefix}{name or key}/", trainable, is_builtin(item), out,
+                      path, depth + 1)  # fmt: skip
         for key in holder:
             if key not in taken:
                 _walk_unknown(_group(holder, key, path), key, prefix, trainable, out,
                               path, depth + 1)  # fmt: skip
-    # Anything the config did not explain is still reported, never skipped.
-    # At the top, "optimizer" holds optimizer state, not model weights.
+    # Anything the config did not explain is still reported (as unknown), but
+    # a regularizer's saved state is not a weight. At the top, "optimizer"
+    # holds optimizer state, not model weights.
     for key in group:
         if key in consumed or (top and key == "optimizer"):
             continue
         item = group[key]
-        if isinstance(item, h5py.Group):
-            _walk_unknown(item, key, prefix, trainable, out, path, depth + 1)
+        if not isinstance(item, h5py.Group):
+            continue
+        if _REGULARIZER_GROUP.match(key):
+            if known:
+                _attach_reference(item, key.lstrip("_"), cells, out[start:], path)
+            continue
+        _walk_unknown(item, key, prefix, trainable, out, path, depth + 1)
+
+
+def _own(
+    variables: h5py.Group,
+    cls: str | None,
+    cfg: dict,
+    prefix: str,
+    trainable: bool | None,
+    known: bool,
+    out: list[Weight],
+    path: str,
+) -> None:
+    """The weights of a layer's own `vars` group, then its LoRA adapters."""
+    keys = list(variables.keys())
+    if sorted(keys, key=_index) != [str(i) for i in range(len(keys))]:
+        raise KerasFileError(
+            f"{path!r}: malformed weights group {variables.name!r} "
+            f"(members {sorted(keys)[:5]} are not 0..n-1)."
+        )
+    datasets = []
+    for i in range(len(keys)):
+        dataset = variables.get(str(i))
+        if not isinstance(dataset, h5py.Dataset):
+            raise KerasFileError(
+                f"{path!r}: {variables.name}/{i} is not an HDF5 dataset."
+            )
+        check_storage(dataset, path)
+        datasets.append(dataset)
+    dtypes = [dataset_dtype(d, path) for d in datasets]
+    layout = own_variables(cls, cfg, dtypes) if known else None
+    order: list[int] = list(range(len(datasets)))
+    if layout is not None:  # the loaded layer's order (a quantized one differs)
+        order = sorted(order, key=lambda i: layout[i].rank)
+    for i in order:
+        dataset = datasets[i]
+        shape = tuple(int(d) for d in dataset.shape or ())
+        if layout is None:
+            out.append(Weight(f"{UNKNOWN}{prefix}var_{i}", dataset.name, shape,
+                              dtypes[i], None, layer_class=cls, known=False,
+                              owner=prefix))  # fmt: skip
+            continue
+        variable = layout[i]
+        problem = shape_problem(cls, cfg, variable.name, shape)
+        if problem:
+            raise KerasFileError(
+                f"{path!r}: weight {prefix}{variable.name} has shape "
+                f"{format_shape(shape)} but the config disagrees ({problem})."
+            )
+        attribute = regularizer_key(cls, variable.name)
+        out.append(Weight(f"{prefix}{variable.name}", dataset.name, shape, dtypes[i],
+                          trainable if variable.trainable else False,
+                          cfg.get(attribute),
+                          gates_of(cls, cfg, variable.name, shape), cls, owner=prefix,
+                          attribute=attribute))  # fmt: skip
+    if layout is None:
+        return
+    base = next(
+        (w for w in out if w.owner == prefix and w.name == lora_base(cls)), None
+    )
+    for name, shape in lora_adapters(cls, cfg, base.shape if base else None):
+        attribute = regularizer_key(cls, name)
+        out.append(Weight(f"{prefix}{name}", None, shape,
+                          base.dtype if base else "float32", trainable,
+                          cfg.get(attribute), (), cls, owner=prefix,
+                          attribute=attribute))  # fmt: skip
+
+
+def _attach_reference(
+    group: h5py.Group,
+    attribute: str,
+    owners: set[str],
+    weights: list[Weight],
+    path: str,
+) -> None:
+    """Give the weight an L2SPPenalty measures the reference saved in `group`.
+
+    Keras saves a penalty held by a layer attribute under the attribute's
+    name (dataset `vars/0`), at the first layer whose attribute reaches it:
+    an RNN layer's `bias_regularizer` sits beside its `cell` group, the
+    kernels' inside it.
+    """
+    targets = [
+        w for w in weights
+        if w.owner in owners and w.attribute == attribute and w.dataset is not None
+        and isinstance(w.regularizer, dict)
+        and w.regularizer.get("registered_name") == _L2SP
+    ]  # fmt: skip
+    variables = group.get("vars")
+    dataset = variables.get("0") if isinstance(variables, h5py.Group) else None
+    if len(targets) != 1 or not isinstance(dataset, h5py.Dataset):
+        return
+    target = targets[0]
+    check_storage(dataset, path)
+    shape = tuple(int(d) for d in dataset.shape or ())
+    dtype = dataset_dtype(dataset, path)
+    if shape != target.shape or dtype not in FLOATS:
+        target.reference_problem = (
+            f"its saved reference is {dtype} of shape {format_shape(shape)}"
+        )
+        return
+    target.reference = dataset.name
 
 
 def _unique(name: str, used: dict[str, int]) -> str:
@@ -335,7 +412,7 @@ def _walk_unknown(
     group: h5py.Group,
     key: str,
     prefix: str,
-    trainable: bool,
+    trainable: bool | None,
     out: list[Weight],
     path: str,
     depth: int,
@@ -351,7 +428,7 @@ def _walk_unknown(
             if isinstance(item, h5py.Group):
                 _walk_unknown(item, child, prefix, trainable, out, path, depth + 1)
         return
-    _walk(group, None, {}, f"{prefix}{name}/", trainable, out, path, depth)
+    _walk(group, None, {}, f"{prefix}{name}/", trainable, False, out, path, depth)
 
 
 def _stored_name(group: Any) -> str | None:
@@ -374,47 +451,6 @@ def _group(parent: h5py.Group, key: str, path: str) -> h5py.Group:
 
 def _index(key: str) -> int:
     return int(key) if key.isdigit() else -1
-
-
-def _weight(
-    dataset: h5py.Dataset,
-    cls: str | None,
-    cfg: dict,
-    names: list[str] | None,
-    i: int,
-    prefix: str,
-    trainable: bool,
-    path: str,
-) -> Weight:
-    shape = tuple(int(d) for d in dataset.shape or ())
-    dtype = dataset_dtype(dataset, path)
-    check_storage(dataset, path)
-    if names is None:
-        return Weight(f"{prefix}var_{i}", dataset.name, shape, dtype, trainable,
-                      layer_class=cls)  # fmt: skip
-    name = names[i]
-    problem = _expected_shape_problem(cls, cfg, name, shape)
-    if problem:
-        raise KerasFileError(
-            f"{path!r}: weight {prefix}{name} has shape {_shape(shape)} but the "
-            f"config disagrees ({problem})."
-        )
-    gates: tuple[str, ...] = ()
-    if cls in GATES and name in ("kernel", "recurrent_kernel", "bias") and shape:
-        units = cfg.get("filters") if cls == "ConvLSTMCell" else cfg.get("units")
-        if isinstance(units, int) and shape[-1] == len(GATES[cls]) * units:
-            gates = tuple(GATES[cls])
-    regularizer = cfg.get(_regularizer_key(cls, name))
-    return Weight(
-        f"{prefix}{name}",
-        dataset.name,
-        shape,
-        dtype,
-        trainable and name not in _NON_TRAINABLE,
-        regularizer,
-        gates,
-        cls,
-    )
 
 
 def dataset_dtype(dataset: h5py.Dataset, path: str) -> str:

@@ -43,6 +43,7 @@ class _Sums:
     zeros: int = 0
     size: int = 0
     exp_abs: float = 0.0
+    to_reference: float = 0.0  # sum((w - ref)**2), an L2SPPenalty's sum
 
     def add(self, a: np.ndarray, *, exp_abs: bool = False) -> None:
         if a.size == 0:
@@ -105,15 +106,19 @@ def _exp_abs_sum(a: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Formula:
-    """A penalty as a sum of `factor * term`; terms: `l1`, `sum_squares`, `exp_abs`."""
+    """A penalty as a sum of `factor * term`; terms: `l1`, `sum_squares`,
+    `exp_abs`, `to_reference` (`sum((w - ref)**2)`)."""
 
     label: str
     terms: tuple[tuple[str, float], ...]
 
     def value(self, sums: _Sums) -> float:
         totals = {"l1": sums.l1, "sum_squares": sums.sum_squares,
-                  "exp_abs": sums.exp_abs}  # fmt: skip
+                  "exp_abs": sums.exp_abs, "to_reference": sums.to_reference}  # fmt: skip
         return float(sum(factor * totals[term] for term, factor in self.terms))
+
+    def uses(self, term: str) -> bool:
+        return any(t == term for t, _ in self.terms)
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,10 @@ def _factor(config: dict, name: str, default: float) -> float:
 
 # Penalties computed from their config, keyed by Keras's registered name (or
 # `keras.regularizers>Name` for built-ins). Extension point: a penalty whose
-# value needs more than these sums (e.g. an L2-SP reference stored in the
-# weights file) adds an entry here and a term to `_Sums`.
+# value needs more than these sums adds an entry here and a term to `_Sums`.
+# An L2SPPenalty's reference is read from the weights file beside the weight;
+# a penalty saved before its first use has none, and the loaded model takes
+# the loaded weight as reference: its value is 0.
 FORMULAS: dict[str, Callable[[dict], tuple[tuple[str, float], ...]]] = {
     "kerasreg>L1Penalty": lambda c: (("l1", _factor(c, "l1", 0.01)),),
     "kerasreg>L2Penalty": lambda c: (("sum_squares", _factor(c, "l2", 0.01)),),
@@ -145,6 +152,7 @@ FORMULAS: dict[str, Callable[[dict], tuple[tuple[str, float], ...]]] = {
         ("sum_squares", _factor(c, "l2", 0.01)),
     ),
     "kerasreg>ExpAbsPenalty": lambda c: (("exp_abs", _factor(c, "factor", 0.01)),),
+    "kerasreg>L2SPPenalty": lambda c: (("to_reference", _factor(c, "alpha", 0.01)),),
     "keras.regularizers>L1": lambda c: (("l1", _factor(c, "l1", 0.01)),),
     "keras.regularizers>L2": lambda c: (("sum_squares", _factor(c, "l2", 0.01)),),
     "keras.regularizers>L1L2": lambda c: (
@@ -191,14 +199,23 @@ def measure(
 
     Returns `{"l1", "l2", "linf", "zero_fraction", "penalty", "trainable"}`
     (penalty `0.0` without a regularizer, `None` when it is unknown;
-    `trainable` as `kerasreg.weight_norms` reports it), plus `<stat>/gate_<g>`
-    entries for gated recurrent weights when `per_gate`.
+    `trainable` as `kerasreg.weight_norms` reports it, `None` when the file
+    cannot tell), plus `<stat>/gate_<g>` entries for gated recurrent weights
+    when `per_gate`. A weight the file does not hold (a LoRA adapter) has
+    `None` statistics.
     """
-    dataset = file.h5[weight.dataset]
     formula = penalty_formula(weight.regularizer)
-    exp_abs = isinstance(formula, Formula) and any(
-        t == "exp_abs" for t, _ in formula.terms
-    )
+    if not weight.known or weight.reference_problem:
+        formula = Unknown(str(getattr(formula, "label", "unknown")))
+    if weight.dataset is None:
+        row: dict[str, Any] = dict.fromkeys(("l1", "l2", "linf", "zero_fraction"))
+        row["penalty"] = 0.0 if formula is None else None
+        row["trainable"] = weight.trainable
+        return row
+    dataset = file.h5[weight.dataset]
+    uses = formula.uses if isinstance(formula, Formula) else (lambda term: False)
+    reference = file.h5[weight.reference] if weight.reference else None
+    ref_dtype = dataset_dtype(reference, file.path) if reference is not None else ""
     whole = _Sums()
     gates = weight.gates if per_gate else ()
     gate_sums = [_Sums() for _ in gates]
@@ -207,7 +224,11 @@ def measure(
         for index in keras_file.blocks(weight.shape, dataset.dtype.itemsize):
             values = keras_file.read_block(dataset, weight.dtype, index)
             a = np.abs(values)
-            whole.add(a, exp_abs=exp_abs)
+            whole.add(a, exp_abs=uses("exp_abs"))
+            if reference is not None and uses("to_reference"):
+                ref = keras_file.read_block(reference, ref_dtype, index)
+                diff = values.astype(np.float64) - ref.astype(np.float64)
+                whole.to_reference += float(np.sum(np.square(diff)))
             if gates:
                 first = _last_axis_start(index, weight.shape)
                 for g, sums in enumerate(gate_sums):
@@ -219,14 +240,14 @@ def measure(
         raise KerasFileError(
             f"{file.path!r}: cannot read weight {weight.path}: {first_line(error)}"
         ) from None
-    row: dict[str, Any] = whole.stats()
+    row = dict(whole.stats())
     if formula is None:
         row["penalty"] = 0.0
     elif isinstance(formula, Unknown):
         row["penalty"] = None
     else:
         row["penalty"] = formula.value(whole)
-    row["trainable"] = bool(weight.trainable)
+    row["trainable"] = weight.trainable
     for gate, sums in zip(gates, gate_sums, strict=True):
         for stat, value in sums.stats().items():
             row[f"{stat}/gate_{gate}"] = value

@@ -163,6 +163,7 @@ class _NormProgram:
         self.variables = variables
         self.trainable = trainable or [True] * len(variables)
         self.regularizers = [v.regularizer for v in variables]
+        self.state = penalty_state(self.regularizers)
         self.gates = [gates.get(id(v), ()) for v in variables]
         self.zero_threshold = zero_threshold
         self.linear = [
@@ -195,7 +196,17 @@ class _NormProgram:
             return ops.abs(x), (0, 2), x
         return ops.abs(x), None, x
 
-    def compute(self, values: list[Any]) -> Any:
+    def compute(self, values: list[Any], state: list[Any]) -> Any:
+        if not state:
+            return self._compute(values)
+        # The penalties read their state (an L2SPPenalty's reference) as an
+        # input of the program, not as a constant baked in when traced.
+        with keras.StatelessScope(
+            state_mapping=list(zip(self.state, state, strict=True))
+        ):
+            return self._compute(values)
+
+    def _compute(self, values: list[Any]) -> Any:
         # Per weight: sum|w|, max|w|, zero fraction, sum(w**2), each a vector
         # over (whole tensor, gates...); then one penalty.
         sums, maxima, zeros, squares, penalties = [], [], [], [], []
@@ -272,7 +283,11 @@ class _NormProgram:
         return ops.concatenate(parts)
 
     def __call__(self) -> dict[str, dict[str, float]]:
-        vector = ops.convert_to_numpy(self.compiled([v.value for v in self.variables]))
+        vector = ops.convert_to_numpy(
+            self.compiled(
+                [v.value for v in self.variables], [v.value for v in self.state]
+            )
+        )
         result = {}
         for (key, positions), trainable in zip(
             self.layout, self.trainable, strict=True
@@ -413,7 +428,7 @@ def gate_layout(model: keras.layers.Layer) -> dict[int, tuple[str, ...]]:
     return layout
 
 
-def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Compile `fn(values) -> vector` for the active backend.
 
     The other backend-specific code here is two TensorFlow fast paths inside
@@ -470,6 +485,7 @@ def _program_for(
     key = (
         tuple(id(v) for v in variables),
         tuple(_regularizer_key(v.regularizer) for v in variables),
+        tuple(id(s) for s in penalty_state([v.regularizer for v in variables])),
         tuple((tuple(v.shape), str(v.dtype), id(v) in trainable) for v in variables),
         per_gate,
         zero_threshold,
@@ -494,6 +510,22 @@ def _program_for(
     while len(programs) > CACHE_SIZE:
         programs.popitem(last=False)
     return program
+
+
+def penalty_state(regularizers: list[Any]) -> list[Any]:
+    """The variables the penalties' values depend on (`penalty.variables`).
+
+    An `L2SPPenalty`'s reference: a compiled program must take it as an input
+    (JAX bakes any other variable in as a constant when it traces).
+    """
+    state: list[Any] = []
+    for regularizer in regularizers:
+        for variable in getattr(regularizer, "variables", None) or ():
+            if isinstance(variable, keras.Variable) and all(
+                variable is not v for v in state
+            ):
+                state.append(variable)
+    return state
 
 
 def _trainable_ids(model: keras.layers.Layer) -> set[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import weakref
 from typing import Any
 
 import keras
@@ -203,7 +204,7 @@ class ExpAbsPenalty(Penalty):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class L2SPPenalty(Penalty, _compat.KerasSaveable):
+class L2SPPenalty(Penalty, _compat.KerasSaveable, _compat.LayerState):
     """L2 penalty toward a reference: `alpha * sum((w - ref)**2)`.
 
     L2-SP (Li, Grandvalet and Davoine, ICML 2018) keeps a fine-tuned weight
@@ -220,15 +221,30 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
       penalty sees it: at the first `fit`, `evaluate` or `model.losses`, so the
       initial weights (L2-Init) unless you load other weights before.
 
-    The reference is kept on the device and saved with the model: `model.save`
-    writes it into the weights file beside the weights (under the layer's
-    `kernel_regularizer` group), and `keras.saving.load_model` restores it
-    exactly, in any process. `clone_model` and `from_config` build new
-    penalties from the config alone: like a constructor's, their reference is
-    their weight at first use. One instance serves one weight: used on a
-    second weight it raises instead of measuring against the first one's
-    reference. Asked for a value with no reference and no variable to take it
-    from, it raises.
+    The reference is model state, not a weight. It lives in a non-trainable
+    `keras.Variable` (`penalty.reference`) that the layer holding the penalty
+    passes to every compiled step (it is in `layer.variables` and
+    `model.non_trainable_variables`, like a `keras.random.SeedGenerator`'s
+    state), so `set_reference` and `load_weights` take effect in the very next
+    `fit`, `evaluate`, `train_on_batch`, `model.losses` and
+    `kerasreg.weight_norms`, on every backend. It is not in `model.weights`
+    (nor `get_weights`, `summary`'s counts, or any `where=` selection): never
+    trained, decayed or shrunk.
+
+    It is saved with the model: `model.save` and `model.save_weights` write it
+    into the weights file (dataset `"0"` of the layer's `kernel_regularizer`
+    group, or the group of the attribute holding the penalty), and
+    `keras.saving.load_model` and `load_weights` restore it exactly, in any
+    process. A file saved before the penalty's first use holds no reference:
+    loading it into a penalty that has one sets the reference to the loaded
+    weight (what the first use would take). `clone_model` and `from_config`
+    build new penalties from the config alone: like a constructor's, their
+    reference is their weight at first use; copy one with
+    `clone.set_reference(original.reference)`.
+
+    One instance serves one weight: used on a second weight it raises instead
+    of measuring against the first one's reference. Asked for a value with no
+    reference and no variable to take it from, it raises.
 
     Args:
         alpha: float, default 0.01. Finite and >= 0.
@@ -239,52 +255,131 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
     >>> _ = kerasreg.regularize(model, kernel=L2SPPenalty(0.1))
     >>> float(sum(model.losses))  # the weights are still at their reference
     0.0
+    >>> penalty = model.layers[0].kernel.regularizer
+    >>> _ = penalty.set_reference(np.ones((3, 2)))  # a new anchor, in place
+    >>> bool(abs(float(sum(model.losses)) - float(penalty(model.layers[0].kernel)))
+    ...      < 1e-6)
+    True
     """
 
     _ARGS = ("alpha",)
 
     def __init__(self, alpha: float = 0.01):
         self.alpha = validate_factor(alpha, "alpha", type(self).__name__)
-        self.reference = None
-        self._owner: int | None = None
+        self._reference = None
+        self._placeholder = None
+        self._owner = None
 
-    def set_reference(self, variable: Any) -> L2SPPenalty:
-        """Use the current value of `variable` (a `keras.Variable`) as `ref`."""
-        reference = _compat.eager_copy(variable)
-        if reference is not None:
-            self.reference = reference
-            self._owner = id(variable)
+    @property
+    def reference(self) -> Any:
+        """The non-trainable `keras.Variable` holding `ref`, or None before first use."""
+        return self._reference
+
+    @property
+    def variables(self) -> list[Any]:
+        """The state this penalty's value depends on: `[reference]`, or `[]`."""
+        return [] if self._reference is None else [self._reference]
+
+    @property
+    def state(self) -> Any:
+        # What a layer holding the penalty passes to its compiled steps: the
+        # reference, or an empty placeholder until the penalty has one.
+        if self._reference is not None:
+            return self._reference
+        if self._placeholder is None:
+            self._placeholder = _compat.state_variable(
+                ops.zeros((0,), "float32"), "l2sp_reference"
+            )
+        return self._placeholder
+
+    def set_reference(self, value: Any) -> L2SPPenalty:
+        """Make `value` the reference `ref`, in place (a copy is kept).
+
+        Takes effect in every compiled step at its next call (the reference
+        is state those steps read), so call it between `fit`s or from outside
+        the training loop.
+
+        Args:
+            value: a `keras.Variable` (its current value: e.g. the weight
+                itself, or another penalty's `reference` to copy it), a
+                tensor or a NumPy array, of the weight's shape.
+
+        Returns:
+            The penalty itself.
+
+        Raises:
+            TypeError: `value` is not an array-like of floats.
+            ValueError: `value` has another shape than the reference this
+                penalty already holds.
+        """
+        if isinstance(value, keras.Variable):
+            copy = _compat.eager_copy(value)
+            if copy is None:  # PyTorch's symbolic build: no values yet
+                return self
+        else:
+            copy = self._as_tensor(value)
+        if self._reference is None:
+            name = f"{getattr(value, 'name', 'l2sp')}_reference"
+            self._reference = _compat.state_variable(copy, name.replace("/", "_"))
+            return self
+        shape = tuple(self._reference.shape)
+        if tuple(copy.shape) != shape:
+            raise ValueError(
+                f"L2SPPenalty.set_reference: invalid `value`: expected shape "
+                f"{shape} (the reference's), received shape {tuple(copy.shape)}."
+            )
+        self._reference.assign(ops.cast(copy, self._reference.dtype))
         return self
+
+    @staticmethod
+    def _as_tensor(value: Any) -> Any:
+        try:
+            tensor = ops.convert_to_tensor(value)
+        except Exception as error:
+            raise TypeError(
+                "L2SPPenalty.set_reference: invalid `value`: expected a "
+                "keras.Variable, a tensor or a NumPy array of floats. Received: "
+                f"value={value!r} (type {type(value).__name__}); {error}"
+            ) from None
+        if not keras.backend.is_float_dtype(tensor.dtype):
+            raise TypeError(
+                "L2SPPenalty.set_reference: invalid `value`: expected floats. "
+                f"Received dtype {keras.backend.standardize_dtype(tensor.dtype)}."
+            )
+        return tensor
 
     def __call__(self, x):
         if isinstance(x, keras.Variable):
-            if self.reference is None:
-                self.set_reference(x)
-                if self.reference is None:  # a shape-only symbolic pass
-                    return ops.zeros((), "float32")
-            elif self._owner is not None and self._owner != id(x):
+            owner = None if self._owner is None else self._owner()
+            if owner is None:
+                self._owner = weakref.ref(x)
+            elif owner is not x:
                 raise ValueError(
                     f"L2SPPenalty: one instance is attached to two weights "
-                    f"({x.path!r} and another one). Each weight needs its own "
+                    f"({x.path!r} and {owner.path!r}). Each weight needs its own "
                     "reference: pass a new L2SPPenalty per weight, or attach it "
                     "with kerasreg.regularize, which copies it per weight."
                 )
-        if self.reference is None:
+            if self._reference is None:
+                self.set_reference(x)
+                if self._reference is None:  # a shape-only symbolic pass
+                    return ops.zeros((), "float32")
+        if self._reference is None:
             raise ValueError(
                 "L2SPPenalty has no reference weight: it gets one when attached "
                 "with kerasreg.regularize, or when it first sees its weight "
                 "(first fit, evaluate or model.losses). It cannot compute "
                 "`alpha * sum((w - ref)**2)` without it."
             )
-        if tuple(self.reference.shape) != tuple(x.shape):
+        if tuple(self._reference.shape) != tuple(x.shape):
             raise ValueError(
-                f"L2SPPenalty: the reference has shape {tuple(self.reference.shape)} "
+                f"L2SPPenalty: the reference has shape {tuple(self._reference.shape)} "
                 f"but the weight has shape {tuple(x.shape)}."
             )
         return super().__call__(x)
 
     def penalty(self, x):
-        ref = ops.cast(self.reference, x.dtype)
+        ref = ops.cast(self._reference, x.dtype)
         return self.alpha * ops.sum(ops.square(ops.subtract(x, ref)))
 
     # Saved into the weights file (Keras's saving walks KerasSaveable objects).
@@ -294,14 +389,20 @@ class L2SPPenalty(Penalty, _compat.KerasSaveable):
     def save_own_variables(self, store: Any) -> None:
         # No reference yet (never evaluated): none is saved, and the loaded
         # penalty takes its weight's value at first use, as this one would.
-        if self.reference is not None:
-            store["0"] = ops.convert_to_numpy(self.reference)
+        if self._reference is not None:
+            store["0"] = ops.convert_to_numpy(self._reference)
 
     def load_own_variables(self, store: Any) -> None:
         # `keys()`: Keras 3.8's store has no `in` operator.
-        saved = "0" in store.keys()  # noqa: SIM118
-        self.reference = ops.convert_to_tensor(store["0"][...]) if saved else None
-        self._owner = None
+        if "0" in store.keys():  # noqa: SIM118
+            self.set_reference(store["0"][...])
+            return
+        # Saved before first use: the reference is the weight at first use.
+        # Keras loads a layer's own weights before its attributes', so the
+        # weight already holds the loaded value.
+        owner = None if self._owner is None else self._owner()
+        if self._reference is not None and owner is not None:
+            self.set_reference(owner)
 
     def __reduce__(self):
         return (type(self).from_config, (self.get_config(),))

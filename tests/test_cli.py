@@ -426,7 +426,7 @@ def test_float64_model(tmp_path, capsys):
     )
 
 
-def test_weights_only_file_names_layers_and_numbers_variables(tmp_path):
+def test_weights_only_file_says_what_it_cannot_tell(tmp_path, capsys):
     model = keras.Sequential(
         [
             keras.Input((4, 3)),
@@ -439,14 +439,23 @@ def test_weights_only_file_names_layers_and_numbers_variables(tmp_path):
     path = tmp_path / "m.weights.h5"
     model.save_weights(path)
     got = cli_json(path, "--where", ".")
-    # Without a config, trainability is unknown: every weight is listed.
+    # Without a config, names, trainability and penalties are unknown: every
+    # weight is listed, as unknown (BatchNormalization's moving statistics
+    # too), named by the layer names Keras stores and numbered.
     expected = kerasreg.weight_norms(model, model.weights)
-    assert all(re.fullmatch(r"var_\d+", k.rsplit("/", 1)[1]) for k in got)
+    assert all(re.fullmatch(r"unknown:.*/var_\d+", k) for k in got)
+    assert all(r["trainable"] is None and r["penalty"] is None for r in got.values())
 
     def layers_and_norms(rows):
-        return sorted((k.rsplit("/", 1)[0], round(r["l2"], 5)) for k, r in rows.items())
+        return sorted(
+            (k.removeprefix("unknown:").rsplit("/", 1)[0], round(r["l2"], 5))
+            for k, r in rows.items()
+        )
 
     assert layers_and_norms(got) == layers_and_norms(expected)
+    status, out, _ = run(["inspect", path, "--where", "."], capsys)
+    assert status == 0
+    assert re.search(r"\): unknown; 0 weights shown and 12 unknown", out), out
 
 
 def test_shrink_keeps_every_other_member_and_dataset_byte_identical(
@@ -632,3 +641,313 @@ def test_benchmark_writes_a_valid_keras_file_and_measures_it(tmp_path):
     )
     sample = bench.measure("inspect", path, tmp_path / "out.keras")
     assert sample["seconds"] > 0 and sample["maxrss_kib"] > 0
+
+
+# --- the generator: every model of the layer zoo, the CLI against Keras ---------
+
+CLI_DRIVER = """
+import contextlib, io, json, sys
+sys.argv = ["kerasreg"]
+import kerasreg.cli
+jobs = json.loads(sys.stdin.read())
+out = {}
+for name, path, shrunk in jobs:
+    runs = {
+        "all": ["inspect", path, "--json", "--per-gate", "--where", "."],
+        "default": ["inspect", path, "--json", "--per-gate"],
+        "text": ["inspect", path, "--where", "."],
+        "shrink": ["shrink", path, shrunk, "--factor", "0.5", "--where", "."],
+    }
+    out[name] = {}
+    for key, argv in runs.items():
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = kerasreg.cli.main(argv)
+        out[name][key] = [status, stdout.getvalue(), stderr.getvalue()]
+heavy = {"keras", "tensorflow", "jax", "torch"}
+out["imported"] = sorted({m.split(".")[0] for m in sys.modules} & heavy)
+print("RESULT" + json.dumps(out))
+"""
+
+# Models whose file tells everything the live model has: no "unknown" allowed.
+FULLY_KNOWN = {
+    "zoo", "zoo_rows", "conv_lstm", "float64", "normalization", "nested",
+    "l2sp_unused", "bfloat16",
+}  # fmt: skip
+STATS = ("l1", "l2", "linf", "zero_fraction")
+
+
+def close(a, b):
+    return a == pytest.approx(b, rel=2e-5, abs=1e-6)
+
+
+def check_rows(name, rows, live, fully_known):
+    """The CLI's rows against `weight_norms` of the model loaded from disk.
+
+    Rows of weights the file proves trainable: the same keys, in the same
+    order, the same statistics and penalty. A row whose trainability the
+    file cannot tell (`trainable` null, `unknown:` key when it cannot name
+    it either) must have the statistics of a weight the live model has; and
+    every live row is either a proven row or such an undetermined row (or,
+    for a LoRA adapter the file does not hold, its row with unknown
+    statistics).
+    """
+    proven = [k for k, r in rows.items() if r["trainable"] is True]
+    undetermined = [k for k, r in rows.items() if r["trainable"] is None]
+    assert len(proven) + len(undetermined) == len(rows), name
+    assert not undetermined or not fully_known, (name, undetermined)
+    assert [k for k in live if k in proven] == proven, name  # model order
+    for key in proven:
+        got, want = rows[key], live[key]
+        for stat, value in want.items():
+            if stat == "trainable":
+                continue
+            if got[stat] is None:  # the file cannot tell
+                assert not fully_known, (name, key, stat)
+                assert stat == "penalty" or "lora_" in key, (name, key, stat)
+            else:
+                assert close(got[stat], value), (name, key, stat, got[stat], value)
+    free = {k: w for k, w in live.items() if k not in proven}
+    for key in undetermined:
+        got = rows[key]
+        if key in free:  # named: its statistics are the live weight's
+            want = free.pop(key)
+            assert all(close(got[s], want[s]) for s in STATS), (name, key)
+            continue
+        assert key.startswith("unknown:") and got["penalty"] is None, (name, key)
+        match = next(
+            (k for k, w in free.items() if all(close(got[s], w[s]) for s in STATS)),
+            None,
+        )
+        # Else a weight `where` leaves out (not trainable): the file cannot tell.
+        if match is not None:
+            free.pop(match)
+    assert not free, (name, "live rows the CLI neither shows nor marks unknown", free)
+
+
+def footer_value(text):
+    line = text.strip().splitlines()[-1]
+    match = re.match(
+        r"total penalty \(what Keras adds to the loss, \d+ regularized weights?\): "
+        r"([^;]+);",
+        line,
+    )
+    assert match, line
+    return None if match[1] == "unknown" else float(match[1])
+
+
+def scaled_paths(stdout):
+    return [line.split(": l2 ")[0] for line in stdout.splitlines() if ": l2 " in line]
+
+
+def values_by_path(model):
+    paths = kerasreg.selection.weight_paths(model)
+    return {
+        paths[id(v)]: np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights
+    }
+
+
+def references(model):
+    """`{path: reference}` of the L2SP references a freshly loaded model holds."""
+    paths = kerasreg.selection.weight_paths(model)
+    return {
+        paths[id(v)]: np.asarray(keras.ops.convert_to_numpy(v.regularizer.reference))
+        for v in model.weights
+        if isinstance(v.regularizer, kerasreg.L2SPPenalty)
+        and v.regularizer.reference is not None
+    }
+
+
+@pytest.mark.slow
+def test_cli_agrees_with_keras_on_every_model_of_the_layer_zoo(tmp_path):
+    builders = cli_models.zoo_models()
+    jobs = []
+    for i, (name, build) in enumerate(builders.items()):
+        keras.utils.set_random_seed(i)
+        model = build()
+        cli_models.randomize(model, seed=i)
+        path = tmp_path / f"m{i}.keras"
+        model.save(path)
+        jobs.append([name, str(path), str(tmp_path / f"m{i}_shrunk.keras")])
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_DRIVER], input=json.dumps(jobs),
+        capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    assert out.pop("imported") == []  # the CLI process never imported Keras
+    for name, path, shrunk in jobs:
+        runs = out[name]
+        fully_known = name in FULLY_KNOWN
+        live = keras.saving.load_model(path, compile=False)
+        refs = references(live)  # before any first use
+        # One weight_norms pass (compiling it is what costs): every trainable
+        # weight; the default rows are those `select_weights` picks.
+        try:
+            every = kerasreg.weight_norms(live, ".", per_gate=True)
+        except ValueError:  # the model trains nothing
+            every = {}
+        paths = kerasreg.selection.weight_paths(live)
+        default = [paths[id(v)] for v in live.trainable_weights if len(v.shape) >= 2]
+        default = [p for p in every if p in default and not p.endswith("/bias")]
+        for key, expected in (
+            ("all", every),
+            ("default", {p: every[p] for p in default}),
+        ):
+            status, stdout, stderr = runs[key]
+            if status != 0:
+                assert not expected or not fully_known, (name, key, stderr)
+                assert "selects no weight" in stderr, (name, stderr)
+                continue
+            check_rows(f"{name} {key}", json.loads(stdout), expected, fully_known)
+        # The footer: what Keras adds to the loss, or "unknown".
+        status, stdout, stderr = runs["text"]
+        total = footer_value(stdout) if status == 0 else None
+        if total is None:
+            assert not fully_known, (name, stdout, stderr)
+        else:
+            assert close(total, keras_loss_penalty(live)), (name, stdout)
+        # shrink: exactly what shrink_weights scales, where the file can tell.
+        original = values_by_path(live)
+        try:
+            kerasreg.shrink_weights(live, 0.5, where=".")
+            by_keras = values_by_path(live)
+        except ValueError:
+            by_keras = original
+        status, stdout, stderr = runs["shrink"]
+        if status != 0:
+            assert not fully_known, (name, stderr)
+            continue
+        cli_scaled = scaled_paths(stdout)
+        by_cli = keras.saving.load_model(shrunk, compile=False)
+        got_refs = references(by_cli)
+        got = values_by_path(by_cli)
+        assert list(got) == list(original), name
+        for key, value in got.items():
+            want = by_keras[key] if key in cli_scaled else original[key]
+            np.testing.assert_array_equal(value, want, err_msg=f"{name} {key}")
+        if fully_known:
+            changed = [
+                k for k in original if not np.array_equal(by_keras[k], original[k])
+            ]
+            assert set(cli_scaled) >= set(changed), (name, changed, cli_scaled)
+        # An L2-SP reference is never shrunk (nor written where there was none).
+        assert list(got_refs) == list(refs), name
+        for key, ref in got_refs.items():
+            np.testing.assert_array_equal(ref, refs[key], err_msg=f"{name} {key}")
+
+
+# --- issue 23: references, non-trainable state, subclassed models ---------------
+
+
+def h5_of(path):
+    """The weights file of a .keras archive, opened with h5py."""
+    with zipfile.ZipFile(path) as archive:
+        return h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+
+
+def test_l2sp_reference_is_no_weight_and_its_penalty_is_computed(tmp_path, capsys):
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, name="h"),
+            keras.layers.Dense(1, name="o"),
+        ]
+    )
+    kerasreg.regularize(model, kernel=kerasreg.L2SPPenalty(0.3))
+    cli_models.randomize(model)  # away from the references
+    path = tmp_path / "l2sp.keras"
+    model.save(path)
+    h5 = h5_of(path)
+    # Independent reference: the numbers as the file holds them.
+    expected = {
+        name: 0.3 * ((h5[f"layers/{g}/vars/0"][()].astype(np.float64)
+                      - h5[f"layers/{g}/kernel_regularizer/vars/0"][()]) ** 2).sum()
+        for name, g in (("h", "dense"), ("o", "dense_1"))
+    }  # fmt: skip
+    assert all(v > 0 for v in expected.values())
+    rows = cli_json(path, "--where", ".")
+    assert list(rows) == ["h/kernel", "h/bias", "o/kernel", "o/bias"]  # no reference
+    for name, value in expected.items():
+        assert rows[f"{name}/kernel"]["penalty"] == pytest.approx(value, rel=1e-6)
+    status, out, _ = run(["inspect", path], capsys)
+    assert footer_value(out) == pytest.approx(sum(expected.values()), rel=1e-6)
+    loaded = keras.saving.load_model(path)
+    assert keras_loss_penalty(loaded) == pytest.approx(sum(expected.values()), rel=1e-5)
+    # shrink scales the weights, never the references.
+    target = tmp_path / "small.keras"
+    status, _, err = run(
+        ["shrink", path, target, "--factor", "0.5", "--where", "."], capsys
+    )
+    assert status == 0, err
+    new = h5_of(target)
+    for g in ("dense", "dense_1"):
+        ref = f"layers/{g}/kernel_regularizer/vars/0"
+        np.testing.assert_array_equal(new[ref][()], h5[ref][()])
+        kernel = f"layers/{g}/vars/0"
+        np.testing.assert_array_equal(new[kernel][()], h5[kernel][()] * np.float32(0.5))
+
+
+def test_non_trainable_state_and_quantized_kernels_are_never_selected(tmp_path, capsys):
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).normal(size=(16, 4)).astype("float32"))
+    model = keras.Sequential(
+        [keras.Input((4,)), norm, keras.layers.Dense(3, name="q"),
+         keras.layers.Dense(2, name="f")]
+    )  # fmt: skip
+    model.layers[1].quantize("int8")
+    cli_models.randomize(model)
+    path = tmp_path / "state.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    rows = cli_json(path, "--where", ".")
+    assert list(rows) == list(kerasreg.weight_norms(loaded, "."))  # q/bias, f/*
+    assert all(r["trainable"] is True for r in rows.values())
+    assert list(cli_json(path)) == ["f/kernel"]  # the int8 kernel is no float kernel
+    target = tmp_path / "small.keras"
+    status, _, err = run(
+        ["shrink", path, target, "--factor", "0.5", "--where", "."], capsys
+    )
+    assert status == 0, err
+    old, new = h5_of(path), h5_of(target)
+    frozen = [
+        f"layers/normalization/vars/{i}" for i in range(3)
+    ]  # mean, variance, count
+    frozen += ["layers/dense/vars/0", "layers/dense/vars/2"]  # int8 kernel, its scale
+    for name in frozen:
+        assert new[name][()].tobytes() == old[name][()].tobytes(), name
+    for name in (
+        "layers/dense/vars/1",
+        "layers/dense_1/vars/0",
+        "layers/dense_1/vars/1",
+    ):
+        np.testing.assert_array_equal(new[name][()], old[name][()] * np.float32(0.5))
+
+
+def test_subclassed_model_rows_and_total_say_unknown(tmp_path, capsys):
+    model = cli_models.AutoEncoder()
+    model(np.zeros((1, 4), "float32"))
+    cli_models.randomize(model)
+    path = tmp_path / "sub.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert keras_loss_penalty(loaded) > 0  # Keras adds penalties the file hides
+    rows = cli_json(path, "--where", ".")
+    # Every weight is listed, by its place in the file, as unknown.
+    assert sorted(rows) == ["unknown:decoder/var_0", "unknown:decoder/var_1",
+                            "unknown:encoder/var_0", "unknown:encoder/var_1",
+                            "unknown:var_0"]  # fmt: skip
+    assert all(r["trainable"] is None and r["penalty"] is None for r in rows.values())
+    live = kerasreg.weight_norms(loaded, ".")
+    assert sorted(round(r["l2"], 5) for r in rows.values()) == sorted(
+        round(r["l2"], 5) for r in live.values()
+    )
+    status, out, _ = run(["inspect", path], capsys)
+    assert status == 0 and footer_value(out) is None  # "unknown", never 0
+    target = tmp_path / "small.keras"
+    status, _, err = run(
+        ["shrink", path, target, "--factor", "0.5", "--where", "."], capsys
+    )
+    assert status == 2 and "cannot tell whether Keras trains them" in err
+    assert not target.exists()

@@ -414,3 +414,52 @@ def test_record_fit_validation_sees_the_data_fit_validates_on(split):
     np.testing.assert_array_equal(np.asarray(vy), expected[1])
     assert sample_weight is None and steps is None
     assert batch_size == (4 if split else None)
+
+
+class _Held(_compat.LayerState):
+    """A minimal LayerState: one non-trainable variable as its `state`."""
+
+    def __init__(self):
+        self.state = keras.Variable(np.ones((2, 2)), trainable=False, name="held")
+
+
+def test_layer_state_is_passed_to_trainers_but_is_no_weight(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="d")])
+    layer = model.layers[0]
+    weights = [id(v) for v in model.weights]
+    held = _Held()
+    _compat.set_tracked_attribute(layer, "held", held)  # a built layer
+    # In the state Keras's trainers pass (JAX: as inputs of the compiled step).
+    assert any(v is held.state for v in model.non_trainable_variables)
+    assert [id(v) for v in model.weights] == weights  # not a weight, not saved
+    model.save_weights(tmp_path / "m.weights.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "m.weights.h5") as h5:
+        names = []
+        h5.visit(names.append)
+    assert not any("held" in n for n in names), names
+    # The tracker is locked again, and a replaced value leaves the state.
+    with pytest.raises(ValueError, match="state"):
+        layer.add_weight(shape=(1,), name="late")
+    _compat.set_tracked_attribute(layer, "held", None)
+    assert not any(v is held.state for v in model.non_trainable_variables)
+
+
+def test_set_tracked_attribute_fails_loudly_without_the_tracker():
+    class Bare:
+        name = "bare"
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_tracker"):
+        _compat.set_tracked_attribute(Bare(), "x", 1)
+
+
+def test_state_variable_is_created_eagerly_inside_a_stateless_scope():
+    value = keras.ops.convert_to_tensor(np.arange(4.0).reshape(2, 2))
+    with keras.StatelessScope():
+        variable = _compat.state_variable(value, "inside")
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), value)
+    assert not variable.trainable
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+    variable.assign(np.zeros((2, 2)))
+    assert float(keras.ops.sum(variable)) == 0.0

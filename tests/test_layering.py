@@ -18,11 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kerasreg"
 
 # Lower numbers are lower layers; a module may import only strictly lower ones.
 LAYERS = {
-    # Helpers and the one door to Keras internals; the Keras-free file naming
-    # and the TensorBoard event-file writer import no kerasreg module.
+    # Helpers and the one door to Keras internals; the Keras-free table of what
+    # Keras layers save and the TensorBoard event-file writer import no kerasreg
+    # module.
     "_checks": 0,
     "_compat": 0,
-    "keras_file_names": 0,
+    "keras_file_layers": 0,
     "summaries": 0,
     # The formulas, the model walk, and the machinery the callbacks share.
     "penalties": 1,
@@ -31,10 +32,11 @@ LAYERS = {
     "inplace": 1,
     "train_step_fold": 1,
     "gradient_stats": 1,
-    "keras_file": 1,
+    "keras_file_names": 1,
+    "keras_file": 2,
     "selectors": 2,
     "gradient_capture": 2,
-    "keras_file_stats": 2,
+    "keras_file_stats": 3,
     # The one `where=` rule.
     "selection": 3,
     # Features built on penalties and selection.
