@@ -54,6 +54,7 @@ from kerasreg._checks import (
     validate_bool,
 )
 from kerasreg.callback_order import warn_if_logs_readers_run_first
+from kerasreg.fit_record import record_fit_end, record_fit_start
 from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
 from kerasreg.selection import Where, check_where, select_weights
 from kerasreg.train_step_fold import TrainStepFold
@@ -244,6 +245,7 @@ class PostStepTransform(keras.callbacks.Callback):
         self.references = refs
         self._last_strength = None
         self._step = self._fit_first_step = optimizer_iterations(model)
+        record_fit_start(model, self)
         if self.folded:
             TrainStepFold.add(model, self)
             return
@@ -256,6 +258,7 @@ class PostStepTransform(keras.callbacks.Callback):
             TrainStepFold.remove(self._model)
         self._epoch_pending = False
         self._after_ema_overwrite()
+        record_fit_end(self._model, self, optimizer_iterations(self._model))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch

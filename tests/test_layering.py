@@ -28,6 +28,7 @@ LAYERS = {
     "penalties": 1,
     "walk": 1,
     "callback_order": 1,
+    "fit_record": 1,
     "inplace": 1,
     "train_step_fold": 1,
     "keras_file": 1,
