@@ -122,9 +122,13 @@ def fine_tune(method, strength, pretrained, split, seed, steps, run_dir=None) ->
         layer.set_weights(weights)
     callbacks = []
     if method == "L2Penalty":
-        kerasreg.regularize(model, kernel=kerasreg.L2Penalty(strength), layers=BODY)
+        kerasreg.regularize(
+            model, kernel=kerasreg.L2Penalty(strength), where=kerasreg.layer(BODY)
+        )
     elif method == "L2SPPenalty":
-        kerasreg.regularize(model, kernel=kerasreg.L2SPPenalty(strength), layers=BODY)
+        kerasreg.regularize(
+            model, kernel=kerasreg.L2SPPenalty(strength), where=kerasreg.layer(BODY)
+        )
     elif method == "WeightDecay(toward='start')":
         callbacks.append(
             kerasreg.WeightDecay(strength, toward="start", where=BODY_KERNELS)

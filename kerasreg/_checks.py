@@ -5,7 +5,8 @@
 - iterables of Keras objects: `check_items`;
 - dtype rules: `is_low_precision`, `accumulation_dtype` (float16 and bfloat16
   weights are summed in float32);
-- the optimizer's step count: `update_counter`, `optimizer_iterations`.
+- the optimizer's step count: `update_counter`, `optimizer_iterations`;
+- the category of kerasreg's own warnings: `KerasregWarning`.
 
 Errors name the argument, the value received and what is accepted, as
 Keras's own `validate_float_arg` does. This module imports nothing from
@@ -23,6 +24,19 @@ import numpy as np
 from keras import ops
 
 _LOW_PRECISION = ("float16", "bfloat16")
+
+
+class KerasregWarning(UserWarning):
+    """The category of every warning kerasreg issues itself.
+
+    Its warnings point at the user's code (`stacklevel`), so a filter on
+    kerasreg's modules does not see them; filter on this class instead
+    (kerasreg's own test suite turns it into an error).
+    """
+
+
+class KerasregDeprecationWarning(KerasregWarning, DeprecationWarning):
+    """A kerasreg argument or function that will go away."""
 
 
 def as_real_scalar(value: Any) -> float | None:

@@ -30,6 +30,7 @@ from kerasreg._checks import (
     validate_factor,
 )
 from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
+from kerasreg.tf_functions import traced_once
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
 DEFAULT_ZERO_THRESHOLD = 1e-8
@@ -137,6 +138,24 @@ def weight_norms(
     zero_threshold = validate_factor(zero_threshold, "zero_threshold", "weight_norms")
     variables = select_weights(model, where)
     return _program_for(model, variables, per_gate, zero_threshold)()
+
+
+def statistic_names(
+    model: keras.layers.Layer, variables: list[Any], *, per_gate: bool = False
+) -> list[tuple[str, list[str]]]:
+    """What `weight_norms(model, variables, per_gate=...)` returns, without the
+    values: `[(key, [statistic names]), ...]` in the same order, from the
+    same cached program (nothing is computed on the device).
+
+    Args:
+        model: a built `keras.Model` (or layer).
+        variables: the weights, as a list (e.g. from `select_weights`).
+        per_gate: bool, as for `weight_norms`.
+    """
+    per_gate = validate_bool(per_gate, "per_gate", "statistic_names")
+    variables = select_weights(model, variables)
+    program = _program_for(model, variables, per_gate, DEFAULT_ZERO_THRESHOLD)
+    return [(key, [*positions, "trainable"]) for key, _, positions in program.layout]
 
 
 class _NormProgram:
@@ -455,9 +474,8 @@ def _compile(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn)
+        # One trace per program: many programs are not "retracing".
+        return traced_once(fn)
     if backend == "jax":
         import jax
 

@@ -124,7 +124,7 @@ SAVE_LOAD = textwrap.dedent(
 def test_reference_survives_save_and_load_in_a_fresh_process(rng, tmp_path):
     model = model_with(kernel_regularizer=L2SPPenalty(0.2))
     model.fit(*data(rng), epochs=1, verbose=0)
-    kerasreg.regularize(model, kernel=L2SPPenalty(0.7), layers="^out$")
+    kerasreg.regularize(model, kernel=L2SPPenalty(0.7), where=kerasreg.layer("^out$"))
     model.fit(*data(rng), epochs=2, verbose=0)
     expected = [float(ops.convert_to_numpy(loss)) for loss in model.losses]
     assert all(v > 0 for v in expected)

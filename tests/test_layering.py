@@ -18,13 +18,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kerasreg"
 
 # Lower numbers are lower layers; a module may import only strictly lower ones.
 LAYERS = {
-    # Helpers and the one door to Keras internals; the Keras-free file naming
-    # and the TensorBoard event-file writer import no kerasreg module.
+    # Helpers, the one door to Keras internals, functions traced once; the
+    # Keras-free file naming imports no kerasreg module.
     "_checks": 0,
     "_compat": 0,
+    "tf_functions": 0,
     "keras_file_names": 0,
-    "summaries": 0,
-    # The formulas, the model walk, and the machinery the callbacks share.
+    # The formulas, the model walk, the TensorBoard event-file writer and the
+    # machinery the callbacks share.
+    "summaries": 1,
     "penalties": 1,
     "walk": 1,
     "callback_order": 1,

@@ -486,3 +486,60 @@ def test_frozen_weights_report_their_penalty_marked_not_trainable():
     assert in_loss == pytest.approx(keras_adds, rel=1e-5)
     conv.trainable = True
     assert weight_norms(model, [conv.kernel])[key(model, conv.kernel)]["trainable"]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's retracing detector"
+)
+def test_many_models_measured_and_shrunk_log_no_retracing():
+    """TensorFlow counts traces per code object: one `tf.function` per program
+    (per model) looked like one function retraced and logged "triggered
+    tf.function retracing" after a few models. Each program, in-place update
+    and summary writer is now traced once and called as a concrete function."""
+    import logging
+    import tempfile
+
+    from conftest import _RetracingRecords, kerasreg_function_named
+
+    from kerasreg.summaries import RunWriter
+
+    records = _RetracingRecords()
+    logging.getLogger("tensorflow").addHandler(records)
+    try:
+        for n in range(8):
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(n + 1)])
+            weight_norms(model)
+            kerasreg.shrink_weights(model, 0.5)
+        with tempfile.TemporaryDirectory() as folder:
+            writer = RunWriter(folder)
+            for n in range(8):  # a new tag set each time: compiled on its 2nd write
+                for step in range(2):
+                    writer.write(step, {f"tag{k}": 1.0 for k in range(n + 1)})
+            writer.close()
+    finally:
+        logging.getLogger("tensorflow").removeHandler(records)
+    assert records.messages == []
+    # The conftest fixture would have named these kerasreg functions:
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <bound method _NormProgram.compute of "
+            "<kerasreg.norms._NormProgram object at 0x7f>> triggered tf.function "
+            "retracing."
+        )
+        == "kerasreg.norms._NormProgram.compute"
+    )
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <function _tensorflow_update.<locals>.update "
+            "at 0x7f> triggered tf.function retracing."
+        )
+        == "kerasreg.inplace._tensorflow_update.<locals>.update"
+    )
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <function TensorFlowTrainer.make_predict_"
+            "function.<locals>.multi_step_on_data at 0x7f> triggered tf.function "
+            "retracing."
+        )
+        is None
+    )
