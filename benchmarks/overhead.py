@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --rounds 11 # the README table
     python benchmarks/overhead.py --quick     # smoke run (about 2 minutes)
     python benchmarks/overhead.py --only norms
+    python benchmarks/overhead.py --only mlp --group logger --rounds 11
 
 Every variant is built once and warmed up; then, round after round, each
 variant's `fit` (one epoch) is timed in turn, the order rotating every round.
@@ -493,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["mlp", "lstm", "deep", "norms"], action="append"
     )
+    parser.add_argument(
+        "--group",
+        choices=["penalty", "decay", "logger"],
+        action="append",
+        help="only these comparison groups (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args(argv)
     if keras.backend.backend() != "tensorflow":
@@ -518,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups = (
                     ("decay",) if kind == "deep" else ("penalty", "decay", "logger")
                 )
+                groups = tuple(g for g in groups if g in (args.group or groups))
                 rows += bench_training(
                     kind, steps[kind], rounds, Path(log_root), groups
                 )
