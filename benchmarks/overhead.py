@@ -5,6 +5,7 @@
     python benchmarks/overhead.py --quick     # smoke run (about 2 minutes)
     python benchmarks/overhead.py --only norms
     python benchmarks/overhead.py --only mlp --group logger --only gradients
+    python benchmarks/overhead.py --only mlp --group logger --rounds 11
 
 Every variant is built once and warmed up; then, round after round, each
 variant's `fit` (one epoch) is timed in turn, the order rotating every round.

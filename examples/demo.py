@@ -34,11 +34,13 @@ updates as 4000 one-batch epochs, without Keras's per-epoch overhead (see
 
     python examples/demo.py            # or: python3 dev.py demo
     python examples/demo.py --quick    # 600 updates per run (for tests)
+    python examples/demo.py --json results.json  # the table's numbers as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -58,6 +60,7 @@ from moons_problem import (
     loss_parts,
     moons_data,
     moons_model,
+    probabilities,
 )
 
 import kerasreg
@@ -78,9 +81,11 @@ PUBLISHED = {"none": ("1.000", "0.914"), "L2Penalty(1e-3)": ("-", "0.943")}
 def callbacks(log_dir: Path, run: str) -> list:
     run_dir = log_dir / run
     shutil.rmtree(run_dir, ignore_errors=True)
+    # The logger first: Keras's TensorBoard then also logs the logger's
+    # `data_loss` and `penalty` keys (kerasreg warns about the other order).
     return [
-        keras.callbacks.TensorBoard(str(run_dir)),
         kerasreg.WeightNormLogger(str(run_dir)),
+        keras.callbacks.TensorBoard(str(run_dir)),
     ]
 
 
@@ -107,8 +112,7 @@ GRID = np.meshgrid(np.linspace(-1.6, 2.6, 160), np.linspace(-1.2, 1.7, 120))
 
 def decision_grid(model: keras.Model) -> np.ndarray:
     points = np.stack([g.ravel() for g in GRID], axis=1).astype("float32")
-    p = model.predict(points, batch_size=len(points), verbose=0)
-    return p.reshape(GRID[0].shape)
+    return probabilities(model, points).reshape(GRID[0].shape)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -215,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="600 updates per run (for tests)"
     )
     parser.add_argument("--log-dir", type=Path, default=LOG_ROOT / "demo")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results here"
+    )
     args = parser.parse_args(argv)
     updates = 600 if args.quick else 4000
     start = time.perf_counter()
@@ -267,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         name: {key: value for key, value in r.items() if key != "boundary"}
         for name, r in results.items()
     }
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": runs, "figure": str(figure)}))
     return {"runs": runs, "seconds": seconds, "figure": figure}
 
 

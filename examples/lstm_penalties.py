@@ -113,8 +113,9 @@ def train(penalized: bool, data, epochs: int, run_dir: Path) -> dict:
         validation_data=validation,
         verbose=0,
         callbacks=[
-            keras.callbacks.TensorBoard(str(run_dir)),
+            # The logger first: Keras's TensorBoard then logs its keys too.
             kerasreg.WeightNormLogger(str(run_dir), per_gate=True),
+            keras.callbacks.TensorBoard(str(run_dir)),
         ],
     )
     cell = model.get_layer("lstm").cell

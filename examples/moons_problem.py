@@ -109,15 +109,22 @@ def fit_full_batch(
     )
 
 
+def probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """The model's output for `x`, as numpy: one direct call, not `predict`
+    (whose per-model compiled function, called with a new shape each time for
+    several models in a row, makes TensorFlow warn about retracing)."""
+    return keras.ops.convert_to_numpy(model(x.astype("float32"), training=False))
+
+
 def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     """Fraction of points classified right (threshold 0.5)."""
-    p = model.predict(x, batch_size=len(x), verbose=0)[:, 0]
+    p = probabilities(model, x)[:, 0]
     return float(np.mean((p > 0.5) == (y > 0.5)))
 
 
 def loss_parts(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict:
     """Data loss (cross-entropy), penalty (sum of `model.losses`) and its share."""
-    p = model.predict(x, batch_size=len(x), verbose=0)[:, 0].astype("float64")
+    p = probabilities(model, x)[:, 0].astype("float64")
     p = np.clip(p, 1e-7, 1 - 1e-7)
     data = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     penalty = float(

@@ -101,9 +101,10 @@ def continue_training(model, extra_callbacks, updates: int, run_dir: Path) -> di
         validation_data=validation_data(),
         callbacks=[
             *extra_callbacks,
+            # The logger before the callbacks that read its `logs` keys.
+            kerasreg.WeightNormLogger(str(run_dir)),
             stopper,
             keras.callbacks.TensorBoard(str(run_dir)),
-            kerasreg.WeightNormLogger(str(run_dir)),
         ],
     )
     # EarlyStopping restores the best weights only when it stops early.

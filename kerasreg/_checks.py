@@ -5,7 +5,8 @@
 - iterables of Keras objects: `check_items`;
 - dtype rules: `is_low_precision`, `accumulation_dtype` (float16 and bfloat16
   weights are summed in float32);
-- the optimizer's step count: `optimizer_iterations`.
+- the optimizer's step count: `update_counter`, `optimizer_iterations`;
+- the category of kerasreg's own warnings: `KerasregWarning`.
 
 Errors name the argument, the value received and what is accepted, as
 Keras's own `validate_float_arg` does. This module imports nothing from
@@ -23,6 +24,19 @@ import numpy as np
 from keras import ops
 
 _LOW_PRECISION = ("float16", "bfloat16")
+
+
+class KerasregWarning(UserWarning):
+    """The category of every warning kerasreg issues itself.
+
+    Its warnings point at the user's code (`stacklevel`), so a filter on
+    kerasreg's modules does not see them; filter on this class instead
+    (kerasreg's own test suite turns it into an error).
+    """
+
+
+class KerasregDeprecationWarning(KerasregWarning, DeprecationWarning):
+    """A kerasreg argument or function that will go away."""
 
 
 def as_real_scalar(value: Any) -> float | None:
@@ -122,9 +136,23 @@ def accumulation_dtype(x: Any) -> Any:
     return x
 
 
+def update_counter(optimizer: Any) -> Any:
+    """The variable (or tensor) counting the updates `optimizer` applied, or None.
+
+    `optimizer.iterations`, except for a `LossScaleOptimizer`: its wrapped
+    optimizer's, which moves only when an update is applied (not on a step
+    skipped for non-finite gradients). Keras 3.8's `LossScaleOptimizer` does
+    not forward `iterations` (its own stays 0); later versions forward it.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        optimizer = inner
+    return getattr(optimizer, "iterations", None)
+
+
 def optimizer_iterations(model: Any) -> int:
     """Optimizer updates taken so far (one scalar read from the device); 0 without
     an optimizer. The step index of every kerasreg callback, never rebuilt from
     Keras's `batch` argument."""
-    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    iterations = update_counter(getattr(model, "optimizer", None))
     return 0 if iterations is None else int(ops.convert_to_numpy(iterations))

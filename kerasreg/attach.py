@@ -16,7 +16,11 @@ from typing import Any
 
 import keras
 
-from kerasreg._checks import check_items
+from kerasreg._checks import (
+    KerasregDeprecationWarning,
+    KerasregWarning,
+    check_items,
+)
 from kerasreg._compat import (
     config_regularizer_attribute,
     set_tracked_attribute,
@@ -176,7 +180,7 @@ def regularize(
             "regularize(layers=...) is deprecated: pass where=kerasreg.layer(...) "
             "with the same layers (it selects their trainable weights), or any "
             "other `where=` rule.",
-            DeprecationWarning,
+            KerasregDeprecationWarning,
             stacklevel=2,
         )
     if isinstance(layers, Iterable) and not isinstance(
@@ -397,7 +401,7 @@ def _warn_if_lost_on_save(
             "Keras model or layer, which Keras rebuilds from its own `__init__` "
             "on load. Pass the regularizers in its `__init__` (and `get_config`), "
             "or call `regularize` again after loading.",
-            UserWarning,
+            KerasregWarning,
             stacklevel=3,
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from kerasreg._checks import KerasregWarning
 from kerasreg._compat import fit_callbacks
 
 # Keras callbacks that read epoch `logs` when their own hook runs.
@@ -49,7 +50,7 @@ def warn_if_logs_readers_run_first(
 
     Call it from `on_train_begin` of a callback that writes to `logs`. It looks
     at the list of callbacks of the `fit` that is running and warns (a
-    `UserWarning`) when `TensorBoard`, `CSVLogger`, `EarlyStopping`,
+    `UserWarning`, precisely a `kerasreg._checks.KerasregWarning`) when `TensorBoard`, `CSVLogger`, `EarlyStopping`,
     `ModelCheckpoint` or `ReduceLROnPlateau` comes before `callback`: those
     read `logs` before `callback` writes its keys, so they would not see them.
 
@@ -81,7 +82,7 @@ def warn_if_logs_readers_run_first(
         f"{name} writes {what} at epoch end, but {names} {verb} before it in "
         f"`callbacks` and will not see them. Put {name} first: "
         f"callbacks=[{name}(...), {readers[0]}(...), ...].",
-        UserWarning,
+        KerasregWarning,
         stacklevel=3,
     )
     return True

@@ -54,13 +54,20 @@ class WeightDecay(PostStepTransform):
     the optimizer's learning rate at that step when `lr_scaled=True` (the
     AdamW convention). `t` is the optimizer step (`optimizer.iterations`
     before the update, counted across `fit` calls) for `frequency="batch"`,
-    the epoch index for `frequency="epoch"`.
+    the epoch index for `frequency="epoch"` (whose learning rate is that of
+    the epoch's last update).
 
-    Exactly once per optimizer update: with `steps_per_execution=k` each of
-    the k steps is followed by its decay (`(1 - rate) ** k` per execution for
-    a constant rate), and with gradient accumulation over `n` batches the
-    decay acts on the `n`-th batch of each group only, when the optimizer
-    updates (as Keras's own `weight_decay` does).
+    Exactly once per update the optimizer applied (`iterations` moved): with
+    `steps_per_execution=k` each of the k steps is followed by its decay
+    (`(1 - rate) ** k` per execution for a constant rate); with gradient
+    accumulation over `n` batches the decay acts on the `n`-th batch of each
+    group only, when the optimizer updates (as Keras's own `weight_decay`
+    does); a step that dynamic loss scaling skips (non-finite gradients) gets
+    no decay. Per epoch, an epoch without any applied update gets none. With
+    the optimizer's `use_ema=True`, the decay is applied once more after Keras
+    writes the moving average over the weights at the end of `fit`, so the
+    model ends with the moving average of the decayed weights (exactly, for a
+    constant rate).
 
     This is decoupled weight decay (Loshchilov and Hutter, 2019): it acts on
     the weights directly, whatever the optimizer. Under plain SGD at learning
@@ -237,6 +244,9 @@ class SoftThreshold(PostStepTransform):
     `threshold_t` is `threshold`, or `schedule(t)`, times the learning rate
     when `lr_scaled=True`; same steps, selection, checks and `logs` handling
     as `WeightDecay` (key `f"{name}_threshold"`, default name `"prox_l1"`).
+    With the optimizer's `use_ema=True`, the threshold is applied once more
+    after Keras writes its moving average over the weights at the end of
+    `fit`, so the model ends with exact zeros.
 
     Args:
         threshold: float, finite and >= 0, per update (or epoch).

@@ -20,6 +20,7 @@ from keras import ops
 
 from kerasreg import _compat
 from kerasreg._checks import is_low_precision
+from kerasreg.tf_functions import traced_once
 
 # transform(value, param, ref) -> new value, in `keras.ops`; `ref` may be None.
 Transform = Callable[[Any, Any, Any], Any]
@@ -76,10 +77,12 @@ def _tensorflow_update(variables, transform, refs):
 
     with_refs = [r is not None for r in refs]
 
-    @tf.function(autograph=False)
-    def update(param, refs):
+    def assign_all(param, refs):
         for v, ref in zip(variables, refs, strict=True):
             v.assign(apply_transform(transform, v, param, ref))
+
+    # One trace per update: many updates (models, fits) are not "retracing".
+    update = traced_once(assign_all, autograph=False)
 
     def run(param):
         if isinstance(param, numbers.Real):

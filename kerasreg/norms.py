@@ -2,8 +2,9 @@
 
 `weight_norms(model)` measures every selected weight (the `where=` rule of
 `kerasreg.selection`) with one compiled computation that returns one small
-float32 vector, copied to the host once. On a GPU this costs one kernel launch
-sequence and one transfer, however many weights the model has.
+vector per precision (float32; float64 for float64 weights), each copied to
+the host once. On a GPU this costs one kernel launch sequence and one or two
+transfers, however many weights the model has.
 
 Longer than 400 lines on purpose: it is one computation. `_NormProgram` and
 its reductions (`_zero_fractions`, `_sum_of_squares`, `_scaled_norm`, the
@@ -29,6 +30,7 @@ from kerasreg._checks import (
     validate_factor,
 )
 from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
+from kerasreg.tf_functions import traced_once
 
 # |w| below this counts as zero: a float32 weight that small changes no output.
 DEFAULT_ZERO_THRESHOLD = 1e-8
@@ -82,11 +84,17 @@ def weight_norms(
     gate `g` in Keras's column order: LSTM `i, f, c, o` (input, forget, cell,
     output; the same for ConvLSTM), GRU `z, r, h` (update, reset, candidate).
 
+    Precision: statistics come back in the weight's own precision: float64
+    weights are measured and reported in float64 (to float64 rounding, as
+    numpy would give them), float32 ones in float32, and float16 and bfloat16
+    ones are accumulated and reported in float32. The values are Python
+    floats.
+
     All statistics of all weights are computed by one compiled computation
     (a `tf.function` on TensorFlow, `jax.jit` on JAX, plain ops under
-    `torch.no_grad()` on PyTorch) that returns one float32 vector, and only
-    that vector is copied to the host. float16 and bfloat16 weights are
-    accumulated in float32, float64 ones in float64 (the result is float32).
+    `torch.no_grad()` on PyTorch) that returns one vector per precision in use
+    (float32, and float64 when some weight is float64), and only those small
+    vectors are copied to the host.
     The compiled computation is cached per model and selection (the last
     `CACHE_SIZE = 8` combinations of selection, regularizers, `per_gate` and
     `zero_threshold`), so several selections used in turn are not re-traced.
@@ -132,24 +140,44 @@ def weight_norms(
     return _program_for(model, variables, per_gate, zero_threshold)()
 
 
+def statistic_names(
+    model: keras.layers.Layer, variables: list[Any], *, per_gate: bool = False
+) -> list[tuple[str, list[str]]]:
+    """What `weight_norms(model, variables, per_gate=...)` returns, without the
+    values: `[(key, [statistic names]), ...]` in the same order, from the
+    same cached program (nothing is computed on the device).
+
+    Args:
+        model: a built `keras.Model` (or layer).
+        variables: the weights, as a list (e.g. from `select_weights`).
+        per_gate: bool, as for `weight_norms`.
+    """
+    per_gate = validate_bool(per_gate, "per_gate", "statistic_names")
+    variables = select_weights(model, variables)
+    program = _program_for(model, variables, per_gate, DEFAULT_ZERO_THRESHOLD)
+    return [(key, [*positions, "trainable"]) for key, _, positions in program.layout]
+
+
 class _NormProgram:
     """The compiled computation for one model, selection and settings.
 
-    Every statistic is a reduction of `|w|` or `w**2`, so a gated weight is
-    reshaped to `(-1, gates, units)` and reduced per gate; its whole-tensor
-    statistics combine the per-gate ones (sums and maxima) without another
-    pass. The output vector is statistic-major: all `l1` entries (per weight,
-    the whole tensor then its gates), then all `l2`, `linf`, zero fractions,
-    then one penalty per weight.
+    Weights are grouped by the precision of their statistics (`float64` for
+    float64 weights, `float32` for the others) and the computation returns one
+    vector per group. Every statistic is a reduction of `|w|` or `w**2`, so a
+    gated weight is reshaped to `(-1, gates, units)` and reduced per gate; its
+    whole-tensor statistics combine the per-gate ones (sums and maxima)
+    without another pass. Each group's vector is statistic-major: all `l1`
+    entries (per weight, the whole tensor then its gates), then all `l2`,
+    `linf`, zero fractions, then one penalty per weight.
 
     Cost per weight on TensorFlow: `|w|` written once and read for its sum,
     its max and its row minima, and `w**2` summed in one fused kernel; zeros
     are counted only in the rows whose minimum is below the threshold
     (usually none or a few). On JAX, XLA fuses the reductions. One rare case
-    takes a second pass, chosen for the whole computation by one `cond` (a
-    per-weight `cond` costs more than it saves): the exact `l2` of a weight
-    whose sum of squares overflows float32 or whose largest entry is below
-    `1e-5` (its squares could underflow), recomputed scaled by `max|w|`.
+    takes a second pass, chosen for each group by one `cond` (a per-weight
+    `cond` costs more than it saves): the exact `l2` of a weight whose sum of
+    squares overflows or whose largest entry is below `1e-5` (its squares
+    could underflow float32), recomputed scaled by `max|w|`.
     """
 
     def __init__(
@@ -170,22 +198,29 @@ class _NormProgram:
             _linear_penalty(r, str(v.dtype))
             for r, v in zip(self.regularizers, variables, strict=True)
         ]
-        # Host-side layout: for each weight, its key and, for each output
-        # name, the position of that value in the output vector.
-        entries = [1 + len(g) for g in self.gates]  # whole tensor, then gates
-        n_entries = sum(entries)
-        self.layout: list[tuple[str, dict[str, int]]] = []
-        first = 0
-        for index, (key, gate_names) in enumerate(zip(keys, self.gates, strict=True)):
-            positions = {}
-            for s, stat in enumerate(STATISTICS):
-                positions[stat] = s * n_entries + first
-            positions["penalty"] = len(STATISTICS) * n_entries + index
-            for s, stat in enumerate(STATISTICS):
-                for g, gate in enumerate(gate_names):
-                    positions[f"{stat}/gate_{gate}"] = s * n_entries + first + 1 + g
-            self.layout.append((key, positions))
-            first += entries[index]
+        # Groups of weights by result dtype, in order of first appearance.
+        # The values' dtype: JAX without x64 holds float64 weights as float32.
+        dtypes = [result_dtype(v.value.dtype) for v in variables]
+        self.groups: list[tuple[str, list[int]]] = []
+        for dtype in dict.fromkeys(dtypes):
+            self.groups.append((dtype, [i for i, d in enumerate(dtypes) if d == dtype]))
+        # Host-side layout: for each weight, its key, its group and, for each
+        # output name, the position of that value in the group's vector.
+        self.layout: list[Any] = [None] * len(variables)
+        for group, (_, members) in enumerate(self.groups):
+            entries = [1 + len(self.gates[i]) for i in members]  # tensor, gates
+            n_entries = sum(entries)
+            first = 0
+            for index, i in enumerate(members):
+                positions = {}
+                for s, stat in enumerate(STATISTICS):
+                    positions[stat] = s * n_entries + first
+                positions["penalty"] = len(STATISTICS) * n_entries + index
+                for s, stat in enumerate(STATISTICS):
+                    for g, gate in enumerate(self.gates[i]):
+                        positions[f"{stat}/gate_{gate}"] = s * n_entries + first + 1 + g
+                self.layout[i] = (keys[i], group, positions)
+                first += entries[index]
         self.compiled = _compile(self.compute)
 
     def _reductions(self, x: Any, gate_names: tuple[str, ...]):
@@ -196,7 +231,8 @@ class _NormProgram:
             return ops.abs(x), (0, 2), x
         return ops.abs(x), None, x
 
-    def compute(self, values: list[Any], state: list[Any]) -> Any:
+    def compute(self, values: list[Any], state: list[Any]) -> tuple[Any, ...]:
+        """One vector per group, each in its group's dtype."""
         if not state:
             return self._compute(values)
         # The penalties read their state (an L2SPPenalty's reference) as an
@@ -206,27 +242,32 @@ class _NormProgram:
         ):
             return self._compute(values)
 
-    def _compute(self, values: list[Any]) -> Any:
+    def _compute(self, values: list[Any]) -> tuple[Any, ...]:
+        return tuple(
+            self._compute_group(dtype, members, [values[i] for i in members])
+            for dtype, members in self.groups
+        )
+
+    def _compute_group(self, dtype: str, members: list[int], values: list) -> Any:
         # Per weight: sum|w|, max|w|, zero fraction, sum(w**2), each a vector
         # over (whole tensor, gates...); then one penalty.
         sums, maxima, zeros, squares, penalties = [], [], [], [], []
-        for value, regularizer, gate_names, linear in zip(
-            values, self.regularizers, self.gates, self.linear, strict=True
-        ):
+        for i, value in zip(members, values, strict=True):
+            regularizer, gate_names = self.regularizers[i], self.gates[i]
             x = accumulation_dtype(value)
             if _size(x.shape) == 0:
-                empty = ops.zeros((1 + len(gate_names),), "float32")
+                empty = ops.zeros((1 + len(gate_names),), dtype)
                 sums.append(empty)
                 maxima.append(empty)
                 zeros.append(empty)
                 squares.append(empty)
-                penalties.append(ops.zeros((), "float32"))
+                penalties.append(ops.zeros((), dtype))
                 continue
             a, axis, blocks = self._reductions(x, gate_names)
-            l1 = ops.cast(ops.sum(a, axis=axis), "float32")
-            linf = ops.cast(ops.max(a, axis=axis), "float32")
-            fraction = _zero_fractions(a, axis, self.zero_threshold)
-            ss = ops.cast(_sum_of_squares(blocks, axis), "float32")
+            l1 = ops.cast(ops.sum(a, axis=axis), dtype)
+            linf = ops.cast(ops.max(a, axis=axis), dtype)
+            fraction = _zero_fractions(a, axis, self.zero_threshold, dtype)
+            ss = ops.cast(_sum_of_squares(blocks, axis), dtype)
             if gate_names:  # the whole tensor from its gates, then the gates
                 l1 = ops.concatenate([_first(ops.sum(l1)), l1])
                 linf = ops.concatenate([_first(ops.max(linf)), linf])
@@ -238,17 +279,17 @@ class _NormProgram:
             zeros.append(fraction)
             squares.append(ss)
             if regularizer is None:
-                penalties.append(ops.zeros((), "float32"))
-            elif linear is not None:
+                penalties.append(ops.zeros((), dtype))
+            elif self.linear[i] is not None:
                 # Exactly the regularizer's formula, from the sums just taken.
                 totals = {"l1": l1[0], "l2": ss[0]}
-                penalty = ops.zeros((), "float32")
-                for term, factor in linear:
+                penalty = ops.zeros((), dtype)
+                for term, factor in self.linear[i] or ():
                     penalty = penalty + factor * totals[term]
                 penalties.append(penalty)
             else:
                 # Called on the variable's own dtype, as Keras does for the loss.
-                penalties.append(ops.cast(ops.sum(regularizer(value)), "float32"))
+                penalties.append(ops.cast(ops.sum(regularizer(value)), dtype))
         l1 = ops.concatenate(sums)
         linf = ops.concatenate(maxima)
         zero_fraction = ops.concatenate(zeros)
@@ -260,41 +301,52 @@ class _NormProgram:
         l2 = ops.cond(
             ops.all(fast_l2),
             lambda: ops.sqrt(ss),
-            lambda: self._scaled_l2(values),
+            lambda: self._scaled_l2(members, values, dtype),
         )
         return ops.concatenate([l1, l2, linf, zero_fraction, ops.stack(penalties)])
 
-    def _scaled_l2(self, values: list[Any]) -> Any:
-        """`l2` of every entry, robust to float32 overflow and underflow."""
+    def _scaled_l2(self, members: list[int], values: list[Any], dtype: str) -> Any:
+        """`l2` of every entry, robust to overflow and float32 underflow."""
         parts = []
-        for value, gate_names in zip(values, self.gates, strict=True):
+        for i, value in zip(members, values, strict=True):
+            gate_names = self.gates[i]
             x = accumulation_dtype(value)
             n = 1 + len(gate_names)
             if _size(x.shape) == 0:
-                parts.append(ops.zeros((n,), "float32"))
+                parts.append(ops.zeros((n,), dtype))
                 continue
             a, axis, _ = self._reductions(x, gate_names)
             if gate_names:
                 # Whole tensor first (scaled by its own max), then each gate.
-                whole = _scaled_norm(a, None)
-                parts.append(ops.concatenate([_first(whole), _scaled_norm(a, axis)]))
+                whole = _scaled_norm(a, None, dtype)
+                parts.append(
+                    ops.concatenate([_first(whole), _scaled_norm(a, axis, dtype)])
+                )
             else:
-                parts.append(_first(_scaled_norm(a, None)))
+                parts.append(_first(_scaled_norm(a, None, dtype)))
         return ops.concatenate(parts)
 
     def __call__(self) -> dict[str, dict[str, float]]:
-        vector = ops.convert_to_numpy(
-            self.compiled(
-                [v.value for v in self.variables], [v.value for v in self.state]
-            )
+        vectors = self.compiled(
+            [v.value for v in self.variables], [v.value for v in self.state]
         )
+        vectors = [ops.convert_to_numpy(vector) for vector in vectors]
         result = {}
-        for (key, positions), trainable in zip(
+        for (key, group, positions), trainable in zip(
             self.layout, self.trainable, strict=True
         ):
+            vector = vectors[group]
             result[key] = {name: float(vector[i]) for name, i in positions.items()}
             result[key]["trainable"] = trainable
         return result
+
+
+def result_dtype(dtype: Any) -> str:
+    """The dtype of a weight's statistics: float64 for float64 weights, else
+    float32 (float16 and bfloat16 ones are accumulated in float32)."""
+    return (
+        "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+    )
 
 
 # Below this largest |w| a sum of squares may lose entries to float32
@@ -302,7 +354,7 @@ class _NormProgram:
 _SMALLEST_FAST_LINF = 1e-5
 
 
-def _zero_fractions(a: Any, axis: Any, threshold: float) -> Any:
+def _zero_fractions(a: Any, axis: Any, threshold: float, dtype: str) -> Any:
     """Fraction of `a` below `threshold`: whole tensor, then each gate if gated.
 
     `a` is `|w|`, gated ones shaped `(-1, gates, units)` and reduced over
@@ -323,15 +375,15 @@ def _zero_fractions(a: Any, axis: Any, threshold: float) -> Any:
         row_axes = tuple(range(1, len(rows.shape)))
         low = tf.reduce_min(rows, axis=row_axes) < threshold
         picked = tf.gather(rows, tf.reshape(tf.where(low), (-1,)))
-        below = tf.cast(picked < threshold, tf.float32)
+        below = tf.cast(picked < threshold, dtype)
         if axis:
             per_gate = tf.reduce_sum(below, axis=(0, 2))
             whole = tf.reduce_sum(per_gate)
             counts = tf.concat([tf.reshape(whole, (1,)), per_gate], 0)
             shares = [size] + [size // int(a.shape[1])] * int(a.shape[1])
-            return counts / tf.constant(shares, tf.float32)
+            return counts / tf.constant(shares, dtype)
         return tf.reshape(tf.reduce_sum(below) / size, (1,))
-    below = ops.cast(a < threshold, "float32")
+    below = ops.cast(a < threshold, dtype)
     whole = _first(ops.mean(below))
     if axis:
         return ops.concatenate([whole, ops.mean(below, axis=axis)])
@@ -343,18 +395,18 @@ def _first(scalar: Any) -> Any:
     return ops.reshape(scalar, (1,))
 
 
-def _scaled_norm(a: Any, axis: Any) -> Any:
+def _scaled_norm(a: Any, axis: Any, dtype: str) -> Any:
     """`sqrt(sum(a**2))` over `axis`, scaled by `max(a)`: no overflow, no underflow."""
     # In the weight's own dtype (float32 or float64): `a / scale` needs one dtype.
     linf = ops.max(a, axis=axis, keepdims=True)
     scale = ops.where(linf > 0, linf, ops.ones_like(linf))
     norm = ops.sqrt(ops.sum(ops.square(a / scale), axis=axis, keepdims=True)) * scale
-    norm = ops.cast(ops.where(ops.isinf(linf), linf, norm), "float32")
+    norm = ops.cast(ops.where(ops.isinf(linf), linf, norm), dtype)
     return ops.reshape(norm, (-1,)) if axis is not None else ops.reshape(norm, ())
 
 
 def _sum_of_squares(x: Any, axis: Any) -> Any:
-    """`sum(x**2)` over `axis` (float32 accumulation, no scaling)."""
+    """`sum(x**2)` over `axis` (in `x`'s dtype, no scaling)."""
     if axis is None and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -436,21 +488,8 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        function = tf.function(fn)
-        traced: list[Any] = []
-
-        def call(values: list[Any]) -> Any:
-            # Traced once, through `get_concrete_function`: TensorFlow counts
-            # traces of one Python function across all its `tf.function`s, and
-            # one program per model (a sweep's K variants) is not retracing,
-            # though past five its warning says so.
-            if not traced:
-                traced.append(function.get_concrete_function(values))
-            return traced[0](values)
-
-        return call
+        # One trace per program: many programs are not "retracing".
+        return traced_once(fn)
     if backend == "jax":
         import jax
 

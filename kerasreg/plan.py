@@ -12,8 +12,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerasreg._checks import check_items
+from kerasreg._checks import check_items, optimizer_iterations
 from kerasreg._compat import sublayers
+from kerasreg.fit_record import last_fit_callbacks
 from kerasreg.selection import default_rule, weight_paths, where_predicate
 
 # Layers whose own weights are normalization scales and offsets.
@@ -133,12 +134,14 @@ def describe(model: keras.Model, callbacks: Iterable[Any] | None = None) -> str:
     - `shape`;
     - `penalty`: the regularizer Keras adds to the loss for it, as
       `ClassName(arguments)`, or `none`;
-    - `callbacks`: what each kerasreg callback in `callbacks` that acts on
-      weights after each step (anything with `where` and `describe_action()`,
-      such as `WeightDecay`) does to it, and when a logger records its
-      gradient statistics (`WeightNormLogger(gradients=True)`: "gradient
-      statistics every 10 updates (training batch) ...", for the trainable
-      weights its `where` selects);
+    - `callbacks`: what each kerasreg callback that acts on weights after
+      each step (anything with `where` and `describe_action()`, such as
+      `WeightDecay` and `SoftThreshold`) does to it: those in `callbacks`,
+      or by default those of the model's last `fit`; and when a logger in
+      `callbacks` records its gradient statistics
+      (`WeightNormLogger(gradients=True)`: "gradient statistics every 10
+      updates (training batch) ...", for the trainable weights its `where`
+      selects);
     - `default where`: `selected` if the default `where=None` rule selects it,
       else why it is left out: `bias`, `normalization`, `1-D` (or `0-D`), or
       `not trainable`.
@@ -149,7 +152,11 @@ def describe(model: keras.Model, callbacks: Iterable[Any] | None = None) -> str:
     Args:
         model: a built `keras.Model` (or layer).
         callbacks: optional iterable of callbacks, as passed to `fit`; those
-            that are not post-step kerasreg callbacks are ignored.
+            that are not post-step kerasreg callbacks are ignored. Default
+            `None`: the post-step kerasreg callbacks of the model's last
+            `fit` (remembered by the callbacks themselves), as long as the
+            model has not trained since without them (its optimizer step has
+            not moved since that `fit` ended); `[]` shows none.
 
     Returns:
         The markdown table, one line per row, ending with a newline.
@@ -177,12 +184,15 @@ def describe(model: keras.Model, callbacks: Iterable[Any] | None = None) -> str:
             "describe: invalid `model`: expected a keras.Model or layer. "
             f"Received: model={model!r} (type {type(model).__name__})."
         )
+    remembered = callbacks is None
     callbacks = _check_callbacks(callbacks)
     if not model.weights:
         raise ValueError(
             f"describe: `model` {model.name!r} has no weights: build it (call it "
             "on data or give it an Input) first."
         )
+    if remembered:
+        callbacks = last_fit_callbacks(model, optimizer_iterations(model))
     paths = weight_paths(model)
     owners = weight_owners(model)
     actions = []

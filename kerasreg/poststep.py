@@ -6,12 +6,21 @@ spirit of optax's chained transforms: each is a small `PostStepTransform`
 subclass that says how to turn its strength into an update. This module holds
 what they share:
 
-- **When.** Exactly once per optimizer update, whatever `steps_per_execution`,
-  gradient accumulation (an update happens every `n`-th batch: the transform
-  acts on those batches only, as Keras's own `weight_decay` does) or the epoch
-  length say. The step index is always `optimizer.iterations`, read on the
-  device in the compiled step or as one scalar on the host, never rebuilt from
-  Keras's `batch` argument.
+- **When.** Exactly once per update the optimizer applied (its
+  `iterations` moved), whatever `steps_per_execution`, gradient accumulation
+  (an update happens every `n`-th batch: the transform acts on those batches
+  only, as Keras's own `weight_decay` does), dynamic loss scaling (a step
+  whose gradients overflowed is skipped by `LossScaleOptimizer`, and so is its
+  transform) or the epoch length say. A per-epoch transform acts once per
+  epoch in which the optimizer applied an update. The step index is always
+  `optimizer.iterations`, read on the device in the compiled step or as one
+  scalar on the host, never rebuilt from Keras's `batch` argument.
+- **EMA.** With an optimizer's `use_ema=True`, Keras writes its moving
+  average over the weights every `ema_overwrite_frequency` updates (inside
+  the update, so that update's own transform follows it) and at the end of
+  `fit` (after the last update): then the transform is applied once more, to
+  what Keras wrote, with the strength of the last update (or epoch). The
+  model ends with what the transform promises.
 - **How.** Per-step transforms with a constant strength or a
   `keras.optimizers.schedules.LearningRateSchedule` are folded into the
   model's compiled train step (`kerasreg.train_step_fold`): several compose in list
@@ -39,8 +48,14 @@ import numpy as np
 from keras import ops
 
 from kerasreg import _compat
-from kerasreg._checks import as_real_scalar, optimizer_iterations, validate_bool
+from kerasreg._checks import (
+    as_real_scalar,
+    optimizer_iterations,
+    update_counter,
+    validate_bool,
+)
 from kerasreg.callback_order import warn_if_logs_readers_run_first
+from kerasreg.fit_record import record_fit_end, record_fit_start
 from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
 from kerasreg.selection import Where, check_where, select_weights
 from kerasreg.train_step_fold import TrainStepFold
@@ -108,10 +123,12 @@ class PostStepTransform(keras.callbacks.Callback):
         self.selected: list[Any] = []
         self.references: list[Any] | None = None
         self._update: InPlaceUpdate | None = None
+        self._ema_update: InPlaceUpdate | None = None
         self.fold_cache: dict[tuple, tuple[Any, Any]] = {}
         self._step = 0
         self._epoch = 0
         self._epoch_first_step = 0
+        self._fit_first_step = 0
         self._epoch_pending = False
         self._last_strength: Any = None
         if frequency == "batch" and not self.folded:
@@ -171,24 +188,32 @@ class PostStepTransform(keras.callbacks.Callback):
     # --- the strength, one function for every path -----------------------------
 
     def strength_at(
-        self, step: Any, optimizer: Any = None, *, current: bool = False
+        self,
+        step: Any,
+        optimizer: Any = None,
+        *,
+        current: bool = False,
+        lr_step: Any = None,
     ) -> Any:
         """The strength of optimizer update `step`: `strength` or `schedule(step)`,
         times the learning rate of that update when `lr_scaled` (`current`: the
-        optimizer's learning rate now, inside the step before it updates)."""
+        optimizer's learning rate now, inside the step before it updates;
+        `lr_step`: the learning rate of that update instead, as a per-epoch
+        transform uses its epoch's last update's)."""
         s = self._strength if self.schedule is None else self.schedule(step)
         if self.lr_scaled:
             if current:
                 learning_rate = optimizer.learning_rate
             else:
-                learning_rate = _compat.learning_rate_at(optimizer, step)
+                at = step if lr_step is None else lr_step
+                learning_rate = _compat.learning_rate_at(optimizer, at)
             s = ops.multiply(ops.cast(s, "float32"), ops.cast(learning_rate, "float32"))
         return s
 
-    def _host_strength(self, step: int) -> float | Any:
+    def _host_strength(self, step: int, lr_step: int | None = None) -> float | Any:
         """`strength_at(step)` checked on the host; raises when out of range."""
         optimizer = getattr(self._model, "optimizer", None)
-        value = self.strength_at(step, optimizer)
+        value = self.strength_at(step, optimizer, lr_step=lr_step)
         number = as_real_scalar(value)
         if number is None:
             try:
@@ -207,8 +232,9 @@ class PostStepTransform(keras.callbacks.Callback):
             else:
                 source = f"`{self.STRENGTH}`"
             scaled = " times the learning rate" if self.lr_scaled else ""
+            when = "epoch" if self.frequency == "epoch" else "optimizer step"
             raise ValueError(
-                f"{type(self).__name__}: invalid {self.STRENGTH} at optimizer step "
+                f"{type(self).__name__}: invalid {self.STRENGTH} at {when} "
                 f"{step}: {source}{scaled} gives {value!r}; {_reason(error)} No "
                 "weight was changed with it."
             ) from None
@@ -241,7 +267,8 @@ class PostStepTransform(keras.callbacks.Callback):
         self.selected = variables
         self.references = refs
         self._last_strength = None
-        self._step = optimizer_iterations(model)
+        self._step = self._fit_first_step = optimizer_iterations(model)
+        record_fit_start(model, self)
         if self.folded:
             TrainStepFold.add(model, self)
             return
@@ -253,10 +280,14 @@ class PostStepTransform(keras.callbacks.Callback):
         if self.folded:
             TrainStepFold.remove(self._model)
         self._epoch_pending = False
+        self._after_ema_overwrite()
+        record_fit_end(self._model, self, optimizer_iterations(self._model))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
         self._epoch_pending = self.frequency == "epoch"
+        if self._epoch_pending:
+            self._epoch_first_step = optimizer_iterations(self.model)
         if self.folded and self._needs_guard():
             # Check the epoch's steps before they run (nothing moves on error).
             self._epoch_first_step = optimizer_iterations(self.model)
@@ -301,7 +332,11 @@ class PostStepTransform(keras.callbacks.Callback):
             self._apply([self._host_strength(t) for t in steps], logs)
 
     def _apply_epoch(self) -> None:
-        self._apply([self._host_strength(self._epoch)], None)
+        done = optimizer_iterations(self.model)
+        if done == self._epoch_first_step:
+            return  # every update of the epoch was skipped (loss scaling)
+        # `schedule(epoch)`, times the learning rate of the epoch's last update.
+        self._apply([self._host_strength(self._epoch, lr_step=done - 1)], None)
 
     def _apply(self, strengths: list[Any], logs: dict | None) -> None:
         param = self._param(strengths)
@@ -311,10 +346,41 @@ class PostStepTransform(keras.callbacks.Callback):
         if logs is not None:
             logs[self.log_key] = strengths[-1]
 
+    def _after_ema_overwrite(self) -> None:
+        """Keras has just written its EMA over the trainable weights (its
+        `finalize_variable_values`, before `on_train_end`): transform them
+        once more, with the strength of the last update (or epoch), so the
+        model ends with what the transform promises."""
+        model = self._model
+        if not uses_ema(getattr(model, "optimizer", None)):
+            return
+        done = optimizer_iterations(model)
+        if done == self._fit_first_step:
+            return  # no update in this fit: Keras wrote nothing new
+        if self.frequency == "epoch" or not self.folded:
+            strength = self._last_strength
+            if strength is None:
+                return  # no epoch of this fit applied the transform
+        else:
+            strength = self._host_strength(done - 1)
+        trainable = {id(v) for v in model.trainable_weights}
+        refs = self.references or [None] * len(self.selected)
+        pairs = [(v, r) for v, r in zip(self.selected, refs, strict=True)]
+        pairs = [(v, r) for v, r in pairs if id(v) in trainable]
+        if not pairs:
+            return
+        variables = [v for v, _ in pairs]
+        refs = None if self.references is None else [r for _, r in pairs]  # type: ignore[assignment]
+        key = InPlaceUpdate.key_of(variables, self.transform, refs)
+        if self._ema_update is None or self._ema_update.key != key:
+            self._ema_update = InPlaceUpdate(variables, self.transform, refs)
+        update_model_weights(model, self._ema_update, self._param([strength]))
+
     # --- host checks of a folded schedule ----------------------------------------
 
     def _needs_guard(self) -> bool:
-        return self.schedule is not None or self.lr_scaled or self._accumulation > 1
+        """Whether a strength can come out of range (checked per step)."""
+        return self.schedule is not None or self.lr_scaled
 
     def _check_steps(self, first: int, last: int) -> None:
         steps = self._update_steps(first, last)
@@ -359,32 +425,86 @@ class PostStepTransform(keras.callbacks.Callback):
             self.schedule,
             self.log_key,
             self._accumulation,
+            may_skip_updates(getattr(self._model, "optimizer", None)),
         )
 
     def strength_in_step(self, optimizer: Any) -> tuple[Any, Any, Any]:
         """`(strength, ok, before)` of the step about to run, read before the
         optimizer moves: `ok` is None or a boolean tensor (strength in range),
-        `before` the update count so far (or None without accumulation)."""
-        step = optimizer.iterations
+        `before` the update count so far (None when every step updates)."""
+        step = update_counter(optimizer)
         strength = self.strength_at(step, optimizer, current=True)
+        before = None
+        if may_skip_updates(optimizer):
+            # A copy: on PyTorch the variable's tensor is updated in place.
+            before = ops.copy(ops.convert_to_tensor(step))
         if not self._needs_guard():
-            return strength, None, None
+            return strength, None, before
         strength = ops.cast(strength, "float32")
-        before = ops.convert_to_tensor(step) if self._accumulation > 1 else None
         return strength, self._strength_ok(strength), before
 
     def applies_in_step(self, optimizer: Any, ok: Any, before: Any) -> Any:
-        """After the step: whether to transform (None: always). Under gradient
-        accumulation only a batch whose step updated the weights counts."""
+        """After the step: whether to transform (None: always). Only a step
+        whose update the optimizer applied counts (`iterations` moved): not a
+        batch that gradient accumulation only accumulated, nor a step that
+        dynamic loss scaling skipped."""
         if before is None:
             return ok
-        updated = ops.greater(ops.convert_to_tensor(optimizer.iterations), before)
+        updated = ops.greater(ops.convert_to_tensor(update_counter(optimizer)), before)
         return updated if ok is None else ops.logical_and(ok, updated)
 
     def new_value(self, value: Any, param: Any, apply: Any, ref: Any) -> Any:
         """One weight's value after the transform (unchanged where not `apply`)."""
         new = apply_transform(self.transform, value, param, ref)
         return new if apply is None else ops.where(apply, new, value)
+
+
+# Keras optimizers that apply an update on every step (without gradient
+# accumulation): no check of `iterations` is needed after their steps.
+_EVERY_STEP_OPTIMIZERS = tuple(
+    getattr(keras.optimizers, name)
+    for name in (
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "Adagrad",
+        "Adadelta",
+        "Adafactor",
+        "Ftrl",
+        "Lamb",
+        "Lion",
+        "Nadam",
+        "RMSprop",
+        "Muon",
+    )
+    if hasattr(keras.optimizers, name)
+)
+
+
+def may_skip_updates(optimizer: Any) -> bool:
+    """Whether a training step can leave the weights without an update.
+
+    True for `LossScaleOptimizer` (a step with non-finite gradients is
+    skipped), under gradient accumulation (only every `n`-th batch updates),
+    and for any optimizer that is not exactly one of Keras's own (kerasreg
+    cannot prove it updates on every step). Where True, a folded transform
+    follows only the steps after which `optimizer.iterations` moved.
+    """
+    if optimizer is None:
+        return False
+    if _compat.gradient_accumulation_steps(optimizer) > 1:
+        return True
+    return type(optimizer) not in _EVERY_STEP_OPTIMIZERS
+
+
+def uses_ema(optimizer: Any) -> bool:
+    """Whether `optimizer` (or the one a `LossScaleOptimizer` wraps) keeps an
+    EMA of the weights, which Keras writes over them (`use_ema=True`)."""
+    for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if candidate is not None and getattr(candidate, "use_ema", False):
+            return True
+    return False
 
 
 def _reason(error: Exception) -> str:

@@ -108,10 +108,25 @@ def select_weights(
     predicate = where_predicate(where, model, argument=argument)
     selected = [v for v in weights if predicate(v)]
     if not selected:
-        paths = ", ".join(v.path for v in weights[:12])
-        more = ", ..." if len(weights) > 12 else ""
         raise ValueError(
             f"`{argument}`={describe_where(where)} selects no weight of model "
-            f"{model.name!r}. Its weights are: {paths}{more}."
+            f"{model.name!r}. {_listing(model, weights, argument)}"
         )
     return selected
+
+
+def _listing(model: keras.layers.Layer, weights: list[Any], argument: str) -> str:
+    """The weights a `where=` can select, named by the paths its patterns
+    search (`weight_paths`, not Keras's `variable.path`)."""
+    paths = weight_paths(model)
+    names = [paths.get(id(v), v.path) for v in weights if v.trainable]
+    frozen = len(weights) - len(names)
+    if not names:
+        return f"It has no trainable weights ({frozen} frozen)."
+    shown = ", ".join(repr(name) for name in names[:12])
+    more = f", ... ({len(names)} in all)" if len(names) > 12 else ""
+    also = f"; {frozen} frozen weights not listed" if frozen else ""
+    return (
+        f"Its trainable weights, by the paths `{argument}` patterns search, "
+        f"are: {shown}{more}{also}."
+    )

@@ -13,6 +13,8 @@ import os
 import re
 from typing import Any
 
+from kerasreg.tf_functions import traced_once
+
 
 class RunWriter:
     """A summary writer for one run folder, kept open across `fit` calls.
@@ -71,19 +73,14 @@ class RunWriter:
             function(values, step)
 
     def _compile(self, tags: tuple[str, ...]) -> Any:
-        import tensorflow as tf
-
         writer = self.writer
 
         def write_all(values, step):
             write_scalars(writer, tags, values, step)
 
-        function = tf.function(write_all, autograph=False)
         # One trace per writer and tag set is by design; a sweep over many
         # log dirs must not print TensorFlow's "frequent retracing" warning.
-        if hasattr(function, "_omit_frequent_tracing_warning"):
-            function._omit_frequent_tracing_warning = True
-        return function
+        return traced_once(write_all, autograph=False)
 
     def write_text(self, tag: str, text: str, step: int) -> None:
         """A markdown text summary (TensorBoard's Text dashboard)."""

@@ -20,7 +20,7 @@ from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.gradient_capture import GradientCapture
 from kerasreg.gradient_stats import read_statistics
 from kerasreg.gradients import data_batches, program_for
-from kerasreg.norms import STATISTICS, weight_norms
+from kerasreg.norms import STATISTICS, statistic_names, weight_norms
 from kerasreg.plan import describe, weight_owners
 from kerasreg.selection import Where, check_where, select_weights, weight_paths
 from kerasreg.summaries import RunWriter, custom_scalars_layout
@@ -138,9 +138,12 @@ class WeightNormLogger(keras.callbacks.Callback):
     step `epoch`, as Keras's TensorBoard callback logs its `epoch_*` tags. This
     mode defines no per-batch hook, so Keras keeps dispatching batches
     asynchronously. With `update_freq=N`, the step is the optimizer's own
-    count, `optimizer.iterations` (one scalar read per batch hook), never
-    rebuilt from Keras's `batch` argument: the training scalars are logged at
-    the first batch end at or past each multiple of `N` (with
+    count, `optimizer.iterations`, never rebuilt from Keras's `batch`
+    argument (it is read from the device only where a log may be due: a
+    batch hook call covers at most `steps_per_execution` updates, so before
+    that bound reaches the next multiple of `N` nothing is read; with one
+    update per batch, one read per `N` batches). The training scalars are
+    logged at the first batch end at or past each multiple of `N` (with
     `steps_per_execution=k` Keras calls the hook once per `k` steps, so a log
     may land past the multiple, never beyond the optimizer) and at the end of
     each `fit` at its last step; steps increase strictly across `fit` calls.
@@ -262,15 +265,23 @@ class WeightNormLogger(keras.callbacks.Callback):
         if self.update_freq != "epoch":
             n: int = self.update_freq  # type: ignore[assignment]  # not "epoch": an int
             self._next_log_step = (self._step_offset // n + 1) * n
+            self._read_step(self._step_offset)
+        # The keys and statistics of each log, known without measuring.
+        names = statistic_names(model, self._variables, per_gate=self.per_gate)
+        self._names = {
+            id(v): (key, dict.fromkeys(stats, 0.0))
+            for v, (key, stats) in zip(self._variables, names, strict=True)
+        }
+        self._keys = {i: key for i, (key, _) in self._names.items()}
         if self.gradients:
             self._start_gradients(model)
         if self._is_writer:
             self._write_plan_and_layout(model)
 
     def _write_plan_and_layout(self, model: keras.Model) -> None:
-        # The tags of one log, from a real measurement: the layout's regexes
-        # then match exactly the tags written.
-        tags = list(self._train_scalars(self._measure(), {"loss": 0.0}, "loss"))
+        # The tags of one log, from the statistics a measurement returns: the
+        # layout's regexes then match exactly the tags written.
+        tags = list(self._train_scalars(self._names, {"loss": 0.0}, "loss"))
         owners = weight_owners(model)
         groups: dict[str, list[str]] = {}
         for variable in self._penalty_variables:
@@ -293,13 +304,27 @@ class WeightNormLogger(keras.callbacks.Callback):
     def _log_batch(self, batch: int, logs: dict | None = None) -> None:
         # The step is the optimizer's own count, never rebuilt from `batch`:
         # with `steps_per_execution=k` Keras calls this hook once per k steps.
-        step = optimizer_iterations(self.model)
+        # A call covers at most k updates, so until that bound reaches the
+        # next log step no log can be due: the count is not read (a device
+        # read per batch costs ~1% of a step).
+        self._calls_since_read += 1
+        bound = self._last_read + self._calls_since_read * self._per_call
+        if bound < self._next_log_step:
+            self._seen_step = bound  # an upper bound: gradients measure early
+            return
+        step = self._read_step(optimizer_iterations(self.model))
         self._seen_step = step
         if step < self._next_log_step:
             return
         n: int = self.update_freq  # type: ignore[assignment]  # batch mode: an int
         self._next_log_step = (step // n + 1) * n
         self._log_train(step, self._measure(), logs)
+
+    def _read_step(self, step: int) -> int:
+        """Note the optimizer's count just read: the anchor of the bound."""
+        self._last_read, self._calls_since_read = step, 0
+        self._per_call = max(1, int(getattr(self._model, "steps_per_execution", 1)))
+        return step
 
     def _log_train(self, step: int, norms: dict, logs: dict | None) -> None:
         self._last_train_step = step
@@ -315,7 +340,9 @@ class WeightNormLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         batch_mode = self.update_freq != "epoch"
-        step = optimizer_iterations(self.model) if batch_mode else epoch
+        step = (
+            self._read_step(optimizer_iterations(self.model)) if batch_mode else epoch
+        )
         norms = self._measure()
         total = self._total_penalty(norms)
         if logs is not None:
@@ -491,11 +518,9 @@ class WeightNormLogger(keras.callbacks.Callback):
         # `self.model` (not `_model`): on JAX it syncs the trainer's state.
         norms = weight_norms(self.model, self._variables, per_gate=self.per_gate)
         # Keys follow `self._variables`: model order, repeated paths suffixed.
-        measured = {
+        return {
             id(v): item for v, item in zip(self._variables, norms.items(), strict=True)
         }
-        self._keys = {i: key for i, (key, _) in measured.items()}
-        return measured
 
     def _total_penalty(self, norms: dict) -> float:
         return sum(norms[id(v)][1]["penalty"] for v in self._penalty_variables)

@@ -1,8 +1,10 @@
 """Shared test set-up: quiet TensorFlow, deterministic seeds, fresh Keras state."""
 
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,55 @@ def _fresh_keras_state():
     keras.utils.clear_session()
     keras.utils.set_random_seed(0)
     yield
+
+
+class _RetracingRecords(logging.Handler):
+    """Keeps TensorFlow's "triggered tf.function retracing" messages."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "triggered tf.function retracing" in message:
+            self.messages.append(message)
+
+
+def kerasreg_function_named(message):
+    """The kerasreg function a TensorFlow retracing message names, or None.
+
+    TensorFlow names it `<function qualname at 0x...>` (or `<bound method
+    qualname of ...>`); it is kerasreg's when the qualname starts with a
+    function or class defined in a kerasreg module."""
+    found = re.search(r"<(?:function|bound method) ([\w.<>]+)", message)
+    if found is None:
+        return None
+    qualname = found.group(1)
+    first = qualname.split(".")[0]
+    for name, module in list(sys.modules.items()):
+        if name == "kerasreg" or name.startswith("kerasreg."):
+            defined = getattr(module, first, None)
+            if getattr(defined, "__module__", "") == name:
+                return f"{name}.{qualname}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _no_retracing_of_kerasreg_functions():
+    """TensorFlow reports retracing through its logger, not the warnings
+    module: fail a test in which it reports retracing of a kerasreg function
+    (setup.cfg makes kerasreg's warnings errors)."""
+    records = _RetracingRecords()
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(records)
+    try:
+        yield
+    finally:
+        logger.removeHandler(records)
+    ours = [m for m in records.messages if kerasreg_function_named(m)]
+    if ours:
+        pytest.fail(f"TensorFlow retraced a kerasreg function: {ours[0]}")
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from kerasreg import (
     shrink_weights,
     weight_norms,
 )
+from kerasreg._checks import KerasregDeprecationWarning
 from kerasreg.selection import walk_layers
 
 EXIT = "exit"  # expected outcome of a command-line case: non-zero status
@@ -151,6 +152,12 @@ class Case:
     prepare: Callable[[World], Callable[[], Any]]  # makes files, returns the call
     expect: Any  # an exception class, or EXIT for the command line
     words: Callable[[World], list[str]]  # what the message must contain
+
+
+def regularize_layers(model, **kwargs):
+    """`regularize` with its deprecated `layers=`: it warns, then refuses."""
+    with pytest.warns(KerasregDeprecationWarning, match=r"regularize\(layers=\.\.\.\)"):
+        return regularize(model, **kwargs)
 
 
 def api(call, expect, *words):
@@ -352,31 +359,33 @@ CATALOGUE = {
         lambda w: regularize(w.model), ValueError, "`kernel`", "None"
     ),
     "regularize layers match nothing": api(
-        lambda w: regularize(w.model, kernel=L2Penalty(), layers="^zzz"),
+        lambda w: regularize_layers(w.model, kernel=L2Penalty(), layers="^zzz"),
         ValueError,
         "`layers`",
         "'^zzz'",
     ),
     "regularize layers bad regex": api(
-        lambda w: regularize(w.model, kernel=L2Penalty(), layers="(bad"),
+        lambda w: regularize_layers(w.model, kernel=L2Penalty(), layers="(bad"),
         ValueError,
         "`layers`",
         "(bad",
     ),
     "regularize layers wrong type": api(
-        lambda w: regularize(w.model, kernel=L2Penalty(), layers=3),
+        lambda w: regularize_layers(w.model, kernel=L2Penalty(), layers=3),
         TypeError,
         "`layers`",
         "layers=3",
     ),
     "regularize foreign layer": api(
-        lambda w: regularize(w.model, kernel=L2Penalty(), layers=[w.other.layers[0]]),
+        lambda w: regularize_layers(
+            w.model, kernel=L2Penalty(), layers=[w.other.layers[0]]
+        ),
         ValueError,
         "`layers`",
         "'alien'",
     ),
     "regularize role absent in scope": api(
-        lambda w: regularize(w.model, recurrent=L2Penalty(), layers="^out$"),
+        lambda w: regularize_layers(w.model, recurrent=L2Penalty(), layers="^out$"),
         ValueError,
         "`recurrent`",
         "'^out$'",

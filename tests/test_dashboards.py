@@ -422,6 +422,49 @@ def test_describe_reasons_and_callback_fallbacks():
     assert rows["frozen/kernel"]["callbacks"] == "none"
 
 
+def test_describe_remembers_the_callbacks_of_the_last_fit():
+    # The README tour: fit with WeightDecay and SoftThreshold, then
+    # `describe(model)` without `callbacks=` shows what acted on each weight.
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="d"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((8, 3)), np.zeros((8, 1))
+    decay = kerasreg.WeightDecay(1e-3, toward="start")
+    prox = kerasreg.SoftThreshold(1e-5, where="^d/")
+    _, rows = plan_rows(kerasreg.describe(model))
+    assert rows["d/kernel"]["callbacks"] == "none"  # nothing has trained yet
+    model.fit(x, y, verbose=0, callbacks=[decay, prox, keras.callbacks.History()])
+    _, rows = plan_rows(kerasreg.describe(model))
+    both = (
+        "WeightDecay: decay rate 0.001 per update toward its value at the start "
+        "of training; SoftThreshold: soft-threshold 1e-05 per update"
+    )
+    assert rows["d/kernel"]["callbacks"] == both
+    assert (
+        rows["d/bias"]["callbacks"] == "SoftThreshold: soft-threshold 1e-05 per update"
+    )
+    assert rows["dense/kernel"]["callbacks"] == (
+        "WeightDecay: decay rate 0.001 per update toward its value at the start "
+        "of training"
+    )
+    model.evaluate(x, y, verbose=0)  # no training: still the same plan
+    assert plan_rows(kerasreg.describe(model))[1]["d/kernel"]["callbacks"] == both
+    # Explicit callbacks win; `[]` shows none.
+    _, rows = plan_rows(kerasreg.describe(model, []))
+    assert rows["d/kernel"]["callbacks"] == "none"
+    # A later fit without them: they no longer act on the model.
+    model.fit(x, y, verbose=0)
+    assert plan_rows(kerasreg.describe(model))[1]["d/kernel"]["callbacks"] == "none"
+    # A fit with only one of them: only that one.
+    model.fit(x, y, verbose=0, callbacks=[prox])
+    _, rows = plan_rows(kerasreg.describe(model))
+    assert rows["d/kernel"]["callbacks"] == (
+        "SoftThreshold: soft-threshold 1e-05 per update"
+    )
+    assert rows["dense/kernel"]["callbacks"] == "none"
+
+
 @pytest.mark.parametrize(
     "model, callbacks, error, match",
     [

@@ -260,6 +260,24 @@ def test_lr_scaled_is_exact_under_a_learning_rate_schedule(rng):
     assert_decayed(model, before, math.prod(1 - rate * 0.2 * 0.5**t for t in range(6)))
 
 
+@pytest.mark.parametrize("schedule", [None, lambda e: [0.4, 0.3, 0.2][e]])
+def test_per_epoch_lr_scaled_uses_the_epochs_last_update(schedule, rng):
+    # Per epoch, `rate_t` is `rate` (or `schedule(epoch)`) times the learning
+    # rate of the epoch's last update: updates 2, 5, 8 (3 per epoch), never
+    # updates 0, 1, 2 (the epoch index).
+    lr = keras.optimizers.schedules.ExponentialDecay(0.8, decay_steps=1, decay_rate=0.5)
+    model = small_model(lr=lr)
+    before = snapshot(model)
+    decay = WeightDecay(0.5, frequency="epoch", lr_scaled=True, schedule=schedule)
+    history = fit(model, xy(rng), [decay], epochs=3)
+    rates = [
+        (0.5 if schedule is None else schedule(e)) * 0.8 * 0.5 ** (3 * e + 2)
+        for e in range(3)
+    ]
+    assert_decayed(model, before, math.prod(1 - r for r in rates))
+    np.testing.assert_allclose(history.history["weight_decay_rate"], rates, rtol=1e-6)
+
+
 def test_folded_matches_callback_path(rng):
     """Real gradients: the folded decay and the per-batch callback agree."""
     x, y = xy(rng)

@@ -18,17 +18,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kerasreg"
 
 # Lower numbers are lower layers; a module may import only strictly lower ones.
 LAYERS = {
-    # Helpers and the one door to Keras internals; the Keras-free table of what
-    # Keras layers save and the TensorBoard event-file writer import no kerasreg
-    # module.
+    # Helpers, the one door to Keras internals, functions traced once; the
+    # Keras-free table of what Keras layers save imports no kerasreg module.
     "_checks": 0,
     "_compat": 0,
+    "tf_functions": 0,
     "keras_file_layers": 0,
-    "summaries": 0,
-    # The formulas, the model walk, and the machinery the callbacks share.
+    # The formulas, the model walk, the TensorBoard event-file writer and the
+    # machinery the callbacks share.
+    "summaries": 1,
     "penalties": 1,
     "walk": 1,
     "callback_order": 1,
+    "fit_record": 1,
     "inplace": 1,
     "train_step_fold": 1,
     "gradient_stats": 1,

@@ -349,6 +349,62 @@ def test_float64_weights_match_numpy_and_shrink(tmp_path):
     )
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")
+def test_float64_weights_come_back_in_float64(rng):
+    """Statistics in the weight's own precision: float64 weights to float64
+    rounding (a float32 result would be off by ~1e-8 relative), next to a
+    float32 weight in the same model (one vector per precision), per gate too."""
+    inputs = keras.Input((3, 2))
+    x = keras.layers.LSTM(2, dtype="float64", name="lstm")(inputs)
+    x = keras.layers.Dense(
+        5,
+        dtype="float64",
+        kernel_regularizer=kerasreg.ElasticNetPenalty(0.3, 0.7),
+        name="wide",
+    )(x)
+    outputs = keras.layers.Dense(
+        1, kernel_regularizer=kerasreg.L2Penalty(0.1), name="narrow"
+    )(x)
+    model = keras.Model(inputs, outputs)
+    for variable in model.weights:
+        values = rng.normal(size=variable.shape) * np.pi  # not float32-representable
+        variable.assign(values.astype(variable.dtype))
+    stats = weight_norms(model, per_gate=True)
+    for variable in model.weights:
+        path = key(model, variable)
+        if path not in stats:
+            continue
+        w = np_weights(variable)
+        expected = np_stats(w)
+        expected["penalty"] = np_penalty(variable.regularizer, w)
+        # float64 weights: float64 results; float32 ones: float32 results.
+        rel = 1e-13 if is_float64(variable) else 1e-6
+        for name, value in expected.items():
+            assert stats[path][name] == pytest.approx(value, rel=rel, abs=0), (
+                path,
+                name,
+            )
+        if is_float64(variable) and path.startswith("lstm/"):
+            units = w.shape[-1] // 4
+            for k, gate in enumerate("ifco"):
+                block = np_stats(w[..., k * units : (k + 1) * units])
+                assert stats[path][f"l2/gate_{gate}"] == pytest.approx(
+                    block["l2"], rel=1e-13, abs=0
+                )
+                assert stats[path][f"l1/gate_{gate}"] == pytest.approx(
+                    block["l1"], rel=1e-13, abs=0
+                )
+    assert any(v.dtype == "float32" for v in model.weights)
+    # JAX without `jax_enable_x64` holds float64 weights as float32 (a warning
+    # from Keras says so): there are no float64 values to measure.
+    assert any(is_float64(v) for v in model.weights) or keras.backend.backend() == "jax"
+
+
+def is_float64(variable):
+    """Whether the variable's value really is float64 (not on JAX without x64)."""
+    return keras.backend.standardize_dtype(variable.value.dtype) == "float64"
+
+
 def test_float64_model_trains_with_weight_norm_logger(tmp_path):
     """Item 7: a whole float64 model (floatx), trained with the logger attached."""
     floatx = keras.config.floatx()
@@ -430,3 +486,60 @@ def test_frozen_weights_report_their_penalty_marked_not_trainable():
     assert in_loss == pytest.approx(keras_adds, rel=1e-5)
     conv.trainable = True
     assert weight_norms(model, [conv.kernel])[key(model, conv.kernel)]["trainable"]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's retracing detector"
+)
+def test_many_models_measured_and_shrunk_log_no_retracing():
+    """TensorFlow counts traces per code object: one `tf.function` per program
+    (per model) looked like one function retraced and logged "triggered
+    tf.function retracing" after a few models. Each program, in-place update
+    and summary writer is now traced once and called as a concrete function."""
+    import logging
+    import tempfile
+
+    from conftest import _RetracingRecords, kerasreg_function_named
+
+    from kerasreg.summaries import RunWriter
+
+    records = _RetracingRecords()
+    logging.getLogger("tensorflow").addHandler(records)
+    try:
+        for n in range(8):
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(n + 1)])
+            weight_norms(model)
+            kerasreg.shrink_weights(model, 0.5)
+        with tempfile.TemporaryDirectory() as folder:
+            writer = RunWriter(folder)
+            for n in range(8):  # a new tag set each time: compiled on its 2nd write
+                for step in range(2):
+                    writer.write(step, {f"tag{k}": 1.0 for k in range(n + 1)})
+            writer.close()
+    finally:
+        logging.getLogger("tensorflow").removeHandler(records)
+    assert records.messages == []
+    # The conftest fixture would have named these kerasreg functions:
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <bound method _NormProgram.compute of "
+            "<kerasreg.norms._NormProgram object at 0x7f>> triggered tf.function "
+            "retracing."
+        )
+        == "kerasreg.norms._NormProgram.compute"
+    )
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <function _tensorflow_update.<locals>.update "
+            "at 0x7f> triggered tf.function retracing."
+        )
+        == "kerasreg.inplace._tensorflow_update.<locals>.update"
+    )
+    assert (
+        kerasreg_function_named(
+            "5 out of the last 9 calls to <function TensorFlowTrainer.make_predict_"
+            "function.<locals>.multi_step_on_data at 0x7f> triggered tf.function "
+            "retracing."
+        )
+        is None
+    )

@@ -513,3 +513,175 @@ def test_warns_once_when_a_logs_reader_comes_first(rng, tmp_path):
             model, xy(rng), [WeightDecay(0.1), keras.callbacks.CSVLogger(str(csv_path))]
         )
     assert "weight_decay_rate" in csv_path.read_text().splitlines()[0]
+
+
+# --- skipped updates (dynamic loss scaling) ---------------------------------------
+
+
+class AppliedSteps(keras.callbacks.Callback):
+    """Records, per batch, whether Keras's optimizer applied an update (the
+    wrapped optimizer's `iterations` moved; Keras 3.8's LossScaleOptimizer
+    does not forward it): the reference of which steps count."""
+
+    def count(self):
+        optimizer = self.model.optimizer
+        return int(to_np(getattr(optimizer, "inner_optimizer", optimizer).iterations))
+
+    def on_train_begin(self, logs=None):
+        self.last = self.count()
+        self.applied = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.count()
+        self.applied.append(now > self.last)
+        self.last = now
+
+
+def np_mse_step(w, x, y, lr):
+    """One SGD step of `Dense(1, use_bias=False)` under mean squared error."""
+    return w - lr * 2.0 / len(x) * x.T @ (x @ w - y)
+
+
+@pytest.mark.parametrize(
+    "make, frequency",
+    [
+        (lambda: WeightDecay(0.1), "batch"),  # folded into the step
+        (lambda: WeightDecay(schedule=lambda t: 0.1), "batch"),  # host path
+        (lambda: WeightDecay(0.1, frequency="epoch"), "epoch"),
+    ],
+    ids=["folded", "host", "epoch"],
+)
+def test_skipped_loss_scaled_steps_get_no_transform(make, frequency, rng):
+    # A LossScaleOptimizer under mixed_float16; a scale of 2**20 overflows
+    # float16 gradients, so the first steps (all of epoch 0) are skipped, the
+    # scale halved each time, until it fits: 3 epochs of 4 batches.
+    lr, rate = 0.05, 0.1
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(1, use_bias=False)]
+        )
+        model.compile(
+            optimizer=keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(lr), initial_scale=2.0**20
+            ),
+            loss="mse",
+        )
+        w = to_np(model.layers[0].kernel)
+        steps = AppliedSteps()
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            callbacks=[make(), steps],
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    applied = steps.applied
+    assert len(applied) == 12
+    assert 2 <= sum(applied) <= 10, applied  # some skipped, some applied
+    assert not any(applied[:4])  # the first epoch: every update skipped
+    for epoch in range(3):
+        for b in range(4):
+            if applied[4 * epoch + b]:
+                batch = slice(4 * b, 4 * b + 4)
+                w = np_mse_step(w, x[batch].astype(np.float64), y[batch], lr)
+                if frequency == "batch":
+                    w = w * (1 - rate)
+        if frequency == "epoch" and any(applied[4 * epoch : 4 * epoch + 4]):
+            w = w * (1 - rate)
+    # float16 compute: agreement to float16 rounding; one extra or missing
+    # decay (10%) is far outside it.
+    np.testing.assert_allclose(to_np(model.layers[0].kernel), w, rtol=1e-2, atol=1e-3)
+
+
+# --- optimizer EMA (use_ema=True) -------------------------------------------------
+
+EMA_CASES = {
+    # name: (callback, numpy transform given w and the start value, per epoch?)
+    "decay": (lambda: WeightDecay(0.1), lambda w, w0: 0.9 * w, False),
+    "toward": (
+        lambda: WeightDecay(0.1, toward="start"),
+        lambda w, w0: w0 + 0.9 * (w - w0),
+        False,
+    ),
+    "soft": (lambda: SoftThreshold(0.05), lambda w, w0: soft(w, 0.05), False),
+    "host": (
+        lambda: SoftThreshold(0.0, schedule=lambda t: 0.05),
+        lambda w, w0: soft(w, 0.05),
+        False,
+    ),
+    "soft-epoch": (
+        lambda: SoftThreshold(0.05, frequency="epoch"),
+        lambda w, w0: soft(w, 0.05),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("overwrite", [None, 2], ids=["at-end", "every-2"])
+@pytest.mark.parametrize("case", list(EMA_CASES))
+def test_ema_overwrites_are_followed_by_the_transform(case, overwrite, rng):
+    # Keras writes its EMA over the weights every `ema_overwrite_frequency`
+    # updates (inside the update) and at the end of fit; each time the
+    # transform is applied to what Keras wrote: exact zeros stay exact zeros.
+    make, transform, per_epoch = EMA_CASES[case]
+    lr, momentum = 0.05, 0.8
+    x = rng.normal(size=(8, 3))
+    y = rng.normal(size=(8, 4))
+    w0 = rng.normal(size=(3, 4)) * 0.5
+    w0[0, :2] = [0.01, -0.02]  # small entries the threshold zeroes
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, use_bias=False)])
+    model.layers[0].kernel.assign(w0.astype("float32"))
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            lr, use_ema=True, ema_momentum=momentum, ema_overwrite_frequency=overwrite
+        ),
+        loss="mse",
+    )
+    seen = []  # the kernel at each epoch end, after the transform
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(to_np(model.layers[0].kernel))
+    )
+    model.fit(
+        x.astype("float32"),
+        y.astype("float32"),
+        batch_size=4,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[make(), record],
+    )
+    # numpy: SGD, then Keras's EMA (`average = weight` at the first update),
+    # then its overwrite, then the transform; at the end the EMA once more.
+    w, average, transformed_average = w0, None, None
+    for k in range(6):
+        b = slice(4 * (k % 2), 4 * (k % 2) + 4)
+        p = w - lr * 2.0 / (4 * 4) * x[b].T @ (x[b] @ w - y[b])
+        average = p if k == 0 else momentum * average + (1 - momentum) * p
+        t = transform(p, w0)
+        transformed_average = (
+            t if k == 0 else momentum * transformed_average + (1 - momentum) * t
+        )
+        if overwrite and (k + 1) % overwrite == 0:
+            p = average
+        w = transform(p, w0) if (not per_epoch or k % 2 == 1) else p
+        if k % 2 == 1:  # an epoch end: with `overwrite=2`, just overwritten
+            np.testing.assert_allclose(seen[k // 2], w, rtol=1e-5, atol=1e-6)
+            if case.startswith(("soft", "host")):
+                assert np.all(seen[k // 2][w == 0] == 0.0)
+    expected = transform(average, w0)
+    kernel = to_np(model.layers[0].kernel)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6)
+    if case.startswith(("soft", "host")):
+        assert (expected == 0).sum() >= 2
+        assert np.all(kernel[expected == 0] == 0.0)  # exact zeros
+    elif case == "decay" or case == "toward":
+        # Affine with a constant rate: the model ends with exactly the moving
+        # average of the decayed weights.
+        np.testing.assert_allclose(kernel, transformed_average, rtol=1e-5, atol=1e-6)

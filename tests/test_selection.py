@@ -1,11 +1,13 @@
 """The `where=` rule: every form against the weight paths the test model must have."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
 
 import kerasreg
-from kerasreg.selection import check_where, select_weights, walk_layers
+from kerasreg.selection import check_where, select_weights, walk_layers, weight_paths
 
 
 def build_net():
@@ -163,6 +165,23 @@ def test_empty_selection_names_the_pattern_and_lists_weights():
         select_weights(model, lambda v: False)
     with pytest.raises(ValueError, match="selects no weight"):
         select_weights(model, [model.get_layer("bn")])  # no kernel in BN
+
+
+def test_empty_selection_lists_names_that_where_matches():
+    # Keras names the kernel `sequential/d/kernel`; `where=` patterns search
+    # `d/kernel`: the error lists those, and each one, as a pattern, selects
+    # its weight.
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="d"), keras.layers.Dense(1)]
+    )
+    assert model.layers[0].kernel.path == "sequential/d/kernel"
+    with pytest.raises(ValueError, match="selects no weight") as error:
+        select_weights(model, "no_such_weight")
+    listed = re.findall(r"'([^']*)'", str(error.value).split("are: ")[1])
+    assert listed == ["d/kernel", "d/bias", "dense/kernel", "dense/bias"]
+    for name in listed:
+        [variable] = select_weights(model, "^" + re.escape(name) + "$")
+        assert weight_paths(model)[id(variable)] == name
 
 
 def test_bad_regex_and_bad_types():

@@ -15,6 +15,7 @@ from tensorboard.util import tensor_util
 
 import kerasreg
 from kerasreg import WeightNormLogger
+from kerasreg._checks import KerasregWarning
 
 
 def read_scalars(folder):
@@ -258,6 +259,45 @@ def test_batch_level_logging_steps(tmp_path):
     assert steps == [4, 8, 12, 16, 18]
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_batch_logs_read_the_step_only_when_a_log_may_be_due(
+    accumulation, tmp_path, monkeypatch
+):
+    # 20 batches, one update per batch (or per 2 with gradient accumulation):
+    # logs at optimizer steps 5, 10, 15, 20 (5, 10). The hook reads the
+    # optimizer's count only once a log may be due, not after every batch.
+    from kerasreg import tensorboard as module
+
+    reads = []
+    real = module.optimizer_iterations
+
+    def counting(model):
+        reads.append(real(model))
+        return reads[-1]
+
+    monkeypatch.setattr(module, "optimizer_iterations", counting)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="d")])
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            0.01, gradient_accumulation_steps=accumulation if accumulation > 1 else None
+        ),
+        loss="mse",
+    )
+    x = np.ones((80, 3), "float32")
+    y = np.zeros((80, 1), "float32")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+              callbacks=[WeightNormLogger(tmp_path, update_freq=5)])  # fmt: skip
+    updates = 20 // accumulation
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == updates
+    logged = [step for step, _ in read_scalars(tmp_path / "train")["norm_l2/d/kernel"]]
+    assert logged == list(range(5, updates + 1, 5))
+    if accumulation == 1:
+        # on_train_begin, the 4 logs, on_epoch_end, on_train_end: not 20+.
+        assert len(reads) == 7, reads
+    else:
+        assert len(reads) < 20, reads
+
+
 def event_files(folder):
     return sorted(p.name for p in folder.iterdir() if ".tfevents." in p.name)
 
@@ -313,14 +353,17 @@ def test_keras_tensorboard_record_if_cannot_swallow_epoch_summaries(tmp_path):
     model.compile(optimizer="adam", loss="mse")
     x, y = data(40)  # 5 batches per epoch: epoch ends at batches 5, 10, 15
     probe = _RecordingProbe()
-    model.fit(
-        x, y, batch_size=8, epochs=3, verbose=0,
-        callbacks=[
-            keras.callbacks.TensorBoard(tmp_path, update_freq=3),
-            probe,
-            WeightNormLogger(tmp_path),
-        ],
-    )  # fmt: skip
+    # TensorBoard first on purpose (its batch record_if is the hazard), so
+    # kerasreg warns that TensorBoard does not see the logger's `logs` keys.
+    with pytest.warns(KerasregWarning, match="Put WeightNormLogger first"):
+        model.fit(
+            x, y, batch_size=8, epochs=3, verbose=0,
+            callbacks=[
+                keras.callbacks.TensorBoard(tmp_path, update_freq=3),
+                probe,
+                WeightNormLogger(tmp_path),
+            ],
+        )  # fmt: skip
     if probe.recording.count(False) < 2:
         pytest.skip(
             f"Keras {keras.__version__}'s TensorBoard leaves no record_if condition "
