@@ -27,6 +27,40 @@ def pytest_configure(config):
     )
 
 
+def shared_fixtures(item) -> list[str]:
+    """The module-scoped fixtures `item` asks for, itself or through another
+    fixture (autouse ones not included): what it shares with other tests."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:  # not a Python test function
+        return []
+    seen, todo = set(), list(info.argnames)
+    while todo:
+        name = todo.pop()
+        definitions = info.name2fixturedefs.get(name)
+        if name in seen or not definitions:
+            continue
+        seen.add(name)
+        todo.extend(getattr(definitions[-1], "argnames", ()))
+    return sorted(
+        name
+        for name in seen
+        if info.name2fixturedefs[name][-1].scope in ("module", "package", "class")
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist's `--dist loadgroup` (dev.py's default): the tests of a
+    module that share a module-scoped fixture (a trained model, a subprocess's
+    results) form one group, run on one worker that builds it once; and the
+    slow tests come first, so that no long test starts last while the other
+    worker has nothing left to do (stable: the order is otherwise kept)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and shared_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_collection_finish(session):
     """Freeze what the imports made (TensorFlow, Keras, the test modules).
 

@@ -49,6 +49,9 @@ ENGINES = [
 pytestmark = pytest.mark.slow
 
 _JOBS: dict[tuple, dict] = {}
+# The tests that read `_JOBS` run on one pytest-xdist worker (`--dist
+# loadgroup`): each job runs once.
+SHARES_JOBS = pytest.mark.xdist_group("multiprocess_jobs")
 
 
 @pytest.fixture(params=ENGINES)
@@ -69,6 +72,7 @@ def event_files(folder):
     return sorted(p for p in folder.rglob("events.out.tfevents.*"))
 
 
+@SHARES_JOBS
 def test_every_worker_ends_with_the_single_process_weights(engine, tmp_path_factory):
     single = job(engine, 1, tmp_path_factory)["result"][0]
     workers = job(engine, 2, tmp_path_factory)["result"]
@@ -92,6 +96,7 @@ def test_every_worker_ends_with_the_single_process_weights(engine, tmp_path_fact
     assert not np.allclose(workers[0]["weights"][0], init[0])
 
 
+@SHARES_JOBS
 def test_the_chief_alone_writes_one_set_of_event_files(engine, tmp_path_factory):
     two = job(engine, 2, tmp_path_factory)
     one = job(engine, 1, tmp_path_factory)
