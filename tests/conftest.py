@@ -18,12 +18,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Tests whose outcome cannot depend on KERAS_BACKEND or on the Keras version:
+# they read kerasreg's source or build its docs or its wheel, and run no model.
+# They get the `backend_independent` marker; CI (.ci/run) runs them on its
+# TensorFlow leg and leaves them out of the other legs, where they would only
+# repeat the same work. A test that runs a model has no place here.
+BACKEND_INDEPENDENT = (
+    "tests/test_layering.py::",  # ast of kerasreg/*.py
+    "tests/test_typing.py::",  # mypy over the sources (Keras is untyped: Any)
+    "tests/test_package.py::",  # the wheel and sdist built from the sources
+    "tests/test_docs.py::test_site_builds_strictly",  # mkdocs build (also .ci/run)
+)
+
+
 def pytest_configure(config):
     # Known even without pytest-xdist (`-p no:xdist`), under --strict-markers.
     config.addinivalue_line(
         "markers",
         "xdist_group(name): tests sharing one expensive fixture or fresh process "
         "run on one pytest-xdist worker (`--dist loadgroup`, as dev.py runs)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: runs no model, same result on every backend "
+        "(conftest.BACKEND_INDEPENDENT); CI runs it on the TensorFlow leg only",
     )
 
 
@@ -53,10 +71,13 @@ def pytest_collection_modifyitems(config, items):
     module that share a module-scoped fixture (a trained model, a subprocess's
     results) form one group, run on one worker that builds it once; and the
     slow tests come first, so that no long test starts last while the other
-    worker has nothing left to do (stable: the order is otherwise kept)."""
+    worker has nothing left to do (stable: the order is otherwise kept).
+    The tests named in `BACKEND_INDEPENDENT` get their marker."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None and shared_fixtures(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if item.nodeid.startswith(BACKEND_INDEPENDENT):
+            item.add_marker(pytest.mark.backend_independent)
     if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
