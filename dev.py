@@ -9,6 +9,12 @@ KERASREG_VENV) and is reinstalled only when `setup.cfg` changes. Set
 KERAS_BACKEND=jax or torch to run on another backend: its package is installed
 too (PyTorch as the CPU build).
 
+`test` runs pytest on one pytest-xdist worker per CPU core (at most 4: each
+holds its own TensorFlow), `-n N --dist loadgroup`, unless ARGS choose (`-n`,
+`--numprocesses`, `--dist`, `-p no:xdist`) or debug (`--pdb`, `--trace`); it
+runs every test, the slow ones (marked `slow`, > ~20 s) included; `-m "not
+slow"` leaves them out.
+
 KERASREG_FLOOR=1 uses a separate environment, `.venv-floor/`, holding exactly the
 oldest Keras, TensorFlow, JAX and numpy kerasreg supports (`ci/floor-constraints.txt`),
 for the TensorFlow and JAX backends.
@@ -78,6 +84,32 @@ def ensure_environment(task: str, backend: str) -> Path:
     return python
 
 
+def workers() -> int:
+    """How many pytest-xdist workers `test` starts: one per usable core, at
+    most 4 (each worker imports TensorFlow: about 1.5 GB of memory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(cores, 4)
+
+
+def pytest_arguments(rest: list[str]) -> list[str]:
+    """`rest`, with `-n N --dist loadgroup` first unless `rest` chooses how
+    to run (a worker count, a distribution mode, xdist off) or debugs (the
+    debugger needs the test in this process), or there is one core."""
+    chooses = ("-n", "--numprocesses", "--dist", "--pdb", "--trace")
+    if (
+        workers() < 2
+        or any(arg.startswith(chooses) for arg in rest)
+        or any(arg.endswith("no:xdist") for arg in rest)  # -p no:xdist
+    ):
+        return rest
+    # loadgroup: tests that share one expensive fresh process or module
+    # fixture carry `@pytest.mark.xdist_group` and run on one worker.
+    return ["-n", str(workers()), "--dist", "loadgroup", *rest]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__, file=sys.stderr)
@@ -107,7 +139,7 @@ def main(argv: list[str]) -> int:
         site = str(ROOT / "site")
         command = [str(python), "-m", "mkdocs", "build", "--strict", "-d", site, *rest]
     else:
-        command = [str(python), "-m", "pytest", *rest]
+        command = [str(python), "-m", "pytest", *pytest_arguments(rest)]
     return subprocess.run(command, cwd=ROOT, env=env).returncode
 
 

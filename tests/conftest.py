@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, deterministic seeds, fresh Keras state."""
 
+import gc
 import json
 import logging
 import math
@@ -17,6 +18,83 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# Tests whose outcome cannot depend on KERAS_BACKEND or on the Keras version:
+# they read kerasreg's source or build its docs or its wheel, and run no model.
+# They get the `backend_independent` marker; CI (.ci/run) runs them on its
+# TensorFlow leg and leaves them out of the other legs, where they would only
+# repeat the same work. A test that runs a model has no place here.
+BACKEND_INDEPENDENT = (
+    "tests/test_layering.py::",  # ast of kerasreg/*.py
+    "tests/test_typing.py::",  # mypy over the sources (Keras is untyped: Any)
+    "tests/test_package.py::",  # the wheel and sdist built from the sources
+    "tests/test_docs.py::test_site_builds_strictly",  # mkdocs build (also .ci/run)
+)
+
+
+def pytest_configure(config):
+    # Known even without pytest-xdist (`-p no:xdist`), under --strict-markers.
+    config.addinivalue_line(
+        "markers",
+        "xdist_group(name): tests sharing one expensive fixture or fresh process "
+        "run on one pytest-xdist worker (`--dist loadgroup`, as dev.py runs)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: runs no model, same result on every backend "
+        "(conftest.BACKEND_INDEPENDENT); CI runs it on the TensorFlow leg only",
+    )
+
+
+def shared_fixtures(item) -> list[str]:
+    """The module-scoped fixtures `item` asks for, itself or through another
+    fixture (autouse ones not included): what it shares with other tests."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:  # not a Python test function
+        return []
+    seen, todo = set(), list(info.argnames)
+    while todo:
+        name = todo.pop()
+        definitions = info.name2fixturedefs.get(name)
+        if name in seen or not definitions:
+            continue
+        seen.add(name)
+        todo.extend(getattr(definitions[-1], "argnames", ()))
+    return sorted(
+        name
+        for name in seen
+        if info.name2fixturedefs[name][-1].scope in ("module", "package", "class")
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist's `--dist loadgroup` (dev.py's default): the tests of a
+    module that share a module-scoped fixture (a trained model, a subprocess's
+    results) form one group, run on one worker that builds it once; and the
+    slow tests come first, so that no long test starts last while the other
+    worker has nothing left to do (stable: the order is otherwise kept).
+    The tests named in `BACKEND_INDEPENDENT` get their marker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and shared_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if item.nodeid.startswith(BACKEND_INDEPENDENT):
+            item.add_marker(pytest.mark.backend_independent)
+    if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collection_finish(session):
+    """Freeze what the imports made (TensorFlow, Keras, the test modules).
+
+    `keras.utils.clear_session()` before each test runs `gc.collect()`, which
+    walks every tracked object: with TensorFlow imported, over 400,000 of them,
+    a large share of the suite's time. Frozen objects are never walked again;
+    they live as long as the process anyway. The tests' own objects are not
+    frozen and are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,8 @@ from conftest import arrays, assert_close, np_stats, run_result
 
 TOLERANCE = 1e-5
 BACKEND = keras.backend.backend()
+# One subprocess's results (`_RESULTS`) for every test: one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("distribution")
 
 SCENARIOS = r'''
 import contextlib

@@ -6,7 +6,8 @@ on the TensorFlow leg, and a `jax.distributed` job (local coordinator, one CPU
 device per process, `keras.distribution.DataParallel`) on the JAX leg. Both
 train a model with kerasreg penalties, `WeightDecay` and `WeightNormLogger`
 (one log per step). The tests check, against a single-process run of the same
-training and against TensorBoard's own reader:
+training (run in the test process: `worker` with one worker, no strategy) and
+against TensorBoard's own reader:
 
 - every worker ends with the same weights as one process, and as each other;
 - the run's event files are written once, by the chief / process 0, with one
@@ -21,13 +22,21 @@ tests are marked slow; each engine runs only on its own backend's leg.
 
 from __future__ import annotations
 
+import json
 import time
 
 import keras
 import numpy as np
 import pytest
 from conftest import read_scalars
-from multiprocess_job import CRASH_EXIT_CODE, RATE, WorkerFailed, data, launch
+from multiprocess_job import (
+    CRASH_EXIT_CODE,
+    RATE,
+    WorkerFailed,
+    data,
+    launch,
+    worker,
+)
 
 BACKEND = keras.backend.backend()
 ENGINES = [
@@ -49,6 +58,9 @@ ENGINES = [
 pytestmark = pytest.mark.slow
 
 _JOBS: dict[tuple, dict] = {}
+# The tests that read `_JOBS` run on one pytest-xdist worker (`--dist
+# loadgroup`): each job runs once.
+SHARES_JOBS = pytest.mark.xdist_group("multiprocess_jobs")
 
 
 @pytest.fixture(params=ENGINES)
@@ -56,12 +68,29 @@ def engine(request):
     return request.param
 
 
+def one_process(engine, out):
+    """The single-process reference (`worker` with one worker: no strategy, no
+    distribution), run in this process: a fresh one would only add the start
+    of TensorFlow or JAX. `{0: result}`, as `launch` returns it."""
+    filtering = keras.config.is_traceback_filtering_enabled()
+    try:
+        worker(engine, 0, 1, str(out), False)
+    finally:
+        if filtering:  # `worker` turns it off for its logs
+            keras.config.enable_traceback_filtering()
+    return {0: json.loads((out / "worker0.json").read_text())}
+
+
 def job(engine, workers, tmp_path_factory):
     """Each job once per session: `{"out": folder, "result": {index: ...}}`."""
     key = (engine, workers)
     if key not in _JOBS:
         out = tmp_path_factory.mktemp(f"{engine}{workers}")
-        _JOBS[key] = {"out": out, "result": launch(engine, workers, out)}
+        if workers == 1:
+            result = one_process(engine, out)
+        else:
+            result = launch(engine, workers, out)
+        _JOBS[key] = {"out": out, "result": result}
     return _JOBS[key]
 
 
@@ -69,6 +98,7 @@ def event_files(folder):
     return sorted(p for p in folder.rglob("events.out.tfevents.*"))
 
 
+@SHARES_JOBS
 def test_every_worker_ends_with_the_single_process_weights(engine, tmp_path_factory):
     single = job(engine, 1, tmp_path_factory)["result"][0]
     workers = job(engine, 2, tmp_path_factory)["result"]
@@ -92,6 +122,7 @@ def test_every_worker_ends_with_the_single_process_weights(engine, tmp_path_fact
     assert not np.allclose(workers[0]["weights"][0], init[0])
 
 
+@SHARES_JOBS
 def test_the_chief_alone_writes_one_set_of_event_files(engine, tmp_path_factory):
     two = job(engine, 2, tmp_path_factory)
     one = job(engine, 1, tmp_path_factory)

@@ -2,7 +2,6 @@
 
 import json
 import math
-import textwrap
 
 import keras
 import numpy as np
@@ -459,81 +458,79 @@ def test_penalty_appears_in_model_losses(rng):
     )
 
 
-SAVE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import keras, numpy as np
-    import kerasreg
-    from kerasreg import *
+def recurrent_model_with_every_penalty():
+    inp = keras.Input((6, 4))
+    x = keras.layers.Bidirectional(
+        keras.layers.LSTM(
+            3,
+            return_sequences=True,
+            kernel_regularizer=L1Penalty(0.01),
+            recurrent_regularizer=ExpAbsPenalty(0.02),
+            bias_regularizer=L2Penalty(0.03),
+        )
+    )(inp)
+    x = keras.layers.GRU(
+        3,
+        kernel_regularizer=ElasticNetPenalty(0.01, 0.02),
+        recurrent_regularizer=L2Penalty(0.05),
+    )(x)
+    x = keras.layers.Dense(
+        5,
+        kernel_regularizer=ExpAbsPenalty(0.1),
+        bias_regularizer=L1Penalty(0.2),
+        activity_regularizer=L2Penalty(0.04),
+    )(x)
+    return keras.Model(inp, x)
 
-    def build():
-        inp = keras.Input((6, 4))
-        x = keras.layers.Bidirectional(keras.layers.LSTM(
-            3, return_sequences=True,
-            kernel_regularizer=L1Penalty(0.01), recurrent_regularizer=ExpAbsPenalty(0.02),
-            bias_regularizer=L2Penalty(0.03)))(inp)
-        x = keras.layers.GRU(3, kernel_regularizer=ElasticNetPenalty(0.01, 0.02),
-                             recurrent_regularizer=L2Penalty(0.05))(x)
-        x = keras.layers.Dense(5, kernel_regularizer=ExpAbsPenalty(0.1),
-                               bias_regularizer=L1Penalty(0.2),
-                               activity_regularizer=L2Penalty(0.04))(x)
-        return keras.Model(inp, x)
 
-    keras.utils.set_random_seed(3)
-    model = build()
-    model.compile("sgd", "mse")
-    data = np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32")
-    model(data)
-    model.save(sys.argv[1] if len(sys.argv) > 1 else PATH)
-    losses = sorted(float(v) for v in model.losses)
-    print(json.dumps(losses))
-    """
-)
+# One fresh process: Keras alone cannot load the file; after `import kerasreg`
+# it loads it with kerasreg's penalties.
+LOAD_SCRIPT = """
+import json, sys, traceback
+import keras, numpy as np
+try:
+    keras.saving.load_model(PATH, safe_mode=True)
+    bare = "LOADED"
+except Exception:
+    bare = traceback.format_exc()
+assert "kerasreg" not in sys.modules, "Keras imported kerasreg by itself"
+import kerasreg
+model = keras.saving.load_model(PATH, safe_mode=True)
+data = np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32")
+model(data)
+regs = [
+    type(v.regularizer).__module__ + "." + type(v.regularizer).__name__
+    for v in model.weights
+    if v.regularizer is not None
+]
+act = model.layers[-1].activity_regularizer
+regs.append(type(act).__module__ + "." + type(act).__name__)
+print(json.dumps([bare, sorted(float(v) for v in model.losses), sorted(regs)]))
+"""
 
 
 def test_save_load_in_fresh_process(tmp_path):
     path = tmp_path / "model.keras"
-    save = run_python(f"PATH = {str(path)!r}\n" + SAVE_SCRIPT)
-    assert save.returncode == 0, save.stderr[-3000:]
-    saved_losses = json.loads(save.stdout.strip().splitlines()[-1])
+    keras.utils.set_random_seed(3)
+    model = recurrent_model_with_every_penalty()
+    model.compile("sgd", "mse")
+    model(np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32"))
+    model.save(path)
+    saved_losses = sorted(float(v) for v in model.losses)
     # LSTM forward + backward (3 each), GRU (2), Dense kernel, bias and activity (3)
     assert len(saved_losses) == 11
 
-    load = run_python(
-        textwrap.dedent(
-            f"""
-            import json
-            import keras, numpy as np
-            import kerasreg
-            model = keras.saving.load_model({str(path)!r}, safe_mode=True)
-            data = np.random.default_rng(0).normal(size=(2, 6, 4)).astype("float32")
-            model(data)
-            regs = [
-                type(v.regularizer).__module__ + "." + type(v.regularizer).__name__
-                for v in model.weights
-                if v.regularizer is not None
-            ]
-            act = model.layers[-1].activity_regularizer
-            regs.append(type(act).__module__ + "." + type(act).__name__)
-            print(json.dumps([sorted(float(v) for v in model.losses), sorted(regs)]))
-            """
-        )
-    )
+    load = run_python(f"PATH = {str(path)!r}\n" + LOAD_SCRIPT)
     assert load.returncode == 0, load.stderr[-3000:]
-    loaded_losses, regs = json.loads(load.stdout.strip().splitlines()[-1])
+    bare, loaded_losses, regs = json.loads(load.stdout.strip().splitlines()[-1])
+    # Keras names the unknown registered penalty; it never falls back to a built-in.
+    assert bare != "LOADED"
+    assert "kerasreg>" in bare
+    assert "Could not interpret regularizer identifier" in bare
     np.testing.assert_allclose(loaded_losses, saved_losses, rtol=1e-6)
     assert all(r.startswith("kerasreg.penalties.") for r in regs)
     # weights: forward + backward LSTM (3 each), GRU (2), Dense (2); + activity
     assert len(regs) == 11
-
-    bare = run_python(
-        f"import keras\nkeras.saving.load_model({str(path)!r}, safe_mode=True)\nprint('LOADED')"
-    )
-    assert bare.returncode != 0
-    assert "LOADED" not in bare.stdout
-    # Keras names the unknown registered penalty; it never falls back to a built-in.
-    assert "kerasreg>" in bare.stderr
-    assert "Could not interpret regularizer identifier" in bare.stderr
 
 
 # --- issue 16 items 11 and 12: names in Keras layers, config errors ----------
