@@ -109,6 +109,8 @@ WHERE = {
     "callable": (lambda: lambda v: v.path.endswith("d1/bias"), {"d1/bias"}),
 }
 PENALTY_KINDS = ["l1", "l2", "elastic", "expabs", "l2sp"]
+# Keras's PyTorch trainer refuses steps_per_execution > 1.
+STEPS_PER_EXECUTION = [1] if BACKEND == "torch" else [1, 2, 3]
 
 
 @st.composite
@@ -150,7 +152,7 @@ def scenarios(draw, policies=tuple(POLICIES)):
         "ema_overwrite": draw(st.sampled_from([None, 2])) if ema else None,
         "accumulation": draw(st.sampled_from([None, 2])),
         "lr_schedule": draw(st.sampled_from([None, "exponential", "piecewise"])),
-        "steps_per_execution": draw(st.sampled_from([1, 2, 3])),
+        "steps_per_execution": draw(st.sampled_from(STEPS_PER_EXECUTION)),
         "epochs": draw(st.sampled_from([1, 2])),
         "samples": draw(st.sampled_from([12, 16])),
         # 300: under mixed_float16 the first scaled gradients overflow, so
@@ -584,6 +586,13 @@ def fit(spec, *, reference: bool, log_dir=None):
             verbose=0,
             callbacks=callbacks,
         )
+    if BACKEND == "jax" and spec["ema"]:
+        # A Keras bug, not kerasreg's: on JAX, after `fit` writes the EMA over
+        # the weights they share buffers with the optimizer's EMA slots;
+        # `evaluate`/`predict` donate them and a later `save` fails ("Array
+        # has been deleted"). Plain Keras fails the same; unshare the values.
+        for v in model.trainable_variables:
+            v.assign(ops.copy(v.value))
     return model, history, recorder
 
 
