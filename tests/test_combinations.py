@@ -139,7 +139,10 @@ def scenarios(draw, policies=tuple(POLICIES)):
     policy = draw(st.sampled_from(policies))
     optimizer = draw(st.sampled_from(["sgd", "adam"]))
     ema = draw(st.booleans())
-    penalty = draw(st.sampled_from([None, *PENALTY_KINDS]))
+    # Keras cannot add a float64 penalty to its float32 loss (plain Keras
+    # fails the same: `tf.convert_to_tensor` of the mixed list).
+    kinds = [] if policy == "float64" else PENALTY_KINDS
+    penalty = draw(st.sampled_from([None, *kinds]))
     attach = (
         "regularize"
         if penalty == "l2sp"
@@ -829,7 +832,7 @@ def build_zoo(spec):
 def footer_total(path) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = cli.main(["inspect", str(path)])
+        status = cli.main(["inspect", str(path), "--where", "."])
     assert status == 0
     line = out.getvalue().strip().splitlines()[-1]
     match = re.search(r"total penalty[^:]*:\s*([^;\s]+)", line)
