@@ -229,6 +229,9 @@ KNOWN = {
         ema=True, ema_overwrite=2, transforms=[transform()]
     ),
     "float64 statistics (item 8)": scenario(policy="float64"),
+    "float64 SoftThreshold keeps float64 (new: torch rounds to float32)": scenario(
+        policy="float64", transforms=[transform("soft", 0.02)]
+    ),
     "L2-SP: CLI rows, set_reference (items 5, 1)": scenario(
         penalty="l2sp", penalty_attach="regularize", reset_reference=True
     ),
