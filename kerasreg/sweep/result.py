@@ -280,7 +280,7 @@ class SweepResult:
             writer.writerows(records)
         return path
 
-    def to_frame(self, summary: bool = False):
+    def to_frame(self, summary: bool = False) -> Any:
         """The table (`table(summary)`) as a `pandas.DataFrame`.
 
         pandas is not a kerasreg dependency: install it to use this method.
