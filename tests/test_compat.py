@@ -239,3 +239,80 @@ def test_weight_decay_exclusions_are_read_back_as_given():
     after = [keras.ops.convert_to_numpy(w) for w in model.weights]
     kept = [np.array_equal(a, b) for a, b in zip(after, before, strict=True)]
     assert kept == [False, True, False, True]
+
+
+def test_functional_graph_lists_each_call_with_its_inputs_first():
+    inputs = keras.Input((3,), name="x")
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    shared = keras.layers.Dense(3, name="shared")
+    merged = keras.layers.Add(name="add")([shared(inputs), shared(hidden)])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(merged))
+    functional, calls = _compat.functional_graph(model)
+    assert functional is model
+    names = [operation.name for operation, *_ in calls]
+    assert sorted(names) == ["add", "hidden", "out", "shared", "shared"]
+    # Running the calls in the given order computes the model's output.
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    values = {id(model.inputs[0]): keras.ops.convert_to_tensor(x)}
+    for operation, args, kwargs, outputs in calls:
+        filled = keras.tree.map_structure(
+            lambda a: values[id(a)] if isinstance(a, keras.KerasTensor) else a, args
+        )
+        values[id(outputs[0])] = operation(*filled, **kwargs)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(values[id(model.outputs[0])]),
+        keras.ops.convert_to_numpy(model(x)),
+        rtol=1e-6,
+    )
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    functional, calls = _compat.functional_graph(sequential)
+    assert [op.name for op, *_ in calls] == ["d"]
+    assert functional.outputs[0] is calls[0][3][0]
+
+
+def test_functional_graph_fails_loudly_without_the_nodes():
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_nodes_by_depth"):
+        _compat.functional_graph(Bare())
+
+
+def test_standardize_inputs_reads_inputs_as_the_model_does():
+    a = keras.Input((2,), name="a")
+    b = keras.Input((1,), name="b")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Concatenate()([a, b]))
+    x = {"b": np.ones((4, 1)), "a": np.zeros((4, 2))}
+    flat = _compat.standardize_inputs(model, x)
+    # In the order of the model's inputs (a, b), as float32 tensors.
+    assert [tuple(t.shape) for t in flat] == [(4, 2), (4, 1)]
+    assert [t.name for t in model.inputs] == ["a", "b"]
+    assert all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in flat)
+
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_standardize_inputs"):
+        _compat.standardize_inputs(Bare(), x)
+
+
+def test_set_gradient_clipping_replaces_the_optimizers_clipping():
+    variable = keras.Variable(np.ones(3, "float32"))
+    optimizer = keras.optimizers.SGD(1.0, clipnorm=1e-9)
+    seen = []
+
+    def halve(grads):
+        seen.append(len(grads))
+        return [g * 0.5 for g in grads]
+
+    _compat.set_gradient_clipping(optimizer, halve)
+    optimizer.apply([keras.ops.ones(3)], [variable])
+    # Clipped by the given function (halved), not by clipnorm=1e-9.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), [0.5] * 3)
+    assert seen == [1]
+
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_clip_gradients"):
+        _compat.set_gradient_clipping(Bare(), halve)

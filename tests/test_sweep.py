@@ -132,7 +132,7 @@ def test_each_variant_equals_a_separate_fit(kind, engine):
         verbose=0,
     )
     penalties = PENALTIES[1:]  # the baseline (None) is checked by the other tests
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
     assert result.stacked and result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
@@ -143,9 +143,12 @@ def test_each_variant_equals_a_separate_fit(kind, engine):
         assert_same_fit(row, trained, history, weights)
 
 
-@pytest.mark.slow  # the stack of copies path, with its reference fits
-def test_training_loop_options_keep_equality():
-    # Per-variable clipnorm, gradient accumulation and several steps per call.
+@pytest.mark.slow  # a sweep and two traced reference fits per engine
+@pytest.mark.parametrize("engine", ["vectorized", "stacked"])
+def test_training_loop_options_keep_equality(engine):
+    # Per-variable clipnorm (the norm of each variant's own gradient),
+    # gradient accumulation, several steps per call, a penalty without a
+    # vector form.
     x, y = data()
     compile_kwargs = {} if TORCH else {"steps_per_execution": 3}
     model = build()
@@ -159,8 +162,8 @@ def test_training_loop_options_keep_equality():
     )
     penalties = [kerasreg.L2Penalty(1e-1), kerasreg.ExpAbsPenalty(1e-2)]
     fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
-    assert result.stacked
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
+    assert result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
@@ -238,7 +241,8 @@ def test_vectorized_engine_with_the_options_that_change_the_loop():
         assert_same_fit(row, trained, history, reference.get_weights())
 
 
-def test_sample_weights_are_weighed_as_separate_fits_weigh_them():
+@pytest.mark.parametrize("engine", ["vectorized", "stacked"])
+def test_sample_weights_are_weighed_as_separate_fits_weigh_them(engine):
     x, y = data()
     weights = np.linspace(0.2, 2.0, len(x)).astype("float32")
     model = template("adam")
@@ -246,8 +250,8 @@ def test_sample_weights_are_weighed_as_separate_fits_weigh_them():
     fit_kwargs = dict(
         epochs=2, batch_size=16, shuffle=False, sample_weight=weights, verbose=0
     )
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
-    assert result.engine == "stacked"  # the vectorised engine takes no weights
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
+    assert result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
@@ -275,17 +279,23 @@ ENGINES = {
         "adam",
         ["mse"],
         None,
-        "stacked",
+        "vectorized",
     ),
-    "residual branch": (residual, "adam", ["mse"], None, "stacked"),
-    "per-variable clipnorm": (build, "adam_clipnorm", ["accuracy"], None, "stacked"),
-    "AUC metric": (build, "adam", ["accuracy", "auc"], None, "stacked"),
+    "residual branch": (residual, "adam", ["mse"], None, "vectorized"),
+    "per-variable clipnorm": (
+        build,
+        "adam_clipnorm",
+        ["accuracy"],
+        None,
+        "vectorized",
+    ),
+    "AUC metric": (build, "adam", ["accuracy", "auc"], None, "vectorized"),
     "penalty without a vector form": (
         build,
         "adam",
         ["accuracy"],
         kerasreg.ExpAbsPenalty(1e-2),
-        "stacked",
+        "vectorized",
     ),
     "loss scaling": (
         build,
@@ -313,7 +323,7 @@ ENGINES = {
         lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0),
         ["accuracy"],
         None,
-        "sequential",
+        "vectorized",
     ),
 }
 
@@ -458,7 +468,9 @@ def test_template_is_untouched_and_models_carry_their_penalty(tmp_path):
     assert done.stdout.split()[-2:] == ["ok", "Adam"]
 
 
-def test_global_norm_clipping_falls_back_to_separate_fits(caplog):
+def test_global_norm_clipping_is_each_variants_own_norm(caplog):
+    # One norm over all variables would couple the variants in a stack of
+    # copies; the vectorized engine clips with each variant's own norm.
     x, y = data()
     model = build()
     model.compile(
@@ -467,12 +479,13 @@ def test_global_norm_clipping_falls_back_to_separate_fits(caplog):
         metrics=["accuracy"],
     )
     penalties = [None, kerasreg.L2Penalty(1e-1)]
-    with caplog.at_level(logging.WARNING, logger="kerasreg"):
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
         result = kerasreg.sweep(
             model, penalties, x, y, epochs=2, batch_size=16, shuffle=False, verbose=0
         )
-    assert not result.stacked
-    assert "global norm" in caplog.text and "one after another" in caplog.text
+    assert result.engine == "vectorized"
+    with pytest.raises(ValueError, match=r"engine='stacked'.*global norm"):
+        kerasreg.sweep(model, penalties, x, y, engine="stacked", epochs=1)
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):

@@ -30,11 +30,14 @@ class SweepResult:
         models: list of the trained models, each a standalone copy of the
             template carrying its penalty, compiled like the template (with a
             fresh optimizer), ready to `evaluate`, `predict` and `save`.
-        engine: how the variants were trained: `"vectorized"` (one model
-            whose weights have a leading axis of K: Dense chains with the
-            common penalties, losses, metrics and optimizers), `"stacked"`
-            (K copies side by side in one `fit`), or `"sequential"` (K
-            separate fits; the reason is logged).
+        engine: how the variants were trained: `"vectorized"` (one batched
+            step for all K variants: every weight on a leading axis of K),
+            `"stacked"` (K copies side by side in one `fit`), or
+            `"sequential"` (K separate fits, one after another).
+        engine_reason: one sentence: what ran, and why no faster engine
+            could (for example `"batched kernels: Flatten, Dense"`, or
+            `"K copies side by side in one fit; not batched kernels: layer
+            'gru' (GRU) has no batched kernel"`).
         stacked: `True` when the variants were trained in one `fit`
             (`engine` is `"vectorized"` or `"stacked"`).
 
@@ -47,10 +50,17 @@ class SweepResult:
     'L2Penalty_0.001'
     """
 
-    def __init__(self, rows: list[dict], models: list[keras.Model], engine: str):
+    def __init__(
+        self,
+        rows: list[dict],
+        models: list[keras.Model],
+        engine: str,
+        engine_reason: str = "",
+    ):
         self.rows = rows
         self.models = models
         self.engine = engine
+        self.engine_reason = engine_reason
         self.stacked = engine != "sequential"
 
     def best(self, monitor: str = "val_loss", mode: str = "auto") -> dict:

@@ -1,21 +1,15 @@
-"""`sweep`: a grid of penalties trained side by side in one `fit`.
+"""`sweep`: a grid of penalties trained side by side, each variant exactly its own fit.
 
 There is no formula for a penalty's strength: one searches a log-scale grid.
-`sweep` trains the K variants of a compiled template model (one per penalty)
-as K sub-models of one stacked functional model, on the same batches, in one
-`fit`. The stacked loss is the sum of the K variants' losses (each variant's
-data loss plus its own penalty), so the gradient of each variant's weights is
-exactly that variant's own gradient; Keras's optimizers update every variable
-from its own gradient and its own slots, so one optimizer over the stack
-makes the very updates K separate optimizers would. Everything that couples
-variables across the whole model (global-norm clipping, dynamic loss scaling)
-breaks this; such templates, and inputs the stack does not handle, are
-trained one variant after another instead, with a log line saying why.
+`sweep` makes one variant of a compiled template model per penalty and trains
+them with the fastest engine that can prove it gives each variant the very
+result of its own separate fit (`kerasreg.sweep.engines`): one batched step
+for all variants (`"vectorized"`), K copies side by side in one `fit`
+(`"stacked"`), or K separate fits (`"sequential"`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +19,8 @@ import keras
 from kerasreg import _compat
 from kerasreg.attach import ROLES
 from kerasreg.penalties import get
-from kerasreg.selection import walk_layers
-from kerasreg.sweep.data import is_array, is_dataset
-from kerasreg.sweep.monitor import Monitor, VariantLog
+from kerasreg.sweep import engines
+from kerasreg.sweep.monitor import VariantLog
 from kerasreg.sweep.result import (
     SweepResult,
     make_row,
@@ -36,12 +29,9 @@ from kerasreg.sweep.result import (
     variant_name,
     write_hparams,
 )
-from kerasreg.sweep.stacked import fit_together
 from kerasreg.sweep.variants import compile_like, make_variant
 
 __all__ = ["SweepResult", "sweep"]
-
-logger = logging.getLogger("kerasreg")
 
 
 def sweep(
@@ -53,6 +43,7 @@ def sweep(
     role: str = "kernel",
     where: Any = None,
     log_dir: str | os.PathLike | None = None,
+    engine: str = "auto",
     **fit_kwargs: Any,
 ) -> SweepResult:
     """Train one copy of a compiled model per penalty, side by side in one `fit`.
@@ -137,48 +128,33 @@ def sweep(
     variants = _check_penalties(penalties, role)
     names = unique([variant_name(v) for v in variants])
     compile_config = model.get_compile_config()
-    models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
-    reason = _why_not_stacked(model, x, y, fit_kwargs, compile_config)
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
+    models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
+    context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
+    name, implementation, reason = engines.choose(model, models, context, engine)
+    x = engines.prepare(models, compile_config, exclusions, context, name)
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
-        VariantLog(os.path.join(log_dir, name)) if log_dir is not None else None
-        for name in names
+        VariantLog(os.path.join(log_dir, n)) if log_dir is not None else None
+        for n in names
     ]
-    verbose = fit_kwargs.get("verbose", "auto")
-    if reason is None:
-        histories, engine = fit_together(
-            models, names, logs, compile_config, exclusions, x, y, fit_kwargs
-        )
-    else:
-        logger.warning(
-            "kerasreg.sweep: %s; training the %d variants one after another "
-            "(K separate fits).",
-            reason,
-            len(models),
-        )
-        histories = []
-        for variant, name, log in zip(models, names, logs, strict=True):
-            compile_like(variant, compile_config, exclusions)
-            monitor = Monitor([variant], [name], [log], verbose, split=None)
-            callbacks = [*(fit_kwargs.get("callbacks") or []), monitor]
-            kwargs = {**fit_kwargs, "callbacks": callbacks}
-            variant.fit(x, y, **kwargs)
-            histories.append(monitor.histories[0])
-        engine = "sequential"
+    histories = implementation.fit(
+        models, names, logs, compile_config, exclusions, x, y, fit_kwargs
+    )
     for variant in models:
         variant.name = model.name
-        if reason is None:
+        if name != "sequential":
+            # A fresh optimizer: the one fit's optimizer trained the stack.
             compile_like(variant, compile_config, exclusions)
     rows = [
-        make_row(name, v, strength(v), history)
-        for name, v, history in zip(names, variants, histories, strict=True)
+        make_row(n, v, strength(v), history)
+        for n, v, history in zip(names, variants, histories, strict=True)
     ]
     if log_dir is not None:
         write_hparams(log_dir, rows)
-    return SweepResult(rows, models, engine)
+    return SweepResult(rows, models, name, reason)
 
 
 # --- validation ---------------------------------------------------------------
@@ -239,23 +215,3 @@ def _check_penalties(penalties: Any, role: str) -> list[dict[str, Any]]:
                 ) from None
         variants.append(resolved)
     return variants
-
-
-def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
-    """Why one stacked fit would not be exact or is not supported (None: it is)."""
-    optimizer = model.optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return "the optimizer scales the loss (one scale for all variables)"
-    if getattr(optimizer, "global_clipnorm", None):
-        return "the optimizer clips by global norm (one norm over all variables)"
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return "the template has several inputs or outputs"
-    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(model)):
-        return "the template has stateful layers"
-    if fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (in one stacked fit they would see the stack)"
-    if isinstance(x, keras.utils.PyDataset) or is_dataset(x):
-        return None
-    if not (is_array(x) and is_array(y)):
-        return "`x`/`y` are not arrays, a keras.utils.PyDataset or a tf.data.Dataset"
-    return None
