@@ -661,3 +661,49 @@ def test_log_dir_writes_one_run_per_variant_and_hparams(tmp_path):
         ).session_start_info
         assert start.hparams["penalty"].string_value == row["penalty"]
         assert start.hparams["strength"].number_value == pytest.approx(row["strength"])
+
+
+def test_chunks_of_variants_equal_separate_fits(monkeypatch, caplog):
+    # The memory rule: per variant, 4 bytes x (2 x batch x the per-sample size
+    # of every layer output + 4 x the number of weights). The test network
+    # (3 -> 8 -> 1): outputs of 8 + 1 numbers per sample, 3*8+8+8+1 = 41 weights;
+    # with batch 16: 4 * (2*16*9 + 4*41) = 1808 bytes a variant.
+    x, y = data()
+    model = template("sgd")
+    penalties = [None, kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(1e-1)]
+    fit_kwargs = dict(epochs=2, batch_size=16, shuffle=False, verbose=0)
+    monkeypatch.setenv("KERASREG_SWEEP_MEMORY", str(2 * 1808 + 100))
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.engine == "vectorized"
+    assert "in 2 fits of at most 2 variants" in result.engine_reason
+    assert "trained in 2 fits of at most 2" in caplog.text
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        history, weights = separate_fit(model, penalty, "sgd", x, y, **fit_kwargs)
+        assert_same_fit(row, trained, history, weights)
+    monkeypatch.setenv("KERASREG_SWEEP_MEMORY", str(3 * 1808 + 100))
+    whole = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert "fits of at most" not in whole.engine_reason
+    one_each = kerasreg.sweep(model, penalties, x, y, chunk_size=1, **fit_kwargs)
+    assert "in 3 fits of at most 1 variants" in one_each.engine_reason
+    with pytest.raises(ValueError, match=r"`chunk_size`.*Received: chunk_size=0"):
+        kerasreg.sweep(model, penalties, x, y, chunk_size=0, **fit_kwargs)
+
+
+def test_a_generator_is_refused_when_the_variants_need_several_fits():
+    x, y = data()
+    model = template("sgd")
+    before = model.get_weights()
+
+    def batches():
+        for start in range(0, len(x), 16):
+            yield x[start : start + 16], y[start : start + 16]
+
+    generator = batches()
+    with pytest.raises(ValueError, match=r"`x`.*2 fits.*read once"):
+        kerasreg.sweep(model, PENALTIES, generator, chunk_size=2, epochs=1)
+    np.testing.assert_array_equal(next(generator)[0], x[:16])  # nothing was read
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -24,6 +24,8 @@ class SweepContext:
             iterator whose first batch was read is re-chained).
         sample: `(x, y)` of two samples, or None when the data give none.
         sample_weights: whether any batch may carry sample or class weights.
+        batch_size: the size of a training batch (`fit`'s `batch_size`, 32
+            by default, or the first batch's size).
     """
 
     backend: str
@@ -36,6 +38,7 @@ class SweepContext:
     y: Any = None
     sample: Any = None
     sample_weights: bool = False
+    batch_size: int = 32
 
     @property
     def one_pass(self) -> bool:

@@ -6,7 +6,11 @@ these variants exactly, proven from what it knows of every layer, loss,
 metric, optimizer and the data; otherwise the reason, one short sentence),
 `fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs)`
 (each variant's `History.history`, as its own fit reports it), and
-optionally `describe(template, variants, context) -> str` (what runs).
+optionally `describe(template, variants, context) -> str` (what runs) and
+`PREPARE` (what `fit` needs of the variants beforehand: `"all"`, the
+default: each compiled like the template, its loss and metrics built on two
+samples; `"first"`: only the first so; `"compile"`: each compiled, nothing
+built).
 
 `IMPLEMENTATIONS` are tried in order; the first whose `why_not` is None
 trains the sweep. Every engine passed over is logged at INFO on the
@@ -17,9 +21,13 @@ WARNING (no speed-up).
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import keras
+import numpy as np
 
+from kerasreg import _compat
 from kerasreg.sweep import data, sequential, stacked, vectorized
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.variants import compile_like
@@ -51,6 +59,7 @@ def context(model, x, y, fit_kwargs, compile_config, exclusions) -> SweepContext
         exclusions=exclusions,
         x=x,
         y=y,
+        batch_size=fit_kwargs.get("batch_size") or 32,
     )
 
 
@@ -103,12 +112,12 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
     )
 
 
-def prepare(variants, compile_config, exclusions, context: SweepContext, engine):
-    """Compile the variants like the template; for a one-fit `engine`, build
-    their losses and metrics on two samples of the data.
+def prepare(context: SweepContext):
+    """Read what the engines need of the data: its first batch, two samples of it.
 
     Returns the data to give to `fit` (a one-pass iterator whose first batch
-    was read is re-chained). Sets `context.sample` and `.sample_weights`.
+    was read is re-chained). Sets `context.sample`, `.sample_weights` and
+    `.batch_size`.
     """
     first, x = data.peek(context.x)
     sample = None
@@ -116,14 +125,111 @@ def prepare(variants, compile_config, exclusions, context: SweepContext, engine)
         sample = data.sample_batch(x, context.y, first)
     context.x = x
     context.sample = sample
+    if first is not None:
+        context.batch_size = len(keras.tree.flatten(first)[0])
     context.sample_weights = data.has_sample_weights(x, context.fit_kwargs, first)
-    for variant in variants:
+    return x
+
+
+def ready(variants, compile_config, exclusions, context: SweepContext, module):
+    """Make the variants of one fit ready for `module.fit` (its `PREPARE`)."""
+    needs = getattr(module, "PREPARE", "all")
+    sample = context.sample
+    for index, variant in enumerate(variants):
+        if needs == "first" and index > 0:
+            break
         compile_like(variant, compile_config, exclusions)
-        if sample is not None and engine != "sequential":
+        if sample is not None and needs != "compile":
             # The compiled loss and metrics get their variables now, before
-            # a stacked step is traced.
+            # a one-fit step is traced.
             prediction = variant(sample[0])
             variant.compute_loss(sample[0], sample[1], prediction, training=False)
             variant.compute_metrics(sample[0], sample[1], prediction, None)
             variant.reset_metrics()
-    return x
+
+
+# --- K in chunks, when K times the activations would not fit ----------------------
+
+# Bytes of a float32 number, and how many copies of each activation and weight
+# one training step holds: an activation and its gradient; a weight, its
+# gradient and two optimizer slots (Adam's).
+_BYTES, _PER_ACTIVATION, _PER_WEIGHT = 4, 2, 4
+
+
+def variant_bytes(template: keras.Model, batch_size: int) -> int:
+    """The memory one variant's training step needs, estimated from its graph.
+
+    `batch_size * (sum of every layer output's size per sample) * 4 bytes * 2`
+    (activations and their gradients) plus `(number of weights) * 4 bytes * 4`
+    (weights, gradients, two optimizer slots). Unknown dimensions count as 1.
+    """
+    _, calls = _compat.functional_graph(template)
+    per_sample = 0
+    for *_, outputs in calls:
+        for tensor in outputs:
+            per_sample += math.prod(d or 1 for d in tensor.shape[1:])
+    weights = sum(math.prod(w.shape) for w in template.weights)
+    return _BYTES * (_PER_ACTIVATION * batch_size * per_sample + _PER_WEIGHT * weights)
+
+
+def memory_budget() -> int:
+    """Bytes one fit of a sweep may use: `KERASREG_SWEEP_MEMORY`, else half of
+    the host memory available now (on accelerators, give `chunk_size`)."""
+    configured = os.environ.get("KERASREG_SWEEP_MEMORY")
+    if configured:
+        return int(float(configured))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX host
+        return 2**63
+    return available // 2
+
+
+def chunks(template, variants, context: SweepContext, module, chunk_size=None):
+    """The variants' indices in groups trained by one fit each.
+
+    `chunk_size` (an int) caps a group; without it, a one-fit engine takes as
+    many variants as `memory_budget()` holds by `variant_bytes`. K separate
+    fits take one variant each anyway.
+
+    Raises:
+        ValueError: `chunk_size` is not a positive int, or the variants need
+            several fits and `x` can be read only once.
+    """
+    k = len(variants)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            "kerasreg.sweep: invalid `chunk_size`: expected a positive int (the "
+            f"most variants trained by one fit) or None. Received: "
+            f"chunk_size={chunk_size!r}."
+        )
+    if module.NAME == "sequential":
+        return [list(range(k))]
+    size = chunk_size
+    if size is None:
+        if context.one_pass:
+            return [list(range(k))]  # one fit is the only way to read it
+        need = variant_bytes(template, context.batch_size)
+        size = max(1, memory_budget() // max(need, 1))
+    size = int(min(size, k))
+    groups = [list(range(start, min(start + size, k))) for start in range(0, k, size)]
+    if len(groups) > 1:
+        if context.one_pass:
+            raise ValueError(
+                f"kerasreg.sweep: invalid `x`: the {k} variants need {len(groups)} "
+                f"fits of at most {size} (chunk_size or the memory budget), and a "
+                f"{context.data_kind} can be read once. Give arrays or a dataset, "
+                "or a larger `chunk_size`."
+            )
+        logger.info(
+            "kerasreg.sweep: the %d variants are trained in %d fits of at most %d "
+            "(memory).",
+            k,
+            len(groups),
+            size,
+        )
+    return groups

@@ -44,41 +44,60 @@ def sweep(
     where: Any = None,
     log_dir: str | os.PathLike | None = None,
     engine: str = "auto",
+    chunk_size: int | None = None,
     **fit_kwargs: Any,
 ) -> SweepResult:
-    """Train one copy of a compiled model per penalty, side by side in one `fit`.
+    """Train one copy of a compiled model per penalty, each exactly its own fit.
 
     Each variant is a copy of `model` (same architecture, the template's
-    current weights, its loss and metrics, a fresh optimizer from its
-    optimizer's config) carrying its own penalty through `kerasreg.regularize`.
-    The K variants become K branches of one functional model, fitted once on
-    the same batches (one shuffling order shared by all) with the loss
-
-    `sum_k (data_loss_k + penalty_k)`,
-
-    so the gradient of variant k's weights is exactly its own; as Keras's
-    optimizers (SGD, momentum, Adam, ... and per-variable `clipnorm`/`clipvalue`,
-    gradient accumulation, EMA) update each variable from its own gradient and
-    slots, this is the same computation as K separate fits with the same data
-    order. Each variant's history is reported as a separate fit reports it:
+    current weights and `trainable` flags, the state of the penalties it
+    already carries such as an `L2SPPenalty`'s reference, its loss and
+    metrics, a fresh optimizer from its optimizer's config) carrying its own
+    penalty through `kerasreg.regularize`. Each variant's history and final
+    weights are those of its own separate `fit` on the same data (in the
+    same order: one shuffling order is shared by the variants of one fit);
     its `loss` includes its own penalty only.
 
-    Templates for which one stacked fit is not exact or not supported are
-    trained one variant after another (K separate fits), with a log line on
-    the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
-    scaling, stateful layers, several inputs or outputs, `callbacks` (they
-    would see the stacked model; they are given to each of the K fits
-    instead), and training data other than arrays, a
-    `keras.utils.PyDataset` or a `tf.data.Dataset`.
+    An engine trains them (`SweepResult.engine`; `engine_reason` says what
+    ran and why): the fastest that can prove, from what it knows of every
+    layer, loss, metric, optimizer and of the data, that it is exact. Each
+    engine passed over is logged at INFO on the `"kerasreg"` logger, with
+    its reason.
 
-    The engine is chosen per template (`SweepResult.engine`). A chain of
-    `Dense` and activation layers with the usual penalties (kerasreg's L1,
-    L2 and elastic net, Keras's L1, L2 and L1L2), a per-sample loss, mean
-    metrics (accuracy, MSE, ...) and an elementwise optimizer (SGD, Adam,
-    AdamW, RMSprop, ...) is `"vectorized"`: one model whose weights have a
-    leading axis of K, so a step is one batched matrix product per layer and
-    one optimizer update. Other templates are `"stacked"` (K copies side by
-    side). Both are the same computation as K separate fits.
+    - `"vectorized"`: one batched step trains all K variants: every weight
+      has a leading axis of K. Batched kernels exist for `Dense` (inputs of
+      any rank), `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
+      `SeparableConv1D/2D`, `Embedding`, `BatchNormalization` and
+      `LayerNormalization` (statistics per variant), `Dropout`, `Flatten`,
+      `Reshape`, pooling, activations and merging layers (`Add`,
+      `Concatenate`, ...), in any functional graph (residual branches,
+      several inputs and outputs), matched by exact class (a subclass with
+      its own `call` is another layer), with Keras's elementwise optimizers
+      (SGD, Adam, AdamW, RMSprop, ...; `clipnorm`, `global_clipnorm` and
+      `clipvalue` act on each variant's own gradients). Keras's per-sample
+      losses and metrics are computed once over the K variants'
+      predictions; any other loss or metric (a user's function, a
+      `Loss`/`Metric` subclass) on each variant's own predictions.
+    - `"stacked"`: K copies side by side in one `fit`, each with its own
+      `compute_loss` and `compute_metrics` (any layer; not global-norm
+      clipping or loss scaling, which couple the copies).
+    - `"sequential"`: K separate fits, one after another, logged as a
+      WARNING: loss scaling, stateful layers, `callbacks` (given to each of
+      the K fits).
+
+    `Dropout`: with `Dropout(seed=s)` every variant draws the masks its own
+    fit draws (a copy keeps the seed: the same masks for all variants, as
+    in their separate fits); without a seed each variant draws its own
+    independent masks, random as in a separate fit.
+
+    Data: arrays, a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+    Python generator (read once: where the template needs K separate fits,
+    `sweep` refuses before anything trains), or anything `fit` reads
+    several times. Memory: one fit holds K times a variant's activations;
+    when `kerasreg.sweep.engines.variant_bytes` times K exceeds half of the
+    memory available (or `KERASREG_SWEEP_MEMORY` bytes), the variants are
+    trained in several fits of as many as fit (each fit shuffles its own
+    order); `chunk_size` sets the most variants per fit.
 
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
@@ -99,6 +118,12 @@ def sweep(
             `log_dir/<penalty name>/train|validation`, with Keras's
             `epoch_<metric>` scalars and `WeightNormLogger` data, plus the
             HParams experiment (`penalty`, `strength`, final metrics).
+        engine: `"auto"` (default: the fastest exact engine), or
+            `"vectorized"`, `"stacked"` or `"sequential"` to force one; a
+            forced engine that cannot train the template raises before
+            anything trains.
+        chunk_size: the most variants one fit trains (default: as many as
+            the memory rule allows).
         **fit_kwargs: passed to `fit` (`epochs`, `batch_size`,
             `validation_data`, `validation_split`, `shuffle`, `verbose`, ...).
             With `verbose=1` the best variant so far (by `val_loss`, else
@@ -109,9 +134,11 @@ def sweep(
 
     Raises:
         TypeError: `model` is not a Keras model, or `penalties` is not a list.
-        ValueError: `penalties` is empty, `role` is unknown, a penalty cannot be
-            resolved or targets a role the model lacks, the template is not
-            built or not compiled, or it cannot be copied.
+        ValueError: `penalties` is empty, `role` or `engine` is unknown, a
+            penalty cannot be resolved or targets a role the model lacks, the
+            template is not built or not compiled, or it cannot be copied; a
+            forced engine cannot train the template; `x` can be read once and
+            the sweep needs several fits. Nothing is trained.
 
     Example:
 
@@ -133,16 +160,33 @@ def sweep(
     models = [make_variant(model, v, where, i) for i, v in enumerate(variants)]
     context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
     name, implementation, reason = engines.choose(model, models, context, engine)
-    x = engines.prepare(models, compile_config, exclusions, context, name)
+    if context.one_pass:  # refused before its first batch is read
+        groups = engines.chunks(model, models, context, implementation, chunk_size)
+    x = engines.prepare(context)
+    if not context.one_pass:  # the batch size of a dataset is read from it
+        groups = engines.chunks(model, models, context, implementation, chunk_size)
+    if len(groups) > 1:
+        reason += f"; in {len(groups)} fits of at most {len(groups[0])} variants"
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
         VariantLog(os.path.join(log_dir, n)) if log_dir is not None else None
         for n in names
     ]
-    histories = implementation.fit(
-        models, names, logs, compile_config, exclusions, x, y, fit_kwargs
-    )
+    histories = []
+    for group in groups:
+        chosen = [models[i] for i in group]
+        engines.ready(chosen, compile_config, exclusions, context, implementation)
+        histories += implementation.fit(
+            chosen,
+            [names[i] for i in group],
+            [logs[i] for i in group],
+            compile_config,
+            exclusions,
+            x,
+            y,
+            fit_kwargs,
+        )
     for variant in models:
         variant.name = model.name
         if name != "sequential":

@@ -12,6 +12,7 @@ import keras
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.monitor import Monitor
 
+PREPARE = "compile"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "sequential"
 
 

@@ -20,6 +20,7 @@ from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
 from kerasreg.sweep.variants import fresh_optimizer
 
+PREPARE = "all"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "stacked"
 
 

@@ -40,6 +40,7 @@ from kerasreg.sweep.kernels import KERNELS, Untracked, Value
 from kerasreg.sweep.stacked import fit_stack
 from kerasreg.sweep.variants import fresh_optimizer
 
+PREPARE = "first"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "vectorized"
 
 # Optimizers whose update of an element reads only that element's gradient
