@@ -259,92 +259,6 @@ def test_sample_weights_are_weighed_as_separate_fits_weigh_them(engine):
         assert_same_fit(row, trained, history, final)
 
 
-def residual():
-    inputs = keras.Input((3,))
-    hidden = keras.layers.Dense(3)(inputs)
-    return keras.Model(inputs, keras.layers.Add()([inputs, hidden]))
-
-
-ENGINES = {
-    # What a user writes, and the engine it gets.
-    "dense chain, Adam": (build, "adam", ["accuracy"], None, "vectorized"),
-    "LayerNormalization": (
-        lambda: keras.Sequential(
-            [
-                keras.Input((3,)),
-                keras.layers.LayerNormalization(),
-                keras.layers.Dense(1),
-            ]
-        ),
-        "adam",
-        ["mse"],
-        None,
-        "vectorized",
-    ),
-    "residual branch": (residual, "adam", ["mse"], None, "vectorized"),
-    "per-variable clipnorm": (
-        build,
-        "adam_clipnorm",
-        ["accuracy"],
-        None,
-        "vectorized",
-    ),
-    "AUC metric": (build, "adam", ["accuracy", "auc"], None, "vectorized"),
-    "penalty without a vector form": (
-        build,
-        "adam",
-        ["accuracy"],
-        kerasreg.ExpAbsPenalty(1e-2),
-        "vectorized",
-    ),
-    "loss scaling": (
-        build,
-        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
-        ["accuracy"],
-        None,
-        "sequential",
-    ),
-    "stateful RNN": (
-        lambda: keras.Sequential(
-            [
-                keras.Input(batch_shape=(8, 3)),
-                keras.layers.Reshape((3, 1)),
-                keras.layers.SimpleRNN(2, stateful=True),
-                keras.layers.Dense(1),
-            ]
-        ),
-        "adam",
-        ["mse"],
-        None,
-        "sequential",
-    ),
-    "global clipnorm": (
-        build,
-        lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0),
-        ["accuracy"],
-        None,
-        "vectorized",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(ENGINES))
-def test_each_template_gets_the_fastest_exact_engine(case):
-    make, kind, metric_names, penalty, expected = ENGINES[case]
-    model = make()
-    model.compile(
-        optimizer=kind() if callable(kind) else optimizer(kind),
-        loss="mse",
-        metrics=metric_names,
-    )
-    x, y = data(8)
-    result = kerasreg.sweep(
-        model, [penalty or kerasreg.L2Penalty(1e-2)], x, y, epochs=1, verbose=0
-    )
-    assert result.engine == expected
-    assert result.stacked == (expected != "sequential")
-
-
 class SeededShuffle(keras.utils.PyDataset):
     """Batches in a new seeded random order every epoch."""
 
@@ -707,3 +621,57 @@ def test_a_generator_is_refused_when_the_variants_need_several_fits():
     np.testing.assert_array_equal(next(generator)[0], x[:16])  # nothing was read
     for got, want in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+RECURRENT = {
+    "SimpleRNN": lambda: keras.layers.SimpleRNN(3, return_sequences=True),
+    "LSTM": lambda: keras.layers.LSTM(3),
+    "GRU": lambda: keras.layers.GRU(3, go_backwards=True),
+    "GRU reset before": lambda: keras.layers.GRU(3, reset_after=False),
+    "Bidirectional LSTM": lambda: keras.layers.Bidirectional(
+        keras.layers.LSTM(2, return_sequences=True), merge_mode="sum"
+    ),
+}
+
+
+@pytest.mark.slow  # a sweep and two traced recurrent reference fits per layer
+@pytest.mark.parametrize("layer", list(RECURRENT))
+def test_recurrent_layers_are_batched_and_equal_separate_fits(layer):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(24, 4, 2)).astype("float32")
+    y = (x[:, :, :1].sum(axis=1) > 0).astype("float32")
+
+    def build_rnn(kernel=None, recurrent=None):
+        model = keras.Sequential(
+            [
+                keras.Input((4, 2)),
+                RECURRENT[layer](),
+                keras.layers.Flatten(),
+                keras.layers.Dense(1, "sigmoid"),
+            ],
+            name="rnn",
+        )
+        if kernel is not None:
+            kerasreg.regularize(model, kernel=kernel, recurrent=recurrent)
+        return model
+
+    keras.utils.set_random_seed(3)
+    model = build_rnn()
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy")
+    penalties = [
+        {"kernel": kerasreg.L2Penalty(1e-2), "recurrent": kerasreg.L1Penalty(1e-2)},
+        {"kernel": kerasreg.L2Penalty(1e-1), "recurrent": None},
+    ]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.engine == "vectorized"
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build_rnn(penalty["kernel"], penalty["recurrent"])
+        reference.set_weights(model.get_weights())
+        reference.compile(
+            optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy"
+        )
+        history = reference.fit(x, y, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())

@@ -27,6 +27,8 @@ layer's options it does not support (a constraint, LoRA, `groups`, ...).
   with the K variants' filters (or channels) side by side, one gather.
 - `BatchNormalization` (statistics and moving statistics per variant) and
   `LayerNormalization`.
+- `SimpleRNN`, `LSTM`, `GRU` and `Bidirectional`: the cell's arithmetic,
+  step by step, on the K variants' states at once.
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ class Kernel(keras.layers.Layer):
     @classmethod
     def why_not(cls, layer: keras.layers.Layer) -> str | None:
         """Why this kernel cannot compute `layer` (None: it can)."""
+        return None
+
+    @classmethod
+    def why_not_inputs(cls, layer, inputs: list) -> str | None:
+        """Why it cannot compute `layer` on these symbolic inputs (None: it can)."""
         return None
 
     def apply(self, inputs: list[Value], training: Any) -> Value | list[Value]:
@@ -615,6 +622,146 @@ class LayerNormalization(Kernel):
         return Value(x * inv + res, True)
 
 
+_CELLS = {L.SimpleRNN: L.SimpleRNNCell, L.LSTM: L.LSTMCell, L.GRU: L.GRUCell}
+
+
+class Recurrent(Kernel):
+    """`SimpleRNN`, `LSTM`, `GRU` and their `Bidirectional`: the cell's own
+    arithmetic, step by step, on `(K, batch, units)` states.
+
+    The input projection of every step is one batched product; each step
+    adds the recurrent product in the cell's own order (SimpleRNN:
+    `(x W + b) + h U`; LSTM: `(x W + h U) + b`; GRU: `x W + b_x`, then the
+    gates from `h U (+ b_h)`), so each variant's states are its own layer's.
+    """
+
+    kinds = (L.SimpleRNN, L.LSTM, L.GRU, L.Bidirectional)
+
+    @classmethod
+    def why_not(cls, layer):
+        if isinstance(layer, L.Bidirectional):
+            if layer.merge_mode not in ("concat", "sum", "ave", "mul"):
+                return f"has merge_mode={layer.merge_mode!r}"
+            if getattr(layer, "return_state", False):
+                return "returns its states"
+            parts = [layer.forward_layer, layer.backward_layer]
+        else:
+            parts = [layer]
+        for rnn in parts:
+            kind = type(rnn)
+            if kind not in _CELLS or type(rnn.cell) is not _CELLS[kind]:
+                return f"wraps a {kind.__name__} (no batched kernel)"
+            if rnn.stateful:
+                return "is stateful"
+            if rnn.return_state:
+                return "returns its states"
+            cell = rnn.cell
+            if cell.dropout or cell.recurrent_dropout:
+                return "has dropout in its cell"
+            for fn in (cell.activation, getattr(cell, "recurrent_activation", None)):
+                if not _is_keras_function(fn):
+                    return "has an activation function that is not Keras's own"
+            reason = _constraint_reason(
+                cell, "kernel_constraint", "recurrent_constraint", "bias_constraint"
+            )
+            if reason:
+                return reason
+        return None
+
+    @classmethod
+    def why_not_inputs(cls, layer, inputs):
+        if len(inputs) != 1 or inputs[0].shape[1] is None:
+            return "has sequences of unknown length"
+        return None
+
+    def run(self, rnn, value):
+        """`(K, b, units)` (or `(K, b, T, units)`) outputs of one RNN layer."""
+        cell = rnn.cell
+        kernel = self.stacked(cell.kernel)
+        recurrent = self.stacked(cell.recurrent_kernel)
+        bias = self.stacked(cell.bias) if cell.use_bias else None
+        x = value.tensor
+        shape = ops.shape(x)
+        steps, features = shape[-2], shape[-1]
+        if value.stacked:
+            flat = ops.reshape(x, (self.k, -1, features))
+        else:
+            flat = ops.reshape(x, (1, -1, features))
+            flat = ops.broadcast_to(flat, (self.k, *ops.shape(flat)[1:]))
+        projected = ops.matmul(flat, kernel)  # (K, b * T, gates * units)
+        projected = ops.reshape(projected, (self.k, -1, steps, kernel.shape[-1]))
+        units = cell.units
+        kind = type(rnn)
+        input_bias = recurrent_bias = None
+        if bias is not None:
+            if kind is L.GRU and cell.reset_after:
+                input_bias, recurrent_bias = bias[:, 0], bias[:, 1]
+            else:
+                input_bias = bias
+        if input_bias is not None and kind is not L.LSTM:
+            projected = projected + ops.expand_dims(ops.expand_dims(input_bias, 1), 1)
+        batch = ops.shape(projected)[1]
+        h = ops.zeros((self.k, batch, units), projected.dtype)
+        c = h
+        outputs = []
+        order = range(steps - 1, -1, -1) if rnn.go_backwards else range(steps)
+        for t in order:
+            xt = projected[:, :, t]
+            if kind is L.SimpleRNN:
+                h = xt + ops.matmul(h, recurrent)
+                if cell.activation is not None:
+                    h = cell.activation(h)
+            elif kind is L.LSTM:
+                z = xt + ops.matmul(h, recurrent)
+                if bias is not None:
+                    z = z + ops.expand_dims(bias, 1)
+                z0, z1, z2, z3 = ops.split(z, 4, axis=-1)
+                i = cell.recurrent_activation(z0)
+                f = cell.recurrent_activation(z1)
+                c = f * c + i * cell.activation(z2)
+                o = cell.recurrent_activation(z3)
+                h = o * cell.activation(c)
+            else:
+                x_z, x_r, x_h = ops.split(xt, 3, axis=-1)
+                if cell.reset_after:
+                    inner = ops.matmul(h, recurrent)
+                    if recurrent_bias is not None:
+                        inner = inner + ops.expand_dims(recurrent_bias, 1)
+                else:
+                    inner = ops.matmul(h, recurrent[:, :, : 2 * units])
+                z = cell.recurrent_activation(x_z + inner[..., :units])
+                r = cell.recurrent_activation(x_r + inner[..., units : 2 * units])
+                if cell.reset_after:
+                    hh = r * inner[..., 2 * units :]
+                else:
+                    hh = ops.matmul(r * h, recurrent[:, :, 2 * units :])
+                hh = cell.activation(x_h + hh)
+                h = z * h + (1 - z) * hh
+            outputs.append(h)
+        if rnn.return_sequences:
+            return ops.stack(outputs, axis=2)
+        return h
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        if not isinstance(layer, L.Bidirectional):
+            return Value(self.run(layer, value), True)
+        y = self.run(layer.forward_layer, value)
+        y_rev = self.run(layer.backward_layer, value)
+        if layer.return_sequences:
+            y_rev = ops.flip(y_rev, axis=2)
+        if layer.merge_mode == "concat":
+            out = ops.concatenate([y, y_rev], axis=-1)
+        elif layer.merge_mode == "sum":
+            out = y + y_rev
+        elif layer.merge_mode == "ave":
+            out = (y + y_rev) / 2
+        else:
+            out = y * y_rev
+        return Value(out, True)
+
+
 KERNELS: dict[type, type[Kernel]] = {
     kind: kernel
     for kernel in (
@@ -627,6 +774,7 @@ KERNELS: dict[type, type[Kernel]] = {
         Embedding,
         BatchNormalization,
         LayerNormalization,
+        Recurrent,
     )
     for kind in kernel.kinds
 }

@@ -213,11 +213,15 @@ def _graph_reason(model: keras.Model) -> str | None:
             return f"layer {name!r} has an activity regularizer"
         if operation.dtype_policy.name != "float32":
             return f"layer {name!r} computes in {operation.dtype_policy.name}"
-        if set(kwargs) - {"training"}:
-            return f"layer {name!r} is called with {sorted(set(kwargs))}"
+        extra = {k for k, v in kwargs.items() if k != "training" and v is not None}
+        if extra:
+            return f"layer {name!r} is called with {sorted(extra)}"
         flat = keras.tree.flatten(args)
         if not flat or not all(isinstance(a, keras.KerasTensor) for a in flat):
             return f"layer {name!r} is called with arguments that are not tensors"
+        reason = kernel.why_not_inputs(operation, flat)
+        if reason:
+            return f"layer {name!r} ({kind.__name__}) {reason}"
     return None
 
 
