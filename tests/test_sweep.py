@@ -675,3 +675,41 @@ def test_recurrent_layers_are_batched_and_equal_separate_fits(layer):
         )
         history = reference.fit(x, y, **fit_kwargs).history
         assert_same_fit(row, trained, history, reference.get_weights())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adam_clipnorm"])
+def test_embeddings_equal_separate_fits(kind):
+    # Repeated tokens in a batch: on TensorFlow a separate fit's embedding
+    # gradient is a tf.IndexedSlices whose rows Keras squares (Adam) and clips
+    # before summing the repeats; only SGD's update is the same either way.
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 4, (16, 5)).astype("int32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+
+    def build_embedding():
+        return keras.Sequential(
+            [
+                keras.Input((5,), dtype="int32"),
+                keras.layers.Embedding(4, 3),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ]
+        )
+
+    model = build_embedding()
+    model.compile(optimizer=optimizer(kind), loss="mse")
+    penalties = [None, kerasreg.L2Penalty(1e-2)]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    sparse = keras.backend.backend() == "tensorflow" and kind != "sgd"
+    assert result.engine == ("stacked" if sparse else "vectorized")
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build_embedding()
+        reference.set_weights(model.get_weights())
+        if penalty is not None:
+            kerasreg.regularize(reference, kernel=penalty)
+        reference.compile(optimizer=optimizer(kind), loss="mse")
+        history = reference.fit(x, y, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())

@@ -100,7 +100,7 @@ def case(name):
         )
         images = rng.random((8, 6, 6, 1)).astype("float32")
         return model, dict(optimizer=adam, loss="mse"), images, y, {}
-    if name == "Embedding, GlobalAveragePooling1D, Dense":
+    if name == "Embedding, GlobalAveragePooling1D, Dense, SGD with momentum":
         model = keras.Sequential(
             [
                 keras.Input((5,), dtype="int32"),
@@ -110,7 +110,8 @@ def case(name):
             ]
         )
         tokens = rng.integers(0, 10, (8, 5)).astype("int32")
-        return model, dict(optimizer=adam, loss="mse"), tokens, y, {}
+        momentum = keras.optimizers.SGD(0.1, momentum=0.9)
+        return model, dict(optimizer=momentum, loss="mse"), tokens, y, {}
     if name == "a residual block (Dense, Add), two outputs":
         compiled = dict(optimizer=adam, loss=["mse", "mae"])
         return residual_two_outputs(), compiled, x, [y, y], {}

@@ -185,11 +185,28 @@ def why_not(
     reason = _graph_reason(variants[0])
     if reason:
         return reason
+    if context.backend == "tensorflow" and not _linear(optimizer):
+        _, calls = _compat.functional_graph(variants[0])
+        if any(isinstance(op, keras.layers.Embedding) for op, *_ in calls):
+            # A separate fit's embedding gradient is a tf.IndexedSlices: Keras
+            # squares and clips its rows before duplicates are summed.
+            return (
+                "on TensorFlow an Embedding's gradient is sparse (tf.IndexedSlices), "
+                f"which {type(optimizer).__name__} (or gradient clipping) updates "
+                "row by row; only plain SGD is batched"
+            )
     for variant in variants:
         reason = _penalty_reason(variant)
         if reason:
             return reason
     return None
+
+
+def _linear(optimizer) -> bool:
+    """Whether the update is linear in the gradient (SGD, with momentum, unclipped)."""
+    return type(optimizer).__name__ == "SGD" and not (
+        optimizer.clipnorm or optimizer.global_clipnorm or optimizer.clipvalue
+    )
 
 
 def _graph_reason(model: keras.Model) -> str | None:
