@@ -713,3 +713,35 @@ def test_embeddings_equal_separate_fits(kind):
         reference.compile(optimizer=optimizer(kind), loss="mse")
         history = reference.fit(x, y, **fit_kwargs).history
         assert_same_fit(row, trained, history, reference.get_weights())
+
+
+def test_engine_choice_is_logged_and_can_be_forced(caplog):
+    x, y = data()
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.GaussianNoise(0.1), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    before = model.get_weights()
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, [None], x, y, epochs=1, verbose=0)
+    why = "layer 'gaussian_noise' (GaussianNoise) has no batched kernel"
+    assert result.engine == "stacked"
+    assert f"not batched kernels: {why}" in caplog.text
+    assert caplog.records[0].levelname == "INFO"
+    assert (
+        result.engine_reason
+        == f"K copies side by side in one fit; not batched kernels: {why}"
+    )
+    with pytest.raises(
+        ValueError, match=r"engine='vectorized' cannot train.*GaussianNoise"
+    ):
+        kerasreg.sweep(model, [None], x, y, engine="vectorized", epochs=1)
+    with pytest.raises(ValueError, match=r"`engine`.*Received: engine='fast'"):
+        kerasreg.sweep(model, [None], x, y, engine="fast", epochs=1)
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    forced = kerasreg.sweep(
+        model, [None], x, y, engine="sequential", epochs=1, verbose=0
+    )
+    assert forced.engine == "sequential"
+    assert forced.engine_reason == "K separate fits, one after another"
