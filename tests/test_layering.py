@@ -50,6 +50,7 @@ LAYERS = {
     "sweep.variants": 5,
     "sweep.monitor": 6,
     "sweep.stacked": 7,
+    "sweep.mapped": 7,
     "sweep.run": 8,
     "sweep": 9,
     # The command line (Keras-free) and the package surface on top.
