@@ -54,9 +54,9 @@ from kerasreg.penalties import (
     L1Penalty,
     L2Penalty,
 )
-from kerasreg.walk import walk_layers
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
 from kerasreg.sweep.variants import compile_like
+from kerasreg.walk import walk_layers
 
 VARIANTS_AXIS = "variants"
 
