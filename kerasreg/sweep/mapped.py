@@ -208,6 +208,10 @@ class _LanePenalty(keras.regularizers.Regularizer):
             self.linear = (model, columns)
 
     def __call__(self, x):
+        if isinstance(x, keras.Variable):
+            # The lane's own variable (an eager build): the variants' penalties
+            # see its value, never a variable they do not belong to.
+            x = x.value
         index = self.lane.value
         if index is None or len(self.distinct) == 1:
             return _value(self.first, x)
@@ -571,6 +575,7 @@ def _lane(variants, compile_config, exclusions, sample, lane_index):
             var.regularizer = _LanePenalty(penalties, lane_index)
     compile_like(lane, compile_config, exclusions)
     _build(lane, sample)
+    _compat.prepare_jax_step(lane)
     return lane
 
 

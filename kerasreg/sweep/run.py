@@ -26,6 +26,7 @@ from kerasreg import _compat
 from kerasreg.attach import ROLES
 from kerasreg.penalties import get
 from kerasreg.selection import walk_layers
+from kerasreg.sweep import mapped  # sweep-vmap hook
 from kerasreg.sweep.data import is_array, is_dataset
 from kerasreg.sweep.monitor import Monitor, VariantLog
 from kerasreg.sweep.result import (
@@ -148,7 +149,15 @@ def sweep(
         for name in names
     ]
     verbose = fit_kwargs.get("verbose", "auto")
-    if reason is None:
+    # --- sweep-vmap hook (for engines.py): jax.vmap of the template's step ---
+    mapped_reason = mapped.why_not(model, models, {"fit_kwargs": fit_kwargs})
+    if mapped_reason is None:
+        histories = mapped.fit(
+            models, names, logs, compile_config, exclusions, x, y, fit_kwargs
+        )
+        engine, reason = "vectorized", "mapped"
+    # --- end of the sweep-vmap hook ---
+    elif reason is None:
         histories, engine = fit_together(
             models, names, logs, compile_config, exclusions, x, y, fit_kwargs
         )
@@ -170,7 +179,7 @@ def sweep(
         engine = "sequential"
     for variant in models:
         variant.name = model.name
-        if reason is None:
+        if reason is None:  # sweep-vmap hook: "mapped" variants stay as trained
             compile_like(variant, compile_config, exclusions)
     rows = [
         make_row(name, v, strength(v), history)
