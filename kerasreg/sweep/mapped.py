@@ -360,7 +360,7 @@ class MappedStack(keras.Model):
                         )
                 stacked.append(row)
         self._state = _Box(optimizer=stacked[2], metrics=stacked[3], axis=layouts.axis)
-        self._functions = _Box(results=None)
+        self._functions = _Box(results=None, reset=None)
         self.built = True
 
     # Keras's trainer reads these.
@@ -435,16 +435,30 @@ class MappedStack(keras.Model):
                     return lane.get_metrics_result()
 
             self._functions.results = jax.jit(lambda v: self._map(results, v))
-        values = [v.value for v in self._state.metrics]
-        return self._split(self._functions.results(values))
+        values = self._functions.results([v.value for v in self._state.metrics])
+        # One transfer per metric, split on the host.
+        return self._split({name: np.asarray(v) for name, v in values.items()})
 
     def reset_metrics(self):
-        lane = self._lane.model
-        lane.reset_metrics()
-        for stacked, var in zip(
-            self._state.metrics, lane.metrics_variables, strict=True
+        import jax
+
+        if self._functions.reset is None:
+            lane = self._lane.model
+            lane.reset_metrics()
+            initial = [
+                (np.asarray(var.value), tuple(stacked.shape))
+                for var, stacked in zip(
+                    lane.metrics_variables, self._state.metrics, strict=True
+                )
+            ]
+            # Fresh buffers at each call: the train step donates its state.
+            self._functions.reset = jax.jit(
+                lambda: [jax.numpy.broadcast_to(v, shape) for v, shape in initial]
+            )
+        for stacked, value in zip(
+            self._state.metrics, self._functions.reset(), strict=True
         ):
-            stacked.assign(ops.broadcast_to(var.value, stacked.shape))
+            stacked.assign(value)
 
     def _finalize(self):
         """Each row's end of `fit`: its optimizer's `finalize_variable_values` (EMA)."""
