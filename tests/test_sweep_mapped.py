@@ -21,6 +21,7 @@ from keras import ops
 
 import kerasreg
 from kerasreg.sweep import mapped
+from tests.conftest import ROOT, run_result
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="the mapped engine is JAX's"
@@ -428,3 +429,37 @@ def test_loss_scaling_in_mixed_precision():
             ops.convert_to_numpy(trained.optimizer.dynamic_scale),
             ops.convert_to_numpy(reference.optimizer.dynamic_scale),
         )
+
+
+# --- K over devices ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # a fresh process with four host devices, four sweeps
+def test_variants_spread_over_a_mesh_axis_equal_the_one_device_sweep():
+    runs = run_result(
+        [ROOT / "tests" / "sweep_devices_scenarios.py"],
+        backend="jax",
+        host_devices=4,
+        timeout=900,
+    )["runs"]
+    one = runs.pop("one device")
+    assert one["shards"] == [[[8, 4, 8]], [[8, 8]], [[8, 8, 1]], [[8, 1]]]
+    expected_shards = {
+        # K=8 over 4 devices: two variants each, whole weights.
+        "1x4": [[2, 4, 8], [2, 8], [2, 8, 1], [2, 1]],
+        # K=8 over 2: four variants each (the batch is split over the other axis).
+        "2x2": [[4, 4, 8], [4, 8], [4, 8, 1], [4, 1]],
+        # The template's layout kept: the hidden kernel's columns over "model".
+        "1x2x2 model": [[4, 4, 4], [4, 8], [4, 8, 1], [4, 1]],
+    }
+    for name, run in runs.items():
+        assert run["engine"] == "vectorized"
+        for shards, expected in zip(run["shards"], expected_shards[name], strict=True):
+            assert shards == [expected] * 4, name
+        for got, want in zip(run["histories"], one["histories"], strict=True):
+            assert set(got) == set(want)
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-6)
+        for got, want in zip(run["weights"], one["weights"], strict=True):
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
