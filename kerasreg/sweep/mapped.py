@@ -334,7 +334,7 @@ class MappedStack(keras.Model):
                             f"template's ({other.path} {tuple(other.shape)} vs "
                             f"{var.path} {tuple(var.shape)})."
                         )
-        layouts = _StackLayouts(lane)
+        layouts = _StackLayouts()
         stacked = []
         with layouts.scope():
             for g, lane_vars in enumerate(lane_groups):
@@ -514,61 +514,53 @@ class _Constant(keras.initializers.Initializer):
 
 
 class _StackLayouts:
-    """Names and, on a mesh with a `"variants"` axis, layouts of the stacked state."""
+    """Names and, under a `keras.distribution`, layouts of the stacked state.
 
-    def __init__(self, lane):
-        self.lane = lane
+    A stacked variable is laid out as its lane variable is (the distribution's
+    layout for the template's weight, the optimizer's for its slots), with
+    the K axis in front: over the mesh axis `"variants"` when there is one,
+    else whole on every device.
+    """
+
+    def __init__(self):
         self.distribution = keras.distribution.distribution()
         self.axis = None
         self.layouts = {}
-        if self.distribution is not None:
-            mesh = self.distribution.device_mesh
-            if VARIANTS_AXIS in mesh.axis_names:
-                self.axis = VARIANTS_AXIS
+        mesh = getattr(self.distribution, "device_mesh", None)
+        if mesh is not None and VARIANTS_AXIS in mesh.axis_names:
+            self.axis = VARIANTS_AXIS
 
     def name(self, var, group, index):
-        name = f"{('w', 'n', 'o', 'm')[group]}{index:04d}"
-        if self.axis is not None:
-            axes = (None,) * len(var.shape)
-            if group < 2:
-                layout = self.distribution.get_variable_layout(var)
-                if layout is not None and layout.axes:
-                    axes = tuple(layout.axes)
+        name = f"kerasreg_sweep_{('w', 'n', 'o', 'm')[group]}{index:04d}"
+        if self.distribution is not None:
+            axes = [None] * len(var.shape)
+            spec = getattr(getattr(var.value, "sharding", None), "spec", None)
+            for i, axis in enumerate(spec or ()):
+                axes[i] = axis
             self.layouts[name] = (self.axis, *axes)
         return name
 
     @contextlib.contextmanager
     def scope(self):
-        if self.axis is None:
+        if self.distribution is None:
             yield
             return
-        mesh = self.distribution.device_mesh
-        layout_map = _DeferredLayouts(self.layouts, mesh)
-        with layout_map.distribution().scope():
-            yield
-
-
-class _DeferredLayouts:
-    """A `keras.distribution.ModelParallel` reading layouts as names are made."""
-
-    def __init__(self, layouts, mesh):
-        self.layouts = layouts
-        self.mesh = mesh
-
-    def distribution(self):
         owner = self
+        mesh = self.distribution.device_mesh
 
-        class Distribution(keras.distribution.ModelParallel):
+        class Stacked(keras.distribution.ModelParallel):
             def get_variable_layout(self, variable):
                 axes = owner.layouts.get(variable.name)
                 if axes is None:
                     return super().get_variable_layout(variable)
-                return keras.distribution.TensorLayout(axes, owner.mesh)
+                return keras.distribution.TensorLayout(axes, mesh)
 
-        batch = next(a for a in self.mesh.axis_names if a != VARIANTS_AXIS)
-        return Distribution(
-            layout_map=keras.distribution.LayoutMap(self.mesh), batch_dim_name=batch
+        stacked = Stacked(
+            layout_map=keras.distribution.LayoutMap(mesh),
+            batch_dim_name=self.distribution.batch_dim_name,
         )
+        with stacked.scope():
+            yield
 
 
 # --- the engine -------------------------------------------------------------------
