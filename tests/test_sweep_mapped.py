@@ -23,7 +23,7 @@ import kerasreg
 from kerasreg.sweep import mapped
 from tests.conftest import ROOT, run_result
 
-pytestmark = pytest.mark.skipif(
+jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="the mapped engine is JAX's"
 )
 
@@ -149,6 +149,7 @@ class RangeMetric(keras.metrics.Metric):
         return self.high - self.low
 
 
+@jax_only
 def test_silent_wrong_templates_train_as_their_own_fits():
     # The Dense chain: a subclass with its own call, a frozen layer, a
     # batch-coupled loss and a scalar batch-coupled metric (the batched-kernel
@@ -182,6 +183,7 @@ def test_silent_wrong_templates_train_as_their_own_fits():
             np.testing.assert_array_equal(got, want)
 
 
+@jax_only
 def test_normalization_seeded_dropout_stateful_metric_and_l2sp():
     x, y = data()
     template = dense(L.BatchNormalization(), L.Dropout(0.5, seed=3), out=None)
@@ -199,6 +201,7 @@ def test_normalization_seeded_dropout_stateful_metric_and_l2sp():
     assert not np.allclose(means[0], means[1])  # each variant's own statistics
 
 
+@jax_only
 def test_scalar_loss_with_global_clipnorm_and_ema():
     x, y = data()
 
@@ -215,6 +218,7 @@ def test_scalar_loss_with_global_clipnorm_and_ema():
     check(dense(), compile_model, x, y, grid=grid, validation_split=0.25)
 
 
+@jax_only
 def test_two_inputs_two_outputs_accumulation_steps_per_execution_schedule():
     # Several inputs and outputs, loss weights, sample weights; AdamW with a
     # schedule and a name-based weight-decay exclusion; gradient accumulation
@@ -265,6 +269,7 @@ def test_two_inputs_two_outputs_accumulation_steps_per_execution_schedule():
     )
 
 
+@jax_only
 def test_a_generator_is_read_once():
     x, y = data()
     reads = []
@@ -292,6 +297,7 @@ def test_a_generator_is_read_once():
         )
 
 
+@jax_only
 def test_per_variant_penalty_state_is_each_variants_own():
     # Variants whose L2SP references differ (as a template carrying its own
     # reference would give): each lane is pulled toward its own reference.
@@ -342,6 +348,7 @@ def test_per_variant_penalty_state_is_each_variants_own():
 # --- layers ---------------------------------------------------------------------------
 
 
+@jax_only
 def test_why_not_names_what_it_cannot_take():
     template = dense()
     adam(template)
@@ -358,6 +365,7 @@ def test_why_not_names_what_it_cannot_take():
 
 
 @pytest.mark.slow  # a sweep and two reference fits
+@jax_only
 def test_unseeded_dropout_draws_independent_masks_per_variant():
     x, y = data()
     template = dense(L.Dropout(0.5))
@@ -372,6 +380,7 @@ def test_unseeded_dropout_draws_independent_masks_per_variant():
 
 
 @pytest.mark.slow  # an LSTM's compiled scan, and three reference fits
+@jax_only
 def test_lstm():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(32, 5, 2)).astype("float32")
@@ -391,6 +400,7 @@ def test_lstm():
     ],
     ids=["clipnorm", "ema_overwrite"],
 )
+@jax_only
 def test_optimizers_that_clip_or_overwrite_with_averages(make_optimizer):
     x, y = data()
 
@@ -403,6 +413,7 @@ def test_optimizers_that_clip_or_overwrite_with_averages(make_optimizer):
 
 
 @pytest.mark.slow  # float16 compute: its own compiled step and reference fits
+@jax_only
 def test_loss_scaling_in_mixed_precision():
     x, y = data()
     template = keras.Sequential(
@@ -435,6 +446,7 @@ def test_loss_scaling_in_mixed_precision():
 
 
 @pytest.mark.slow  # a fresh process with four host devices, four sweeps
+@jax_only
 def test_variants_spread_over_a_mesh_axis_equal_the_one_device_sweep():
     runs = run_result(
         [ROOT / "tests" / "sweep_devices_scenarios.py"],
@@ -463,3 +475,37 @@ def test_variants_spread_over_a_mesh_axis_equal_the_one_device_sweep():
         for got, want in zip(run["weights"], one["weights"], strict=True):
             for a, b in zip(got, want, strict=True):
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_variants_mesh_axis_is_refused_where_the_mapped_engine_cannot_run():
+    # TensorFlow and torch: no engine can spread K over devices; JAX: the
+    # mapped engine cannot take a sweep with callbacks. Refused before any
+    # training, naming the axis and the reason; the template is untouched.
+    backend = keras.backend.backend()
+    device = "cpu:0"
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+    mesh = keras.distribution.DeviceMesh((1, 1), ["batch", "variants"], [device])
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+    )
+    x, y = data(n=8)
+    fit_kwargs = {"epochs": 1, "batch_size": 4, "verbose": 0}
+    if backend == "jax":
+        cause = "callbacks"
+        fit_kwargs["callbacks"] = [keras.callbacks.History()]
+    else:
+        cause = f"the backend is {backend}, not JAX"
+    with distribution.scope():
+        template = dense()
+        adam(template)
+        before = [w.copy() for w in template.get_weights()]
+        with pytest.raises(ValueError, match="'variants'") as raised:
+            kerasreg.sweep(template, GRID, x, y, **fit_kwargs)
+    assert cause in str(raised.value)
+    assert "K=3" in str(raised.value)
+    for got, want in zip(template.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert template.optimizer.iterations.numpy() == 0

@@ -108,6 +108,39 @@ def why_not(template: keras.Model, variants: list, context: Any = None) -> str |
     return None
 
 
+def check_variants_axis(template: keras.Model, variants: list, context: Any = None):
+    """Refuse a mesh axis `"variants"` that the mapped engine cannot honour.
+
+    A `keras.distribution` whose `DeviceMesh` has an axis `"variants"` asks
+    for K over devices, which only `jax.vmap` of the template's step does: on
+    TensorFlow and PyTorch, or where `why_not` gives a reason, any other
+    engine would ignore the axis (each device holding all K variants), so
+    `sweep` raises before anything trains.
+
+    Raises:
+        ValueError: the active distribution's mesh has an axis `"variants"`
+            and the mapped engine cannot train these variants (the message
+            says why).
+    """
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    if mesh is None or VARIANTS_AXIS not in mesh.axis_names:
+        return
+    reason = why_not(template, variants, context)
+    if reason is None:
+        return
+    raise ValueError(
+        f"kerasreg.sweep: the distribution's device mesh has an axis "
+        f"{VARIANTS_AXIS!r}, which spreads the K variants over devices; only "
+        f"the vectorized engine on JAX (jax.vmap of the template's step) can "
+        f"do that, and it cannot take this sweep: {reason}. Received: "
+        f"distribution={distribution!r} with mesh axes {list(mesh.axis_names)} "
+        f"and K={len(variants)} variants. Accepted: a {VARIANTS_AXIS!r} axis on "
+        f"JAX for a sweep the vectorized engine takes (K a multiple of the "
+        f"axis size, no `callbacks`), or a mesh without that axis."
+    )
+
+
 def _lookup(context: Any, name: str) -> Any:
     if context is None:
         return None

@@ -150,6 +150,7 @@ def sweep(
     ]
     verbose = fit_kwargs.get("verbose", "auto")
     # --- sweep-vmap hook (for engines.py): jax.vmap of the template's step ---
+    mapped.check_variants_axis(model, models, {"fit_kwargs": fit_kwargs})
     mapped_reason = mapped.why_not(model, models, {"fit_kwargs": fit_kwargs})
     if mapped_reason is None:
         histories = mapped.fit(
