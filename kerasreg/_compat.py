@@ -421,3 +421,25 @@ def set_gradient_clipping(optimizer: Any, clip: Any) -> None:
             "gradients on its own."
         )
     optimizer._clip_gradients = clip
+
+
+def prepare_jax_step(model: Any) -> None:
+    """Make `model.train_step(state, data)` callable outside `fit` on JAX.
+
+    Reason: Keras 3.8's JAX `train_step`/`test_step`/`predict_step` end by
+    constraining the state to the shardings `fit` records first
+    (`_record_training_state_sharding_spec`, Keras 3.8 to 3.10 at least);
+    later versions record nothing. `sweep`'s mapped engine calls a copy's
+    step inside its own, so it records them the way `fit` does.
+    """
+    record = getattr(model, "_record_training_state_sharding_spec", None)
+    if record is not None:
+        record()
+        return
+    if hasattr(model, "_enforce_jax_state_sharding"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__}'s JAX trainer constrains its state "
+            "to shardings it no longer records with "
+            "`_record_training_state_sharding_spec`; kerasreg.sweep cannot call a "
+            "model's train step outside fit on this Keras version."
+        )

@@ -316,3 +316,39 @@ def test_set_gradient_clipping_replaces_the_optimizers_clipping():
 
     with pytest.raises(_compat.KerasInternalsChanged, match="_clip_gradients"):
         _compat.set_gradient_clipping(Bare(), halve)
+
+
+def test_prepare_jax_step_makes_the_step_callable_outside_fit():
+    if keras.backend.backend() != "jax":
+        pytest.skip("the JAX trainer's pure step")
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        models.append(model)
+    stepped, reference = models
+    _compat.prepare_jax_step(stepped)
+    state = (
+        [v.value for v in stepped.trainable_variables],
+        [v.value for v in stepped.non_trainable_variables],
+        [v.value for v in stepped.optimizer.variables],
+        [v.value for v in stepped.metrics_variables],
+    )
+    logs, state = stepped.train_step(state, (x, y))
+    expected = reference.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(float(logs["loss"]), expected["loss"], rtol=1e-6)
+    for got, want in zip(state[0], reference.get_weights(), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_prepare_jax_step_fails_loudly_when_keras_changes():
+    class Trainer:
+        def _enforce_jax_state_sharding(self):
+            pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="sharding"):
+        _compat.prepare_jax_step(Trainer())
+    _compat.prepare_jax_step(object())  # a trainer that constrains nothing

@@ -55,6 +55,7 @@ LAYERS = {
     "sweep.monitor": 6,
     "sweep.stacked": 7,
     "sweep.sequential": 7,
+    "sweep.mapped": 7,
     "sweep.engines": 9,
     "sweep.run": 10,
     "sweep": 11,

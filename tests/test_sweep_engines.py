@@ -22,7 +22,8 @@ L = keras.layers
 
 
 def table() -> dict[str, tuple[str, str]]:
-    """`{template: (engine, why)}` from the guide's engine table."""
+    """`{template: (engine, why)}` from the guide's engine table, for this backend
+    (on JAX, the column "on JAX": a template `jax.vmap` takes has its reason)."""
     text = GUIDE.read_text()
     start = text.index("| template | engine | why")
     rows = {}
@@ -30,7 +31,14 @@ def table() -> dict[str, tuple[str, str]]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = (cells[1], cells[2].strip("`"))
+        engine, why = cells[1], cells[2].strip("`")
+        if keras.backend.backend() == "jax":
+            on_jax = cells[3]
+            if on_jax == "vectorized (`jax.vmap`)":
+                engine, why = "vectorized", "jax.vmap of the template's train step"
+            else:
+                engine = on_jax
+        rows[cells[0]] = (engine, why)
     return rows
 
 

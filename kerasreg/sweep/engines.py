@@ -6,11 +6,14 @@ these variants exactly, proven from what it knows of every layer, loss,
 metric, optimizer and the data; otherwise the reason, one short sentence),
 `fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs)`
 (each variant's `History.history`, as its own fit reports it), and
-optionally `describe(template, variants, context) -> str` (what runs) and
+optionally `describe(template, variants, context) -> str` (what runs),
 `PREPARE` (what `fit` needs of the variants beforehand: `"all"`, the
 default: each compiled like the template, its loss and metrics built on two
 samples; `"first"`: only the first so; `"compile"`: each compiled, nothing
-built).
+built; `"none"`: `fit` prepares them itself), `BACKENDS` (the backends it
+runs on; default all) and `OWN_OPTIMIZERS` (True: each trained variant
+keeps the optimizer state of its own training; otherwise it gets a fresh
+optimizer afterwards, the one fit's optimizer having trained the stack).
 
 `IMPLEMENTATIONS` are tried in order; the first whose `why_not` is None
 trains the sweep. Every engine passed over is logged at INFO on the
@@ -23,21 +26,40 @@ from __future__ import annotations
 import logging
 import math
 import os
+import types
 
 import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import data, sequential, stacked, vectorized
+from kerasreg.sweep import data, mapped, sequential, stacked, vectorized
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.variants import compile_like
+from kerasreg.walk import walk_layers
 
 logger = logging.getLogger("kerasreg")
 
 ENGINES = ("vectorized", "stacked", "sequential")
-# (label, module), fastest first. On JAX, `mapped` (jax.vmap of the template's
-# own step, another `"vectorized"` implementation) goes first.
+# The `"vectorized"` engine on JAX: `jax.vmap` of the template's own train
+# step over the K axis of its state (`kerasreg.sweep.mapped`), exact by
+# construction for any layer, loss, metric and optimizer option. It compiles
+# and builds the variants itself, and hands each its own optimizer state.
+MAPPED = types.SimpleNamespace(
+    NAME="vectorized",
+    PREPARE="none",
+    BACKENDS=("jax",),
+    OWN_OPTIMIZERS=True,
+    why_not=lambda template, variants, context: (
+        _stateful(template) or mapped.why_not(template, variants, context)
+    ),
+    fit=mapped.fit,
+    describe=lambda template, variants, context: (
+        "jax.vmap of the template's train step"
+    ),
+)
+# (label, module), fastest first.
 IMPLEMENTATIONS = (
+    ("jax.vmap", MAPPED),
     ("batched kernels", vectorized),
     ("stacked", stacked),
     ("sequential", sequential),
@@ -46,6 +68,14 @@ _WHAT = {
     "stacked": "K copies side by side in one fit",
     "sequential": "K separate fits, one after another",
 }
+
+
+def _stateful(template) -> str | None:
+    """A stateful layer's state has the batch's shape: not mapped (measured:
+    `SimpleRNN(stateful=True)` fails inside `jax.vmap`)."""
+    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
+        return "the template has stateful layers"
+    return None
 
 
 def context(model, x, y, fit_kwargs, compile_config, exclusions) -> SweepContext:
@@ -76,9 +106,15 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
             "kerasreg.sweep: invalid `engine`: expected 'auto', "
             f"{', '.join(repr(e) for e in ENGINES)}. Received: engine={engine!r}."
         )
+    # A mesh axis "variants" asks for K over devices, which only jax.vmap of
+    # the template's step does: any other engine would hold all K on every
+    # device, so it is refused here, before anything trains.
+    mapped.check_variants_axis(template, variants, context)
     passed = []
     for label, module in IMPLEMENTATIONS:
         if engine not in ("auto", module.NAME):
+            continue
+        if context.backend not in getattr(module, "BACKENDS", (context.backend,)):
             continue
         reason = module.why_not(template, variants, context)
         if reason is None:
@@ -134,6 +170,8 @@ def prepare(context: SweepContext):
 def ready(variants, compile_config, exclusions, context: SweepContext, module):
     """Make the variants of one fit ready for `module.fit` (its `PREPARE`)."""
     needs = getattr(module, "PREPARE", "all")
+    if needs == "none":
+        return
     sample = context.sample
     for index, variant in enumerate(variants):
         if needs == "first" and index > 0:

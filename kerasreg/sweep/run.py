@@ -65,7 +65,10 @@ def sweep(
     its reason.
 
     - `"vectorized"`: one batched step trains all K variants: every weight
-      has a leading axis of K. Batched kernels exist for `Dense` (inputs of
+      has a leading axis of K. On JAX, the template's own train step is
+      mapped with `jax.vmap` over that axis (any layer, loss, metric and
+      optimizer option; not stateful layers or `callbacks`). Elsewhere (or
+      where `jax.vmap` cannot), batched kernels exist for `Dense` (inputs of
       any rank), `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
       `SeparableConv1D/2D`, `Embedding`, `BatchNormalization` and
       `LayerNormalization` (statistics per variant), `Dropout`, `Flatten`,
@@ -189,7 +192,7 @@ def sweep(
         )
     for variant in models:
         variant.name = model.name
-        if name != "sequential":
+        if not getattr(implementation, "OWN_OPTIMIZERS", False):
             # A fresh optimizer: the one fit's optimizer trained the stack.
             compile_like(variant, compile_config, exclusions)
     rows = [

@@ -14,6 +14,7 @@ from kerasreg.sweep.monitor import Monitor
 
 PREPARE = "compile"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "sequential"
+OWN_OPTIMIZERS = True  # each variant trained by its own fit
 
 
 def why_not(
