@@ -175,9 +175,11 @@ ROWS = table()
 
 
 def test_the_table_has_a_template_for_each_engine():
+    # On JAX, jax.vmap takes every template the stack would.
+    stacked = () if keras.backend.backend() == "jax" else ("stacked",)
     assert {engine for engine, _ in ROWS.values()} == {
         "vectorized",
-        "stacked",
+        *stacked,
         "sequential",
     }
 
