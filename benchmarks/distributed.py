@@ -3,7 +3,7 @@
     KERAS_BACKEND=jax python benchmarks/distributed.py            # about 4 minutes
     KERAS_BACKEND=jax python benchmarks/distributed.py --quick    # smoke run
 
-Two comparisons, with the harness of `benchmarks/overhead.py` (every call warmed
+Four comparisons, with the harness of `benchmarks/overhead.py` (every call warmed
 up once, then timed round after round in rotating order; median, min and max
 of the per-round ratio, and the median ratio of process CPU time):
 
@@ -16,6 +16,9 @@ of the per-round ratio, and the median ratio of process CPU time):
   the sharded model, one epoch, vs one plain `fit` of a fresh copy of it on the
   mesh, set-up included in both (copies, compiling, tracing), as in
   `benchmarks/sweep.py`: K separate fits would cost about K times the latter.
+- `kerasreg.sweep` of K=8 penalties with the variants spread over a mesh axis
+  `"variants"` of the four devices (two variants per device, whole batches)
+  vs the same sweep on one device (`--variants-only` runs just this row).
 
 Host devices are threads of one CPU: the sharded/unsharded ratio measures the
 cost of partitioning (collectives, per-shard dispatch) on this machine, not a
@@ -104,11 +107,63 @@ def in_scope(distribution, call):
     return run
 
 
+def variants_over_devices(harness, rounds, width, steps, batch):
+    """A sweep of K=8 with the variants over a 1x4 `("batch", "variants")` mesh
+    vs the same sweep on one device (set-up included in both)."""
+    import jax
+
+    mesh = keras.distribution.DeviceMesh((1, 4), ["batch", "variants"], jax.devices())
+    spread = keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+    )
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(steps * batch, width)).astype("float32")
+    y = rng.normal(size=(steps * batch, width // 4)).astype("float32")
+    one = mlp(width)
+    with spread.scope():
+        on_mesh = mlp(width)
+        on_mesh.set_weights(one.get_weights())
+    grid = [None] + [kerasreg.L2Penalty(float(c)) for c in np.logspace(-2, -5, 7)]
+    fit_kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
+
+    def sweep(template):
+        result = kerasreg.sweep(template, grid, x, y, **fit_kwargs)
+        if result.engine != "vectorized":
+            raise RuntimeError(f"sweep took the {result.engine} engine")
+        return result
+
+    # The same numbers, or the timing means nothing.
+    a, b = sweep(one), in_scope(spread, lambda: sweep(on_mesh))()
+    for row_a, row_b in zip(a.rows, b.rows, strict=True):
+        np.testing.assert_allclose(row_a["loss"], row_b["loss"], rtol=1e-5)
+    calls = [
+        harness.Call("sweep K=8, one device", lambda: sweep(one)),
+        harness.Call(
+            "sweep K=8, variants over 4 devices",
+            in_scope(spread, lambda: sweep(on_mesh)),
+        ),
+    ]
+    harness.run_rounds(calls, rounds)
+    parameters = sum(int(np.prod(v.shape)) for v in one.weights)
+    row = {
+        "workload": f"sweep K=8, MLP {parameters / 1e6:.2f}M parameters, "
+        f"{steps} steps of {batch}, set-up included",
+        "variant": "variants over 4 host devices (mesh axis 'variants')",
+        "reference": "one device",
+        "goal": "report",
+        **harness.ratios(calls[1], calls[0]),
+    }
+    return row, {c.name: float(np.median(c.times)) for c in calls}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "distributed.json")
+    parser.add_argument(
+        "--variants-only", action="store_true", help="only the K-over-devices row"
+    )
     args = parser.parse_args(argv)
     if keras.backend.backend() != "jax":
         parser.error("keras.distribution.ModelParallel needs KERAS_BACKEND=jax")
@@ -121,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     width = 256 if args.quick else 1024
     steps = 5 if args.quick else 20
     batch = 64
+    spread_row, spread_seconds = variants_over_devices(
+        harness, max(rounds // 3, 3) if not args.quick else 1, width // 2, steps, batch
+    )
+    if args.variants_only:
+        print(f"\n{harness.machine()}\n")
+        print(harness.table([spread_row]))
+        print("\nmedian seconds:", spread_seconds)
+        return 0
     rng = np.random.default_rng(0)
     x = rng.normal(size=(steps * batch, width)).astype("float32")
     y = rng.normal(size=(steps * batch, width // 4)).astype("float32")
@@ -219,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             **harness.ratios(sweeps[1], sweeps[0]),
         },
     ]
+    rows.append(spread_row)
     report = {
         "command": " ".join(
             [
@@ -230,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         "devices": len(jax.devices()),
         "layout": layout,
         "rounds": rounds,
-        "seconds": {c.name: float(np.median(c.times)) for c in norms + decay + sweeps},
+        "seconds": {
+            **{c.name: float(np.median(c.times)) for c in norms + decay + sweeps},
+            **spread_seconds,
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,33 @@
-"""What a `kerasreg.sweep` of K penalties costs next to one plain `fit`.
+"""What a `kerasreg.sweep` of K penalties costs next to one fit and to K separate fits.
 
-    python benchmarks/sweep.py               # moons K=6, K=12 and a larger MLP
-    python benchmarks/sweep.py --rounds 5
-    python benchmarks/sweep.py --quick       # smoke run
+    python benchmarks/sweep.py                    # every workload, 3 rounds
+    python benchmarks/sweep.py --rounds 5 --only digits
+    python benchmarks/sweep.py --engine vectorized  # force an engine
+    python benchmarks/sweep.py --memory           # peak memory, one process per call
+    python benchmarks/sweep.py --no-separate      # sweep and one fit only
+    python benchmarks/sweep.py --quick            # smoke run
 
 Each timed call is what a user waits for, set-up included: the sweep call
-(copies, stacked model, tracing, training) against one `fit` of a fresh copy
-of the template (compile, tracing, training). K separate fits cost about K
-times the latter. Calls are interleaved round after round (the order rotating,
-`overhead.run_rounds`); the table gives the median, min and max over rounds of
-time(sweep) / time(one fit) from the same round, in wall-clock and process CPU
-time. Results are also written to `benchmarks/results/sweep.json`.
+(copies, the engine's model, tracing, training); one `fit` of a fresh copy
+of the template (compile, tracing, training); and K separate fits (K fresh
+copies, each with its own penalty, compiled and fitted one after another:
+what a user without `sweep` runs). Calls are interleaved round after round
+(the order rotating, `overhead.run_rounds`); the table gives the median, min
+and max over rounds of time(sweep) / time(one fit) and time(sweep) / time(K
+separate fits) from the same round, in wall-clock time. Results are also
+written to `benchmarks/results/sweep_<backend>.json`.
 
-Workloads: Brownlee's two-moons network trained as Brownlee trains it (one
-full-batch epoch at a time, validation after each, `steps_per_execution=1`),
-where the per-epoch work of `fit` dominates; the same network (`Dense(500, relu) -> Dense(1,
-sigmoid)`, 30 points, Adam, full batch, `steps_per_execution=100` on
-TensorFlow and JAX) for K = 6 and K = 12 strengths, 4000 updates as in
-`examples/moons.py`; and an MLP 256-1024-1024-10 on 4096 points (batch 128),
-where compute dominates and the ratio grows toward K.
+Workloads (K=6 strengths unless noted):
+
+- digits (scikit-learn's `load_digits`, 8x8x1 images, 10 classes; 5 epochs,
+  batch 32, `validation_split=0.2`, Adam): a Flatten-MLP (Dense 128), the
+  same with `Dropout(0.2, seed=1)`, and a CNN (two Conv2D 16, Dense 64);
+- moons as Brownlee trains it: `Dense(500, relu) -> Dense(1, sigmoid)`, 150
+  one-batch epochs with validation after each;
+- a compute-bound MLP 256-1024-1024-10 on 4096 points (batch 128).
+
+`--memory` runs each call of each workload once in a fresh Python process
+and reports its peak resident memory (`ru_maxrss`), next to one fit's.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,41 +50,85 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 
-from moons_problem import STEPS_PER_EXECUTION, moons_data, moons_model  # noqa: E402
+from moons_problem import moons_data, moons_model  # noqa: E402
 from overhead import Call, machine, ratios, run_rounds  # noqa: E402
 
-
-def plain_fit(template: keras.Model, x, y, **fit_kwargs) -> None:
-    """One ordinary fit of a fresh copy of the template, compiled like it."""
-    model = keras.models.clone_model(template)
-    model.set_weights(template.get_weights())
-    model.compile_from_config(template.get_compile_config())
-    model.fit(x, y, verbose=0, **fit_kwargs)
+K = 6
 
 
 def strengths(k: int) -> list:
     return [kerasreg.L2Penalty(float(a)) for a in np.logspace(-1, -6, k)]
 
 
-def moons_workload(k: int, updates: int):
-    (x, y), _ = moons_data()
-    per_epoch = min(200, updates)
-    x, y = np.tile(x, (per_epoch, 1)), np.tile(y, per_epoch)
-    kwargs = dict(batch_size=30, epochs=updates // per_epoch, shuffle=False)
-    template = moons_model()
+def copy_of(template: keras.Model, penalty=None) -> keras.Model:
+    """A fresh copy of the template, compiled like it, with `penalty` on its kernels."""
+    model = keras.models.clone_model(template)
+    model.set_weights(template.get_weights())
+    if penalty is not None:
+        kerasreg.regularize(model, kernel=penalty)
+    model.compile_from_config(template.get_compile_config())
+    return model
+
+
+def one_fit(template, x, y, **fit_kwargs) -> None:
+    copy_of(template).fit(x, y, verbose=0, **fit_kwargs)
+
+
+def separate_fits(template, penalties, x, y, **fit_kwargs) -> list[dict]:
+    """What a user without `sweep` runs: K ordinary fits, one after another
+    (their histories)."""
+    return [
+        copy_of(template, penalty).fit(x, y, verbose=0, **fit_kwargs).history
+        for penalty in penalties
+    ]
+
+
+# --- workloads: (template, x, y, fit kwargs, penalties) ---------------------------
+
+
+def digits_data():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    return x, digits.target.astype("int32")
+
+
+def digits(kind: str, epochs: int = 5, k: int = K):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((8, 8, 1)), keras.layers.Flatten()]
+    if kind == "cnn":
+        layers = [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+        ]
+    else:
+        layers.append(keras.layers.Dense(128, activation="relu"))
+        if kind == "dropout":
+            layers.append(keras.layers.Dropout(0.2, seed=1))
+    layers.append(keras.layers.Dense(10, activation="softmax"))
+    template = keras.Sequential(layers, name=f"digits_{kind}")
+    template.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    x, y = digits_data()
+    kwargs = dict(epochs=epochs, batch_size=32, validation_split=0.2, shuffle=False)
     return template, x, y, kwargs, strengths(k)
 
 
-def brownlee_workload(k: int, epochs: int):
+def brownlee(epochs: int = 150, k: int = K):
     """Brownlee's own protocol: one full batch per epoch, validation every epoch."""
     (x, y), test = moons_data()
-    kwargs = dict(batch_size=32, epochs=epochs, shuffle=False, validation_data=test)
     template = moons_model()
     template.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    kwargs = dict(batch_size=32, epochs=epochs, shuffle=False, validation_data=test)
     return template, x, y, kwargs, strengths(k)
 
 
-def mlp_workload(k: int, epochs: int):
+def mlp(epochs: int = 3, k: int = K):
     keras.utils.set_random_seed(0)
     template = keras.Sequential(
         [
@@ -89,7 +143,6 @@ def mlp_workload(k: int, epochs: int):
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        steps_per_execution=STEPS_PER_EXECUTION // 10 or 1,
     )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4096, 256)).astype("float32")
@@ -98,73 +151,171 @@ def mlp_workload(k: int, epochs: int):
     return template, x, y, kwargs, strengths(k)
 
 
-def bench(name: str, workload, rounds: int) -> dict:
+WORKLOADS = {
+    "digits-mlp": ("digits Flatten-MLP 128", lambda q: digits("mlp", 1 if q else 5)),
+    "digits-dropout": (
+        "digits + Dropout(0.2, seed)",
+        lambda q: digits("dropout", 1 if q else 5),
+    ),
+    "digits-cnn": (
+        "digits CNN (Conv2D 16 x2, Dense 64)",
+        lambda q: digits("cnn", 1 if q else 5),
+    ),
+    "moons": ("moons, 150 one-batch epochs", lambda q: brownlee(15 if q else 150)),
+    "mlp": ("compute-bound MLP 256-1024-1024-10", lambda q: mlp(1 if q else 3)),
+}
+
+
+# --- timing ------------------------------------------------------------------------
+
+
+def bench(name: str, workload, rounds: int, engine: str, separate=True) -> dict:
     template, x, y, kwargs, penalties = workload
+    k = len(penalties)
+    used = {}
+
+    def run_sweep():
+        result = kerasreg.sweep(
+            template, penalties, x, y, verbose=0, engine=engine, **kwargs
+        )
+        used["engine"], used["reason"] = result.engine, result.engine_reason
+
     calls = [
-        Call("one fit", lambda: plain_fit(template, x, y, **kwargs)),
-        Call(
-            f"sweep K={len(penalties)}",
-            lambda: kerasreg.sweep(template, penalties, x, y, verbose=0, **kwargs),
-        ),
+        Call("one fit", lambda: one_fit(template, x, y, **kwargs)),
+        Call(f"sweep K={k}", run_sweep),
     ]
+    if separate:
+        calls.append(
+            Call(
+                f"{k} separate fits",
+                lambda: separate_fits(template, penalties, x, y, **kwargs),
+            )
+        )
     run_rounds(calls, rounds)
-    r = ratios(calls[1], calls[0])
+    per_fit = ratios(calls[1], calls[0])
+    nan = float("nan")
+    per_k = (
+        ratios(calls[1], calls[2]) if separate else dict(median=nan, min=nan, max=nan)
+    )
     return {
         "workload": name,
-        "K": len(penalties),
+        "K": k,
+        "engine": used["engine"],
+        "engine_reason": used["reason"],
         "one fit s": float(np.median(calls[0].times)),
         "sweep s": float(np.median(calls[1].times)),
-        "ratio": r["median"],
-        "min": r["min"],
-        "max": r["max"],
-        "cpu ratio": r["cpu_median"],
-        "K fits / sweep": len(penalties) / r["median"],
-        "rounds": r["rounds"],
+        "K fits s": float(np.median(calls[2].times)) if separate else nan,
+        "sweep / one fit": per_fit["median"],
+        "min": per_fit["min"],
+        "max": per_fit["max"],
+        "sweep / K fits": per_k["median"],
+        "K fits min": per_k["min"],
+        "K fits max": per_k["max"],
+        "rounds": per_fit["rounds"],
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| workload | K | one fit (s) | sweep (s) | sweep / one fit (wall) "
-        "| min–max | CPU | K fits / sweep |",
+        "| workload | K | engine | one fit (s) | sweep (s) | K fits (s) "
+        "| sweep / one fit (min–max) | sweep / K separate fits (min–max) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['K']} | {r['one fit s']:.1f} | "
-            f"{r['sweep s']:.1f} | {r['ratio']:.2f} | {r['min']:.2f}–{r['max']:.2f} "
-            f"| {r['cpu ratio']:.2f} | {r['K fits / sweep']:.1f}x |"
+            f"| {r['workload']} | {r['K']} | {r['engine']} | {r['one fit s']:.1f} "
+            f"| {r['sweep s']:.1f} | {r['K fits s']:.1f} "
+            f"| {r['sweep / one fit']:.2f} ({r['min']:.2f}–{r['max']:.2f}) "
+            f"| {r['sweep / K fits']:.2f} ({r['K fits min']:.2f}–{r['K fits max']:.2f}) |"
         )
     return "\n".join(lines)
+
+
+# --- peak memory -------------------------------------------------------------------
+
+
+def peak_memory(workload: str, call: str, engine: str, quick: bool) -> float:
+    """Peak resident memory (MiB) of one `call` of `workload` in a fresh process."""
+    code = (
+        "import sys, resource; sys.argv = ['sweep.py']\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import sweep as b\n"
+        f"template, x, y, kwargs, penalties = b.WORKLOADS[{workload!r}][1]({quick})\n"
+        f"if {call!r} == 'one fit':\n"
+        "    b.one_fit(template, x, y, **kwargs)\n"
+        "else:\n"
+        "    b.kerasreg.sweep(template, penalties, x, y, verbose=0,"
+        f" engine={engine!r}, **kwargs)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.split()[-1]) / 1024  # Linux reports KiB
+
+
+def memory_table(names: list[str], engine: str, quick: bool) -> tuple[str, list]:
+    rows = []
+    for key in names:
+        one = peak_memory(key, "one fit", engine, quick)
+        swept = peak_memory(key, "sweep", engine, quick)
+        rows.append(
+            {"workload": WORKLOADS[key][0], "one fit MiB": one, "sweep MiB": swept}
+        )
+    lines = [
+        "| workload | one fit, peak RSS (MiB) | sweep K=6, peak RSS (MiB) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['workload']} | {r['one fit MiB']:.0f} | {r['sweep MiB']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join(lines), rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument(
+        "--no-separate",
+        action="store_true",
+        help="skip timing K separate fits (the costliest call)",
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help=f"workloads: {', '.join(WORKLOADS)}"
+    )
     args = parser.parse_args(argv)
-    updates = 400 if args.quick else 4000
-    rounds = 1 if args.quick else args.rounds
-    epochs = 100 if args.quick else 1000
-    rows = [
-        bench(
-            f"moons, Brownlee's protocol ({epochs} one-batch epochs, validation)",
-            brownlee_workload(6, epochs),
-            rounds,
-        ),
-        bench("moons 4000 updates", moons_workload(6, updates), rounds),
-        bench("moons 4000 updates", moons_workload(12, updates), rounds),
-        bench("MLP 256-1024-1024-10", mlp_workload(6, 1 if args.quick else 3), rounds),
+    names = [
+        key
+        for key in WORKLOADS
+        if not args.only or any(part in key for part in args.only)
     ]
-    if args.quick:
-        for row in rows:
-            row["workload"] = row["workload"].replace("4000", str(updates))
-    print(machine())
-    print(table(rows))
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    print(machine(), f"backend {keras.backend.backend()}, engine={args.engine}")
+    if args.memory:
+        text, rows = memory_table(names, args.engine, args.quick)
+        print(text)
+        path = out / f"sweep_memory_{keras.backend.backend()}.json"
+        path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        return 0
+    rounds = 1 if args.quick else args.rounds
     path = out / f"sweep_{keras.backend.backend()}.json"
-    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    rows = []
+    for key in names:  # each row printed and saved as soon as it is measured
+        workload = WORKLOADS[key][1](args.quick)
+        row = bench(
+            WORKLOADS[key][0], workload, rounds, args.engine, not args.no_separate
+        )
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    print(table(rows))
+    for row in rows:
+        print(f"{row['workload']}: {row['engine']} ({row['engine_reason']})")
     return 0
 
 

@@ -597,3 +597,104 @@ def forget_fit_validation(model: Any) -> None:
     current = vars(model).get("evaluate")
     if getattr(current, "kerasreg_records_validation", False):
         delattr(model, "evaluate")
+
+
+def functional_graph(model: Any) -> tuple[Any, list[tuple[Any, Any, Any, list]]]:
+    """`(functional, calls)`: the functional form of `model` and its layer calls.
+
+    `functional` is `model` itself (a functional model) or the functional
+    model a `Sequential` built with `keras.Input` runs (`model._functional`);
+    `calls` lists `(operation, args, kwargs, outputs)` for every call of the
+    graph but its inputs, in an order that computes each input of a call
+    first (deepest nodes first, as Keras runs them); `args` and `kwargs` hold
+    `keras.KerasTensor`s where the call received tensors.
+
+    Reason: `sweep`'s vectorized engine runs the template's graph with a
+    batched kernel for each layer; Keras runs it from `_nodes_by_depth`
+    (`Node.operation`, `.arguments.args/.kwargs`, `.outputs`, `.is_input`;
+    Keras 3.0 to 3.15 at least) and has no public walk.
+    """
+    functional = model
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            return None, []
+    by_depth = getattr(functional, "_nodes_by_depth", None)
+    if not isinstance(by_depth, dict):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} functional models have no "
+            "`_nodes_by_depth`; kerasreg.sweep cannot walk the template's graph."
+        )
+    calls = []
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            try:
+                if node.is_input or node.operation is None:
+                    continue
+                arguments = node.arguments
+                calls.append(
+                    (node.operation, arguments.args, arguments.kwargs, node.outputs)
+                )
+            except AttributeError as error:
+                raise KerasInternalsChanged(
+                    f"kerasreg: Keras {keras.__version__} graph nodes changed "
+                    f"({error}); kerasreg.sweep cannot walk the template's graph."
+                ) from None
+    return functional, calls
+
+
+def standardize_inputs(functional: Any, inputs: Any) -> list[Any]:
+    """`inputs` as the flat list of tensors `functional` computes with.
+
+    Reason: a functional model matches a list or dict of inputs to its
+    `keras.Input`s, converts them to their dtypes and adjusts their ranks in
+    `_standardize_inputs` (Keras 3.0 to 3.15 at least); `sweep`'s vectorized
+    engine must read the template's inputs exactly as the template does.
+    """
+    method = getattr(functional, "_standardize_inputs", None)
+    if method is None:
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} functional models have no "
+            "`_standardize_inputs`; kerasreg.sweep cannot read the inputs."
+        )
+    return list(method(inputs))
+
+
+def set_gradient_clipping(optimizer: Any, clip: Any) -> None:
+    """Make `optimizer` clip its gradients with `clip(grads) -> grads`.
+
+    Reason: `sweep`'s vectorized engine trains K variants' weights as slices
+    of one variable; `clipnorm` and `global_clipnorm` must act on each
+    variant's slices, not on the whole variable. Every Keras optimizer clips
+    in `_clip_gradients(grads)` (Keras 3.0 to 3.15 at least, all backends),
+    right before weight decay and the update.
+    """
+    if not callable(getattr(type(optimizer), "_clip_gradients", None)):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} optimizers have no "
+            "`_clip_gradients`; kerasreg.sweep cannot clip each variant's "
+            "gradients on its own."
+        )
+    optimizer._clip_gradients = clip
+
+
+def prepare_jax_step(model: Any) -> None:
+    """Make `model.train_step(state, data)` callable outside `fit` on JAX.
+
+    Reason: Keras 3.8's JAX `train_step`/`test_step`/`predict_step` end by
+    constraining the state to the shardings `fit` records first
+    (`_record_training_state_sharding_spec`, Keras 3.8 to 3.10 at least);
+    later versions record nothing. `sweep`'s mapped engine calls a copy's
+    step inside its own, so it records them the way `fit` does.
+    """
+    record = getattr(model, "_record_training_state_sharding_spec", None)
+    if record is not None:
+        record()
+        return
+    if hasattr(model, "_enforce_jax_state_sharding"):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__}'s JAX trainer constrains its state "
+            "to shardings it no longer records with "
+            "`_record_training_state_sharding_spec`; kerasreg.sweep cannot call a "
+            "model's train step outside fit on this Keras version."
+        )

@@ -463,3 +463,116 @@ def test_state_variable_is_created_eagerly_inside_a_stateless_scope():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
     variable.assign(np.zeros((2, 2)))
     assert float(keras.ops.sum(variable)) == 0.0
+
+
+def test_functional_graph_lists_each_call_with_its_inputs_first():
+    inputs = keras.Input((3,), name="x")
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    shared = keras.layers.Dense(3, name="shared")
+    merged = keras.layers.Add(name="add")([shared(inputs), shared(hidden)])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(merged))
+    functional, calls = _compat.functional_graph(model)
+    assert functional is model
+    names = [operation.name for operation, *_ in calls]
+    assert sorted(names) == ["add", "hidden", "out", "shared", "shared"]
+    # Running the calls in the given order computes the model's output.
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    values = {id(model.inputs[0]): keras.ops.convert_to_tensor(x)}
+    for operation, args, kwargs, outputs in calls:
+        filled = keras.tree.map_structure(
+            lambda a: values[id(a)] if isinstance(a, keras.KerasTensor) else a, args
+        )
+        values[id(outputs[0])] = operation(*filled, **kwargs)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(values[id(model.outputs[0])]),
+        keras.ops.convert_to_numpy(model(x)),
+        rtol=1e-6,
+    )
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    functional, calls = _compat.functional_graph(sequential)
+    assert [op.name for op, *_ in calls] == ["d"]
+    assert functional.outputs[0] is calls[0][3][0]
+
+
+def test_functional_graph_fails_loudly_without_the_nodes():
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_nodes_by_depth"):
+        _compat.functional_graph(Bare())
+
+
+def test_standardize_inputs_reads_inputs_as_the_model_does():
+    a = keras.Input((2,), name="a")
+    b = keras.Input((1,), name="b")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Concatenate()([a, b]))
+    x = {"b": np.ones((4, 1)), "a": np.zeros((4, 2))}
+    flat = _compat.standardize_inputs(model, x)
+    # In the order of the model's inputs (a, b), as float32 tensors.
+    assert [tuple(t.shape) for t in flat] == [(4, 2), (4, 1)]
+    assert [t.name for t in model.inputs] == ["a", "b"]
+    assert all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in flat)
+
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_standardize_inputs"):
+        _compat.standardize_inputs(Bare(), x)
+
+
+def test_set_gradient_clipping_replaces_the_optimizers_clipping():
+    variable = keras.Variable(np.ones(3, "float32"))
+    optimizer = keras.optimizers.SGD(1.0, clipnorm=1e-9)
+    seen = []
+
+    def halve(grads):
+        seen.append(len(grads))
+        return [g * 0.5 for g in grads]
+
+    _compat.set_gradient_clipping(optimizer, halve)
+    optimizer.apply([keras.ops.ones(3)], [variable])
+    # Clipped by the given function (halved), not by clipnorm=1e-9.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), [0.5] * 3)
+    assert seen == [1]
+
+    class Bare:
+        pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="_clip_gradients"):
+        _compat.set_gradient_clipping(Bare(), halve)
+
+
+def test_prepare_jax_step_makes_the_step_callable_outside_fit():
+    if keras.backend.backend() != "jax":
+        pytest.skip("the JAX trainer's pure step")
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        models.append(model)
+    stepped, reference = models
+    _compat.prepare_jax_step(stepped)
+    state = (
+        [v.value for v in stepped.trainable_variables],
+        [v.value for v in stepped.non_trainable_variables],
+        [v.value for v in stepped.optimizer.variables],
+        [v.value for v in stepped.metrics_variables],
+    )
+    logs, state = stepped.train_step(state, (x, y))
+    expected = reference.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(float(logs["loss"]), expected["loss"], rtol=1e-6)
+    for got, want in zip(state[0], reference.get_weights(), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_prepare_jax_step_fails_loudly_when_keras_changes():
+    class Trainer:
+        def _enforce_jax_state_sharding(self):
+            pass
+
+    with pytest.raises(_compat.KerasInternalsChanged, match="sharding"):
+        _compat.prepare_jax_step(Trainer())
+    _compat.prepare_jax_step(object())  # a trainer that constrains nothing

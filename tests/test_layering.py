@@ -49,27 +49,33 @@ LAYERS = {
     "poststep": 4,
     "decay": 5,
     "tensorboard": 5,
-    # The sweep subpackage: data checks and the vectorised engine low, the
-    # call on top, its public surface (`kerasreg/sweep/__init__.py`) above it.
+    # The sweep subpackage: data, context and the batched kernels low, the
+    # engines above the variants and the monitor, the engine choice above
+    # them, the call on top, its public surface (`kerasreg/sweep/__init__.py`)
+    # above it.
     "sweep.data": 2,
+    "sweep.context": 2,
     "sweep.figure": 2,
     "sweep.hparams": 2,
-    "sweep.vectorized": 2,
+    "sweep.kernels": 2,
     "sweep.grids": 5,
     "sweep.items": 5,
+    "sweep.vectorized": 8,
     "sweep.result": 5,
     "sweep.rows": 2,
     "sweep.variants": 5,
     "sweep.monitor": 6,
     "sweep.repeats": 6,
-    "sweep.separate": 7,
     "sweep.stacked": 7,
-    "sweep.run": 8,
-    "sweep": 9,
+    "sweep.sequential": 7,
+    "sweep.mapped": 7,
+    "sweep.engines": 9,
+    "sweep.run": 10,
+    "sweep": 11,
     # The command line (Keras-free) and the package surface on top.
-    "cli": 10,
-    "__init__": 11,
-    "__main__": 12,
+    "cli": 12,
+    "__init__": 13,
+    "__main__": 14,
 }
 
 # (importer, imported): why an import may go upward. Keep this short.

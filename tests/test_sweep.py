@@ -132,7 +132,7 @@ def test_each_variant_equals_a_separate_fit(kind, engine):
         verbose=0,
     )
     penalties = PENALTIES[1:]  # the baseline (None) is checked by the other tests
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
     assert result.stacked and result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
@@ -143,9 +143,12 @@ def test_each_variant_equals_a_separate_fit(kind, engine):
         assert_same_fit(row, trained, history, weights)
 
 
-@pytest.mark.slow  # the stack of copies path, with its reference fits
-def test_training_loop_options_keep_equality():
-    # Per-variable clipnorm, gradient accumulation and several steps per call.
+@pytest.mark.slow  # a sweep and two traced reference fits per engine
+@pytest.mark.parametrize("engine", ["vectorized", "stacked"])
+def test_training_loop_options_keep_equality(engine):
+    # Per-variable clipnorm (the norm of each variant's own gradient),
+    # gradient accumulation, several steps per call, a penalty without a
+    # vector form.
     x, y = data()
     compile_kwargs = {} if TORCH else {"steps_per_execution": 3}
     model = build()
@@ -159,8 +162,8 @@ def test_training_loop_options_keep_equality():
     )
     penalties = [kerasreg.L2Penalty(1e-1), kerasreg.ExpAbsPenalty(1e-2)]
     fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
-    assert result.stacked
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
+    assert result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
@@ -238,7 +241,8 @@ def test_vectorized_engine_with_the_options_that_change_the_loop():
         assert_same_fit(row, trained, history, reference.get_weights())
 
 
-def test_sample_weights_are_weighed_as_separate_fits_weigh_them():
+@pytest.mark.parametrize("engine", ["vectorized", "stacked"])
+def test_sample_weights_are_weighed_as_separate_fits_weigh_them(engine):
     x, y = data()
     weights = np.linspace(0.2, 2.0, len(x)).astype("float32")
     model = template("adam")
@@ -246,93 +250,13 @@ def test_sample_weights_are_weighed_as_separate_fits_weigh_them():
     fit_kwargs = dict(
         epochs=2, batch_size=16, shuffle=False, sample_weight=weights, verbose=0
     )
-    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
-    assert result.engine == "stacked"  # the vectorised engine takes no weights
+    result = kerasreg.sweep(model, penalties, x, y, engine=engine, **fit_kwargs)
+    assert result.engine == engine
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
         history, final = separate_fit(model, penalty, "adam", x, y, **fit_kwargs)
         assert_same_fit(row, trained, history, final)
-
-
-def residual():
-    inputs = keras.Input((3,))
-    hidden = keras.layers.Dense(3)(inputs)
-    return keras.Model(inputs, keras.layers.Add()([inputs, hidden]))
-
-
-ENGINES = {
-    # What a user writes, and the engine it gets.
-    "dense chain, Adam": (build, "adam", ["accuracy"], None, "vectorized"),
-    "LayerNormalization": (
-        lambda: keras.Sequential(
-            [
-                keras.Input((3,)),
-                keras.layers.LayerNormalization(),
-                keras.layers.Dense(1),
-            ]
-        ),
-        "adam",
-        ["mse"],
-        None,
-        "stacked",
-    ),
-    "residual branch": (residual, "adam", ["mse"], None, "stacked"),
-    "per-variable clipnorm": (build, "adam_clipnorm", ["accuracy"], None, "stacked"),
-    "AUC metric": (build, "adam", ["accuracy", "auc"], None, "stacked"),
-    "penalty without a vector form": (
-        build,
-        "adam",
-        ["accuracy"],
-        kerasreg.ExpAbsPenalty(1e-2),
-        "stacked",
-    ),
-    "loss scaling": (
-        build,
-        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
-        ["accuracy"],
-        None,
-        "sequential",
-    ),
-    "stateful RNN": (
-        lambda: keras.Sequential(
-            [
-                keras.Input(batch_shape=(8, 3)),
-                keras.layers.Reshape((3, 1)),
-                keras.layers.SimpleRNN(2, stateful=True),
-                keras.layers.Dense(1),
-            ]
-        ),
-        "adam",
-        ["mse"],
-        None,
-        "sequential",
-    ),
-    "global clipnorm": (
-        build,
-        lambda: keras.optimizers.SGD(0.1, global_clipnorm=1.0),
-        ["accuracy"],
-        None,
-        "sequential",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(ENGINES))
-def test_each_template_gets_the_fastest_exact_engine(case):
-    make, kind, metric_names, penalty, expected = ENGINES[case]
-    model = make()
-    model.compile(
-        optimizer=kind() if callable(kind) else optimizer(kind),
-        loss="mse",
-        metrics=metric_names,
-    )
-    x, y = data(8)
-    result = kerasreg.sweep(
-        model, [penalty or kerasreg.L2Penalty(1e-2)], x, y, epochs=1, verbose=0
-    )
-    assert result.engine == expected
-    assert result.stacked == (expected != "sequential")
 
 
 class SeededShuffle(keras.utils.PyDataset):
@@ -458,7 +382,9 @@ def test_template_is_untouched_and_models_carry_their_penalty(tmp_path):
     assert done.stdout.split()[-2:] == ["ok", "Adam"]
 
 
-def test_global_norm_clipping_falls_back_to_separate_fits(caplog):
+def test_global_norm_clipping_is_each_variants_own_norm(caplog):
+    # One norm over all variables would couple the variants in a stack of
+    # copies; the vectorized engine clips with each variant's own norm.
     x, y = data()
     model = build()
     model.compile(
@@ -467,12 +393,13 @@ def test_global_norm_clipping_falls_back_to_separate_fits(caplog):
         metrics=["accuracy"],
     )
     penalties = [None, kerasreg.L2Penalty(1e-1)]
-    with caplog.at_level(logging.WARNING, logger="kerasreg"):
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
         result = kerasreg.sweep(
             model, penalties, x, y, epochs=2, batch_size=16, shuffle=False, verbose=0
         )
-    assert not result.stacked
-    assert "global norm" in caplog.text and "one after another" in caplog.text
+    assert result.engine == "vectorized"
+    with pytest.raises(ValueError, match=r"engine='stacked'.*global norm"):
+        kerasreg.sweep(model, penalties, x, y, engine="stacked", epochs=1)
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
@@ -655,3 +582,191 @@ def test_log_dir_writes_one_run_per_variant_and_hparams(tmp_path):
         ).session_start_info
         assert start.hparams["penalty"].string_value == row["penalty"]
         assert start.hparams["strength"].number_value == pytest.approx(row["strength"])
+
+
+def test_chunks_of_variants_equal_separate_fits(monkeypatch, caplog):
+    # The memory rule: per variant, 4 bytes x (2 x batch x the per-sample size
+    # of every layer output + 4 x the number of weights). The test network
+    # (3 -> 8 -> 1): outputs of 8 + 1 numbers per sample, 3*8+8+8+1 = 41 weights;
+    # with batch 16: 4 * (2*16*9 + 4*41) = 1808 bytes a variant.
+    x, y = data()
+    model = template("sgd")
+    penalties = [None, kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(1e-1)]
+    fit_kwargs = dict(epochs=2, batch_size=16, shuffle=False, verbose=0)
+    monkeypatch.setenv("KERASREG_SWEEP_MEMORY", str(2 * 1808 + 100))
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.engine == "vectorized"
+    assert "in 2 fits of at most 2 variants" in result.engine_reason
+    assert "trained in 2 fits of at most 2" in caplog.text
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        history, weights = separate_fit(model, penalty, "sgd", x, y, **fit_kwargs)
+        assert_same_fit(row, trained, history, weights)
+    monkeypatch.setenv("KERASREG_SWEEP_MEMORY", str(3 * 1808 + 100))
+    whole = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert "fits of at most" not in whole.engine_reason
+    one_each = kerasreg.sweep(model, penalties, x, y, chunk_size=1, **fit_kwargs)
+    assert "in 3 fits of at most 1 variants" in one_each.engine_reason
+    with pytest.raises(ValueError, match=r"`chunk_size`.*Received: chunk_size=0"):
+        kerasreg.sweep(model, penalties, x, y, chunk_size=0, **fit_kwargs)
+
+
+def test_a_generator_is_refused_when_the_variants_need_several_fits():
+    x, y = data()
+    model = template("sgd")
+    before = model.get_weights()
+
+    def batches():
+        for start in range(0, len(x), 16):
+            yield x[start : start + 16], y[start : start + 16]
+
+    generator = batches()
+    with pytest.raises(ValueError, match=r"`x`.*2 fits.*read once"):
+        kerasreg.sweep(model, PENALTIES, generator, chunk_size=2, epochs=1)
+    np.testing.assert_array_equal(next(generator)[0], x[:16])  # nothing was read
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+RECURRENT = {
+    "SimpleRNN": lambda: keras.layers.SimpleRNN(3, return_sequences=True),
+    "LSTM": lambda: keras.layers.LSTM(3),
+    "GRU": lambda: keras.layers.GRU(3, go_backwards=True),
+    "GRU reset before": lambda: keras.layers.GRU(3, reset_after=False),
+    "Bidirectional LSTM": lambda: keras.layers.Bidirectional(
+        keras.layers.LSTM(2, return_sequences=True), merge_mode="sum"
+    ),
+}
+
+
+@pytest.mark.slow  # a sweep and two traced recurrent reference fits per layer
+@pytest.mark.parametrize("layer", list(RECURRENT))
+def test_recurrent_layers_are_batched_and_equal_separate_fits(layer):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(24, 4, 2)).astype("float32")
+    y = (x[:, :, :1].sum(axis=1) > 0).astype("float32")
+
+    def build_rnn(kernel=None, recurrent=None):
+        model = keras.Sequential(
+            [
+                keras.Input((4, 2)),
+                RECURRENT[layer](),
+                keras.layers.Flatten(),
+                keras.layers.Dense(1, "sigmoid"),
+            ],
+            name="rnn",
+        )
+        if kernel is not None:
+            kerasreg.regularize(model, kernel=kernel, recurrent=recurrent)
+        return model
+
+    keras.utils.set_random_seed(3)
+    model = build_rnn()
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy")
+    penalties = [
+        {"kernel": kerasreg.L2Penalty(1e-2), "recurrent": kerasreg.L1Penalty(1e-2)},
+        {"kernel": kerasreg.L2Penalty(1e-1), "recurrent": None},
+    ]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    assert result.engine == "vectorized"
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build_rnn(penalty["kernel"], penalty["recurrent"])
+        reference.set_weights(model.get_weights())
+        reference.compile(
+            optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy"
+        )
+        history = reference.fit(x, y, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adam_clipnorm"])
+def test_embeddings_equal_separate_fits(kind):
+    # Repeated tokens in a batch: on TensorFlow a separate fit's embedding
+    # gradient is a tf.IndexedSlices whose rows Keras squares (Adam) and clips
+    # before summing the repeats; only SGD's update is the same either way.
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 4, (16, 5)).astype("int32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+
+    def build_embedding():
+        return keras.Sequential(
+            [
+                keras.Input((5,), dtype="int32"),
+                keras.layers.Embedding(4, 3),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ]
+        )
+
+    model = build_embedding()
+    model.compile(optimizer=optimizer(kind), loss="mse")
+    penalties = [None, kerasreg.L2Penalty(1e-2)]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    sparse = keras.backend.backend() == "tensorflow" and kind != "sgd"
+    assert result.engine == ("stacked" if sparse else "vectorized")
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = build_embedding()
+        reference.set_weights(model.get_weights())
+        if penalty is not None:
+            kerasreg.regularize(reference, kernel=penalty)
+        reference.compile(optimizer=optimizer(kind), loss="mse")
+        history = reference.fit(x, y, **fit_kwargs).history
+        assert_same_fit(row, trained, history, reference.get_weights())
+
+
+def test_engine_choice_is_logged_and_can_be_forced(caplog):
+    x, y = data()
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.GaussianNoise(0.1), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    before = model.get_weights()
+    why = "layer 'gaussian_noise' (GaussianNoise) has no batched kernel"
+    if keras.backend.backend() == "jax":
+        # jax.vmap of the template's own step takes any layer; `callbacks`
+        # send a template past it.
+        result = kerasreg.sweep(model, [None], x, y, epochs=1, verbose=0)
+        assert result.engine == "vectorized"
+        assert result.engine_reason == "jax.vmap of the template's train step"
+        with caplog.at_level(logging.INFO, logger="kerasreg"):
+            callbacks = [keras.callbacks.Callback()]
+            kerasreg.sweep(
+                model, [None], x, y, epochs=1, verbose=0, callbacks=callbacks
+            )
+        assert "not jax.vmap: `callbacks` are given" in caplog.text
+        assert caplog.records[0].levelname == "INFO"
+        result = kerasreg.sweep(
+            model, [None], x, y, epochs=1, verbose=0, engine="stacked"
+        )
+    else:
+        with caplog.at_level(logging.INFO, logger="kerasreg"):
+            result = kerasreg.sweep(model, [None], x, y, epochs=1, verbose=0)
+        assert f"not batched kernels: {why}" in caplog.text
+        assert caplog.records[0].levelname == "INFO"
+        assert (
+            result.engine_reason
+            == f"K copies side by side in one fit; not batched kernels: {why}"
+        )
+    assert result.engine == "stacked"
+    if keras.backend.backend() != "jax":
+        with pytest.raises(
+            ValueError, match=r"engine='vectorized' cannot train.*GaussianNoise"
+        ):
+            kerasreg.sweep(model, [None], x, y, engine="vectorized", epochs=1)
+    with pytest.raises(ValueError, match=r"`engine`.*Received: engine='fast'"):
+        kerasreg.sweep(model, [None], x, y, engine="fast", epochs=1)
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    forced = kerasreg.sweep(
+        model, [None], x, y, engine="sequential", epochs=1, verbose=0
+    )
+    assert forced.engine == "sequential"
+    assert forced.engine_reason == "K separate fits, one after another"

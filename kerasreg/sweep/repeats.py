@@ -25,7 +25,7 @@ import keras
 
 from kerasreg.selection import select_weights
 from kerasreg.sweep.items import GridPoint
-from kerasreg.sweep.variants import make_variant
+from kerasreg.sweep.variants import carry_state, make_variant
 
 
 def check_seeds(seeds: Any) -> list[int] | None:
@@ -113,5 +113,6 @@ def _variant(model: keras.Model, point: GridPoint, where: Any, index: int):
             f"with keras.models.clone_model ({type(error).__name__}: {error})."
         ) from None
     variant.set_weights(model.get_weights())
+    carry_state(model, variant)
     variant.name = f"variant_{index}"
     return variant

@@ -54,10 +54,16 @@ class SweepResult:
             copies of the template carrying their penalties, compiled like
             the template (with a fresh optimizer), ready to `evaluate`,
             `predict` and `save`.
-        engine: how the variants were trained: `"vectorized"` (one model
-            whose weights have a leading axis of K), `"stacked"` (K copies
-            side by side in one `fit`), or `"sequential"` (K separate fits).
-        stacked: `True` when the variants were trained in one `fit`.
+        engine: how the variants were trained: `"vectorized"` (one batched
+            step for all K variants: every weight on a leading axis of K),
+            `"stacked"` (K copies side by side in one `fit`), or
+            `"sequential"` (K separate fits, one after another).
+        engine_reason: one sentence: what ran, and why no faster engine
+            could (for example `"batched kernels: Flatten, Dense"`, or
+            `"K copies side by side in one fit; not batched kernels: layer
+            'gru' (GRU) has no batched kernel"`).
+        stacked: `True` when the variants were trained in one `fit`
+            (`engine` is `"vectorized"` or `"stacked"`).
         repeated: `True` when the runs repeat grid points over seeds.
 
     Example:
@@ -74,12 +80,14 @@ class SweepResult:
         rows: list[dict],
         models: list[keras.Model],
         engine: str,
+        engine_reason: str = "",
         *,
         directions: dict[str, str] | None = None,
     ):
         self.rows = rows
         self.models = models
         self.engine = engine
+        self.engine_reason = engine_reason
         self.stacked = engine != "sequential"
         self.repeated = any(row.get("seed") is not None for row in rows)
         self.directions = dict(directions or {})

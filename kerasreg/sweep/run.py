@@ -1,21 +1,15 @@
-"""`sweep`: a grid of penalties trained side by side in one `fit`.
+"""`sweep`: a grid of penalties trained side by side, each variant exactly its own fit.
 
 There is no formula for a penalty's strength: one searches a log-scale grid.
-`sweep` trains the K variants of a compiled template model (one per penalty)
-as K sub-models of one stacked functional model, on the same batches, in one
-`fit`. The stacked loss is the sum of the K variants' losses (each variant's
-data loss plus its own penalty), so the gradient of each variant's weights is
-exactly that variant's own gradient; Keras's optimizers update every variable
-from its own gradient and its own slots, so one optimizer over the stack
-makes the very updates K separate optimizers would. Everything that couples
-variables across the whole model (global-norm clipping, dynamic loss scaling)
-breaks this; such templates, and inputs the stack does not handle, are
-trained one variant after another instead, with a log line saying why.
+`sweep` makes one variant of a compiled template model per penalty and trains
+them with the fastest engine that can prove it gives each variant the very
+result of its own separate fit (`kerasreg.sweep.engines`): one batched step
+for all variants (`"vectorized"`), K copies side by side in one `fit`
+(`"stacked"`), or K separate fits (`"sequential"`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -24,21 +18,16 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.selection import walk_layers
-from kerasreg.sweep import separate
-from kerasreg.sweep.data import is_array, is_dataset
+from kerasreg.sweep import engines, sequential
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
 from kerasreg.sweep.repeats import build_variant, check_seeds
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
-from kerasreg.sweep.stacked import fit_together
 from kerasreg.sweep.variants import compile_like
 
 __all__ = ["SweepResult", "sweep"]
-
-logger = logging.getLogger("kerasreg")
 
 
 def sweep(
@@ -51,43 +40,71 @@ def sweep(
     where: Any = None,
     seeds: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
     **fit_kwargs: Any,
 ) -> SweepResult:
-    """Train one copy of a compiled model per penalty, side by side in one `fit`.
+    """Train one copy of a compiled model per penalty, each exactly its own fit.
 
     Each variant is a copy of `model` (same architecture, the template's
-    current weights, its loss and metrics, a fresh optimizer from its
-    optimizer's config) carrying its own penalty through `kerasreg.regularize`.
-    The K variants become K branches of one functional model, fitted once on
-    the same batches (one shuffling order shared by all) with the loss
-
-    `sum_k (data_loss_k + penalty_k)`,
-
-    so the gradient of variant k's weights is exactly its own; as Keras's
-    optimizers (SGD, momentum, Adam, ... and per-variable `clipnorm`/`clipvalue`,
-    gradient accumulation, EMA) update each variable from its own gradient and
-    slots, this is the same computation as K separate fits with the same data
-    order. Each variant's history is reported as a separate fit reports it:
+    current weights and `trainable` flags, the state of the penalties it
+    already carries such as an `L2SPPenalty`'s reference, its loss and
+    metrics, a fresh optimizer from its optimizer's config) carrying its own
+    penalty through `kerasreg.regularize`. Each variant's history and final
+    weights are those of its own separate `fit` on the same data (in the
+    same order: one shuffling order is shared by the variants of one fit);
     its `loss` includes its own penalty only.
 
-    Templates for which one stacked fit is not exact or not supported are
-    trained one variant after another (K separate fits), with a log line on
-    the `"kerasreg"` logger: an optimizer with `global_clipnorm` or loss
-    scaling, stateful layers, several inputs or outputs, and training data
-    other than arrays, a `keras.utils.PyDataset` or a `tf.data.Dataset`. So
-    are, for now, grids with post-step transforms, `seeds=` and `callbacks`:
-    each variant's fit gets its own copy of every callback and a fresh
-    instance of its transforms (never shared between two fits), and a
-    callback's file path takes a `{variant}` field (the variant's run name).
+    An engine trains them (`SweepResult.engine`; `engine_reason` says what
+    ran and why): the fastest that can prove, from what it knows of every
+    layer, loss, metric, optimizer and of the data, that it is exact. Each
+    engine passed over is logged at INFO on the `"kerasreg"` logger, with
+    its reason.
 
-    The engine is chosen per template (`SweepResult.engine`). A chain of
-    `Dense` and activation layers with the usual penalties (kerasreg's L1,
-    L2 and elastic net, Keras's L1, L2 and L1L2), a per-sample loss, mean
-    metrics (accuracy, MSE, ...) and an elementwise optimizer (SGD, Adam,
-    AdamW, RMSprop, ...) is `"vectorized"`: one model whose weights have a
-    leading axis of K, so a step is one batched matrix product per layer and
-    one optimizer update. Other templates are `"stacked"` (K copies side by
-    side). Both are the same computation as K separate fits.
+    Grid points with post-step transforms, `seeds=` and `callbacks` are
+    trained by the `"sequential"` engine (logged at INFO; `engine_reason`
+    says why): each variant's fit gets its own copy of every callback, made
+    right before that fit, and a fresh instance of its transforms (never
+    shared between two fits), and a callback's file path takes a `{variant}`
+    field (the variant's run name).
+
+    - `"vectorized"`: one batched step trains all K variants: every weight
+      has a leading axis of K. On JAX, the template's own train step is
+      mapped with `jax.vmap` over that axis (any layer, loss, metric and
+      optimizer option; not stateful layers or `callbacks`). Elsewhere (or
+      where `jax.vmap` cannot), batched kernels exist for `Dense` (inputs of
+      any rank), `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
+      `SeparableConv1D/2D`, `Embedding`, `BatchNormalization` and
+      `LayerNormalization` (statistics per variant), `Dropout`, `Flatten`,
+      `Reshape`, pooling, activations and merging layers (`Add`,
+      `Concatenate`, ...), in any functional graph (residual branches,
+      several inputs and outputs), matched by exact class (a subclass with
+      its own `call` is another layer), with Keras's elementwise optimizers
+      (SGD, Adam, AdamW, RMSprop, ...; `clipnorm`, `global_clipnorm` and
+      `clipvalue` act on each variant's own gradients). Keras's per-sample
+      losses and metrics are computed once over the K variants'
+      predictions; any other loss or metric (a user's function, a
+      `Loss`/`Metric` subclass) on each variant's own predictions.
+    - `"stacked"`: K copies side by side in one `fit`, each with its own
+      `compute_loss` and `compute_metrics` (any layer; not global-norm
+      clipping or loss scaling, which couple the copies).
+    - `"sequential"`: K separate fits, one after another, logged as a
+      WARNING: loss scaling, stateful layers, `callbacks` (given to each of
+      the K fits).
+
+    `Dropout`: with `Dropout(seed=s)` every variant draws the masks its own
+    fit draws (a copy keeps the seed: the same masks for all variants, as
+    in their separate fits); without a seed each variant draws its own
+    independent masks, random as in a separate fit.
+
+    Data: arrays, a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+    Python generator (read once: where the template needs K separate fits,
+    `sweep` refuses before anything trains), or anything `fit` reads
+    several times. Memory: one fit holds K times a variant's activations;
+    when `kerasreg.sweep.engines.variant_bytes` times K exceeds half of the
+    memory available (or `KERASREG_SWEEP_MEMORY` bytes), the variants are
+    trained in several fits of as many as fit (each fit shuffles its own
+    order); `chunk_size` sets the most variants per fit.
 
     Args:
         model: a built and compiled `keras.Model` (Sequential or functional),
@@ -120,6 +137,12 @@ def sweep(
             with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
             data, plus the HParams experiment (grid item, family, knob values;
             the metrics at each run's `best_epoch`).
+        engine: `"auto"` (default: the fastest exact engine), or
+            `"vectorized"`, `"stacked"` or `"sequential"` to force one; a
+            forced engine that cannot train the template raises before
+            anything trains.
+        chunk_size: the most variants one fit trains (default: as many as
+            the memory rule allows).
         **fit_kwargs: passed to `fit` (`epochs`, `batch_size`,
             `validation_data`, `validation_split`, `shuffle`, `callbacks`,
             `verbose`, ...). With `verbose=1` or `2` the best variant so far
@@ -132,11 +155,13 @@ def sweep(
     Raises:
         TypeError: `model` is not a Keras model, `penalties`, `seeds` or
             `callbacks` is not a list, or an item is of the wrong kind.
-        ValueError: `penalties` is empty, `role` is unknown, an item cannot be
-            resolved, targets a role the model lacks or gives one role two
-            penalties, a transform's `where` selects nothing, a callback would
-            write one file for all variants, the template is not built or not
-            compiled, or it cannot be copied. Nothing has trained then.
+        ValueError: `penalties` is empty, `role` or `engine` is unknown, an
+            item cannot be resolved, targets a role the model lacks or gives
+            one role two penalties, a transform's `where` selects nothing, a
+            callback would write one file for all variants, the template is
+            not built or not compiled, or it cannot be copied; a forced
+            engine cannot train the template; `x` can be read once and the
+            sweep needs several fits. Nothing has trained then.
 
     Example:
 
@@ -161,38 +186,34 @@ def sweep(
     seeds = check_seeds(seeds)
     runs = _runs(points, seeds)
     names = [run_name(name, seed) for _, _, name, seed in runs]
-    callbacks = separate.check_callbacks(fit_kwargs.get("callbacks"), names)
+    callbacks = sequential.check_callbacks(fit_kwargs.get("callbacks"), names)
     compile_config = model.get_compile_config()
     models = [
         build_variant(model, point, where, i, seed, item)
         for i, (item, point, _, seed) in enumerate(runs)
     ]
-    requested = _why_separate_fits(points, seeds, callbacks)
-    reason = requested or _why_not_stacked(model, x, y, fit_kwargs, compile_config)
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
+    context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
+    context.separate = _why_separate_fits(points, seeds, callbacks)
+    chosen, implementation, reason = engines.choose(model, models, context, engine)
+    if context.one_pass:  # refused before its first batch is read
+        groups = engines.chunks(model, models, context, implementation, chunk_size)
+    x = engines.prepare(context)
+    if not context.one_pass:  # the batch size of a dataset is read from it
+        groups = engines.chunks(model, models, context, implementation, chunk_size)
+    if len(groups) > 1:
+        reason += f"; in {len(groups)} fits of at most {len(groups[0])} variants"
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
-        VariantLog(os.path.join(log_dir, name)) if log_dir is not None else None
-        for name in names
+        VariantLog(os.path.join(log_dir, n)) if log_dir is not None else None
+        for n in names
     ]
     best_epochs: list[int | None] = [None] * len(models)
-    if reason is None:
-        histories, engine = fit_together(
-            models, names, logs, compile_config, exclusions, x, y, fit_kwargs
-        )
-    else:
-        # Asked for (transforms, seeds, callbacks): INFO; a template the
-        # one-fit engines cannot take: WARNING.
-        logger.log(
-            logging.INFO if requested else logging.WARNING,
-            "kerasreg.sweep: %s; training the %d variants one after another "
-            "(K separate fits).",
-            reason,
-            len(models),
-        )
-        histories, best_epochs = separate.fit(
+    histories: list[dict] = []
+    if implementation is sequential:
+        histories, best_epochs = sequential.fit_runs(
             models,
             names,
             logs,
@@ -204,11 +225,25 @@ def sweep(
             transforms=[point.fresh_transforms() for _, point, _, _ in runs],
             fit_seeds=_fit_seeds(runs),
         )
-        engine = "sequential"
+    else:
+        for group in groups:
+            part = [models[i] for i in group]
+            engines.ready(part, compile_config, exclusions, context, implementation)
+            histories += implementation.fit(
+                part,
+                [names[i] for i in group],
+                [logs[i] for i in group],
+                compile_config,
+                exclusions,
+                x,
+                y,
+                fit_kwargs,
+            )
     directions = metric_directions(models)  # while the compiled metrics are built
     for variant in models:
         variant.name = model.name
-        if reason is None:
+        if not getattr(implementation, "OWN_OPTIMIZERS", False):
+            # A fresh optimizer: the one fit's optimizer trained the stack.
             compile_like(variant, compile_config, exclusions)
     rows = [
         make_row(point, name, seed, history, best)
@@ -218,7 +253,7 @@ def sweep(
     ]
     if log_dir is not None:
         write_hparams(log_dir, rows)
-    return SweepResult(rows, models, engine, directions=directions)
+    return SweepResult(rows, models, chosen, reason, directions=directions)
 
 
 # --- grid points, seeds and callbacks (issue 22) ----------------------------------
@@ -278,21 +313,3 @@ def _check_template(model: Any) -> None:
             "Compile the template with its optimizer, loss and metrics first: "
             "every variant is compiled like it."
         )
-
-
-def _why_not_stacked(model, x, y, fit_kwargs, compile_config) -> str | None:
-    """Why one stacked fit would not be exact or is not supported (None: it is)."""
-    optimizer = model.optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return "the optimizer scales the loss (one scale for all variables)"
-    if getattr(optimizer, "global_clipnorm", None):
-        return "the optimizer clips by global norm (one norm over all variables)"
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return "the template has several inputs or outputs"
-    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(model)):
-        return "the template has stateful layers"
-    if isinstance(x, keras.utils.PyDataset) or is_dataset(x):
-        return None
-    if not (is_array(x) and is_array(y)):
-        return "`x`/`y` are not arrays, a keras.utils.PyDataset or a tf.data.Dataset"
-    return None

@@ -1,24 +1,48 @@
 """The general engine of `sweep`: K copies of the template side by side in one `fit`.
 
-Also the choice between the vectorised engine (`kerasreg.sweep.vectorized`)
-and the stack of copies, which both train in one `fit`.
+The K variants become K branches of one functional model whose loss is the
+sum of the variants' own losses (each variant's `compute_loss`: its compiled
+loss and its own penalties), so the gradient of each variant's weights is
+exactly its own. Keras's optimizers update every variable from its own
+gradient and slots (SGD, momentum, Adam, ..., per-variable `clipnorm` and
+`clipvalue`, gradient accumulation, EMA), so one optimizer over the stack
+makes the very updates K separate optimizers would. Metrics are each
+variant's own `compute_metrics`. What couples the variables of a whole model
+(global-norm clipping, loss scaling) is not exact here: `why_not` says so.
 """
 
 from __future__ import annotations
 
-import logging
-
 import keras
 
-from kerasreg.sweep import vectorized
-from kerasreg.sweep.data import has_sample_weights, sample_batch
+from kerasreg.selection import walk_layers
+from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
-from kerasreg.sweep.variants import compile_like, fresh_optimizer
+from kerasreg.sweep.variants import fresh_optimizer
 
-logger = logging.getLogger("kerasreg")
+PREPARE = "all"  # what fit needs beforehand (kerasreg.sweep.engines)
+NAME = "stacked"
 
 
-# --- the stacked fit ------------------------------------------------------------
+def why_not(
+    template: keras.Model, variants: list[keras.Model], context: SweepContext
+) -> str | None:
+    """Why one stacked fit would not be exact or is not supported (None: it is)."""
+    optimizer = template.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return "the optimizer scales the loss (one scale for all variables)"
+    if getattr(optimizer, "global_clipnorm", None):
+        return "the optimizer clips by global norm (one norm over all variables)"
+    if len(template.inputs) != 1 or len(template.outputs) != 1:
+        return "the template has several inputs or outputs"
+    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
+        return "the template has stateful layers"
+    for method in ("train_step", "test_step"):
+        if getattr(type(template), method) is not getattr(keras.Model, method):
+            return f"the template overrides `{method}`"
+    if context.fit_kwargs.get("callbacks"):
+        return "`callbacks` are given (in one stacked fit they would see the stack)"
+    return None
 
 
 class _Stack(keras.Model):
@@ -80,50 +104,17 @@ def _first(x):
     return next(item for item in keras.tree.flatten(x) if item is not None)
 
 
-def fit_together(models, names, logs, compile_config, exclusions, x, y, fit_kwargs):
-    """Train the variants in one fit; returns (histories, engine name)."""
-    keys = [f"v{i:04d}" for i in range(len(models))]
-    sample = sample_batch(x, y)
-    for index, variant in enumerate(models):
-        compile_like(variant, compile_config, exclusions)
-        # Build the compiled loss and metrics eagerly on two samples, so their
-        # variables exist before the stacked step is traced.
-        prediction = variant(sample[0])
-        variant.compute_loss(sample[0], sample[1], prediction, training=False)
-        variant.compute_metrics(sample[0], sample[1], prediction, None)
-        variant.reset_metrics()
-        if index == 0:
-            reason = vectorized.why_not(models[0], models, variant)
-            if reason is None and exclusions[1]:
-                reason = "weight decay excludes variables by identity (var_list)"
-            if reason is None and has_sample_weights(x, fit_kwargs):
-                reason = "the data carry sample or class weights"
-            if reason is None:
-                break
-            logger.debug("kerasreg.sweep: not vectorised: %s", reason)
-    if reason is None:
-        stack = vectorized.VectorStack(models[0], models, models[0])
-        sync = stack.copy_to
-    else:
-        template_input = models[0].inputs[0]
-        inputs = keras.Input(
-            batch_shape=template_input.shape,
-            dtype=template_input.dtype,
-            name="sweep_input",
-        )
-        outputs = {k: variant(inputs) for k, variant in zip(keys, models, strict=True)}
-        stack = _Stack(inputs, outputs, models)
-        sync = None
-    stack.compile(
-        optimizer=fresh_optimizer(
-            compile_config, exclusions, [] if reason is None else models
-        ),
-        run_eagerly=compile_config.get("run_eagerly", False),
-        steps_per_execution=compile_config.get("steps_per_execution", 1),
-        jit_compile=compile_config.get("jit_compile", "auto"),
-    )
+def fit_stack(stack, variants, names, logs, compile_config, fit_kwargs, x, y, sync):
+    """Fit `stack` (a model of the K variants) once; each variant's history."""
     kwargs = dict(fit_kwargs)
-    monitor = Monitor(models, names, logs, kwargs.get("verbose", "auto"), keys, sync)
+    monitor = Monitor(
+        variants,
+        names,
+        logs,
+        kwargs.get("verbose", "auto"),
+        [f"v{i:04d}" for i in range(len(variants))],
+        sync,
+    )
     kwargs["callbacks"] = [monitor]
     if keras.distribution.distribution() is not None:
         # Keras converts each batch's logs in a worker thread while the main
@@ -133,5 +124,27 @@ def fit_together(models, names, logs, compile_config, exclusions, x, y, fit_kwar
         kwargs["callbacks"].append(InlineBatchLogs())
     stack.fit(x, y, **kwargs)
     if sync is not None:
-        sync(models)
-    return monitor.histories, "vectorized" if reason is None else "stacked"
+        sync(variants)
+    return monitor.histories
+
+
+def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
+    """Train the compiled variants as K branches of one model, in one `fit`."""
+    keys = [f"v{i:04d}" for i in range(len(variants))]
+    template_input = variants[0].inputs[0]
+    inputs = keras.Input(
+        batch_shape=template_input.shape,
+        dtype=template_input.dtype,
+        name="sweep_input",
+    )
+    outputs = {k: variant(inputs) for k, variant in zip(keys, variants, strict=True)}
+    stack = _Stack(inputs, outputs, variants)
+    stack.compile(
+        optimizer=fresh_optimizer(compile_config, exclusions, variants),
+        run_eagerly=compile_config.get("run_eagerly", False),
+        steps_per_execution=compile_config.get("steps_per_execution", 1),
+        jit_compile=compile_config.get("jit_compile", "auto"),
+    )
+    return fit_stack(
+        stack, variants, names, logs, compile_config, fit_kwargs, x, y, None
+    )

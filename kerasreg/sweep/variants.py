@@ -1,5 +1,12 @@
 """The variants of a sweep: copies of the template, each with its own penalties,
-compiled like the template with a fresh optimizer."""
+compiled like the template with a fresh optimizer.
+
+A copy is `keras.models.clone_model` of the template with its weights, plus
+what the clone does not carry and a separate fit of the template would keep:
+the `trainable` flag of each variable, and the state of the penalties the
+template already carries (the reference of an `L2SPPenalty`: a clone builds
+its penalties from their config, without it).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,28 @@ import copy
 from typing import Any
 
 import keras
+import numpy as np
 
 from kerasreg.attach import REMOVE, regularize
+from kerasreg.penalties import (
+    ElasticNetPenalty,
+    ExpAbsPenalty,
+    L1Penalty,
+    L2Penalty,
+    L2SPPenalty,
+)
+
+# Regularizers that hold no state beyond their config: a clone's is the same.
+STATELESS = (
+    L1Penalty,
+    L2Penalty,
+    ElasticNetPenalty,
+    ExpAbsPenalty,
+    keras.regularizers.L1,
+    keras.regularizers.L2,
+    keras.regularizers.L1L2,
+    keras.regularizers.OrthogonalRegularizer,
+)
 
 
 def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
@@ -30,6 +57,7 @@ def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
             f"with keras.models.clone_model ({type(error).__name__}: {error})."
         ) from None
     variant.set_weights(model.get_weights())
+    carry_state(model, variant)
     variant.name = f"variant_{index}"
     roles = {r: (REMOVE if p is None else p) for r, p in penalty.items()}
     try:
@@ -39,16 +67,80 @@ def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
     return variant
 
 
-def fresh_optimizer(compile_config, exclusions, models):
-    """The template's optimizer, anew, with its weight-decay exclusions for `models`."""
+def carry_state(template: keras.Model, variant: keras.Model) -> None:
+    """Give `variant` the variables' `trainable` flags and penalty state of `template`.
+
+    Raises:
+        ValueError: a penalty of the template holds state this function
+            cannot copy (a regularizer class it does not know that keeps
+            tensors or variables).
+    """
+    pairs = list(zip(template.weights, variant.weights, strict=True))
+    for source, target in pairs:
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(
+                f"kerasreg.sweep: invalid `model`: its copy has weight "
+                f"{target.path!r} of shape {tuple(target.shape)} where the "
+                f"template has {source.path!r} of shape {tuple(source.shape)}."
+            )
+        target.trainable = source.trainable
+        _carry_penalty(source, target)
+
+
+def _carry_penalty(source: keras.Variable, target: keras.Variable) -> None:
+    penalty = source.regularizer
+    if penalty is None or type(penalty) in STATELESS:
+        return
+    if type(penalty) is L2SPPenalty:
+        reference = penalty.reference
+        if reference is None:
+            # Both take their weight's value at first use: the same value.
+            return
+        copied = target.regularizer
+        if type(copied) is not L2SPPenalty:
+            raise ValueError(
+                f"kerasreg.sweep: the copy of weight {source.path!r} lost its "
+                "L2SPPenalty; the template cannot be copied with its reference."
+            )
+        # Public API only: the penalty takes its reference from its weight.
+        value = keras.ops.convert_to_numpy(target.value)
+        target.assign(keras.ops.convert_to_numpy(reference))
+        copied.set_reference(target)
+        target.assign(value)
+        return
+    state = [
+        name
+        for name, value in vars(penalty).items()
+        if isinstance(value, (keras.Variable, np.ndarray)) or keras.ops.is_tensor(value)
+    ]
+    if state:
+        raise ValueError(
+            f"kerasreg.sweep: invalid `model`: the regularizer "
+            f"{type(penalty).__name__} of weight {source.path!r} holds state "
+            f"({', '.join(state)}) that a copy made from its config would not "
+            "have; the sweep cannot give every variant the same penalty. "
+            "Remove it from the template, or use a kerasreg penalty."
+        )
+
+
+def fresh_optimizer(compile_config, exclusions, models, variables=None):
+    """The template's optimizer, anew, with its weight-decay exclusions.
+
+    `exclusions` is `(var_names, indices)`: the indices are positions in a
+    model's `weights`; they exclude those weights of each of `models`, or
+    `variables[i]` for each index `i` when `variables` is given.
+    """
     # Keras's deserialization consumes parts of the config it reads: a copy.
     config = copy.deepcopy(compile_config["optimizer"])
     optimizer = keras.saving.deserialize_keras_object(config)
     names, indices = exclusions
-    if names or indices:
+    if variables is not None:
+        excluded = [variables[i] for i in indices]
+    else:
+        excluded = [m.weights[i] for m in models for i in indices]
+    if names or excluded:
         optimizer.exclude_from_weight_decay(
-            var_list=[m.weights[i] for m in models for i in indices] or None,
-            var_names=names or None,
+            var_list=excluded or None, var_names=list(names) or None
         )
     return optimizer
 

@@ -1,25 +1,31 @@
-"""The vectorised engine of `sweep`: K Dense networks as one network of (K, ...) weights.
+"""The vectorized engine of `sweep` on batched kernels: K variants as one model.
 
-For a chain of `Dense` (and stateless activation) layers, the K variants of a
-sweep are one model whose every weight has a leading axis of size K: variant
-k is the slice `[k]` of each weight. One batched matrix product per layer,
-one loss, one metric update and one optimizer update serve all K variants,
-so a step costs about what one fit's step costs until compute dominates.
+Every weight of the template becomes one variable with a leading axis of
+size K (variant k is the slice `[k]`), and every layer a batched kernel
+(`kerasreg.sweep.kernels`) that computes the K variants' copies at once: one
+step of one model trains the K variants.
 
-Why this is K separate fits: the stacked loss is `sum_k loss_k`, and
-`loss_k` reads only slice k, so the gradient of slice k is variant k's own
-gradient; the optimizers accepted here (`_ELEMENTWISE`) update each element
-from its own gradient and slots only (per-variable `clipnorm`, or a norm over
-the whole variable, would couple the slices and is refused). Penalties are
-evaluated as per-variant coefficient vectors times per-slice sums, which is
-each penalty's own formula (`l1 * sum|w| + l2 * sum w**2`) on each slice.
+Why this is K separate fits: the loss is `sum_k loss_k`, and `loss_k` reads
+only the slices `[k]`, so the gradient of slice k is variant k's own
+gradient. The optimizers accepted here (`ELEMENTWISE`) update each element
+from its own gradient and slots only (and shared scalars: learning rate,
+step count); `clipnorm` and `global_clipnorm` are computed on each variant's
+slices (the norm of its own gradient), as its own optimizer computes them.
+Each variant's loss is its data loss plus its own penalties on its own
+slices, each penalty's own formula.
 
-Everything else (other layers, penalties, losses, metrics, optimizers, a
-distribution) is trained by `sweep`'s general engine: K copies side by side.
+Losses and metrics: Keras's losses and metrics known to compute each
+sample on its own (`PER_SAMPLE`) are evaluated once on the K variants'
+predictions folded into one batch. Anything else (a user's function, a
+`Loss` or `Metric` subclass, several outputs, sample weights) is computed
+for each variant on its own predictions by a *head*: a weightless model with
+the template's outputs, compiled like the template, so that variant k's loss
+and metrics are Keras's own computation on variant k's outputs.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import keras
@@ -28,10 +34,18 @@ from keras import ops
 
 from kerasreg import _compat
 from kerasreg.penalties import ElasticNetPenalty, L1Penalty, L2Penalty
+from kerasreg.sweep.context import SweepContext
+from kerasreg.sweep.data import has_sample_weights, peek, sample_batch
+from kerasreg.sweep.kernels import KERNELS, Untracked, Value
+from kerasreg.sweep.stacked import fit_stack
+from kerasreg.sweep.variants import fresh_optimizer
+
+PREPARE = "first"  # what fit needs beforehand (kerasreg.sweep.engines)
+NAME = "vectorized"
 
 # Optimizers whose update of an element reads only that element's gradient
 # and slots (plus shared scalars: learning rate, step count).
-_ELEMENTWISE = (
+ELEMENTWISE = (
     keras.optimizers.SGD,
     keras.optimizers.Adam,
     keras.optimizers.AdamW,
@@ -43,14 +57,65 @@ _ELEMENTWISE = (
     keras.optimizers.Ftrl,
     keras.optimizers.Lion,
 )
-# Layers without weights that act on the last axis only.
-_STATELESS = (
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-)
 _REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "sum")
+
+# Keras's loss and metric functions that compute each sample on its own
+# (they reduce the last axis at most): one call on a batch of K variants'
+# predictions is each variant's call.
+_PER_SAMPLE_NAMES = (
+    "mean_squared_error",
+    "mean_absolute_error",
+    "mean_absolute_percentage_error",
+    "mean_squared_logarithmic_error",
+    "cosine_similarity",
+    "huber",
+    "log_cosh",
+    "hinge",
+    "squared_hinge",
+    "categorical_hinge",
+    "kl_divergence",
+    "poisson",
+    "binary_crossentropy",
+    "binary_focal_crossentropy",
+    "categorical_crossentropy",
+    "categorical_focal_crossentropy",
+    "sparse_categorical_crossentropy",
+    "accuracy",
+    "binary_accuracy",
+    "categorical_accuracy",
+    "sparse_categorical_accuracy",
+    "top_k_categorical_accuracy",
+    "sparse_top_k_categorical_accuracy",
+)
+PER_SAMPLE = {
+    fn
+    for name in _PER_SAMPLE_NAMES
+    for module in (keras.losses, keras.metrics)
+    if (fn := getattr(module, name, None)) is not None
+}
+_PER_SAMPLE_LOSSES = {
+    cls
+    for name in (
+        "MeanSquaredError",
+        "MeanAbsoluteError",
+        "MeanAbsolutePercentageError",
+        "MeanSquaredLogarithmicError",
+        "CosineSimilarity",
+        "Huber",
+        "LogCosh",
+        "Hinge",
+        "SquaredHinge",
+        "CategoricalHinge",
+        "KLDivergence",
+        "Poisson",
+        "BinaryCrossentropy",
+        "BinaryFocalCrossentropy",
+        "CategoricalCrossentropy",
+        "CategoricalFocalCrossentropy",
+        "SparseCategoricalCrossentropy",
+    )
+    if (cls := getattr(keras.losses, name, None)) is not None
+}
 
 
 def coefficients(penalty: Any) -> tuple[float, float, float] | None:
@@ -79,89 +144,130 @@ def coefficients(penalty: Any) -> tuple[float, float, float] | None:
     return None
 
 
-def why_not(
-    template: keras.Model, variants: list[keras.Model], compiled: keras.Model
-) -> str | None:
-    """Why the vectorised engine cannot train these variants (None: it can).
+# --- can it? ----------------------------------------------------------------------
 
-    `compiled` is variant 0 compiled like the template, with its loss and
-    metrics built; its optimizer is the template optimizer's copy.
-    """
-    if keras.distribution.distribution() is not None:
+
+def _is_functional(model: keras.Model) -> bool:
+    kind = type(model)
+    return kind is keras.Sequential or (
+        kind.__name__ == "Functional" and kind.__module__.startswith("keras.")
+    )
+
+
+def why_not(
+    template: keras.Model, variants: list[keras.Model], context: SweepContext
+) -> str | None:
+    """Why batched kernels cannot train these variants (None: they can, exactly)."""
+    if context.distribution is not None:
         return "a keras.distribution is set"
-    if keras.backend.backend() == "tensorflow":
+    if context.backend == "tensorflow":
         import tensorflow as tf
 
         if tf.distribute.has_strategy():
             return "a tf.distribute strategy is active"
-    optimizer = compiled.optimizer
+    if context.fit_kwargs.get("callbacks"):
+        return "`callbacks` are given (they would see the batched model)"
+    optimizer = variants[0].optimizer
     # Keras's own classes only (the torch backend subclasses each per backend):
     # a user's subclass may couple elements.
-    if not isinstance(optimizer, _ELEMENTWISE) or not type(
+    if not isinstance(optimizer, ELEMENTWISE) or not type(
         optimizer
     ).__module__.startswith("keras."):
         return (
-            f"the optimizer {type(optimizer).__name__} is not known to be elementwise"
+            f"the optimizer {type(optimizer).__name__} is not known to update "
+            "each element on its own"
         )
-    if getattr(optimizer, "clipnorm", None):
-        return "the optimizer clips each variable by its norm"
-    if len(template.inputs) != 1 or len(template.inputs[0].shape) != 2:
-        return "the template's input is not one 2-D tensor"
-    reason = _chain_reason(template)
+    if not _is_functional(template):
+        return (
+            f"the template is a {type(template).__name__} (a subclassed model: "
+            "its code is not known)"
+        )
+    reason = _graph_reason(variants[0])
     if reason:
         return reason
-    if _loss(compiled) is None:
-        return "the compiled loss is not a single per-sample Keras loss"
-    if _metrics(compiled) is None:
-        return "a compiled metric is not a per-sample mean (MeanMetricWrapper)"
+    if context.backend == "tensorflow" and not _linear(optimizer):
+        _, calls = _compat.functional_graph(variants[0])
+        if any(isinstance(op, keras.layers.Embedding) for op, *_ in calls):
+            # A separate fit's embedding gradient is a tf.IndexedSlices: Keras
+            # squares and clips its rows before duplicates are summed.
+            return (
+                "on TensorFlow an Embedding's gradient is sparse (tf.IndexedSlices), "
+                f"which {type(optimizer).__name__} (or gradient clipping) updates "
+                "row by row; only plain SGD is batched"
+            )
     for variant in variants:
-        for layer in _layers(variant):
-            if not isinstance(layer, keras.layers.Dense):
-                continue
-            for role in ("kernel_regularizer", "bias_regularizer"):
-                if coefficients(getattr(layer, role)) is None:
-                    return f"a penalty ({type(getattr(layer, role)).__name__}) has no vector form"
+        reason = _penalty_reason(variant)
+        if reason:
+            return reason
     return None
 
 
-def _layers(model: keras.Model) -> list[Any]:
-    return [
-        layer
-        for layer in model.layers
-        if not isinstance(layer, keras.layers.InputLayer)
-    ]
+def _linear(optimizer) -> bool:
+    """Whether the update is linear in the gradient (SGD, with momentum, unclipped)."""
+    return type(optimizer).__name__ == "SGD" and not (
+        optimizer.clipnorm or optimizer.global_clipnorm or optimizer.clipvalue
+    )
 
 
-def _chain_reason(model: keras.Model) -> str | None:
-    previous = model.inputs[0]
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.Dense):
-            if getattr(layer, "lora_enabled", False) or getattr(
-                layer, "quantization_mode", None
-            ):
-                return f"layer {layer.name!r} has LoRA or quantized weights"
-            if layer.kernel_constraint or layer.bias_constraint:
-                return f"layer {layer.name!r} has a weight constraint"
-        elif not isinstance(layer, _STATELESS):
-            return f"layer {layer.name!r} ({type(layer).__name__}) is not a Dense layer"
-        if layer.activity_regularizer is not None:
-            return f"layer {layer.name!r} has an activity regularizer"
-        if layer.dtype_policy.name != "float32":
-            return f"layer {layer.name!r} computes in {layer.dtype_policy.name}"
+def _graph_reason(model: keras.Model) -> str | None:
+    functional, calls = _compat.functional_graph(model)
+    if functional is None:
+        return "the template has no known input"
+    for operation, args, kwargs, _ in calls:
+        name = getattr(operation, "name", type(operation).__name__)
+        kind = type(operation)
+        if not isinstance(operation, keras.layers.Layer):
+            return f"operation {name!r} ({kind.__name__}) is not a Keras layer"
+        kernel = KERNELS.get(kind)
+        if kernel is None:
+            if isinstance(operation, keras.Model):
+                return f"layer {name!r} is a nested model"
+            return f"layer {name!r} ({kind.__name__}) has no batched kernel"
+        reason = kernel.why_not(operation)
+        if reason:
+            return f"layer {name!r} ({kind.__name__}) {reason}"
+        if operation.activity_regularizer is not None:
+            return f"layer {name!r} has an activity regularizer"
+        if operation.dtype_policy.name != "float32":
+            return f"layer {name!r} computes in {operation.dtype_policy.name}"
+        extra = {k for k, v in kwargs.items() if k != "training" and v is not None}
+        if extra:
+            return f"layer {name!r} is called with {sorted(extra)}"
+        flat = keras.tree.flatten(args)
+        if not flat or not all(isinstance(a, keras.KerasTensor) for a in flat):
+            return f"layer {name!r} is called with arguments that are not tensors"
+        reason = kernel.why_not_inputs(operation, flat)
+        if reason:
+            return f"layer {name!r} ({kind.__name__}) {reason}"
+    return None
+
+
+def _penalty_reason(model: keras.Model) -> str | None:
+    for variable in model.trainable_weights:
+        penalty = variable.regularizer
+        if penalty is None or coefficients(penalty) is not None:
+            continue
         try:
-            inbound = layer.input
-        except (AttributeError, ValueError):  # shared layer: several nodes
-            return f"layer {layer.name!r} is used more than once"
-        if inbound is not previous:
-            return "the template is not a chain of layers"
-        previous = layer.output
-    if previous is not model.outputs[0]:
-        return "the template is not a chain of layers"
+            value = penalty(variable.value)
+            float(ops.convert_to_numpy(value))
+        except Exception as error:  # a regularizer that needs the variable itself
+            return (
+                f"the penalty {type(penalty).__name__} on {variable.path!r} cannot "
+                f"be computed on a slice of a stacked weight ({error})"
+            )
     return None
 
 
-def _loss(compiled: keras.Model) -> tuple[keras.losses.Loss, str] | None:
-    """The compiled loss with reduction "none", and the reduction it replaces."""
+# --- losses and metrics -----------------------------------------------------------
+
+
+def _folded_loss(compiled: keras.Model) -> tuple[Any, str] | None:
+    """The compiled loss with reduction "none", and the reduction it replaces;
+    None unless it is a single Keras loss known to compute each sample alone."""
+    if len(compiled.outputs) != 1:
+        return None
+    if compiled.get_compile_config().get("loss_weights") is not None:
+        return None
     identifier = compiled.loss
     if isinstance(identifier, (list, tuple, dict)):
         if len(identifier) != 1:
@@ -169,32 +275,28 @@ def _loss(compiled: keras.Model) -> tuple[keras.losses.Loss, str] | None:
         identifier = next(
             iter(identifier.values() if isinstance(identifier, dict) else identifier)
         )
-    if isinstance(identifier, str) and identifier.lower() in ("crossentropy", "ce"):
-        return None
-    if compiled.get_compile_config().get("loss_weights") is not None:
-        return None
-    try:
-        loss = keras.losses.get(identifier)
-        if isinstance(loss, keras.losses.Loss):
-            reduction = loss.reduction
-            config = dict(loss.get_config(), reduction="none")
-            per_sample = type(loss).from_config(config)
-        elif callable(loss):
-            reduction = "sum_over_batch_size"
-            per_sample = _compat.per_sample_loss(loss)
-        else:
+    if isinstance(identifier, str):
+        if identifier.lower() in ("crossentropy", "ce"):
             return None
-    except _compat.KerasInternalsChanged:
-        raise
-    except Exception:  # a custom loss that cannot be re-created: general engine
-        return None
-    if reduction not in _REDUCTIONS:
-        return None
-    return per_sample, reduction
+        identifier = keras.losses.get(identifier)
+    if type(identifier) in _PER_SAMPLE_LOSSES:
+        config = identifier.get_config()
+        if config.get("axis", -1) != -1 or config.get("reduction") not in _REDUCTIONS:
+            return None
+        per_sample = type(identifier).from_config(dict(config, reduction="none"))
+        return per_sample, config["reduction"]
+    if identifier in PER_SAMPLE:
+        return _compat.per_sample_loss(identifier), "sum_over_batch_size"
+    return None
 
 
-def _metrics(compiled: keras.Model) -> list[tuple[str, Any, dict]] | None:
-    """`(name, per-sample fn, kwargs)` of each compiled metric, in Keras's order."""
+def _folded_metrics(compiled: keras.Model) -> list[tuple[str, Any, dict]] | None:
+    """`(name, per-sample fn, kwargs)` of each compiled metric, in Keras's order;
+    None unless each is a mean of a Keras function known to compute each sample alone."""
+    if len(compiled.outputs) != 1:
+        return None
+    if compiled.get_compile_config().get("weighted_metrics"):
+        return None
     found = []
     names = [k for k in compiled.get_metrics_result() if k != "loss"]
     for metric in compiled.metrics:
@@ -208,10 +310,30 @@ def _metrics(compiled: keras.Model) -> list[tuple[str, Any, dict]] | None:
             ):
                 return None
             fn, kwargs = _compat.mean_metric_function(inner)
+            if fn not in PER_SAMPLE or kwargs.get("axis", -1) != -1:
+                return None
             found.append((inner.name, fn, kwargs))
     if [name for name, _, _ in found] != names:
         return None
     return found
+
+
+def _head(compiled: keras.Model, compile_config: dict) -> keras.Model:
+    """A weightless model with `compiled`'s outputs, compiled with its loss and metrics."""
+    functional, _ = _compat.functional_graph(compiled)
+    names = list(functional.output_names)
+    inputs = [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=name)
+        for t, name in zip(functional.outputs, names, strict=True)
+    ]
+    outputs = keras.tree.pack_sequence_as(functional.output, inputs)
+    head = keras.Model(inputs, outputs, name=f"{compiled.name}_head")
+    config = keras.saving.deserialize_keras_object(copy.deepcopy(compile_config))
+    config["optimizer"] = "sgd"  # never used: the head has no weights
+    for key in ("steps_per_execution", "jit_compile", "run_eagerly"):
+        config.pop(key, None)
+    head.compile(**config)
+    return head
 
 
 class _VectorMean(keras.metrics.Metric):
@@ -230,170 +352,332 @@ class _VectorMean(keras.metrics.Metric):
         return ops.divide_no_nan(self.total, self.count)
 
 
-class _StackedDense(keras.layers.Layer):
-    """K `Dense` layers as one: kernel (K, in, out), bias (K, out)."""
+# --- the batched model -------------------------------------------------------------
 
-    def __init__(self, k: int, template: keras.layers.Dense, penalties: list, **kwargs):
-        super().__init__(name=template.name, **kwargs)
-        self.k = k
-        self.units = template.units
-        self.activation = template.activation
-        self.use_bias = template.use_bias
-        self.penalty_vectors = {}
-        for role in ("kernel", "bias"):
-            rows = [coefficients(p[role]) for p in penalties]
-            self.penalty_vectors[role] = [
-                np.asarray(column, "float32") if any(column) else None
-                for column in zip(*rows, strict=True)
-            ]
 
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            shape=(self.k, input_shape[-1], self.units),
-            initializer="zeros",
-            name="kernel",
-        )
-        self.bias = (
-            self.add_weight(
-                shape=(self.k, self.units), initializer="zeros", name="bias"
-            )
-            if self.use_bias
-            else None
-        )
+class Batched(keras.Model):
+    """K variants of one template as one model of `(K, ...)` weights.
 
-    def call(self, inputs):
-        if len(inputs.shape) == 2:  # the shared input batch: the same rows for each k
-            inputs = ops.tile(ops.expand_dims(inputs, 0), [self.k, 1, 1])
-        # One batched product (K, b, in) @ (K, in, out); measured faster than einsum.
-        x = ops.matmul(inputs, self.kernel)
-        if self.bias is not None:
-            x = ops.add(x, ops.expand_dims(self.bias, 1))
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+    Args:
+        variants: the K variants, compiled like the template and built on
+            a sample (their loss and metrics exist).
+        sample: `(x, y)` of a few samples, to build the heads.
+        folded: whether the losses and metrics may be folded (no sample or
+            class weights).
+    """
+
+    def __init__(self, variants, compile_config, sample, folded=True):
+        super().__init__(name="kerasreg_sweep")
+        self.k = len(variants)
+        self._variants = Untracked(variants)
+        first = variants[0]
+        functional, calls = _compat.functional_graph(first)
+        self._functional = Untracked(functional)
+        self._calls = Untracked(calls)
+        trainable = {id(v) for v in first.trainable_weights}
+        kernels = []
+        kernel_of = {}
+        for operation, _, _, _ in calls:
+            if id(operation) in kernel_of:
+                continue  # a shared layer: one kernel, called at each use
+            copies = [v.get_layer(operation.name) for v in variants]
+            kernel = KERNELS[type(operation)](copies, trainable)
+            kernels.append(kernel)
+            kernel_of[id(operation)] = kernel
+        self.kernels = kernels
+        self._kernel_of = Untracked(kernel_of)
+        stacked_of = {}
+        for kernel in kernels:
+            for stacked, sources in kernel.pairs:
+                stacked_of[id(sources[0])] = stacked
+        self._stacked_of = Untracked(stacked_of)
+        self._penalties = Untracked(self._penalty_terms(variants, trainable))
+
+        self.loss_tracker = _VectorMean(self.k, "loss")
+        self.folded_loss = _folded_loss(first) if folded else None
+        self.folded_metrics = _folded_metrics(first) if folded else None
+        self.metric_trackers = [
+            _VectorMean(self.k, name) for name, _, _ in self.folded_metrics or []
+        ]
+        self.heads = []
+        if self.folded_loss is None or self.folded_metrics is None:
+            self.heads = [_head(first, compile_config) for _ in range(self.k)]
+            prediction = first(sample[0])
+            for head in self.heads:
+                head.compute_loss(sample[0], sample[1], prediction, training=False)
+                head.compute_metrics(sample[0], sample[1], prediction, None)
+                head.reset_metrics()
+        self.keys = [f"v{i:04d}" for i in range(self.k)]
+        self.built = True
+
+    def stacked_weights(self) -> list[keras.Variable]:
+        """Variant 0's `weights`, each as its stacked `(K, ...)` variable."""
+        return [self._stacked_of.value[id(v)] for v in self._variants.value[0].weights]
+
+    # --- penalties ------------------------------------------------------------------
+
+    def _penalty_terms(self, variants, trainable):
+        """`(stacked variable, vectors or penalties)` for each penalized weight."""
+        terms = []
+        for index, variable in enumerate(variants[0].weights):
+            if id(variable) not in trainable:
+                continue  # Keras penalizes trainable weights only
+            penalties = [v.weights[index].regularizer for v in variants]
+            if all(p is None for p in penalties):
+                continue
+            stacked = self._stacked_of.value[id(variable)]
+            rows = [coefficients(p) for p in penalties]
+            if all(row is not None for row in rows):
+                vectors = [
+                    np.asarray(column, "float32") if any(column) else None
+                    for column in zip(*rows, strict=True)
+                ]
+                terms.append((stacked, vectors, None))
+            else:
+                terms.append((stacked, None, penalties))
+        return terms
 
     def penalties(self):
-        """The (K,) vector of this layer's penalty for each variant, or None."""
+        """The `(K,)` vector of each variant's penalty, or None."""
         total = None
-        for role, weight in (("kernel", self.kernel), ("bias", self.bias)):
-            if weight is None:
-                continue
-            c_abs, c_signabs, c_square = self.penalty_vectors[role]
-            axes = tuple(range(1, len(weight.shape)))
-            for c, term in (
-                (c_abs, ops.absolute),
-                (c_signabs, lambda w: ops.sign(w) * w),
-                (c_square, ops.square),
-            ):
-                if c is None:
-                    continue
-                value = ops.multiply(c, ops.sum(term(weight), axis=axes))
+        for stacked, vectors, penalties in self._penalties.value:
+            if vectors is not None:
+                axes = tuple(range(1, len(stacked.shape)))
+                for c, term in zip(
+                    vectors,
+                    (ops.absolute, lambda w: ops.sign(w) * w, ops.square),
+                    strict=True,
+                ):
+                    if c is None:
+                        continue
+                    value = ops.multiply(c, ops.sum(term(stacked.value), axis=axes))
+                    total = value if total is None else total + value
+            else:
+                value = ops.stack(
+                    [
+                        ops.zeros((), "float32")
+                        if p is None
+                        else ops.cast(ops.sum(p(stacked.value[i])), "float32")
+                        for i, p in enumerate(penalties)
+                    ]
+                )
                 total = value if total is None else total + value
         return total
 
-    def compute_output_shape(self, input_shape):
-        return (self.k, *input_shape[-2:-1], self.units)
+    # --- forward ----------------------------------------------------------------------
 
+    def call(self, inputs, training=None):
+        functional = self._functional.value
+        flat = _compat.standardize_inputs(functional, inputs)
+        table = {
+            id(t): Value(x, False) for t, x in zip(functional.inputs, flat, strict=True)
+        }
+        for operation, args, kwargs, outputs in self._calls.value:
+            values = [
+                table[id(t)]
+                for t in keras.tree.flatten(args)
+                if isinstance(t, keras.KerasTensor)
+            ]
+            mode = training if training is not None else kwargs.get("training")
+            result = self._kernel_of.value[id(operation)].apply(values, mode)
+            results = result if isinstance(result, list) else [result]
+            for tensor, value in zip(outputs, results, strict=True):
+                table[id(tensor)] = value
+        return keras.tree.pack_sequence_as(
+            functional.output,
+            [table[id(t)].per_variant(self.k) for t in functional.outputs],
+        )
 
-class VectorStack(keras.Model):
-    """K variants of a Dense chain trained as one model of (K, ...) weights."""
+    # --- loss and metrics ---------------------------------------------------------------
 
-    def __init__(self, template: keras.Model, variants: list[keras.Model], compiled):
-        super().__init__(name="kerasreg_sweep")
-        self.k = len(variants)
-        per_layer = list(zip(*(_layers(v) for v in variants), strict=True))
-        self.stages = []
-        for layers in per_layer:
-            first = layers[0]
-            if isinstance(first, keras.layers.Dense):
-                roles = [
-                    {"kernel": layer.kernel_regularizer, "bias": layer.bias_regularizer}
-                    for layer in layers
-                ]
-                self.stages.append(_StackedDense(self.k, first, roles))
-            else:
-                self.stages.append(type(first).from_config(first.get_config()))
-        # Not None: `why_not` checked both before this engine was chosen.
-        self.per_sample_loss, self.reduction = _loss(compiled)  # type: ignore[misc]
-        self.metric_functions: list = _metrics(compiled)  # type: ignore[assignment]
-        self.loss_tracker = _VectorMean(self.k, "loss")
-        self.metric_trackers = [
-            _VectorMean(self.k, name) for name, _, _ in self.metric_functions
-        ]
-        self.keys = [f"v{i:04d}" for i in range(self.k)]
-        self.build(template.inputs[0].shape)
-        for stage, layers in zip(self.stages, per_layer, strict=True):
-            if isinstance(stage, _StackedDense):
-                stage.kernel.assign(ops.stack([layer.kernel.value for layer in layers]))
-                if stage.bias is not None:
-                    stage.bias.assign(ops.stack([layer.bias.value for layer in layers]))
+    def _slice(self, y_pred, index):
+        return keras.tree.map_structure(lambda t: t[index], y_pred)
 
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        for stage in self.stages:
-            stage.build(shape)
-            shape = stage.compute_output_shape(shape)
-        self.built = True
-
-    def call(self, inputs):
-        x = inputs
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def _folded(self, y, y_pred):
+    def _fold(self, y, y_pred):
         """y tiled K times and y_pred (K, b, ...) folded to (K*b, ...): one batch."""
         y = ops.convert_to_tensor(y)
         y_true = ops.tile(y, [self.k] + [1] * (len(y.shape) - 1))
-        y_pred = ops.reshape(y_pred, (-1, *y_pred.shape[2:]))
-        return y_true, y_pred
+        return y_true, ops.reshape(y_pred, (-1, *ops.shape(y_pred)[2:]))
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        y_true, folded = self._folded(y, y_pred)
-        values = ops.reshape(self.per_sample_loss(y_true, folded), (self.k, -1))
-        data = ops.sum(values, axis=1)
-        if self.reduction != "sum":
-            data = data / ops.cast(ops.shape(values)[1], data.dtype)
-        for stage in self.stages:
-            if isinstance(stage, _StackedDense):
-                penalty = stage.penalties()
-                if penalty is not None:
-                    data = data + penalty
-        batch = ops.shape(y_pred)[1]
+        if self.folded_loss is not None:
+            per_sample, reduction = self.folded_loss
+            y_true, folded = self._fold(y, y_pred)
+            values = ops.reshape(per_sample(y_true, folded), (self.k, -1))
+            data = ops.sum(values, axis=1)
+            if reduction != "sum":
+                data = data / ops.cast(ops.shape(values)[1], data.dtype)
+        else:
+            data = ops.stack(
+                [
+                    ops.cast(
+                        head.compute_loss(
+                            x, y, self._slice(y_pred, i), sample_weight, training
+                        ),
+                        "float32",
+                    )
+                    for i, head in enumerate(self.heads)
+                ]
+            )
+        penalty = self.penalties()
+        if penalty is not None:
+            data = data + penalty
+        batch = ops.shape(keras.tree.flatten(y_pred)[0])[1]
         self.loss_tracker.update_state(data * ops.cast(batch, data.dtype), batch)
         return ops.sum(data)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        y_true, folded = self._folded(y, y_pred)
-        batch = ops.shape(y_pred)[1]
-        for (_, fn, kwargs), tracker in zip(
-            self.metric_functions, self.metric_trackers, strict=True
-        ):
-            values = ops.cast(fn(y_true, folded, **kwargs), tracker.dtype)
-            values = ops.reshape(values, (self.k, batch, -1))
-            tracker.update_state(ops.sum(ops.mean(values, axis=2), axis=1), batch)
+        if self.folded_metrics is not None:
+            y_true, folded = self._fold(y, y_pred)
+            batch = ops.shape(y_pred)[1]
+            for (_, fn, kwargs), tracker in zip(
+                self.folded_metrics, self.metric_trackers, strict=True
+            ):
+                values = ops.cast(fn(y_true, folded, **kwargs), tracker.dtype)
+                values = ops.reshape(values, (self.k, batch, -1))
+                tracker.update_state(ops.sum(ops.mean(values, axis=2), axis=1), batch)
+        else:
+            for i, head in enumerate(self.heads):
+                head.compute_metrics(x, y, self._slice(y_pred, i), sample_weight)
         return self.get_metrics_result()
 
+    @property
+    def metrics(self):
+        found = list(super().metrics)
+        for head in self.heads:
+            found.extend(head.metrics)
+        unique = {}
+        for metric in found:
+            unique.setdefault(id(metric), metric)
+        return list(unique.values())
+
     def get_metrics_result(self):
-        trackers = [self.loss_tracker, *self.metric_trackers]
-        results = [tracker.result() for tracker in trackers]
+        losses = self.loss_tracker.result()
         logs = {}
-        for index, key in enumerate(self.keys):
-            for tracker, result in zip(trackers, results, strict=True):
-                logs[f"{key}_{tracker.name}"] = result[index]
+        if self.folded_metrics is not None:
+            results = [tracker.result() for tracker in self.metric_trackers]
+            for index, key in enumerate(self.keys):
+                logs[f"{key}_loss"] = losses[index]
+                for tracker, result in zip(self.metric_trackers, results, strict=True):
+                    logs[f"{key}_{tracker.name}"] = result[index]
+            return logs
+        for index, (key, head) in enumerate(zip(self.keys, self.heads, strict=True)):
+            logs[f"{key}_loss"] = losses[index]
+            for name, value in head.get_metrics_result().items():
+                if name != "loss":
+                    logs[f"{key}_{name}"] = value
         return logs
 
+    # --- results ------------------------------------------------------------------------
+
     def copy_to(self, variants: list[keras.Model]) -> None:
-        """Write each variant's slice into its standalone model (one transfer per weight)."""
-        per_layer = list(zip(*(_layers(v) for v in variants), strict=True))
-        for stage, layers in zip(self.stages, per_layer, strict=True):
-            if not isinstance(stage, _StackedDense):
-                continue
-            kernel = ops.convert_to_numpy(stage.kernel)
-            bias = None if stage.bias is None else ops.convert_to_numpy(stage.bias)
-            for index, layer in enumerate(layers):
-                layer.kernel.assign(kernel[index])
-                if bias is not None:
-                    layer.bias.assign(bias[index])
+        """Write each variant's slices into its standalone model."""
+        for kernel in self.kernels:
+            kernel.copy_to()
+
+
+# --- per-variant gradient clipping -----------------------------------------------------
+
+
+def _per_variant_clipping(optimizer) -> Any:
+    """`clipnorm`/`global_clipnorm`/`clipvalue` of `optimizer`, on each variant's slices."""
+    clipnorm = optimizer.clipnorm
+    global_clipnorm = optimizer.global_clipnorm
+    clipvalue = optimizer.clipvalue
+
+    def squared(g):
+        # Per variant: the sum of squares of slice k (a (K,)-shaped gradient
+        # is one number per variant).
+        if len(g.shape) == 1:
+            return ops.square(g)
+        return ops.sum(ops.square(g), axis=tuple(range(1, len(g.shape))))
+
+    def expand(v, g):
+        return ops.reshape(v, (-1, *[1] * (len(g.shape) - 1)))
+
+    def clip(grads):
+        if clipnorm and clipnorm > 0:
+            out = []
+            for g in grads:
+                if g is None:
+                    out.append(g)
+                    continue
+                # Keras's clip_by_norm, with the norm of each slice.
+                l2sum = expand(squared(g), g)
+                pred = l2sum > 0
+                l2sum_safe = ops.where(pred, l2sum, ops.ones_like(l2sum))
+                l2norm = ops.where(pred, ops.sqrt(l2sum_safe), l2sum)
+                intermediate = ops.multiply(g, clipnorm)
+                out.append(
+                    ops.convert_to_tensor(intermediate) / ops.maximum(l2norm, clipnorm)
+                )
+            return out
+        if global_clipnorm and global_clipnorm > 0:
+            # Keras's clip_by_global_norm, with one norm per variant.
+            norms = [squared(g) for g in grads if g is not None]
+            use_norm = ops.sqrt(ops.sum(ops.stack(norms), axis=0))
+            scale_for_finite = global_clipnorm * ops.minimum(
+                1.0 / use_norm, 1.0 / global_clipnorm
+            )
+            scale = scale_for_finite + (use_norm - use_norm)
+            return [g if g is None else g * expand(scale, g) for g in grads]
+        if clipvalue and clipvalue > 0:
+            return [
+                g if g is None else ops.clip(g, -clipvalue, clipvalue) for g in grads
+            ]
+        return grads
+
+    return clip
+
+
+# --- the engine --------------------------------------------------------------------------
+
+
+def describe(template: keras.Model, variants, context) -> str:
+    """What runs: the batched kernels, by the classes of the layers they compute."""
+    _, calls = _compat.functional_graph(variants[0])
+    kinds = dict.fromkeys(type(operation).__name__ for operation, *_ in calls)
+    return "batched kernels: " + ", ".join(kinds)
+
+
+def build(variants, compile_config, exclusions, sample, folded):
+    """The batched model of the compiled variants, compiled to train them."""
+    batched = Batched(variants, compile_config, sample, folded)
+    optimizer = fresh_optimizer(
+        compile_config, exclusions, [], variables=batched.stacked_weights()
+    )
+    if optimizer.clipnorm or optimizer.global_clipnorm:
+        _compat.set_gradient_clipping(optimizer, _per_variant_clipping(optimizer))
+    batched.compile(
+        optimizer=optimizer,
+        run_eagerly=compile_config.get("run_eagerly", False),
+        steps_per_execution=compile_config.get("steps_per_execution", 1),
+        jit_compile=compile_config.get("jit_compile", "auto"),
+    )
+    return batched
+
+
+def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
+    """Train the compiled variants as one batched model, in one `fit`."""
+    first, x = peek(x)
+    sample = sample_batch(x, y, first)
+    batched = build(
+        variants,
+        compile_config,
+        exclusions,
+        sample,
+        folded=not has_sample_weights(x, fit_kwargs, first),
+    )
+    return fit_stack(
+        batched,
+        variants,
+        names,
+        logs,
+        compile_config,
+        fit_kwargs,
+        x,
+        y,
+        batched.copy_to,
+    )

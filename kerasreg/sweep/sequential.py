@@ -1,5 +1,10 @@
 """The `"sequential"` engine of `sweep`: each variant in its own `fit`, one after another.
 
+The last engine `kerasreg.sweep.engines` tries, and the one that trains grid
+points a one-fit engine cannot take (post-step transforms, `seeds=`,
+`callbacks`). It needs data that can be read K times: a one-pass iterator (a
+Python generator) is refused before anything trains.
+
 Exact by construction: variant k's fit is a plain Keras `fit` of its model,
 with its own copies of the sweep's callbacks and fresh instances of its grid
 point's post-step transforms (a callback or transform is never shared by two
@@ -27,11 +32,16 @@ from typing import Any
 import keras
 
 from kerasreg.poststep import PostStepTransform
+from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.items import fresh_transform
 from kerasreg.sweep.monitor import Monitor, best_line
 from kerasreg.sweep.variants import compile_like
 from kerasreg.tensorboard import WeightNormLogger
 
+NAME = "sequential"
+# `fit` compiles each variant itself, right before its fit (kerasreg.sweep.engines).
+PREPARE = "none"
+OWN_OPTIMIZERS = True  # each variant trained by its own fit
 FIELD = "{variant}"
 # Callback class -> (attribute holding its path, whether it is a folder).
 _PATHS: tuple[tuple[type, str, bool], ...] = (
@@ -124,7 +134,39 @@ def _path_of(callback: Any) -> tuple[str, str, bool] | None:
     return None
 
 
+def why_not(
+    template: keras.Model, variants: list[keras.Model], context: SweepContext
+) -> str | None:
+    """Why K separate fits cannot train these variants (None: they can)."""
+    if context.one_pass and len(variants) > 1:
+        return (
+            f"`x` is a {context.data_kind} (such as a Python generator): it can "
+            f"be read once, and K={len(variants)} separate fits would each read it"
+        )
+    return None
+
+
 def fit(
+    variants: list[keras.Model],
+    names: list[str],
+    logs: list[Any],
+    compile_config: dict,
+    exclusions: tuple,
+    x: Any,
+    y: Any,
+    fit_kwargs: dict,
+) -> list[dict]:
+    """Fit each variant on its own; each variant's `History.history`.
+
+    The engine interface of `kerasreg.sweep.engines`; `fit_runs` is the same
+    with per-run transforms and seeds, and the epochs restored.
+    """
+    return fit_runs(
+        variants, names, logs, compile_config, exclusions, x, y, fit_kwargs
+    )[0]
+
+
+def fit_runs(
     variants: list[keras.Model],
     names: list[str],
     logs: list[Any],

@@ -1,0 +1,305 @@
+"""Which engine trains a sweep, and why: each engine proves it can before it runs.
+
+An engine is a module with `NAME` (the user-facing engine name),
+`why_not(template, variants, context) -> str | None` (None: it can train
+these variants exactly, proven from what it knows of every layer, loss,
+metric, optimizer and the data; otherwise the reason, one short sentence),
+`fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs)`
+(each variant's `History.history`, as its own fit reports it), and
+optionally `describe(template, variants, context) -> str` (what runs),
+`PREPARE` (what `fit` needs of the variants beforehand: `"all"`, the
+default: each compiled like the template, its loss and metrics built on two
+samples; `"first"`: only the first so; `"compile"`: each compiled, nothing
+built; `"none"`: `fit` prepares them itself), `BACKENDS` (the backends it
+runs on; default all) and `OWN_OPTIMIZERS` (True: each trained variant
+keeps the optimizer state of its own training; otherwise it gets a fresh
+optimizer afterwards, the one fit's optimizer having trained the stack).
+
+`IMPLEMENTATIONS` are tried in order; the first whose `why_not` is None
+trains the sweep. Every engine passed over is logged at INFO on the
+`"kerasreg"` logger with its reason; falling back to K separate fits is a
+WARNING (no speed-up). A sweep whose grid points need K separate fits
+(`SweepContext.separate`: post-step transforms, `seeds=`, `callbacks`) goes
+to the sequential engine, logged once at INFO (the user asked for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import types
+
+import keras
+import numpy as np
+
+from kerasreg import _compat
+from kerasreg.sweep import data, mapped, sequential, stacked, vectorized
+from kerasreg.sweep.context import SweepContext
+from kerasreg.sweep.variants import compile_like
+from kerasreg.walk import walk_layers
+
+logger = logging.getLogger("kerasreg")
+
+ENGINES = ("vectorized", "stacked", "sequential")
+# The `"vectorized"` engine on JAX: `jax.vmap` of the template's own train
+# step over the K axis of its state (`kerasreg.sweep.mapped`), exact by
+# construction for any layer, loss, metric and optimizer option. It compiles
+# and builds the variants itself, and hands each its own optimizer state.
+MAPPED = types.SimpleNamespace(
+    NAME="vectorized",
+    PREPARE="none",
+    BACKENDS=("jax",),
+    OWN_OPTIMIZERS=True,
+    why_not=lambda template, variants, context: (
+        _stateful(template) or mapped.why_not(template, variants, context)
+    ),
+    fit=mapped.fit,
+    describe=lambda template, variants, context: (
+        "jax.vmap of the template's train step"
+    ),
+)
+# (label, module), fastest first.
+IMPLEMENTATIONS = (
+    ("jax.vmap", MAPPED),
+    ("batched kernels", vectorized),
+    ("stacked", stacked),
+    ("sequential", sequential),
+)
+_WHAT = {
+    "stacked": "K copies side by side in one fit",
+    "sequential": "K separate fits, one after another",
+}
+
+
+def _stateful(template) -> str | None:
+    """A stateful layer's state has the batch's shape: not mapped (measured:
+    `SimpleRNN(stateful=True)` fails inside `jax.vmap`)."""
+    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
+        return "the template has stateful layers"
+    return None
+
+
+def context(model, x, y, fit_kwargs, compile_config, exclusions) -> SweepContext:
+    """What the choice of an engine depends on, besides the models."""
+    return SweepContext(
+        backend=keras.backend.backend(),
+        data_kind=data.kind(x),
+        fit_kwargs=dict(fit_kwargs),
+        distribution=keras.distribution.distribution(),
+        compile_config=compile_config,
+        exclusions=exclusions,
+        x=x,
+        y=y,
+        batch_size=fit_kwargs.get("batch_size") or 32,
+    )
+
+
+def choose(template, variants, context: SweepContext, engine: str = "auto"):
+    """`(engine name, module, reason)`: the engine that trains the variants.
+
+    Raises:
+        ValueError: `engine` is forced and cannot take the template, or no
+            engine can (one-pass data that would need K fits). Nothing has
+            been trained.
+    """
+    if engine not in ("auto", *ENGINES):
+        raise ValueError(
+            "kerasreg.sweep: invalid `engine`: expected 'auto', "
+            f"{', '.join(repr(e) for e in ENGINES)}. Received: engine={engine!r}."
+        )
+    # A mesh axis "variants" asks for K over devices, which only jax.vmap of
+    # the template's step does: any other engine would hold all K on every
+    # device, so it is refused here, before anything trains.
+    mapped.check_variants_axis(template, variants, context)
+    passed: list[tuple[str, str]] = []
+    for label, module in IMPLEMENTATIONS:
+        if engine not in ("auto", module.NAME):
+            continue
+        if context.backend not in getattr(module, "BACKENDS", (context.backend,)):
+            continue
+        if context.separate is not None and module.NAME != "sequential":
+            # Asked for by the grid, seeds or callbacks: no one-fit engine yet.
+            reason: str | None = context.separate
+        else:
+            reason = module.why_not(template, variants, context)
+        if reason is None:
+            describe = getattr(module, "describe", None)
+            what = (
+                describe(template, variants, context)
+                if describe is not None
+                else _WHAT.get(module.NAME, label)
+            )
+            if passed:
+                what += "; " + _passed_over(passed)
+            if module.NAME == "sequential" and context.separate is not None:
+                logger.info(
+                    "kerasreg.sweep: %s; training the %d variants one after another "
+                    "(K separate fits).",
+                    context.separate,
+                    len(variants),
+                )
+            elif module.NAME == "sequential" and len(variants) > 1:
+                logger.warning(
+                    "kerasreg.sweep: %s; training the %d variants one after another "
+                    "(K separate fits).",
+                    passed[-1][1] if passed else "engine='sequential'",
+                    len(variants),
+                )
+            return module.NAME, module, what
+        logger.info("kerasreg.sweep: not %s: %s.", label, reason)
+        passed.append((label, reason))
+    reasons = "; ".join(f"{label}: {why}" for label, why in passed)
+    if engine != "auto":
+        raise ValueError(
+            f"kerasreg.sweep: invalid `engine`: engine={engine!r} cannot train "
+            f"this template ({reasons}). Use engine='auto' to let the sweep pick."
+        )
+    raise ValueError(
+        f"kerasreg.sweep: no engine can train this sweep ({reasons}). Nothing "
+        "was trained."
+    )
+
+
+def _passed_over(passed: list[tuple[str, str]]) -> str:
+    """`not A: why; not B or C: why`: engines passed over for one reason, together."""
+    groups: list[tuple[list[str], str]] = []
+    for label, why in passed:
+        if groups and groups[-1][1] == why:
+            groups[-1][0].append(label)
+        else:
+            groups.append(([label], why))
+    parts = []
+    for labels, why in groups:
+        names = (
+            labels[0]
+            if len(labels) == 1
+            else (", ".join(labels[:-1]) + " or " + labels[-1])
+        )
+        parts.append(f"not {names}: {why}")
+    return "; ".join(parts)
+
+
+def prepare(context: SweepContext):
+    """Read what the engines need of the data: its first batch, two samples of it.
+
+    Returns the data to give to `fit` (a one-pass iterator whose first batch
+    was read is re-chained). Sets `context.sample`, `.sample_weights` and
+    `.batch_size`.
+    """
+    first, x = data.peek(context.x)
+    sample = None
+    if first is not None or context.data_kind == data.ARRAYS:
+        sample = data.sample_batch(x, context.y, first)
+    context.x = x
+    context.sample = sample
+    if first is not None:
+        context.batch_size = len(keras.tree.flatten(first)[0])
+    context.sample_weights = data.has_sample_weights(x, context.fit_kwargs, first)
+    return x
+
+
+def ready(variants, compile_config, exclusions, context: SweepContext, module):
+    """Make the variants of one fit ready for `module.fit` (its `PREPARE`)."""
+    needs = getattr(module, "PREPARE", "all")
+    if needs == "none":
+        return
+    sample = context.sample
+    for index, variant in enumerate(variants):
+        if needs == "first" and index > 0:
+            break
+        compile_like(variant, compile_config, exclusions)
+        if sample is not None and needs != "compile":
+            # The compiled loss and metrics get their variables now, before
+            # a one-fit step is traced.
+            prediction = variant(sample[0])
+            variant.compute_loss(sample[0], sample[1], prediction, training=False)
+            variant.compute_metrics(sample[0], sample[1], prediction, None)
+            variant.reset_metrics()
+
+
+# --- K in chunks, when K times the activations would not fit ----------------------
+
+# Bytes of a float32 number, and how many copies of each activation and weight
+# one training step holds: an activation and its gradient; a weight, its
+# gradient and two optimizer slots (Adam's).
+_BYTES, _PER_ACTIVATION, _PER_WEIGHT = 4, 2, 4
+
+
+def variant_bytes(template: keras.Model, batch_size: int) -> int:
+    """The memory one variant's training step needs, estimated from its graph.
+
+    `batch_size * (sum of every layer output's size per sample) * 4 bytes * 2`
+    (activations and their gradients) plus `(number of weights) * 4 bytes * 4`
+    (weights, gradients, two optimizer slots). Unknown dimensions count as 1.
+    """
+    _, calls = _compat.functional_graph(template)
+    per_sample = 0
+    for *_, outputs in calls:
+        for tensor in outputs:
+            per_sample += math.prod(d or 1 for d in tensor.shape[1:])
+    weights = sum(math.prod(w.shape) for w in template.weights)
+    return _BYTES * (_PER_ACTIVATION * batch_size * per_sample + _PER_WEIGHT * weights)
+
+
+def memory_budget() -> int:
+    """Bytes one fit of a sweep may use: `KERASREG_SWEEP_MEMORY`, else half of
+    the host memory available now (on accelerators, give `chunk_size`)."""
+    configured = os.environ.get("KERASREG_SWEEP_MEMORY")
+    if configured:
+        return int(float(configured))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX host
+        return 2**63
+    return available // 2
+
+
+def chunks(template, variants, context: SweepContext, module, chunk_size=None):
+    """The variants' indices in groups trained by one fit each.
+
+    `chunk_size` (an int) caps a group; without it, a one-fit engine takes as
+    many variants as `memory_budget()` holds by `variant_bytes`. K separate
+    fits take one variant each anyway.
+
+    Raises:
+        ValueError: `chunk_size` is not a positive int, or the variants need
+            several fits and `x` can be read only once.
+    """
+    k = len(variants)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            "kerasreg.sweep: invalid `chunk_size`: expected a positive int (the "
+            f"most variants trained by one fit) or None. Received: "
+            f"chunk_size={chunk_size!r}."
+        )
+    if module.NAME == "sequential":
+        return [list(range(k))]
+    size = chunk_size
+    if size is None:
+        if context.one_pass:
+            return [list(range(k))]  # one fit is the only way to read it
+        need = variant_bytes(template, context.batch_size)
+        size = max(1, memory_budget() // max(need, 1))
+    size = int(min(size, k))
+    groups = [list(range(start, min(start + size, k))) for start in range(0, k, size)]
+    if len(groups) > 1:
+        if context.one_pass:
+            raise ValueError(
+                f"kerasreg.sweep: invalid `x`: the {k} variants need {len(groups)} "
+                f"fits of at most {size} (chunk_size or the memory budget), and a "
+                f"{context.data_kind} can be read once. Give arrays or a dataset, "
+                "or a larger `chunk_size`."
+            )
+        logger.info(
+            "kerasreg.sweep: the %d variants are trained in %d fits of at most %d "
+            "(memory).",
+            k,
+            len(groups),
+            size,
+        )
+    return groups

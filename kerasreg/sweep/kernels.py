@@ -1,0 +1,780 @@
+"""Batched kernels: K copies of one Keras layer computed at once.
+
+Each kernel computes the K variants' copies of one layer of the template
+with their weights stacked on a leading axis of size K: variant k's weight is
+the slice `[k]` of the kernel's variable. Tensors between layers are either
+*shared* (the same for every variant: the model's inputs, and what weightless
+layers make of them) or *stacked* (`(K, batch, ...)`: variant k's tensor is
+`[k]`). Every kernel computes, for variant k, what the layer itself computes
+for its own copy: the same operations in the same order, on slice k.
+
+Layers are matched by *exact* class (`KERNELS`): a subclass may override
+`call` or `build` and is another layer. Each kernel's `why_not` checks the
+layer's options it does not support (a constraint, LoRA, `groups`, ...).
+
+- Weightless layers that compute each sample on its own (`Flatten`,
+  `Reshape`, pooling, activations, padding, merging layers such as `Add` and
+  `Concatenate`, ...) run the layer's own `call` once on a shared input, or
+  on the stacked input with K folded into the batch axis.
+- `Dropout`: with a seed, every copy of the layer (a clone keeps the seed)
+  draws the same masks in its own fit: one mask per step, drawn as the layer
+  draws it (the same seed generator, the same number of random values), is
+  applied to all K variants, so each equals its separate fit. Without a seed
+  each variant draws its own independent masks (not those of its separate
+  fit, which are random too).
+- `Dense` on inputs of any rank, `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
+  `SeparableConv1D/2D`, `Embedding`: batched matrix products, convolutions
+  with the K variants' filters (or channels) side by side, one gather.
+- `BatchNormalization` (statistics and moving statistics per variant) and
+  `LayerNormalization`.
+- `SimpleRNN`, `LSTM`, `GRU` and `Bidirectional`: the cell's arithmetic,
+  step by step, on the K variants' states at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+L = keras.layers
+
+
+class Value:
+    """A tensor between two layers: shared by all variants, or stacked on axis 0."""
+
+    __slots__ = ("stacked", "tensor")
+
+    def __init__(self, tensor: Any, stacked: bool):
+        self.tensor = tensor
+        self.stacked = stacked
+
+    def per_variant(self, k: int) -> Any:
+        """The `(K, batch, ...)` tensor (a shared one broadcast over K)."""
+        if self.stacked:
+            return self.tensor
+        return ops.broadcast_to(
+            ops.expand_dims(self.tensor, 0), (k, *ops.shape(self.tensor))
+        )
+
+
+def fold(tensor: Any) -> Any:
+    """`(K, b, ...)` to `(K * b, ...)`: the K variants as one batch."""
+    return ops.reshape(tensor, (-1, *ops.shape(tensor)[2:]))
+
+
+def unfold(tensor: Any, k: int) -> Any:
+    """`(K * b, ...)` to `(K, b, ...)`."""
+    return ops.reshape(tensor, (k, -1, *ops.shape(tensor)[1:]))
+
+
+class Untracked:
+    """Holds what a Keras layer must not track (models, maps of variables)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _is_keras_function(fn: Any) -> bool:
+    return fn is None or getattr(fn, "__module__", "").startswith("keras.")
+
+
+class Kernel(keras.layers.Layer):
+    """K copies of one layer as one layer whose weights have a leading K axis.
+
+    Args:
+        layers: the K copies (variant k's copy at position k); all of the
+            same exact class and config.
+        trainable: ids of the variables that a separate fit of variant 0
+            trains (`model.trainable_weights`: the layers' and variables'
+            `trainable` flags).
+    """
+
+    kinds: tuple[type, ...] = ()
+
+    def __init__(self, layers: list[keras.layers.Layer], trainable: set[int]):
+        super().__init__(name=layers[0].name, dtype="float32")
+        self.k = len(layers)
+        self._copies = Untracked(list(layers))
+        pairs = []  # (stacked variable, [each variant's variable])
+        by_id = {}
+        template = layers[0]
+        for index, variable in enumerate(template.weights):
+            sources = [layer.weights[index] for layer in layers]
+            stacked = self.add_weight(
+                shape=(self.k, *variable.shape),
+                dtype=variable.dtype,
+                initializer="zeros",
+                trainable=id(variable) in trainable,
+                name=variable.name,
+            )
+            stacked.assign(ops.stack([v.value for v in sources]))
+            pairs.append((stacked, sources))
+            by_id[id(variable)] = stacked
+        self._pairs = Untracked(pairs)
+        self._by_id = Untracked(by_id)
+        self.built = True
+
+    @property
+    def pairs(self) -> list[tuple[keras.Variable, list[keras.Variable]]]:
+        """`(stacked variable, [variant k's variable for each k])`."""
+        return self._pairs.value
+
+    @property
+    def copies(self) -> list[keras.layers.Layer]:
+        return self._copies.value
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        """Variant 0's copy: the layer's config and code."""
+        return self._copies.value[0]
+
+    def stacked(self, variable: keras.Variable) -> keras.Variable:
+        """The `(K, ...)` variable of variant 0's `variable`."""
+        return self._by_id.value[id(variable)]
+
+    @classmethod
+    def why_not(cls, layer: keras.layers.Layer) -> str | None:
+        """Why this kernel cannot compute `layer` (None: it can)."""
+        return None
+
+    @classmethod
+    def why_not_inputs(cls, layer, inputs: list) -> str | None:
+        """Why it cannot compute `layer` on these symbolic inputs (None: it can)."""
+        return None
+
+    def apply(self, inputs: list[Value], training: Any) -> Value | list[Value]:
+        raise NotImplementedError
+
+    def copy_to(self) -> None:
+        """Write each variant's slice into its own copy of the layer."""
+        for stacked, sources in self.pairs:
+            values = ops.convert_to_numpy(stacked.value)
+            for index, variable in enumerate(sources):
+                variable.assign(values[index])
+
+
+def _constraint_reason(layer, *names) -> str | None:
+    for name in names:
+        if getattr(layer, name, None) is not None:
+            return f"has a weight constraint ({name})"
+    if getattr(layer, "lora_enabled", False):
+        return "has LoRA weights"
+    if getattr(layer, "quantization_mode", None):
+        return "is quantized"
+    return None
+
+
+# --- weightless layers: the layer's own call, K folded into the batch -----------
+
+
+class PerSample(Kernel):
+    """A weightless layer that computes each sample on its own."""
+
+    kinds = (
+        L.Activation,
+        L.ReLU,
+        L.LeakyReLU,
+        L.ELU,
+        L.Softmax,
+        L.Identity,
+        L.Flatten,
+        L.Reshape,
+        L.Permute,
+        L.RepeatVector,
+        L.MaxPooling1D,
+        L.MaxPooling2D,
+        L.MaxPooling3D,
+        L.AveragePooling1D,
+        L.AveragePooling2D,
+        L.AveragePooling3D,
+        L.GlobalMaxPooling1D,
+        L.GlobalMaxPooling2D,
+        L.GlobalMaxPooling3D,
+        L.GlobalAveragePooling1D,
+        L.GlobalAveragePooling2D,
+        L.GlobalAveragePooling3D,
+        L.ZeroPadding1D,
+        L.ZeroPadding2D,
+        L.ZeroPadding3D,
+        L.Cropping1D,
+        L.Cropping2D,
+        L.Cropping3D,
+        L.UpSampling1D,
+        L.UpSampling2D,
+        L.UpSampling3D,
+        L.Add,
+        L.Subtract,
+        L.Multiply,
+        L.Average,
+        L.Maximum,
+        L.Minimum,
+        L.Concatenate,
+    )
+
+    @classmethod
+    def why_not(cls, layer):
+        if isinstance(layer, L.Activation) and not _is_keras_function(layer.activation):
+            return "has an activation function that is not Keras's own"
+        return None
+
+    def apply(self, inputs, training):
+        call = self.layer.call
+        if not any(value.stacked for value in inputs):
+            tensors = [value.tensor for value in inputs]
+            return Value(call(tensors if len(tensors) > 1 else tensors[0]), False)
+        tensors = [fold(value.per_variant(self.k)) for value in inputs]
+        out = call(tensors if len(tensors) > 1 else tensors[0])
+        return Value(unfold(out, self.k), True)
+
+
+class Dropout(Kernel):
+    """`Dropout`: with a seed, the masks of each variant's separate fit."""
+
+    kinds = (L.Dropout,)
+
+    def __init__(self, layers, trainable):
+        super().__init__(layers, trainable)
+        layer = self.layer
+        self.rate = float(layer.rate)
+        self.seeded = layer.seed is not None
+        self.seed_generator = keras.random.SeedGenerator(layer.seed)
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        if not training or self.rate == 0:
+            return value
+        noise_shape = self.layer.noise_shape
+        if self.seeded:
+            if not value.stacked:
+                out = keras.random.dropout(
+                    value.tensor, self.rate, noise_shape, seed=self.seed_generator
+                )
+                return Value(out, False)
+            # One mask over the variant axis: a leading 1, then the layer's
+            # own noise shape; the same random values as the layer draws.
+            shape = ops.shape(value.tensor)[1:]
+            if noise_shape is None:
+                noise_shape = shape
+            noise = (
+                1,
+                *(
+                    s if n is None else n
+                    for s, n in zip(shape, noise_shape, strict=True)
+                ),
+            )
+            out = keras.random.dropout(
+                value.tensor, self.rate, noise, seed=self.seed_generator
+            )
+            return Value(out, True)
+        stacked = value.per_variant(self.k)
+        if noise_shape is not None:
+            shape = ops.shape(stacked)
+            noise_shape = (
+                self.k,
+                *(
+                    s if n is None else n
+                    for s, n in zip(shape[1:], noise_shape, strict=True)
+                ),
+            )
+        out = keras.random.dropout(
+            stacked, self.rate, noise_shape, seed=self.seed_generator
+        )
+        return Value(out, True)
+
+    def copy_to(self):
+        state = ops.convert_to_numpy(self.seed_generator.state.value)
+        for layer in self.copies:
+            layer.seed_generator.state.assign(state)
+
+
+# --- layers with weights ---------------------------------------------------------
+
+
+def _bias_shape(k: int, rank: int, size: int, axis: int = -1) -> tuple:
+    """`(K, 1, ..., size, ...)` for a bias on `axis` of a stacked tensor of `rank`."""
+    shape = [1] * rank
+    shape[0] = k
+    shape[axis] = size
+    return tuple(shape)
+
+
+class Dense(Kernel):
+    """`Dense` on inputs of any rank: one batched matrix product for K variants."""
+
+    kinds = (L.Dense,)
+
+    @classmethod
+    def why_not(cls, layer):
+        if not _is_keras_function(layer.activation):
+            return "has an activation function that is not Keras's own"
+        return _constraint_reason(layer, "kernel_constraint", "bias_constraint")
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        kernel = self.stacked(layer.kernel)
+        x = value.tensor
+        shape = ops.shape(x)
+        units = kernel.shape[-1]
+        if value.stacked:
+            flat = ops.reshape(x, (self.k, -1, shape[-1]))
+            out = ops.matmul(flat, kernel)
+            out = ops.reshape(out, (self.k, *shape[1:-1], units))
+        else:
+            # The shared rows broadcast to the K variants, one batched product:
+            # measured faster than an einsum or one product with the K kernels
+            # side by side (TensorFlow, PyTorch; JAX on large layers).
+            flat = ops.reshape(x, (1, -1, shape[-1]))
+            flat = ops.broadcast_to(flat, (self.k, *ops.shape(flat)[1:]))
+            out = ops.matmul(flat, kernel)
+            out = ops.reshape(out, (self.k, *shape[:-1], units))
+        if layer.use_bias:
+            bias = self.stacked(layer.bias)
+            rank = len(out.shape)
+            out = ops.add(out, ops.reshape(bias, _bias_shape(self.k, rank, units)))
+        if layer.activation is not None:
+            out = layer.activation(out)
+        return Value(out, True)
+
+
+def _channels_last(layer) -> str | None:
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return "uses data_format='channels_first'"
+    return None
+
+
+def _to_channels(x: Any, k: int) -> Any:
+    """`(K, b, *spatial, C)` to `(b, *spatial, K * C)`: variants as channel groups."""
+    rank = len(x.shape)
+    x = ops.transpose(x, (*range(1, rank - 1), 0, rank - 1))
+    shape = ops.shape(x)
+    return ops.reshape(x, (*shape[:-2], k * shape[-1]))
+
+
+def _from_channels(x: Any, k: int) -> Any:
+    """`(b, *spatial, K * C)` to `(K, b, *spatial, C)`."""
+    shape = ops.shape(x)
+    x = ops.reshape(x, (*shape[:-1], k, shape[-1] // k))
+    rank = len(x.shape)
+    return ops.transpose(x, (rank - 2, *range(rank - 2), rank - 1))
+
+
+def _kernels_as_groups(kernel: Any) -> Any:
+    """`(K, *window, C_in, C_out)` to `(*window, C_in, K * C_out)`."""
+    rank = len(kernel.shape)
+    kernel = ops.transpose(kernel, (*range(1, rank - 1), 0, rank - 1))
+    shape = ops.shape(kernel)
+    return ops.reshape(kernel, (*shape[:-2], shape[-2] * shape[-1]))
+
+
+class Conv(Kernel):
+    """`Conv1D/2D/3D`: on a shared input, one convolution with the K kernels'
+    filters side by side; on a stacked input, one convolution per variant.
+
+    Measured (CPU; TensorFlow, JAX and PyTorch): a grouped convolution with
+    the K variants as K channel groups is 30 to 50 times slower than K
+    convolutions, forward and backward, so stacked inputs are convolved one
+    variant at a time, in one traced step.
+    """
+
+    kinds = (L.Conv1D, L.Conv2D, L.Conv3D)
+
+    @classmethod
+    def why_not(cls, layer):
+        if layer.groups != 1:
+            return f"has groups={layer.groups}"
+        if layer.padding not in ("valid", "same"):
+            return f"has padding={layer.padding!r}"
+        if not _is_keras_function(layer.activation):
+            return "has an activation function that is not Keras's own"
+        return _channels_last(layer) or _constraint_reason(
+            layer, "kernel_constraint", "bias_constraint"
+        )
+
+    def convolve(self, x, kernel):
+        layer = self.layer
+        return ops.conv(
+            x,
+            kernel,
+            strides=list(layer.strides),
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        kernel = self.stacked(layer.kernel)
+        if value.stacked:
+            x = value.tensor
+            out = ops.stack([self.convolve(x[i], kernel[i]) for i in range(self.k)])
+        else:
+            # (K, *window, in, out) -> (*window, in, K * out): K kernels as one.
+            out = _from_channels(
+                self.convolve(value.tensor, _kernels_as_groups(kernel)), self.k
+            )
+        if layer.use_bias:
+            bias = self.stacked(layer.bias)
+            shape = _bias_shape(self.k, len(out.shape), layer.filters)
+            out = ops.add(out, ops.reshape(bias, shape))
+        if layer.activation is not None:
+            out = layer.activation(out)
+        return Value(out, True)
+
+
+def _depthwise_as_channels(kernel: Any) -> Any:
+    """`(K, *window, C, m)` to `(*window, K * C, m)`."""
+    rank = len(kernel.shape)
+    kernel = ops.transpose(kernel, (*range(1, rank - 2), 0, rank - 2, rank - 1))
+    shape = ops.shape(kernel)
+    return ops.reshape(kernel, (*shape[:-3], shape[-3] * shape[-2], shape[-1]))
+
+
+def _channels_of(value: Value, k: int) -> Any:
+    if value.stacked:
+        return _to_channels(value.tensor, k)
+    return ops.tile(value.tensor, (*[1] * (len(value.tensor.shape) - 1), k))
+
+
+class DepthwiseConv(Kernel):
+    """`DepthwiseConv1D/2D`: the K variants' channels side by side."""
+
+    kinds = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+
+    @classmethod
+    def why_not(cls, layer):
+        if layer.padding not in ("valid", "same"):
+            return f"has padding={layer.padding!r}"
+        if not _is_keras_function(layer.activation):
+            return "has an activation function that is not Keras's own"
+        return _channels_last(layer) or _constraint_reason(
+            layer, "depthwise_constraint", "bias_constraint"
+        )
+
+    def depthwise(self, value, kernel):
+        layer = self.layer
+        return ops.depthwise_conv(
+            _channels_of(value, self.k),
+            _depthwise_as_channels(kernel),
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        out = _from_channels(self.depthwise(value, self.stacked(layer.kernel)), self.k)
+        if layer.use_bias:
+            bias = self.stacked(layer.bias)
+            size = bias.shape[-1]
+            out = ops.add(
+                out, ops.reshape(bias, _bias_shape(self.k, len(out.shape), size))
+            )
+        if layer.activation is not None:
+            out = layer.activation(out)
+        return Value(out, True)
+
+
+class SeparableConv(DepthwiseConv):
+    """`SeparableConv1D/2D`: batched depthwise, then a grouped 1x1 convolution."""
+
+    kinds = (L.SeparableConv1D, L.SeparableConv2D)
+
+    @classmethod
+    def why_not(cls, layer):
+        if layer.padding not in ("valid", "same"):
+            return f"has padding={layer.padding!r}"
+        if not _is_keras_function(layer.activation):
+            return "has an activation function that is not Keras's own"
+        return _channels_last(layer) or _constraint_reason(
+            layer, "depthwise_constraint", "pointwise_constraint", "bias_constraint"
+        )
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        middle = _from_channels(
+            self.depthwise(value, self.stacked(layer.depthwise_kernel)), self.k
+        )
+        # The 1x1 pointwise convolution: one batched matrix product.
+        pointwise = self.stacked(layer.pointwise_kernel)
+        shape = ops.shape(middle)
+        flat = ops.reshape(middle, (self.k, -1, shape[-1]))
+        weights = ops.reshape(pointwise, (self.k, shape[-1], layer.filters))
+        out = ops.reshape(
+            ops.matmul(flat, weights), (self.k, *shape[1:-1], layer.filters)
+        )
+        if layer.use_bias:
+            bias = self.stacked(layer.bias)
+            shape = _bias_shape(self.k, len(out.shape), layer.filters)
+            out = ops.add(out, ops.reshape(bias, shape))
+        if layer.activation is not None:
+            out = layer.activation(out)
+        return Value(out, True)
+
+
+class Embedding(Kernel):
+    """`Embedding`: one gather from the `(K, vocabulary, dim)` tables."""
+
+    kinds = (L.Embedding,)
+
+    @classmethod
+    def why_not(cls, layer):
+        if layer.mask_zero:
+            return "has mask_zero=True (masks are not batched)"
+        return _constraint_reason(layer, "embeddings_constraint")
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        if value.stacked:
+            raise ValueError("kerasreg.sweep: an Embedding's input depends on weights")
+        ids = value.tensor
+        if keras.backend.standardize_dtype(ids.dtype) not in ("int32", "int64"):
+            ids = ops.cast(ids, "int32")
+        table = self.stacked(self.layer.embeddings)
+        return Value(ops.take(table, ids, axis=1), True)
+
+
+def _axis(axis: int, rank: int) -> int:
+    """A layer's axis of a `rank` tensor, as an axis of the stacked tensor."""
+    return axis % rank + 1
+
+
+class BatchNormalization(Kernel):
+    """`BatchNormalization`: per-variant batch statistics and moving statistics."""
+
+    kinds = (L.BatchNormalization,)
+
+    @classmethod
+    def why_not(cls, layer):
+        if getattr(layer, "synchronized", False):
+            return "has synchronized=True"
+        if getattr(layer, "renorm", False):
+            return "has renorm=True"
+        if not isinstance(layer.axis, int):
+            return "normalizes over several axes"
+        return _constraint_reason(layer, "gamma_constraint", "beta_constraint")
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        x = value.per_variant(self.k)
+        rank = len(x.shape)
+        axis = _axis(layer.axis, rank - 1)
+        size = x.shape[axis]
+        shape = _bias_shape(self.k, rank, size, axis)
+        moving_mean = self.stacked(layer.moving_mean)
+        moving_variance = self.stacked(layer.moving_variance)
+        if training and layer.trainable:
+            reduce = [i for i in range(1, rank) if i != axis]
+            mean, variance = ops.moments(x, axes=reduce)
+            momentum = layer.momentum
+            moving_mean.assign(moving_mean * momentum + mean * (1.0 - momentum))
+            moving_variance.assign(
+                moving_variance * momentum + variance * (1.0 - momentum)
+            )
+        else:
+            mean, variance = moving_mean.value, moving_variance.value
+        # Keras's ops.batch_normalization, with per-variant vectors.
+        inv = ops.rsqrt(ops.reshape(variance, shape) + layer.epsilon)
+        if layer.scale:
+            inv = inv * ops.reshape(self.stacked(layer.gamma), shape)
+        res = -ops.reshape(mean, shape) * inv
+        if layer.center:
+            res = res + ops.reshape(self.stacked(layer.beta), shape)
+        return Value(x * inv + res, True)
+
+
+class LayerNormalization(Kernel):
+    """`LayerNormalization`: each sample's own statistics, per-variant gamma and beta."""
+
+    kinds = (L.LayerNormalization,)
+
+    @classmethod
+    def why_not(cls, layer):
+        if getattr(layer, "rms_scaling", False):
+            return "has rms_scaling=True"
+        return _constraint_reason(layer, "gamma_constraint", "beta_constraint")
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        x = value.per_variant(self.k)
+        rank = len(x.shape)
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        axes = sorted(_axis(a, rank - 1) for a in axes)
+        shape = [1] * rank
+        shape[0] = self.k
+        for a in axes:
+            shape[a] = x.shape[a]
+        mean, variance = ops.moments(x, axes=axes, keepdims=True)
+        inv = ops.rsqrt(variance + layer.epsilon)
+        if layer.scale:
+            inv = inv * ops.reshape(self.stacked(layer.gamma), shape)
+        res = -mean * inv
+        if layer.center:
+            res = res + ops.reshape(self.stacked(layer.beta), shape)
+        return Value(x * inv + res, True)
+
+
+_CELLS = {L.SimpleRNN: L.SimpleRNNCell, L.LSTM: L.LSTMCell, L.GRU: L.GRUCell}
+
+
+class Recurrent(Kernel):
+    """`SimpleRNN`, `LSTM`, `GRU` and their `Bidirectional`: the cell's own
+    arithmetic, step by step, on `(K, batch, units)` states.
+
+    The input projection of every step is one batched product; each step
+    adds the recurrent product in the cell's own order (SimpleRNN:
+    `(x W + b) + h U`; LSTM: `(x W + h U) + b`; GRU: `x W + b_x`, then the
+    gates from `h U (+ b_h)`), so each variant's states are its own layer's.
+    """
+
+    kinds = (L.SimpleRNN, L.LSTM, L.GRU, L.Bidirectional)
+
+    @classmethod
+    def why_not(cls, layer):
+        if isinstance(layer, L.Bidirectional):
+            if layer.merge_mode not in ("concat", "sum", "ave", "mul"):
+                return f"has merge_mode={layer.merge_mode!r}"
+            if getattr(layer, "return_state", False):
+                return "returns its states"
+            parts = [layer.forward_layer, layer.backward_layer]
+        else:
+            parts = [layer]
+        for rnn in parts:
+            kind = type(rnn)
+            if kind not in _CELLS or type(rnn.cell) is not _CELLS[kind]:
+                return f"wraps a {kind.__name__} (no batched kernel)"
+            if rnn.stateful:
+                return "is stateful"
+            if rnn.return_state:
+                return "returns its states"
+            cell = rnn.cell
+            if cell.dropout or cell.recurrent_dropout:
+                return "has dropout in its cell"
+            for fn in (cell.activation, getattr(cell, "recurrent_activation", None)):
+                if not _is_keras_function(fn):
+                    return "has an activation function that is not Keras's own"
+            reason = _constraint_reason(
+                cell, "kernel_constraint", "recurrent_constraint", "bias_constraint"
+            )
+            if reason:
+                return reason
+        return None
+
+    @classmethod
+    def why_not_inputs(cls, layer, inputs):
+        if len(inputs) != 1 or inputs[0].shape[1] is None:
+            return "has sequences of unknown length"
+        return None
+
+    def run(self, rnn, value):
+        """`(K, b, units)` (or `(K, b, T, units)`) outputs of one RNN layer."""
+        cell = rnn.cell
+        kernel = self.stacked(cell.kernel)
+        recurrent = self.stacked(cell.recurrent_kernel)
+        bias = self.stacked(cell.bias) if cell.use_bias else None
+        x = value.tensor
+        shape = ops.shape(x)
+        steps, features = shape[-2], shape[-1]
+        if value.stacked:
+            flat = ops.reshape(x, (self.k, -1, features))
+        else:
+            flat = ops.reshape(x, (1, -1, features))
+            flat = ops.broadcast_to(flat, (self.k, *ops.shape(flat)[1:]))
+        projected = ops.matmul(flat, kernel)  # (K, b * T, gates * units)
+        projected = ops.reshape(projected, (self.k, -1, steps, kernel.shape[-1]))
+        units = cell.units
+        kind = type(rnn)
+        input_bias = recurrent_bias = None
+        if bias is not None:
+            if kind is L.GRU and cell.reset_after:
+                input_bias, recurrent_bias = bias[:, 0], bias[:, 1]
+            else:
+                input_bias = bias
+        if input_bias is not None and kind is not L.LSTM:
+            projected = projected + ops.expand_dims(ops.expand_dims(input_bias, 1), 1)
+        batch = ops.shape(projected)[1]
+        h = ops.zeros((self.k, batch, units), projected.dtype)
+        c = h
+        outputs = []
+        order = range(steps - 1, -1, -1) if rnn.go_backwards else range(steps)
+        for t in order:
+            xt = projected[:, :, t]
+            if kind is L.SimpleRNN:
+                h = xt + ops.matmul(h, recurrent)
+                if cell.activation is not None:
+                    h = cell.activation(h)
+            elif kind is L.LSTM:
+                z = xt + ops.matmul(h, recurrent)
+                if bias is not None:
+                    z = z + ops.expand_dims(bias, 1)
+                z0, z1, z2, z3 = ops.split(z, 4, axis=-1)
+                i = cell.recurrent_activation(z0)
+                f = cell.recurrent_activation(z1)
+                c = f * c + i * cell.activation(z2)
+                o = cell.recurrent_activation(z3)
+                h = o * cell.activation(c)
+            else:
+                x_z, x_r, x_h = ops.split(xt, 3, axis=-1)
+                if cell.reset_after:
+                    inner = ops.matmul(h, recurrent)
+                    if recurrent_bias is not None:
+                        inner = inner + ops.expand_dims(recurrent_bias, 1)
+                else:
+                    inner = ops.matmul(h, recurrent[:, :, : 2 * units])
+                z = cell.recurrent_activation(x_z + inner[..., :units])
+                r = cell.recurrent_activation(x_r + inner[..., units : 2 * units])
+                if cell.reset_after:
+                    hh = r * inner[..., 2 * units :]
+                else:
+                    hh = ops.matmul(r * h, recurrent[:, :, 2 * units :])
+                hh = cell.activation(x_h + hh)
+                h = z * h + (1 - z) * hh
+            outputs.append(h)
+        if rnn.return_sequences:
+            return ops.stack(outputs, axis=2)
+        return h
+
+    def apply(self, inputs, training):
+        (value,) = inputs
+        layer = self.layer
+        if not isinstance(layer, L.Bidirectional):
+            return Value(self.run(layer, value), True)
+        y = self.run(layer.forward_layer, value)
+        y_rev = self.run(layer.backward_layer, value)
+        if layer.return_sequences:
+            y_rev = ops.flip(y_rev, axis=2)
+        if layer.merge_mode == "concat":
+            out = ops.concatenate([y, y_rev], axis=-1)
+        elif layer.merge_mode == "sum":
+            out = y + y_rev
+        elif layer.merge_mode == "ave":
+            out = (y + y_rev) / 2
+        else:
+            out = y * y_rev
+        return Value(out, True)
+
+
+KERNELS: dict[type, type[Kernel]] = {
+    kind: kernel
+    for kernel in (
+        PerSample,
+        Dropout,
+        Dense,
+        Conv,
+        DepthwiseConv,
+        SeparableConv,
+        Embedding,
+        BatchNormalization,
+        LayerNormalization,
+        Recurrent,
+    )
+    for kind in kernel.kinds
+}

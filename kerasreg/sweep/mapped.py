@@ -1,0 +1,660 @@
+"""The vectorized engine on JAX: the template's own step, mapped over the K variants.
+
+One *lane* model (a copy of the template, compiled like it) has, on JAX, a
+pure training step `train_step(state, data) -> (logs, state)` of `state =
+(trainable, non_trainable, optimizer_variables, metrics_variables)` (Keras's
+JAX trainer). The stack is a `keras.Model` whose variables are the lane's
+variables stacked on a leading axis of size K (row k holds variant k's own
+values: its weights, seed-generator and normalization state, optimizer slots
+and metric totals), and whose step is `jax.vmap` of the lane's step over that
+axis, with the batch shared by all rows. Row k's step is therefore the very
+code of variant k's separate fit, on its own state: any layer (subclasses,
+frozen layers, Dropout with its seed, normalization, RNNs, several inputs and
+outputs), the compiled loss and metrics on the variant's own outputs, and the
+variant's own optimizer update (per-variable and global clipping, loss
+scaling, EMA, gradient accumulation, schedules, weight-decay exclusions).
+Keras's `fit` drives the stack (callbacks, validation, progress bar, data
+adapters, `steps_per_execution`); the logs are split per variant.
+
+Penalties differ per row: each lane weight carries a `_LanePenalty` that
+computes the penalty of the row being mapped (`_LaneIndex`): one coefficient
+vector when the variants share one exact kerasreg class (`L2Penalty(c_k)`,
+`None` being the zero coefficient), otherwise each variant's own penalty
+object, selected by row (each keeps its own state, such as an
+`L2SPPenalty`'s reference).
+
+K over devices: under a `keras.distribution` whose `DeviceMesh` has an axis
+named `"variants"` (`VARIANTS_AXIS`), the K axis of every stacked variable is
+sharded over that mesh axis (each device holds K/D variants; the rest of the
+variable's layout comes from the distribution, as for the template), and the
+batch is laid out by the distribution as for any fit (replicated over
+`"variants"`, sharded over its batch axis).
+
+Not on TensorFlow or PyTorch: `tf.vectorized_map` cannot map a Keras train
+step (variables, `tf.function` state), and `torch.func.vmap` was evaluated
+(see `_TORCH_NOTE`). A mesh axis `"variants"` there is refused
+(`check_variants_axis`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import types
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from kerasreg import _compat
+from kerasreg.penalties import (
+    ElasticNetPenalty,
+    ExpAbsPenalty,
+    L1Penalty,
+    L2Penalty,
+)
+from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
+from kerasreg.sweep.variants import compile_like
+from kerasreg.walk import walk_layers
+
+VARIANTS_AXIS = "variants"
+
+_TORCH_NOTE = """\
+Why there is no `torch.func.vmap` engine (evaluated; `benchmarks/torch_vmap.py`).
+Keras's torch trainer step is not a function of its state: it calls
+`backward()` and the optimizer updates the variables in place, so the
+template's own step cannot be mapped as `jax.vmap` maps JAX's pure step (the
+property that makes this engine exact for any template). What can be mapped
+is `model.stateless_call` under `torch.func.grad`: one SGD step of K=6
+variants of a 64-128-128-10 MLP was 0.34x the time of K separate passes
+(median of 7 interleaved rounds, equal weights after the step), but the
+optimizer (clipping, loss scaling, EMA, accumulation), the loss and metric
+bookkeeping and the random state (Keras's seed generators) would all have to
+be re-implemented around it: the batched-kernel route of `vectorized.py`,
+which already serves torch, with no exactness-by-construction gained.
+"""
+
+# Penalties whose value is `coefficient * f(w)` with `coefficient` an
+# attribute read only in that product (exact classes: a subclass may differ),
+# and which keep no state: one evaluation with a per-row coefficient is each
+# row's own formula; `None` is the zero coefficient.
+_LINEAR = {
+    L1Penalty: ("l1",),
+    L2Penalty: ("l2",),
+    ElasticNetPenalty: ("l1", "l2"),
+    ExpAbsPenalty: ("factor",),
+    keras.regularizers.L1: ("l1",),
+    keras.regularizers.L2: ("l2",),
+}
+# Stateless penalty classes: two equal configs are the same penalty.
+_STATELESS = (*_LINEAR, keras.regularizers.L1L2)
+
+
+# --- which engine -----------------------------------------------------------------
+
+
+def why_not(template: keras.Model, variants: list, context: Any = None) -> str | None:
+    """Why `jax.vmap` of the template's step cannot train these variants (None: it can).
+
+    `context` may carry `fit_kwargs` (a mapping, or an attribute of that
+    name): callbacks given to `sweep` would see the stack, not a variant.
+    """
+    if keras.backend.backend() != "jax":
+        return f"the backend is {keras.backend.backend()}, not JAX"
+    if _compat.nnx_enabled():
+        return "Keras runs JAX models as Flax NNX modules (their step is not pure)"
+    fit_kwargs = _lookup(context, "fit_kwargs") or {}
+    if fit_kwargs.get("callbacks"):
+        return "`callbacks` are given (in one fit they would see the stack)"
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        reason = _distribution_reason(distribution, len(variants))
+        if reason:
+            return reason
+    for variant in variants:
+        for layer, reference in zip(
+            _flat_layers(variant), _flat_layers(template), strict=False
+        ):
+            if _config(layer.activity_regularizer) != _config(
+                reference.activity_regularizer
+            ):
+                return f"layer {layer.name!r} has a different activity regularizer"
+    return None
+
+
+def check_variants_axis(template: keras.Model, variants: list, context: Any = None):
+    """Refuse a mesh axis `"variants"` that the mapped engine cannot honour.
+
+    A `keras.distribution` whose `DeviceMesh` has an axis `"variants"` asks
+    for K over devices, which only `jax.vmap` of the template's step does: on
+    TensorFlow and PyTorch, or where `why_not` gives a reason, any other
+    engine would ignore the axis (each device holding all K variants), so
+    `sweep` raises before anything trains.
+
+    Raises:
+        ValueError: the active distribution's mesh has an axis `"variants"`
+            and the mapped engine cannot train these variants (the message
+            says why).
+    """
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    if mesh is None or VARIANTS_AXIS not in mesh.axis_names:
+        return
+    reason = why_not(template, variants, context)
+    if reason is None:
+        return
+    raise ValueError(
+        f"kerasreg.sweep: the distribution's device mesh has an axis "
+        f"{VARIANTS_AXIS!r}, which spreads the K variants over devices; only "
+        f"the vectorized engine on JAX (jax.vmap of the template's step) can "
+        f"do that, and it cannot take this sweep: {reason}. Received: "
+        f"distribution={distribution!r} with mesh axes {list(mesh.axis_names)} "
+        f"and K={len(variants)} variants. Accepted: a {VARIANTS_AXIS!r} axis on "
+        f"JAX for a sweep the vectorized engine takes (K a multiple of the "
+        f"axis size, no `callbacks`), or a mesh without that axis."
+    )
+
+
+def _lookup(context: Any, name: str) -> Any:
+    if context is None:
+        return None
+    if isinstance(context, dict):
+        return context.get(name)
+    return getattr(context, name, None)
+
+
+def _distribution_reason(distribution, k: int) -> str | None:
+    mesh = distribution.device_mesh
+    if VARIANTS_AXIS not in mesh.axis_names:
+        return None  # every device holds all K rows, as a replica would
+    size = mesh.shape[list(mesh.axis_names).index(VARIANTS_AXIS)]
+    if k % size:
+        return (
+            f"K={k} variants do not divide over the {size} devices of the mesh "
+            f"axis {VARIANTS_AXIS!r}"
+        )
+    if getattr(distribution, "batch_dim_name", None) == VARIANTS_AXIS:
+        return f"the distribution shards the batch over {VARIANTS_AXIS!r}"
+    return None
+
+
+def _flat_layers(model):
+    return [layer for layer, _ in walk_layers(model)]
+
+
+def _config(regularizer):
+    if regularizer is None:
+        return None
+    return (type(regularizer), keras.regularizers.serialize(regularizer))
+
+
+# --- per-row penalties ------------------------------------------------------------
+
+
+class _LaneIndex:
+    """The row being computed by a mapped step (None outside one)."""
+
+    def __init__(self):
+        self.value = None
+
+    @contextlib.contextmanager
+    def at(self, index):
+        previous, self.value = self.value, index
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if a is None or b is None or type(a) is not type(b):
+        return False
+    return type(a) in _STATELESS and a.get_config() == b.get_config()
+
+
+class _LanePenalty(keras.regularizers.Regularizer):
+    """The penalty of the row being mapped, among the K variants' penalties.
+
+    Internal to a sweep's lane model (never saved). Rows share an evaluation
+    when their penalties are equal; when all are one exact `_LINEAR` class
+    (or None), one evaluation with the row's coefficients serves all rows;
+    otherwise each distinct penalty is evaluated and the row's value is
+    selected (a `where`, so a penalty of another row contributes neither
+    value nor gradient, even a non-finite one).
+    """
+
+    def __init__(self, penalties: list, lane: _LaneIndex):
+        self.lane = lane
+        self.distinct: list = []
+        table = []
+        for penalty in penalties:
+            for j, seen in enumerate(self.distinct):
+                if _same(penalty, seen):
+                    table.append(j)
+                    break
+            else:
+                self.distinct.append(penalty)
+                table.append(len(self.distinct) - 1)
+        self.table = np.asarray(table, "int32")
+        self.first = penalties[0]
+        self.linear = None
+        kinds = {type(p) for p in self.distinct if p is not None}
+        if len(self.distinct) > 1 and len(kinds) == 1 and next(iter(kinds)) in _LINEAR:
+            kind = next(iter(kinds))
+            model = next(p for p in self.distinct if p is not None)
+            names = _LINEAR[kind]
+            columns = {
+                name: np.asarray(
+                    [0.0 if p is None else float(getattr(p, name)) for p in penalties],
+                    "float32",
+                )
+                for name in names
+            }
+            self.linear = (model, columns)
+
+    def __call__(self, x):
+        if isinstance(x, keras.Variable):
+            # The lane's own variable (an eager build): the variants' penalties
+            # see its value, never a variable they do not belong to.
+            x = x.value
+        index = self.lane.value
+        if index is None or len(self.distinct) == 1:
+            return _value(self.first, x)
+        if self.linear is not None:
+            model, columns = self.linear
+            penalty = copy.copy(model)
+            for name, column in columns.items():
+                setattr(penalty, name, ops.take(column, index))
+            return penalty(x)
+        choice = ops.take(self.table, index)
+        values = []
+        for j, penalty in enumerate(self.distinct):
+            mine = ops.equal(choice, j)
+            values.append(_value(penalty, ops.where(mine, x, ops.stop_gradient(x))))
+        dtype = keras.backend.result_type(*[v.dtype for v in values])
+        values = ops.stack([ops.cast(v, dtype) for v in values])
+        return ops.take(values, choice)
+
+
+def _value(penalty, x):
+    if penalty is None:
+        return ops.zeros((), "float32")
+    return ops.convert_to_tensor(penalty(x))
+
+
+# --- data ------------------------------------------------------------------------
+
+
+def _first_batch(x, y):
+    """Two samples of the training data, and `x` to give `fit` (a generator is
+    re-made with its first batch put back: it is read once)."""
+    from kerasreg.sweep.data import is_array, is_dataset
+
+    if isinstance(x, keras.utils.PyDataset):
+        batch = x[0]
+    elif is_dataset(x):
+        batch = next(iter(x))
+    elif isinstance(x, types.GeneratorType) or (
+        not is_array(x) and not isinstance(x, (dict, list, tuple)) and y is None
+    ):
+        iterator = iter(x)
+        batch = next(iterator)
+
+        def replay():
+            yield from itertools.chain([batch], iterator)
+
+        x = replay()
+    else:
+        batch = (x, y)
+    if not isinstance(batch, (tuple, list)):
+        batch = (batch,)
+    xs, ys = batch[0], batch[1] if len(batch) > 1 else None
+    head = lambda t: None if t is None else t[:2]  # noqa: E731
+    return (keras.tree.map_structure(head, xs), keras.tree.map_structure(head, ys)), x
+
+
+def _build(model, sample):
+    """Create the compiled loss, metric and optimizer variables of `model`."""
+    xs, ys = sample
+    prediction = model(xs)
+    model.compute_loss(xs, ys, prediction, training=False)
+    model.compute_metrics(xs, ys, prediction, None)
+    model.reset_metrics()
+    model.optimizer.build(model.trainable_variables)
+
+
+def _groups(model):
+    """The four lists of a JAX train step's state, in Keras's order."""
+    return (
+        list(model.trainable_variables),
+        list(model.non_trainable_variables),
+        list(model.optimizer.variables),
+        list(model.metrics_variables),
+    )
+
+
+# --- the stack --------------------------------------------------------------------
+
+
+class _Box:
+    """Holds objects out of sight of Keras's attribute tracking."""
+
+    def __init__(self, **items):
+        self.__dict__.update(items)
+
+
+class _StackOptimizer(keras.optimizers.Optimizer):
+    """The stacked optimizer state, for Keras's trainer; the updates are the lanes'."""
+
+    def __init__(self, variables, finalize):
+        super().__init__(learning_rate=0.0, name="kerasreg_sweep_optimizer")
+        self._stack = _Box(variables=list(variables), finalize=finalize)
+        self.built = True
+
+    @property
+    def variables(self):
+        return list(self._stack.variables)
+
+    def finalize_variable_values(self, var_list):
+        self._stack.finalize()
+
+
+class MappedStack(keras.Model):
+    """K variants as one model: the lane's state stacked on a leading K axis."""
+
+    def __init__(self, lane: keras.Model, variants: list, lane_index: _LaneIndex):
+        super().__init__(name="kerasreg_sweep")
+        self.k = len(variants)
+        self.keys = [f"v{i:04d}" for i in range(self.k)]
+        self._lane = _Box(model=lane, index=lane_index)
+        lane_groups = _groups(lane)
+        variant_groups = [_groups(v) for v in variants]
+        for g, lane_vars in enumerate(lane_groups):
+            for i, var in enumerate(lane_vars):
+                for groups in variant_groups:
+                    other = groups[g][i]
+                    if tuple(other.shape) != tuple(var.shape):
+                        raise ValueError(
+                            "kerasreg.sweep: a variant's state does not match the "
+                            f"template's ({other.path} {tuple(other.shape)} vs "
+                            f"{var.path} {tuple(var.shape)})."
+                        )
+        layouts = _StackLayouts()
+        stacked = []
+        with layouts.scope():
+            for g, lane_vars in enumerate(lane_groups):
+                row = []
+                for i, var in enumerate(lane_vars):
+                    value = ops.stack([groups[g][i].value for groups in variant_groups])
+                    name = layouts.name(var, g, i)
+                    if g < 2:
+                        row.append(
+                            self.add_weight(
+                                shape=tuple(value.shape),
+                                initializer=_Constant(value),
+                                dtype=var.dtype,
+                                trainable=g == 0,
+                                name=name,
+                            )
+                        )
+                    else:
+                        row.append(
+                            keras.Variable(
+                                value, dtype=var.dtype, trainable=False, name=name
+                            )
+                        )
+                stacked.append(row)
+        self._state = _Box(optimizer=stacked[2], metrics=stacked[3], axis=layouts.axis)
+        self._functions = _Box(results=None, reset=None)
+        self.built = True
+
+    # Keras's trainer reads these.
+    @property
+    def metrics(self):
+        return []
+
+    @property
+    def metrics_variables(self):
+        return list(self._state.metrics)
+
+    def compile(self, *, steps_per_execution=1, jit_compile="auto", run_eagerly=False):
+        super().compile(
+            optimizer=None,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            run_eagerly=run_eagerly,
+        )
+        self.optimizer = _StackOptimizer(self._state.optimizer, self._finalize)
+
+    # The mapped steps.
+    def _map(self, fn, *args):
+        import jax
+
+        kwargs = {}
+        if self._state.axis is not None:
+            kwargs["spmd_axis_name"] = self._state.axis
+        lane_index = self._lane.index
+
+        def row(index, *row_args):
+            with lane_index.at(index):
+                return fn(*row_args)
+
+        in_axes = (0,) * (len(args) + 1)
+        return jax.vmap(row, in_axes=in_axes, **kwargs)(jax.numpy.arange(self.k), *args)
+
+    def _split(self, logs):
+        out = {}
+        for index, key in enumerate(self.keys):
+            for name, value in logs.items():
+                out[f"{key}_{name}"] = value[index]
+        return out
+
+    def train_step(self, state, data):
+        lane = self._lane.model
+        logs, state = self._map(lambda s: lane.train_step(s, data), state)
+        return self._split(logs), state
+
+    def test_step(self, state, data):
+        lane = self._lane.model
+        logs, state = self._map(lambda s: lane.test_step(s, data), state)
+        return self._split(logs), state
+
+    def predict_step(self, state, data):
+        lane = self._lane.model
+        outputs, non_trainable = self._map(lambda s: lane.predict_step(s, data), state)
+        per_variant = {
+            key: keras.tree.map_structure(lambda o, i=i: o[i], outputs)
+            for i, key in enumerate(self.keys)
+        }
+        return per_variant, non_trainable
+
+    def get_metrics_result(self):
+        import jax
+
+        lane = self._lane.model
+        if self._functions.results is None:
+
+            def results(values):
+                mapping = list(zip(lane.metrics_variables, values, strict=True))
+                with keras.StatelessScope(state_mapping=mapping):
+                    return lane.get_metrics_result()
+
+            self._functions.results = jax.jit(lambda v: self._map(results, v))
+        values = self._functions.results([v.value for v in self._state.metrics])
+        # One transfer per metric, split on the host.
+        return self._split({name: np.asarray(v) for name, v in values.items()})
+
+    def reset_metrics(self):
+        import jax
+
+        if self._functions.reset is None:
+            lane = self._lane.model
+            lane.reset_metrics()
+            initial = [
+                (np.asarray(var.value), tuple(stacked.shape))
+                for var, stacked in zip(
+                    lane.metrics_variables, self._state.metrics, strict=True
+                )
+            ]
+            # Fresh buffers at each call: the train step donates its state.
+            self._functions.reset = jax.jit(
+                lambda: [jax.numpy.broadcast_to(v, shape) for v, shape in initial]
+            )
+        for stacked, value in zip(
+            self._state.metrics, self._functions.reset(), strict=True
+        ):
+            stacked.assign(value)
+
+    def _finalize(self):
+        """Each row's end of `fit`: its optimizer's `finalize_variable_values` (EMA)."""
+        lane = self._lane.model
+        optimizer = lane.optimizer
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        if not getattr(inner, "use_ema", False):
+            return
+
+        def finalize(trainable, optimizer_values):
+            mapping = list(zip(lane.trainable_variables, trainable, strict=True))
+            mapping += list(zip(optimizer.variables, optimizer_values, strict=True))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                optimizer.finalize_variable_values(lane.trainable_variables)
+            return [scope.get_current_value(v) for v in lane.trainable_variables]
+
+        values = self._map(
+            finalize,
+            [v.value for v in self.trainable_variables],
+            [v.value for v in self._state.optimizer],
+        )
+        for var, value in zip(self.trainable_variables, values, strict=True):
+            var.assign(value)
+
+    def copy_to(self, variants, *, optimizer=False):
+        """Write row k of the stacked state into variant k's own variables."""
+        groups = [self.trainable_variables, self.non_trainable_variables]
+        if optimizer:
+            groups.append(self._state.optimizer)
+        for g, stacked in enumerate(groups):
+            for i, var in enumerate(stacked):
+                value = var.value
+                for index, variant in enumerate(variants):
+                    _groups_lazy(variant, g)[i].assign(value[index])
+
+
+def _groups_lazy(model, g):
+    if g == 0:
+        return model.trainable_variables
+    if g == 1:
+        return model.non_trainable_variables
+    return model.optimizer.variables
+
+
+class _Constant(keras.initializers.Initializer):
+    """An initializer returning a given value (the stacked initial state)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return ops.cast(self.value, dtype) if dtype is not None else self.value
+
+
+class _StackLayouts:
+    """Names and, under a `keras.distribution`, layouts of the stacked state.
+
+    A stacked variable is laid out as its lane variable is (the distribution's
+    layout for the template's weight, the optimizer's for its slots), with
+    the K axis in front: over the mesh axis `"variants"` when there is one,
+    else whole on every device.
+    """
+
+    def __init__(self):
+        self.distribution = keras.distribution.distribution()
+        self.axis = None
+        self.layouts = {}
+        mesh = getattr(self.distribution, "device_mesh", None)
+        if mesh is not None and VARIANTS_AXIS in mesh.axis_names:
+            self.axis = VARIANTS_AXIS
+
+    def name(self, var, group, index):
+        name = f"kerasreg_sweep_{('w', 'n', 'o', 'm')[group]}{index:04d}"
+        if self.distribution is not None:
+            axes = [None] * len(var.shape)
+            spec = getattr(getattr(var.value, "sharding", None), "spec", None)
+            for i, axis in enumerate(spec or ()):
+                axes[i] = axis
+            self.layouts[name] = (self.axis, *axes)
+        return name
+
+    @contextlib.contextmanager
+    def scope(self):
+        if self.distribution is None:
+            yield
+            return
+        owner = self
+        mesh = self.distribution.device_mesh
+
+        class Stacked(keras.distribution.ModelParallel):
+            def get_variable_layout(self, variable):
+                axes = owner.layouts.get(variable.name)
+                if axes is None:
+                    return super().get_variable_layout(variable)
+                return keras.distribution.TensorLayout(axes, mesh)
+
+        stacked = Stacked(
+            layout_map=keras.distribution.LayoutMap(mesh),
+            batch_dim_name=self.distribution.batch_dim_name,
+        )
+        with stacked.scope():
+            yield
+
+
+# --- the engine -------------------------------------------------------------------
+
+
+def _lane(variants, compile_config, exclusions, sample, lane_index):
+    """A copy of the template whose weights carry the per-row penalties."""
+    with contextlib.ExitStack() as stack:
+        if keras.distribution.distribution() is None:
+            stack.enter_context(keras.name_scope("kerasreg_sweep_lane"))
+        lane = keras.models.clone_model(variants[0])
+    per_variant = [v.weights for v in variants]
+    for i, var in enumerate(lane.weights):
+        penalties = [weights[i].regularizer for weights in per_variant]
+        if all(p is None for p in penalties):
+            var.regularizer = None
+        else:
+            var.regularizer = _LanePenalty(penalties, lane_index)
+    compile_like(lane, compile_config, exclusions)
+    _build(lane, sample)
+    _compat.prepare_jax_step(lane)
+    return lane
+
+
+def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
+    """Train the variants as one mapped model in one `fit`; their histories."""
+    sample, x = _first_batch(x, y)
+    for variant in variants:
+        compile_like(variant, compile_config, exclusions)
+        _build(variant, sample)
+    lane_index = _LaneIndex()
+    lane = _lane(variants, compile_config, exclusions, sample, lane_index)
+    stack = MappedStack(lane, variants, lane_index)
+    stack.compile(
+        steps_per_execution=compile_config.get("steps_per_execution", 1),
+        jit_compile=compile_config.get("jit_compile", "auto"),
+        run_eagerly=compile_config.get("run_eagerly", False),
+    )
+    kwargs = dict(fit_kwargs)
+    monitor = Monitor(
+        variants, names, logs, kwargs.get("verbose", "auto"), stack.keys, stack.copy_to
+    )
+    kwargs["callbacks"] = [monitor]
+    if keras.distribution.distribution() is not None:
+        kwargs["callbacks"].append(InlineBatchLogs())
+    stack.fit(x, y, **kwargs)
+    stack.copy_to(variants, optimizer=True)
+    return monitor.histories

@@ -1,0 +1,280 @@
+"""Five templates every sweep engine once got silently wrong, now exact (issue 21).
+
+Each template is swept with `engine="auto"` and with each engine forced: the
+sweep either trains every variant exactly as its own separate fit
+(`tests/sweep_reference.py`: per-epoch history and final weights) or refuses
+with a ValueError before anything trains (the template's weights unchanged).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kerasreg
+from tests.sweep_reference import assert_same_fit, assert_untouched, separate_fit
+
+ENGINE_NAMES = ("vectorized", "stacked", "sequential")
+# Forcing each engine: three more sweeps and their reference fits per template.
+ENGINES = [
+    "auto",
+    *(pytest.param(e, marks=pytest.mark.slow) for e in ENGINE_NAMES),
+]
+FIT = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+GRID = [kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(2e-1)]
+
+
+def data(n=24, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = (x[:, :1] + 0.5 * x[:, 1:2] + 0.3).astype("float32")
+    return x, y
+
+
+def adam():
+    return dict(optimizer=keras.optimizers.Adam(0.05), loss="mse", metrics=["mae"])
+
+
+def chain(*layers, name="net"):
+    return keras.Sequential([keras.Input((3,)), *layers], name=name)
+
+
+def check(template, compile_kwargs, engine, x, y, grid=GRID, prepare=None, **kwargs):
+    """Sweep `template`; each variant equals its separate fit, or nothing trained."""
+    before = template.get_weights()
+    fit_kwargs = {**FIT, **kwargs}
+    try:
+        result = kerasreg.sweep(template, grid, x, y, engine=engine, **fit_kwargs)
+    except ValueError as error:
+        assert engine != "auto", error  # auto always finds an exact engine here
+        assert "engine=" in str(error)
+        assert_untouched(template, before)
+        return None
+    assert_untouched(template, before)
+    if engine != "auto":
+        assert result.engine == engine
+    for penalty, row, model in zip(grid, result.rows, result.models, strict=True):
+        history, weights, _ = separate_fit(
+            template, penalty, x, y, compile_kwargs, prepare=prepare, **fit_kwargs
+        )
+        assert_same_fit(row, model, history, weights)
+    return result
+
+
+# --- 1. a frozen layer ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_frozen_layer_stays_frozen_in_every_variant(engine):
+    x, y = data()
+    frozen = keras.layers.Dense(4, "tanh", name="frozen")
+    template = chain(frozen, keras.layers.Dense(1, name="head"))
+    frozen.trainable = False
+    template.compile(**adam())
+    kernel = keras.ops.convert_to_numpy(frozen.kernel)
+    result = check(template, adam, engine, x, y)
+    if result is not None:
+        for model in result.models:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(model.get_layer("frozen").kernel), kernel
+            )
+
+
+def test_a_frozen_variable_stays_frozen():
+    # A variable frozen on its own (not its layer): clone_model drops the flag.
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh", name="a"), keras.layers.Dense(1))
+    template.get_layer("a").bias.trainable = False
+    template.compile(**adam())
+    bias = keras.ops.convert_to_numpy(template.get_layer("a").bias)
+    result = check(template, adam, "auto", x, y)
+    for model in result.models:
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(model.get_layer("a").bias), bias
+        )
+
+
+# --- 2. a subclass of a known layer -------------------------------------------------
+
+
+class DoubledDense(keras.layers.Dense):
+    """A Dense layer with its own `call`: not a Dense layer for the sweep."""
+
+    def call(self, inputs, training=None):
+        return 2.0 * super().call(inputs)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_subclass_with_its_own_call_is_not_its_parent(engine):
+    x, y = data()
+    template = chain(DoubledDense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**adam())
+    result = check(template, adam, engine, x, y)
+    if engine == "vectorized" and result is not None:
+        assert "DoubledDense" in result.engine_reason
+
+
+# --- 3. losses and metrics that read the whole batch ---------------------------------
+# Registered: `clone_model` recompiles a compiled model from its config.
+
+
+@keras.saving.register_keras_serializable(package="kerasreg_tests")
+def centered_mse(y_true, y_pred):
+    """Per-sample values that depend on the batch: the squared error plus the
+    squared distance of each prediction from the batch's mean prediction."""
+    error = ops.square(y_true - y_pred) + 0.5 * ops.square(y_pred - ops.mean(y_pred))
+    return ops.mean(error, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="kerasreg_tests")
+def spread(y_true, y_pred):
+    """One number per batch: max minus min of the predictions."""
+    return ops.max(y_pred) - ops.min(y_pred)
+
+
+@keras.saving.register_keras_serializable(package="kerasreg_tests")
+def scalar_mse(y_true, y_pred):
+    """A loss that returns one scalar for the whole batch."""
+    return ops.mean(ops.square(y_true - y_pred))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_batch_coupled_loss_is_each_variants_own(engine):
+    x, y = data()
+
+    def compile_kwargs():
+        return dict(
+            optimizer=keras.optimizers.Adam(0.05),
+            loss=centered_mse,
+            metrics=["mae", spread],
+        )
+
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**compile_kwargs())
+    check(template, compile_kwargs, engine, x, y)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_scalar_loss_and_metric_are_each_variants_own(engine):
+    x, y = data()
+
+    def compile_kwargs():
+        return dict(
+            optimizer=keras.optimizers.SGD(0.1), loss=scalar_mse, metrics=[spread]
+        )
+
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**compile_kwargs())
+    check(template, compile_kwargs, engine, x, y)
+
+
+# --- 4. a penalty with state: the L2-SP reference ------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_templates_l2sp_reference_is_carried_into_every_variant(engine):
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh", name="a"), keras.layers.Dense(1))
+    # L2-SP at the "pretrained" weights, then training moves the weights away.
+    kerasreg.regularize(template, kernel=kerasreg.L2SPPenalty(0.5))
+    template.compile(**adam())
+    template.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    references = {
+        v.path: keras.ops.convert_to_numpy(v.regularizer.reference)
+        for v in template.weights
+        if v.regularizer is not None
+    }
+    assert references and any(
+        not np.allclose(keras.ops.convert_to_numpy(v), references[v.path])
+        for v in template.weights
+        if v.path in references
+    )
+    template.compile(**adam())  # a fresh optimizer for the sweep's variants
+
+    def same_reference(model):
+        # The reference model: the template's references, through public API.
+        for source, target in zip(template.weights, model.weights, strict=True):
+            if source.path in references:
+                current = keras.ops.convert_to_numpy(target)
+                target.assign(references[source.path])
+                target.regularizer.set_reference(target)
+                target.assign(current)
+
+    # The grid varies the biases' penalty; the kernels keep their L2-SP.
+    grid = [{"bias": None}, {"bias": kerasreg.L2Penalty(1e-1)}]
+    result = check(template, adam, engine, x, y, grid=grid, prepare=same_reference)
+    if result is None:
+        return
+    for model in result.models:
+        # Each variant's L2-SP penalty is alpha * sum((w - ref_template)**2).
+        for source, target in zip(template.weights, model.weights, strict=True):
+            if source.path not in references:
+                continue
+            w = keras.ops.convert_to_numpy(target).astype("float64")
+            expected = 0.5 * np.sum((w - references[source.path]) ** 2)
+            got = float(keras.ops.convert_to_numpy(target.regularizer(target)))
+            np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+# --- 5. a Python generator --------------------------------------------------------
+
+
+def batches(x, y, size=8, epochs=2):
+    def generate():
+        for _ in range(epochs):
+            for start in range(0, len(x), size):
+                yield x[start : start + size], y[start : start + size]
+
+    return generate
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_generator_is_read_once_in_one_fit_or_refused(engine):
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**adam())
+    make = batches(x, y)
+    before = template.get_weights()
+    fit_kwargs = dict(epochs=2, steps_per_epoch=3, verbose=0)
+    try:
+        result = kerasreg.sweep(template, GRID, make(), engine=engine, **fit_kwargs)
+    except ValueError as error:
+        assert engine == "sequential"
+        assert "`x`" in str(error) and "read once" in str(error)
+        assert_untouched(template, before)
+        return
+    assert result.engine != "sequential"
+    for penalty, row, model in zip(GRID, result.rows, result.models, strict=True):
+        history, weights, _ = separate_fit(
+            template, penalty, make, None, adam, **fit_kwargs
+        )
+        assert_same_fit(row, model, history, weights)
+
+
+def test_a_generator_that_would_need_k_fits_is_refused_before_training():
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**adam())
+    before = template.get_weights()
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append("trained")
+
+    generator = batches(x, y)()
+    with pytest.raises(ValueError, match=r"`x`.*read once"):
+        kerasreg.sweep(
+            template,
+            GRID,
+            generator,
+            epochs=2,
+            steps_per_epoch=3,
+            callbacks=[Probe()],
+            verbose=0,
+        )
+    assert seen == []
+    assert_untouched(template, before)
+    np.testing.assert_array_equal(next(generator)[0], x[:8])  # nothing was read
