@@ -93,6 +93,7 @@ def run(distribution):
         mapped.MappedStack.copy_to = copy_to
     return {
         "engine": result.engine,
+        "engine_reason": result.engine_reason,
         "histories": [row["history"] for row in result.rows],
         "weights": [[w.tolist() for w in m.get_weights()] for m in result.models],
         "shards": shards,
