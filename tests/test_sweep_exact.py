@@ -121,6 +121,24 @@ def test_a_subclass_with_its_own_call_is_not_its_parent(engine):
         assert "DoubledDense" in result.engine_reason
 
 
+@pytest.mark.parametrize("engine", ["auto", "vectorized"])
+def test_a_layer_over_the_batch_axis_does_not_mix_the_variants(engine):
+    # Softmax(axis=0) normalizes over the batch: with K folded into the batch
+    # axis, batched kernels once normalized over all K variants' samples.
+    x, y = data()
+
+    def sgd():
+        return dict(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+
+    template = chain(
+        keras.layers.Dense(4), keras.layers.Softmax(axis=0), keras.layers.Dense(1)
+    )
+    template.compile(**sgd())
+    result = check(template, sgd, engine, x, y)
+    if result is not None and keras.backend.backend() != "jax":
+        assert "axis=0" in result.engine_reason  # batched kernels refused it
+
+
 # --- 3. losses and metrics that read the whole batch ---------------------------------
 # Registered: `clone_model` recompiles a compiled model from its config.
 
