@@ -301,3 +301,37 @@ def test_a_generator_that_would_need_k_fits_is_refused_before_training():
     assert seen == []
     assert_untouched(template, before)
     np.testing.assert_array_equal(next(generator)[0], x[:8])  # nothing was read
+
+
+@pytest.mark.parametrize("needs", ["callbacks", "chunk_size"])
+def test_a_validation_generator_that_would_need_k_fits_is_refused(needs):
+    # K fits (callbacks force K separate fits; chunk_size=1 one fit per
+    # variant) would each read the validation generator: variant 0 trained,
+    # then the next fit crashed on the exhausted generator.
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**adam())
+    before = template.get_weights()
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append("trained")
+
+    extra = dict(callbacks=[Probe()]) if needs == "callbacks" else dict(chunk_size=1)
+    validation = batches(x, y, epochs=1)()
+    with pytest.raises(ValueError, match=r"`validation_data`.*read once"):
+        kerasreg.sweep(
+            template,
+            GRID,
+            x,
+            y,
+            validation_data=validation,
+            epochs=1,
+            batch_size=8,
+            verbose=0,
+            **extra,
+        )
+    assert seen == []
+    assert_untouched(template, before)
+    np.testing.assert_array_equal(next(validation)[0], x[:8])  # nothing was read
