@@ -82,17 +82,22 @@ def test_a_frozen_layer_stays_frozen_in_every_variant(engine):
             )
 
 
-def test_a_frozen_variable_stays_frozen():
-    # A variable frozen on its own (not its layer): clone_model drops the flag.
+@pytest.mark.parametrize("frozen", ["bias", "kernel"])
+def test_a_frozen_variable_stays_frozen(frozen):
+    # A variable frozen on its own (not its layer): clone_model drops the flag
+    # (on JAX, the mapped engine's lane copy once did: it crashed).
     x, y = data()
     template = chain(keras.layers.Dense(4, "tanh", name="a"), keras.layers.Dense(1))
-    template.get_layer("a").bias.trainable = False
+    variable = getattr(template.get_layer("a"), frozen)
+    variable.trainable = False
     template.compile(**adam())
-    bias = keras.ops.convert_to_numpy(template.get_layer("a").bias)
+    value = keras.ops.convert_to_numpy(variable)
     result = check(template, adam, "auto", x, y)
+    if keras.backend.backend() == "jax":
+        assert result.engine == "vectorized", result.engine_reason  # jax.vmap
     for model in result.models:
         np.testing.assert_array_equal(
-            keras.ops.convert_to_numpy(model.get_layer("a").bias), bias
+            keras.ops.convert_to_numpy(getattr(model.get_layer("a"), frozen)), value
         )
 
 
@@ -114,6 +119,24 @@ def test_a_subclass_with_its_own_call_is_not_its_parent(engine):
     result = check(template, adam, engine, x, y)
     if engine == "vectorized" and result is not None:
         assert "DoubledDense" in result.engine_reason
+
+
+@pytest.mark.parametrize("engine", ["auto", "vectorized"])
+def test_a_layer_over_the_batch_axis_does_not_mix_the_variants(engine):
+    # Softmax(axis=0) normalizes over the batch: with K folded into the batch
+    # axis, batched kernels once normalized over all K variants' samples.
+    x, y = data()
+
+    def sgd():
+        return dict(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+
+    template = chain(
+        keras.layers.Dense(4), keras.layers.Softmax(axis=0), keras.layers.Dense(1)
+    )
+    template.compile(**sgd())
+    result = check(template, sgd, engine, x, y)
+    if result is not None and keras.backend.backend() != "jax":
+        assert "axis=0" in result.engine_reason  # batched kernels refused it
 
 
 # --- 3. losses and metrics that read the whole batch ---------------------------------
@@ -278,3 +301,37 @@ def test_a_generator_that_would_need_k_fits_is_refused_before_training():
     assert seen == []
     assert_untouched(template, before)
     np.testing.assert_array_equal(next(generator)[0], x[:8])  # nothing was read
+
+
+@pytest.mark.parametrize("needs", ["callbacks", "chunk_size"])
+def test_a_validation_generator_that_would_need_k_fits_is_refused(needs):
+    # K fits (callbacks force K separate fits; chunk_size=1 one fit per
+    # variant) would each read the validation generator: variant 0 trained,
+    # then the next fit crashed on the exhausted generator.
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**adam())
+    before = template.get_weights()
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append("trained")
+
+    extra = dict(callbacks=[Probe()]) if needs == "callbacks" else dict(chunk_size=1)
+    validation = batches(x, y, epochs=1)()
+    with pytest.raises(ValueError, match=r"`validation_data`.*read once"):
+        kerasreg.sweep(
+            template,
+            GRID,
+            x,
+            y,
+            validation_data=validation,
+            epochs=1,
+            batch_size=8,
+            verbose=0,
+            **extra,
+        )
+    assert seen == []
+    assert_untouched(template, before)
+    np.testing.assert_array_equal(next(validation)[0], x[:8])  # nothing was read

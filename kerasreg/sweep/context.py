@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 
@@ -47,4 +48,16 @@ class SweepContext:
     @property
     def one_pass(self) -> bool:
         """Whether the data can be read only once (one `fit` at most)."""
-        return self.data_kind == "one-pass iterator"
+        return self.one_pass_argument is not None
+
+    @property
+    def one_pass_argument(self) -> str | None:
+        """`"x"` or `"validation_data"`: the data that can be read only once."""
+        if self.data_kind == "one-pass iterator":
+            return "x"
+        validation = self.fit_kwargs.get("validation_data")
+        if isinstance(validation, types.GeneratorType) or (
+            hasattr(validation, "__next__") and iter(validation) is validation
+        ):
+            return "validation_data"
+        return None

@@ -290,16 +290,17 @@ def chunks(template, variants, context: SweepContext, module, chunk_size=None):
     if len(groups) > 1:
         if context.one_pass:
             raise ValueError(
-                f"kerasreg.sweep: invalid `x`: the {k} variants need {len(groups)} "
-                f"fits of at most {size} (chunk_size or the memory budget), and a "
-                f"{context.data_kind} can be read once. Give arrays or a dataset, "
-                "or a larger `chunk_size`."
+                f"kerasreg.sweep: invalid `{context.one_pass_argument}`: the {k} "
+                f"variants need {len(groups)} fits of at most {size} (chunk_size or "
+                "the memory budget), and a one-pass iterator can be read once. "
+                "Give arrays or a dataset, or a larger `chunk_size`."
             )
         logger.info(
             "kerasreg.sweep: the %d variants are trained in %d fits of at most %d "
-            "(memory).",
+            "(%s).",
             k,
             len(groups),
             size,
+            "chunk_size" if chunk_size is not None else "memory budget",
         )
     return groups

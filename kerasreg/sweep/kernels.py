@@ -33,6 +33,7 @@ layer's options it does not support (a constraint, LoRA, `groups`, ...).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import keras
@@ -168,6 +169,10 @@ def _constraint_reason(layer, *names) -> str | None:
 
 # --- weightless layers: the layer's own call, K folded into the batch -----------
 
+# The weightless kinds with an `axis` option (any axis but the batch axis is
+# per-sample).
+_AXIS_OPTIONS = (L.Softmax, L.Concatenate)
+
 
 class PerSample(Kernel):
     """A weightless layer that computes each sample on its own."""
@@ -217,6 +222,31 @@ class PerSample(Kernel):
     def why_not(cls, layer):
         if isinstance(layer, L.Activation) and not _is_keras_function(layer.activation):
             return "has an activation function that is not Keras's own"
+        return None
+
+    @classmethod
+    def why_not_inputs(cls, layer, inputs):
+        # K is folded into the batch axis: an option that reaches axis 0
+        # (`Softmax(axis=0)`, `Concatenate(axis=0)`, axis -1 of a 1-D input)
+        # would mix the variants. Only the known options are checked.
+        rank = min(len(tensor.shape) for tensor in inputs)
+        if type(layer) in _AXIS_OPTIONS:
+            value = layer.axis
+            axes = value if isinstance(value, (list, tuple)) else [value]
+            if any((a + rank if a < 0 else a) == 0 for a in axes):
+                return (
+                    f"has axis={value!r}, the batch axis of its {rank}-D input "
+                    "(the K variants' batches are folded into it)"
+                )
+        elif hasattr(layer, "axis"):
+            return "has an `axis` option not known to leave the batch axis alone"
+        if isinstance(layer, L.Activation) and rank < 2:
+            try:
+                params = inspect.signature(layer.activation).parameters
+            except (TypeError, ValueError):
+                return "has an activation function whose signature is unknown"
+            if "axis" in params:
+                return f"reduces the last axis of its {rank}-D input (the batch axis)"
         return None
 
     def apply(self, inputs, training):

@@ -657,6 +657,10 @@ def _lane(variants, compile_config, exclusions, sample, lane_index):
         if keras.distribution.distribution() is None:
             stack.enter_context(keras.name_scope("kerasreg_sweep_lane"))
         lane = keras.models.clone_model(variants[0])
+    # clone_model drops the variables' own `trainable` flags (a layer's flag
+    # is in its config): the lane's state groups must be the variants'.
+    for source, target in zip(variants[0].weights, lane.weights, strict=True):
+        target.trainable = source.trainable
     per_variant = [v.weights for v in variants]
     for i, var in enumerate(lane.weights):
         penalties = [weights[i].regularizer for weights in per_variant]

@@ -140,8 +140,9 @@ def why_not(
     """Why K separate fits cannot train these variants (None: they can)."""
     if context.one_pass and len(variants) > 1:
         return (
-            f"`x` is a {context.data_kind} (such as a Python generator): it can "
-            f"be read once, and K={len(variants)} separate fits would each read it"
+            f"`{context.one_pass_argument}` is a one-pass iterator (such as a "
+            f"Python generator): it can be read once, and K={len(variants)} "
+            "separate fits would each read it"
         )
     return None
 
