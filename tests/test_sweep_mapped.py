@@ -130,6 +130,22 @@ def spread(y_true, y_pred):
 
 
 @keras.saving.register_keras_serializable(package="test_sweep_mapped")
+def half_centered_scalar(y_true, y_pred):
+    """One scalar for the batch: squared error after half the batch's mean prediction.
+
+    Half, not all: with the whole mean removed the output bias would have no
+    gradient, and Adam would turn rounding noise into steps of the bias.
+    """
+    return ops.mean(ops.square(y_pred - 0.5 * ops.mean(y_pred) - y_true))
+
+
+@keras.saving.register_keras_serializable(package="test_sweep_mapped")
+def batch_std(y_true, y_pred):
+    """The predictions' standard deviation over the batch: shape (outputs,)."""
+    return ops.std(y_pred, axis=0)
+
+
+@keras.saving.register_keras_serializable(package="test_sweep_mapped")
 class RangeMetric(keras.metrics.Metric):
     """The running max-minus-min of all predictions (state: running max, min)."""
 
@@ -217,6 +233,36 @@ def test_scalar_loss_with_global_clipnorm_and_ema():
 
     grid = [None, kerasreg.L1Penalty(1e-2)]
     check(dense(), compile_model, x, y, grid=grid, validation_split=0.25)
+
+
+@pytest.mark.parametrize(
+    "compile_kwargs",
+    [
+        {"loss": half_centered_scalar},
+        {"loss": "mse", "metrics": [batch_std]},
+    ],
+    ids=["scalar_loss", "batch_statistic_metric"],
+)
+@jax_only
+def test_batch_statistic_loss_or_metric_of_one_value_per_batch(compile_kwargs):
+    # Issue 21 item 1: a custom loss returning one scalar for the batch, or a
+    # metric returning a statistic over the batch axis (shape (1,)), is not
+    # per-sample; folded over the K variants' outputs it crashed the sweep
+    # ("cannot reshape array of shape () into shape (3, -1)", "... of shape
+    # (1,) into shape (3, 16, -1)"). Each variant computes it on its own outputs.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = x[:, :1].copy()
+    template = dense(features=6, out=None)
+
+    def compile_model(model):
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), **compile_kwargs)
+
+    grid = [None, kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(1e-1)]
+    result, _ = check(
+        template, compile_model, x, y, grid=grid, batch_size=16, validation_split=0.25
+    )
+    assert "jax.vmap" in result.engine_reason  # mapped.py ran, not batched kernels
 
 
 @jax_only
