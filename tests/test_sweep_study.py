@@ -128,7 +128,8 @@ def test_grid_items_name_their_family_and_values():
     assert points[0].values == {} and points[0].strength == 0.0
     # A decay rate is a value of its own knob, not the no-penalty baseline.
     assert points[3].values == {"WeightDecay.rate": 0.01}
-    assert points[3].penalties == {} and points[3].strength == 0.01
+    # Transforms alone: no penalty on the role, as `[None, decay]`.
+    assert points[3].penalties == {"kernel": None} and points[3].strength == 0.01
     assert points[6].values == {"L2Penalty.l2": 0.001, "WeightDecay.rate": 0.01}
     assert points[7].penalties == {"kernel": None}  # no penalty, and decay
     assert points[2].penalties == {
@@ -308,6 +309,35 @@ def test_transform_and_mixed_grids_equal_separate_fits(caplog):
     # The decay acted: the weights differ from the undecayed fit.
     plain, _ = reference_fit(model, None, [], x, y, **FIT)
     assert not np.allclose(result.rows[0]["history"]["loss"], plain["loss"])
+
+
+def test_a_transform_only_item_removes_the_templates_penalty_as_none_does():
+    # A template with its own kernel penalty: the grid point "WeightDecay"
+    # is decay without penalty, like None and `[None, decay]`, never decay on
+    # top of the template's L2 (compared with a plain fit of the template
+    # built without the penalty, the transform as a callback).
+    x, y = data()
+    model = compile_(build(kerasreg.L2Penalty(0.5)))
+    grid = [None, kerasreg.WeightDecay(1e-3), [None, kerasreg.WeightDecay(1e-3)]]
+    result = kerasreg.sweep(model, grid, x, y, **FIT)
+    assert [row["family"] for row in result.rows] == [
+        "none",
+        "WeightDecay",
+        "none+WeightDecay",
+    ]
+    references = [(None, []), *[(None, [kerasreg.WeightDecay(1e-3)])] * 2]
+    for (penalty, transforms), row, trained in zip(
+        references, result.rows, result.models, strict=True
+    ):
+        history, reference = reference_fit(model, penalty, transforms, x, y, **FIT)
+        assert_same_run(row, trained, history, reference)
+        assert all(w.regularizer is None for w in trained.weights)
+        assert row["config"] == {"kernel": None}
+    # The template's penalty would have made a difference.
+    kept, _ = reference_fit(
+        model, kerasreg.L2Penalty(0.5), [kerasreg.WeightDecay(1e-3)], x, y, **FIT
+    )
+    assert not np.allclose(result.rows[1]["history"]["loss"], kept["loss"])
 
 
 def test_each_seeded_repeat_equals_a_template_built_with_that_seed():

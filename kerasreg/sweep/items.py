@@ -15,6 +15,7 @@ penalties per role, its transforms, its *family* (what kind of knob:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ class GridPoint:
     Attributes:
         penalties: `{role: penalty or None}` given to `regularize` (`None`
             removes the role's penalty); roles not named keep the template's.
+            An item of transforms only has `{role: None}`: no penalty on
+            `role`, exactly as `[None, transform]`.
         transforms: the post-step transforms, as given (never trained with:
             each fit gets `fresh_transforms()`).
         family: the kinds of knob, joined by `"+"` (`"none"` for no knob).
@@ -158,7 +161,12 @@ def parse_item(item: Any, role: str, index: int) -> GridPoint:
     for key in cleared:
         penalties.setdefault(key, None)
     penalties = {r: penalties[r] for r in ROLES if r in penalties}
-    return _describe(penalties, tuple(transforms), role)
+    point = _describe(penalties, tuple(transforms), role)
+    if transforms and not penalties:
+        # A grid point's penalties are those it lists: transforms alone mean
+        # no penalty on `role`, as `[None, transform]` (named by the transform).
+        point = dataclasses.replace(point, penalties={role: None})
+    return point
 
 
 # --- family, values, name -------------------------------------------------------
