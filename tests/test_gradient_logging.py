@@ -79,7 +79,11 @@ class Recorder(keras.callbacks.Callback):
         self.before.append(self.model.get_weights())
 
     def on_train_batch_end(self, batch, logs=None):
-        self.updates.append(int(ops.convert_to_numpy(self.model.optimizer.iterations)))
+        # The wrapped optimizer's count: Keras 3.8's LossScaleOptimizer does
+        # not forward `iterations` (its own stays 0).
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        self.updates.append(int(ops.convert_to_numpy(optimizer.iterations)))
 
     def on_train_end(self, logs=None):
         self.before.append(self.model.get_weights())  # after the last batch
