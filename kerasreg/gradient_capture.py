@@ -18,7 +18,7 @@ gradient accumulation, averaged with the window's accumulated gradients, as
 the optimizer itself does: the gradient its update uses, before clipping.
 The data gradient is that minus the penalty gradient of each weight's own
 regularizer at the weights before the step. Whether the optimizer applied an
-update (its `iterations` moved: a loss-scaled step with non-finite gradients
+update (its `update_counter` moved: a loss-scaled step with non-finite gradients
 and an accumulation batch that does not update apply none) goes with the
 sums, with the update count after the step.
 
