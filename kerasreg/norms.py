@@ -29,6 +29,7 @@ from kerasreg._checks import (
     validate_bool,
     validate_factor,
 )
+from kerasreg.gradient_stats import penalty_state
 from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
 from kerasreg.tf_functions import traced_once
 
@@ -549,22 +550,6 @@ def _program_for(
     while len(programs) > CACHE_SIZE:
         programs.popitem(last=False)
     return program
-
-
-def penalty_state(regularizers: list[Any]) -> list[Any]:
-    """The variables the penalties' values depend on (`penalty.variables`).
-
-    An `L2SPPenalty`'s reference: a compiled program must take it as an input
-    (JAX bakes any other variable in as a constant when it traces).
-    """
-    state: list[Any] = []
-    for regularizer in regularizers:
-        for variable in getattr(regularizer, "variables", None) or ():
-            if isinstance(variable, keras.Variable) and all(
-                variable is not v for v in state
-            ):
-                state.append(variable)
-    return state
 
 
 def _trainable_ids(model: keras.layers.Layer) -> set[int]:
