@@ -384,10 +384,13 @@ def _zero_fractions(a: Any, axis: Any, threshold: float, dtype: str) -> Any:
             shares = [size] + [size // int(a.shape[1])] * int(a.shape[1])
             return counts / tf.constant(shares, dtype)
         return tf.reshape(tf.reduce_sum(below) / size, (1,))
+    # Sums over sizes, not `ops.mean`: Keras's JAX and torch `mean` compute
+    # float64 in float32 (0.2 -> 0.20000000298).
     below = ops.cast(a < threshold, dtype)
-    whole = _first(ops.mean(below))
+    whole = _first(ops.divide(ops.sum(below), ops.cast(size, dtype)))
     if axis:
-        return ops.concatenate([whole, ops.mean(below, axis=axis)])
+        per_gate = ops.cast(size // int(a.shape[1]), dtype)
+        return ops.concatenate([whole, ops.divide(ops.sum(below, axis=axis), per_gate)])
     return whole
 
 
