@@ -1,6 +1,6 @@
 """kerasreg: weight regularization for Keras 3, complete, correct and visible."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from typing import TYPE_CHECKING
 

@@ -461,15 +461,22 @@ def _select(
     selected = keras_file.select(file.weights, where)
     undetermined = keras_file.undetermined(file.weights, where)
     if not selected and not undetermined:
-        candidates = [w.path for w in file.weights if w.trainable is not False]
-        paths = ", ".join(candidates[:12])
-        more = ", ..." if len(candidates) > 12 else ""
-        raise CommandError(
+        trainable = [w.path for w in file.weights if w.trainable is True]
+        unknown = [w.path for w in file.weights if w.trainable is None]
+        message = (
             f"`--where`={text!r} selects no weight of {file.path!r}. Its "
-            f"trainable weights are: {paths or 'none'}{more}.",
-            status=2,
+            f"trainable weights are: {_listed(trainable)}"
         )
+        if unknown:
+            message += f"; weights of unknown trainability: {_listed(unknown)}"
+        raise CommandError(message + ".", status=2)
     return selected, undetermined
+
+
+def _listed(paths: list[str]) -> str:
+    """The first 12 paths, comma-separated, or "none"."""
+    more = ", ..." if len(paths) > 12 else ""
+    return (", ".join(paths[:12]) or "none") + more
 
 
 def _measure(file: Any, weight: Any, *, per_gate: bool) -> dict[str, Any]:

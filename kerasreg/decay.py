@@ -18,7 +18,7 @@ from keras import ops
 
 from kerasreg import _compat
 from kerasreg._checks import validate_factor, validate_unit_interval
-from kerasreg.inplace import InPlaceUpdate, update_model_weights
+from kerasreg.inplace import InPlaceUpdate, cast_exact, update_model_weights
 from kerasreg.norms import weight_norms
 from kerasreg.poststep import PostStepTransform
 from kerasreg.selection import Where, check_where, select_weights, weight_paths
@@ -27,11 +27,11 @@ LOG_KEY = "weight_decay_rate"  # the default `WeightDecay` logs key
 TOWARD_START = "start"
 
 
-def host_factor(strengths: Sequence[Any]) -> Any:
-    """`prod(1 - s)`: exact in float64 for Python numbers, else in float32."""
+def host_factor(strengths: Sequence[Any], dtype: str = "float32") -> Any:
+    """`prod(1 - s)`: exact in float64 for Python numbers, else in `dtype`."""
     if all(isinstance(s, float) for s in strengths):
         return math.prod(1.0 - s for s in strengths)
-    return ops.prod(ops.stack([1.0 - ops.cast(s, "float32") for s in strengths]))
+    return ops.prod(ops.stack([1.0 - cast_exact(s, dtype) for s in strengths]))
 
 
 def _scale(value: Any, factor: Any, ref: Any) -> Any:
@@ -163,12 +163,12 @@ class WeightDecay(PostStepTransform):
         return ops.logical_and(strength >= 0.0, strength < 1.0)
 
     def _param(self, strengths: Sequence[Any]) -> Any:
-        return host_factor(strengths)
+        return host_factor(strengths, self.strength_dtype)
 
     def param_in_step(self, strength: Any) -> Any:
         if isinstance(strength, float):
             return 1.0 - strength  # exact in float64
-        return ops.subtract(1.0, ops.cast(strength, "float32"))
+        return ops.subtract(1.0, cast_exact(strength, self.strength_dtype))
 
     transform = staticmethod(_scale)  # type: ignore[assignment]  # called positionally
 
@@ -306,14 +306,19 @@ class SoftThreshold(PostStepTransform):
         # Soft-thresholds compose: t1 then t2 is one soft-threshold by t1 + t2.
         if all(isinstance(s, float) for s in strengths):
             return math.fsum(strengths)
-        return ops.sum(ops.stack([ops.cast(s, "float32") for s in strengths]))
+        return ops.sum(
+            ops.stack([cast_exact(s, self.strength_dtype) for s in strengths])
+        )
 
     def param_in_step(self, strength: Any) -> Any:
         return strength
 
     @staticmethod
     def transform(value: Any, param: Any, ref: Any) -> Any:
-        shrunk = ops.maximum(ops.subtract(ops.abs(value), param), 0.0)
+        # `relu`, not `maximum(x, 0.0)`: Keras's torch `maximum` returns
+        # float32 for float64 inputs (3.15), rounding the weights. A NaN
+        # weight stays NaN either way (`sign(nan)` is nan).
+        shrunk = ops.relu(ops.subtract(ops.abs(value), param))
         return ops.multiply(ops.sign(value), shrunk)
 
     def describe_action(self) -> str:

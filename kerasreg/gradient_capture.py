@@ -18,7 +18,7 @@ gradient accumulation, averaged with the window's accumulated gradients, as
 the optimizer itself does: the gradient its update uses, before clipping.
 The data gradient is that minus the penalty gradient of each weight's own
 regularizer at the weights before the step. Whether the optimizer applied an
-update (its `iterations` moved: a loss-scaled step with non-finite gradients
+update (its `update_counter` moved: a loss-scaled step with non-finite gradients
 and an accumulation batch that does not update apply none) goes with the
 sums, with the update count after the step.
 
@@ -37,6 +37,7 @@ import keras
 from keras import ops
 
 from kerasreg import _compat
+from kerasreg._checks import update_counter
 from kerasreg.gradient_stats import (
     gradient_sums,
     penalty_gradients,
@@ -226,12 +227,12 @@ def _measured_stateful(capture: GradientCapture, model: keras.Model, step, snaps
             captured["before"] = before
             return original(grads, trainable_variables)
 
-        iterations = snapshot(ops.convert_to_tensor(optimizer.iterations))
+        iterations = snapshot(ops.convert_to_tensor(update_counter(optimizer)))
         with _shadowed(optimizer, "apply", apply):
             logs = step(data)
         if "sums" not in captured:
             raise _missing_apply("apply")
-        done = ops.convert_to_tensor(optimizer.iterations)
+        done = ops.convert_to_tensor(update_counter(optimizer))
         after = [v.value for v in capture.variables]
         vector = capture.vector(
             captured["sums"], captured["before"], after, ops.greater(done, iterations)
@@ -258,7 +259,7 @@ def _measured_jax(capture: GradientCapture, model: keras.Model, step):
     def iterations(optimizer_values):
         mapping = list(zip(optimizer.variables, optimizer_values, strict=True))
         with keras.StatelessScope(state_mapping=mapping):
-            return ops.convert_to_tensor(optimizer.iterations)
+            return ops.convert_to_tensor(update_counter(optimizer))
 
     def measured(state, data):
         captured: dict[str, Any] = {}
@@ -267,7 +268,13 @@ def _measured_jax(capture: GradientCapture, model: keras.Model, step):
         def stateless_apply(optimizer_variables, grads, trainable_variables):
             before = [trainable_variables[i] for i in capture.positions]
             picked = [grads[i] for i in capture.positions]
-            mapping = list(zip(optimizer.variables, optimizer_variables, strict=True))
+            # Keras has purged the variables' values here: the penalties read
+            # their state (an L2SPPenalty's reference, a non-trainable
+            # variable of the model) from the step's state, the loss scale
+            # and accumulators from the optimizer's.
+            mapping = list(
+                zip(model.non_trainable_variables, state[1], strict=True)
+            ) + list(zip(optimizer.variables, optimizer_variables, strict=True))
             with keras.StatelessScope(state_mapping=mapping):
                 captured["sums"] = capture.sums_at_apply(optimizer, picked, before)
             captured["before"] = before

@@ -57,6 +57,22 @@ def regularizer_key(regularizer: Any) -> tuple:
     return (id(regularizer), config)
 
 
+def penalty_state(regularizers: Sequence[Any]) -> list[Any]:
+    """The variables the penalties' values depend on (`penalty.variables`).
+
+    An `L2SPPenalty`'s reference: a compiled program must take it as an input
+    (JAX bakes any other variable in as a constant when it traces).
+    """
+    state: list[Any] = []
+    for regularizer in regularizers:
+        for variable in getattr(regularizer, "variables", None) or ():
+            if isinstance(variable, keras.Variable) and all(
+                variable is not v for v in state
+            ):
+                state.append(variable)
+    return state
+
+
 def penalty_gradients(regularizers: Sequence[Any], values: Sequence[Any]) -> list:
     """`d regularizer_i(w_i) / d w_i` for each weight value (zeros without one).
 

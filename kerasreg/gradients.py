@@ -28,6 +28,7 @@ from kerasreg._checks import validate_bool
 from kerasreg.gradient_stats import (
     gradient_sums,
     penalty_gradients,
+    penalty_state,
     prepare_regularizers,
     read_statistics,
     regularizer_key,
@@ -192,11 +193,14 @@ def data_batches(
 class GradientProgram:
     """The compiled computations for one model, selection and mode.
 
-    `single(trainable, non_trainable, x, y, sw)` returns the sums vector of
-    one batch; `accumulate(acc, weight, ...)` adds `weight * g_data` of a
-    batch to `acc`; `finish(acc, trainable, non_trainable)` turns a mean data
-    gradient into the sums vector. Variable values are arguments, so the
-    compiled functions read the weights as they are at each call.
+    `single(trainable, non_trainable, state, x, y, sw)` returns the sums
+    vector of one batch; `accumulate(acc, weight, ...)` adds `weight *
+    g_data` of a batch to `acc`; `finish(acc, scale, trainable,
+    non_trainable, state)` turns a mean data gradient into the sums vector.
+    Variable values are arguments, the penalties' state (an `L2SPPenalty`'s
+    reference) included, so the compiled functions read the weights and the
+    references as they are at each call (JAX would bake a variable read
+    inside in as a constant).
     """
 
     def __init__(
@@ -216,6 +220,7 @@ class GradientProgram:
             for v in variables
         ]
         self.regularizers = [v.regularizer for v in variables]
+        self.state = penalty_state(self.regularizers)
         self.call_takes_training = (
             "training" in inspect.signature(model.call).parameters
         )
@@ -258,14 +263,18 @@ class GradientProgram:
             selected,
         )
 
-    def _sums(self, data: list, trainable: list, non_trainable: list) -> Any:
+    def _sums(self, data: list, trainable: list, non_trainable: list, state) -> Any:
         selected = self._selected(trainable, non_trainable)
-        penalty = penalty_gradients(self.regularizers, selected)
+        # The penalties read their state as an input of the program.
+        with keras.StatelessScope(
+            state_mapping=list(zip(self.state, state, strict=True))
+        ):
+            penalty = penalty_gradients(self.regularizers, selected)
         return ops.stack(gradient_sums(data, penalty))
 
-    def _single(self, trainable, non_trainable, x, y, sample_weight):
+    def _single(self, trainable, non_trainable, state, x, y, sample_weight):
         data = self._data_gradients(trainable, non_trainable, x, y, sample_weight)
-        return self._sums(data, trainable, non_trainable)
+        return self._sums(data, trainable, non_trainable, state)
 
     def _accumulate(self, acc, weight, trainable, non_trainable, x, y, sample_weight):
         data = self._data_gradients(trainable, non_trainable, x, y, sample_weight)
@@ -274,15 +283,16 @@ class GradientProgram:
             for a, g in zip(acc, data, strict=True)
         ]
 
-    def _finish(self, acc, scale, trainable, non_trainable):
+    def _finish(self, acc, scale, trainable, non_trainable, state):
         data = [a * ops.cast(scale, a.dtype) for a in acc]
-        return self._sums(data, trainable, non_trainable)
+        return self._sums(data, trainable, non_trainable, state)
 
     # --- host -----------------------------------------------------------------
 
     def run(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict:
         trainable = [v.value for v in self.trainable]
         non_trainable = [v.value for v in self.non_trainable]
+        state = [v.value for v in self.state]
         iterator = iter(batches)
         first = next(iterator, None)
         if first is None:
@@ -291,7 +301,7 @@ class GradientProgram:
         _compat.compiled_loss(self.model(), first[0], first[1])  # build it once
         second = next(iterator, None)
         if second is None:
-            vector = self.single(trainable, non_trainable, *first)
+            vector = self.single(trainable, non_trainable, state, *first)
         else:
             acc = [
                 ops.zeros(tuple(v.shape), _gradient_dtype(v))
@@ -304,7 +314,7 @@ class GradientProgram:
                 acc = self.accumulate(acc, weight, trainable, non_trainable, *batch)
                 count += n
             scale = ops.convert_to_tensor(1.0 / count, "float32")
-            vector = self.finish(acc, scale, trainable, non_trainable)
+            vector = self.finish(acc, scale, trainable, non_trainable, state)
         return read_statistics(ops.convert_to_numpy(vector), self.keys)
 
 
@@ -419,6 +429,7 @@ def program_for(
     key = (
         tuple(id(v) for v in variables),
         tuple(regularizer_key(v.regularizer) for v in variables),
+        tuple(id(s) for s in penalty_state([v.regularizer for v in variables])),
         tuple(id(v) for v in model.trainable_variables),
         tuple(id(v) for v in model.non_trainable_variables),
         id(loss),

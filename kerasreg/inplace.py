@@ -37,7 +37,33 @@ def apply_transform(transform: Transform, value: Any, param: Any, ref: Any) -> A
     work = "float32" if is_low_precision(dtype) else dtype
     x = ops.cast(value, work) if work != dtype else value
     r = None if ref is None else ops.cast(ref, work)
-    return ops.cast(transform(x, ops.cast(param, work), r), dtype)
+    return ops.cast(transform(x, cast_exact(param, work), r), dtype)
+
+
+def cast_exact(x: Any, dtype: str) -> Any:
+    """`ops.cast(x, dtype)`, but a Python number goes straight to `dtype`:
+    TensorFlow's cast makes it a float32 constant first (0.16 -> 0.1599999964
+    in float64)."""
+    if isinstance(x, numbers.Real):
+        return ops.convert_to_tensor(x, dtype)
+    return ops.cast(x, dtype)
+
+
+def param_dtype(variables: Sequence[Any]) -> str:
+    """The dtype in which a transform's strength and parameter are computed:
+    float64 when a selected weight holds float64 values, else float32.
+
+    The value's dtype, not the declared one: JAX without `jax_enable_x64`
+    keeps a float64 weight in float32. A float64 weight transformed with a
+    float32 parameter would move by a float32-rounded amount (a relative
+    error of ~3e-8 per step); `apply_transform` then rounds the parameter
+    once to each weight's own working dtype.
+    """
+    for v in variables:
+        value = v.value if isinstance(v, keras.Variable) else v
+        if keras.backend.standardize_dtype(value.dtype) == "float64":
+            return "float64"
+    return "float32"
 
 
 class InPlaceUpdate:

@@ -29,6 +29,7 @@ from kerasreg._checks import (
     validate_bool,
     validate_factor,
 )
+from kerasreg.gradient_stats import penalty_state
 from kerasreg.selection import Where, select_weights, walk_layers, weight_paths
 from kerasreg.tf_functions import traced_once
 
@@ -383,10 +384,13 @@ def _zero_fractions(a: Any, axis: Any, threshold: float, dtype: str) -> Any:
             shares = [size] + [size // int(a.shape[1])] * int(a.shape[1])
             return counts / tf.constant(shares, dtype)
         return tf.reshape(tf.reduce_sum(below) / size, (1,))
+    # Sums over sizes, not `ops.mean`: Keras's JAX and torch `mean` compute
+    # float64 in float32 (0.2 -> 0.20000000298).
     below = ops.cast(a < threshold, dtype)
-    whole = _first(ops.mean(below))
+    whole = _first(ops.divide(ops.sum(below), ops.cast(size, dtype)))
     if axis:
-        return ops.concatenate([whole, ops.mean(below, axis=axis)])
+        per_gate = ops.cast(size // int(a.shape[1]), dtype)
+        return ops.concatenate([whole, ops.divide(ops.sum(below, axis=axis), per_gate)])
     return whole
 
 
@@ -549,22 +553,6 @@ def _program_for(
     while len(programs) > CACHE_SIZE:
         programs.popitem(last=False)
     return program
-
-
-def penalty_state(regularizers: list[Any]) -> list[Any]:
-    """The variables the penalties' values depend on (`penalty.variables`).
-
-    An `L2SPPenalty`'s reference: a compiled program must take it as an input
-    (JAX bakes any other variable in as a constant when it traces).
-    """
-    state: list[Any] = []
-    for regularizer in regularizers:
-        for variable in getattr(regularizer, "variables", None) or ():
-            if isinstance(variable, keras.Variable) and all(
-                variable is not v for v in state
-            ):
-                state.append(variable)
-    return state
 
 
 def _trainable_ids(model: keras.layers.Layer) -> set[int]:

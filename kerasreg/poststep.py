@@ -56,7 +56,13 @@ from kerasreg._checks import (
 )
 from kerasreg.callback_order import warn_if_logs_readers_run_first
 from kerasreg.fit_record import record_fit_end, record_fit_start
-from kerasreg.inplace import InPlaceUpdate, apply_transform, update_model_weights
+from kerasreg.inplace import (
+    InPlaceUpdate,
+    apply_transform,
+    cast_exact,
+    param_dtype,
+    update_model_weights,
+)
 from kerasreg.selection import Where, check_where, select_weights
 from kerasreg.train_step_fold import TrainStepFold
 
@@ -121,6 +127,9 @@ class PostStepTransform(keras.callbacks.Callback):
         self.log_key = f"{name}_{self.STRENGTH}"
         self.folded = frequency == "batch" and _can_fold(schedule)
         self.selected: list[Any] = []
+        # The dtype of strengths computed as tensors (`param_dtype` of the
+        # selected weights): float64 arithmetic for float64 weights.
+        self.strength_dtype = "float32"
         self.references: list[Any] | None = None
         self._update: InPlaceUpdate | None = None
         self._ema_update: InPlaceUpdate | None = None
@@ -207,7 +216,8 @@ class PostStepTransform(keras.callbacks.Callback):
             else:
                 at = step if lr_step is None else lr_step
                 learning_rate = _compat.learning_rate_at(optimizer, at)
-            s = ops.multiply(ops.cast(s, "float32"), ops.cast(learning_rate, "float32"))
+            dtype = self.strength_dtype
+            s = ops.multiply(cast_exact(s, dtype), ops.cast(learning_rate, dtype))
         return s
 
     def _host_strength(self, step: int, lr_step: int | None = None) -> float | Any:
@@ -265,6 +275,7 @@ class PostStepTransform(keras.callbacks.Callback):
         self.log_key = _FitNames.claim(self, f"{self.name}_{self.STRENGTH}")
         warn_if_logs_readers_run_first(self, (self.log_key,))
         self.selected = variables
+        self.strength_dtype = param_dtype(variables)
         self.references = refs
         self._last_strength = None
         self._step = self._fit_first_step = optimizer_iterations(model)
@@ -440,7 +451,7 @@ class PostStepTransform(keras.callbacks.Callback):
             before = ops.copy(ops.convert_to_tensor(step))
         if not self._needs_guard():
             return strength, None, before
-        strength = ops.cast(strength, "float32")
+        strength = cast_exact(strength, self.strength_dtype)
         return strength, self._strength_ok(strength), before
 
     def applies_in_step(self, optimizer: Any, ok: Any, before: Any) -> Any:

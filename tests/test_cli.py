@@ -951,3 +951,30 @@ def test_subclassed_model_rows_and_total_say_unknown(tmp_path, capsys):
     )
     assert status == 2 and "cannot tell whether Keras trains them" in err
     assert not target.exists()
+
+
+@keras.saving.register_keras_serializable(package="kerasreg_test_cli")
+class _OpaqueBlock(keras.layers.Layer):
+    """Weights the file cannot name or tell the trainability of."""
+
+    def build(self, shape):
+        self.w1 = self.add_weight(shape=(shape[-1], 3), name="w1")
+        self.w2 = self.add_weight(shape=(3,), name="w2", trainable=False)
+
+    def call(self, x):
+        return x @ self.w1 + self.w2
+
+
+def test_selects_nothing_lists_unknown_weights_apart_from_trainable(tmp_path, capsys):
+    model = keras.Sequential(
+        [keras.Input((4,)), _OpaqueBlock(name="blk"), keras.layers.Dense(2, name="d")]
+    )
+    path = tmp_path / "opaque.keras"
+    model.save(path)
+    status, _, err = run(["inspect", path, "--where", "no-such-weight"], capsys)
+    assert status == 2
+    trainable, _, unknown = err.partition("; weights of unknown trainability: ")
+    # The file proves d/kernel and d/bias trainable; the block's two weights
+    # (one of them non-trainable) are unknown, never listed as trainable.
+    assert trainable.endswith("Its trainable weights are: d/kernel, d/bias"), err
+    assert re.fullmatch(r"unknown:\S+/var_0, unknown:\S+/var_1\.\n", unknown), err

@@ -79,7 +79,11 @@ class Recorder(keras.callbacks.Callback):
         self.before.append(self.model.get_weights())
 
     def on_train_batch_end(self, batch, logs=None):
-        self.updates.append(int(ops.convert_to_numpy(self.model.optimizer.iterations)))
+        # The wrapped optimizer's count: Keras 3.8's LossScaleOptimizer does
+        # not forward `iterations` (its own stays 0).
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        self.updates.append(int(ops.convert_to_numpy(optimizer.iterations)))
 
     def on_train_end(self, logs=None):
         self.before.append(self.model.get_weights())  # after the last batch
@@ -702,3 +706,31 @@ def test_write_gradient_statistics_refuses_bad_input(
             str(tmp_path / "run"), step, statistics
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_l2sp_reference_is_read_at_each_step_and_follows_set_reference(tmp_path):
+    # The penalty gradient reads the L2-SP reference from the step's state
+    # (on JAX the first fit once crashed: Keras purges the variables' values
+    # around `stateless_apply`), and a new reference between two fits is the
+    # one the next logged step measures against.
+    x, y = data(8)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    kerasreg.regularize(model, kernel=kerasreg.L2SPPenalty(0.5))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # w constant
+    kernel = model.get_layer("d").kernel
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    fit = dict(batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    model.fit(x, y, **fit)
+    first = kerasreg.gradient_norms(model, x, y, training=True)["d/kernel"]
+    kernel.regularizer.set_reference(np.ones((3, 2)))
+    model.fit(x, y, **fit)
+    second = kerasreg.gradient_norms(model, x, y, training=True)["d/kernel"]
+    series = logged(tmp_path / "train", "d/kernel")
+    assert sorted(series) == [1, 2]
+    w = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+    assert first["penalty"] == 0.0  # the reference is the initial kernel
+    assert_close(second["penalty"], np.linalg.norm(2 * 0.5 * (w - 1)), "closed form")
+    for step, expected in ((1, first), (2, second)):
+        assert_matches(series[step], expected, f"step {step}")
+        assert series[step]["update_ratio"] == 0.0

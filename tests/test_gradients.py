@@ -332,3 +332,45 @@ def test_refusals(rng):
     dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(2)
     with pytest.raises(ValueError, match="batch_size"):
         kerasreg.gradient_norms(model, dataset, batch_size=2)
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_l2sp_penalty_gradient_follows_set_reference_and_load_weights(
+    rng, tmp_path, batch_size
+):
+    # The reference is state a compiled program reads at each call: after
+    # `set_reference` or `load_weights` the very next call measures against
+    # the new anchor (JAX once froze the one it saw first).
+    x = rng.normal(size=(20, 3)).astype("float32")
+    y = rng.normal(size=(20, 1)).astype("float32")
+    alpha = 0.4
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(1, use_bias=False, name="lin")]
+    )
+    kerasreg.regularize(model, kernel=kerasreg.L2SPPenalty(alpha))
+    model.compile(optimizer="sgd", loss="mse")
+    kernel = model.get_layer("lin").kernel
+    penalty = kernel.regularizer
+
+    def closed_form(ref):
+        w = np_weights(kernel)
+        data = 2.0 / len(x) * x.T.astype(np.float64) @ (x.astype(np.float64) @ w - y)
+        return expected(data, 2 * alpha * (w - ref))
+
+    def measured():
+        return kerasreg.gradient_norms(model, x, y, batch_size=batch_size)["lin/kernel"]
+
+    start = np_weights(kernel)
+    assert_stats(measured(), closed_form(start), "at the initial reference")
+    assert measured()["penalty"] == 0.0
+    penalty.set_reference(np.ones((3, 1)))
+    assert_stats(measured(), closed_form(np.ones((3, 1))), "after set_reference")
+
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)  # kernel `start`, reference ones
+    kernel.assign(rng.normal(size=(3, 1)).astype("float32"))
+    penalty.set_reference(np.full((3, 1), -2.0))
+    assert_stats(measured(), closed_form(np.full((3, 1), -2.0)), "second reference")
+    model.load_weights(path)
+    np.testing.assert_array_equal(np_weights(kernel), start)
+    assert_stats(measured(), closed_form(np.ones((3, 1))), "after load_weights")

@@ -368,6 +368,7 @@ def test_float64_weights_come_back_in_float64(rng):
     model = keras.Model(inputs, outputs)
     for variable in model.weights:
         values = rng.normal(size=variable.shape) * np.pi  # not float32-representable
+        values.reshape(-1)[::7] = 0.0  # zero fractions such as 2/10, 3/15 too
         variable.assign(values.astype(variable.dtype))
     stats = weight_norms(model, per_gate=True)
     for variable in model.weights:
@@ -393,6 +394,9 @@ def test_float64_weights_come_back_in_float64(rng):
                 )
                 assert stats[path][f"l1/gate_{gate}"] == pytest.approx(
                     block["l1"], rel=1e-13, abs=0
+                )
+                assert stats[path][f"zero_fraction/gate_{gate}"] == pytest.approx(
+                    block["zero_fraction"], rel=1e-13, abs=0
                 )
     assert any(v.dtype == "float32" for v in model.weights)
     # JAX without `jax_enable_x64` holds float64 weights as float32 (a warning

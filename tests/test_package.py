@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from packaging.version import Version
 
 import kerasreg
 
@@ -150,4 +151,15 @@ def test_changelog_describes_this_version():
     # Keep a Changelog: "Unreleased" on top, then the newest version first;
     # the newest is the one this package says it is.
     assert versions[0] == "Unreleased"
-    assert next(v for v in versions if v != "Unreleased") == kerasreg.__version__
+    newest = Version(next(v for v in versions if v != "Unreleased"))
+    version = Version(kerasreg.__version__)
+    assert str(version) == kerasreg.__version__  # PEP 440, normalized
+    unreleased = text.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+    changes = re.sub(r"<!--.*?-->|^#+ [^\n]*$", "", unreleased, flags=re.S | re.M)
+    if changes.strip():
+        # Changes since the newest release: this is a pre-release (0.2.0.dev0)
+        # of a version after it, not the released version itself.
+        assert version.is_prerelease, (version, "has unreleased changes")
+        assert Version(version.base_version) > newest, (version, newest)
+    else:
+        assert version == newest

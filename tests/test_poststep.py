@@ -421,6 +421,93 @@ def test_soft_threshold_with_real_gradients_matches_numpy_proximal_sgd(rng):
     np.testing.assert_allclose(to_np(model.layers[0].kernel), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def float64_everywhere():
+    """Float64 weights and float64 losses and optimizer (floatx), restored after."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    keras.utils.clear_session()  # Keras caches float32 state across floatx changes
+    try:
+        if keras.backend.backend() == "jax" and not is_float64(keras.Variable(0.0)):
+            pytest.skip("JAX without jax_enable_x64 holds float64 weights as float32")
+        yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+        keras.utils.clear_session()
+
+
+def is_float64(variable):
+    return keras.backend.standardize_dtype(variable.value.dtype) == "float64"
+
+
+class NumpyProximalStep(keras.callbacks.Callback):
+    """The reference transform: numpy float64, after every batch (SGD updates
+    on every batch), on the kernel."""
+
+    def __init__(self, formula):
+        super().__init__()
+        self.formula = formula
+
+    def on_train_batch_end(self, batch, logs=None):
+        if keras.backend.backend() == "jax":
+            self.model.jax_state_sync()  # callbacks see the live weights
+        kernel = self.model.layers[0].kernel
+        kernel.assign(self.formula(np.asarray(to_np(kernel), np.float64)))
+
+
+FLOAT64_CASES = {
+    # name: (kerasreg callback, the same step in numpy: w -> w after)
+    "threshold": (lambda: SoftThreshold(0.02), lambda w: soft(w, 0.02)),
+    "threshold x lr": (
+        lambda: SoftThreshold(0.16, lr_scaled=True),
+        lambda w: soft(w, 0.16 * 0.125),
+    ),
+    "decay x lr": (
+        lambda: WeightDecay(0.3, lr_scaled=True),
+        lambda w: w * (1.0 - 0.3 * 0.125),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOAT64_CASES))
+def test_float64_weights_are_transformed_in_float64(case, float64_everywhere):
+    """Issue 23 (combination generator): the threshold (and the rate times the
+    learning rate) is computed in the weights' float64, not rounded to float32."""
+    make, formula = FLOAT64_CASES[case]
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 2))
+
+    def trained(callback):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.SGD(0.125), loss="mse")
+        start = [to_np(v) for v in (model.layers[0].kernel, model.layers[0].bias)]
+        fit_kw = dict(batch_size=8, epochs=2, shuffle=False, verbose=0)
+        model.fit(x, y, callbacks=[callback], **fit_kw)
+        assert is_float64(model.layers[0].kernel)
+        return start, to_np(model.layers[0].kernel), to_np(model.layers[0].bias)
+
+    (w, b), kernel, bias = trained(make())
+    # The reference loop: the same Keras fit, the transform in numpy float64.
+    (w_ref, _), kernel_ref, bias_ref = trained(NumpyProximalStep(formula))
+    np.testing.assert_array_equal(w, w_ref)
+    np.testing.assert_allclose(kernel, kernel_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bias, bias_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(kernel == 0, kernel_ref == 0)
+    if TORCH:
+        return  # Keras 3.15's torch matmul computes float64 inputs in float32
+    # Proximal SGD in numpy float64, the whole loop.
+    for _ in range(2):
+        for i in range(0, 32, 8):
+            r = x[i : i + 8] @ w + b - y[i : i + 8]  # mse over 8 x 2 values
+            w = formula(w - 0.125 * 2 * x[i : i + 8].T @ r / 16)
+            b = b - 0.125 * 2 * r.sum(axis=0) / 16
+    np.testing.assert_allclose(kernel, w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bias, b, rtol=1e-9, atol=1e-12)
+
+
 def test_transforms_compose_in_list_order(rng):
     model = small_model()
     before = snapshot(model)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 
 import keras
@@ -574,6 +575,17 @@ def test_to_frame_needs_pandas_and_says_so():
     columns, records = result.table()
     assert list(frame.columns) == columns and len(frame) == len(records)
     assert isinstance(frame, pandas.DataFrame)
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    result = synthetic()
+    # `None` in sys.modules makes `import matplotlib` fail as if not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="plot needs matplotlib") as error:
+        result.plot(tmp_path / "curve.png")
+    assert "pip install matplotlib" in str(error.value)
+    assert "kerasreg[examples]" in str(error.value)
+    assert not (tmp_path / "curve.png").exists()
 
 
 def test_plot_draws_one_line_per_family_and_marks_the_best(tmp_path):

@@ -17,7 +17,6 @@ Without `seeds=`, a variant starts from the template's current weights.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 from typing import Any
 
@@ -25,7 +24,7 @@ import keras
 
 from kerasreg.selection import select_weights
 from kerasreg.sweep.items import GridPoint
-from kerasreg.sweep.variants import carry_state, make_variant
+from kerasreg.sweep.variants import copy_template, make_variant
 
 
 def check_seeds(seeds: Any) -> list[int] | None:
@@ -98,21 +97,5 @@ def build_variant(
 def _variant(model: keras.Model, point: GridPoint, where: Any, index: int):
     if point.penalties:
         return make_variant(model, point.penalties, where, index)
-    # Transforms only, the template's penalties kept: make_variant's copy
-    # without its `regularize` call (which needs a penalty).
-    if keras.distribution.distribution() is None:
-        scope = keras.name_scope(f"kerasreg_sweep_{index}")
-    else:
-        scope = contextlib.nullcontext()
-    try:
-        with scope:
-            variant = keras.models.clone_model(model)
-    except Exception as error:  # Keras raises many types for uncloneable models
-        raise ValueError(
-            f"kerasreg.sweep: invalid `model`: {model.name!r} cannot be copied "
-            f"with keras.models.clone_model ({type(error).__name__}: {error})."
-        ) from None
-    variant.set_weights(model.get_weights())
-    carry_state(model, variant)
-    variant.name = f"variant_{index}"
-    return variant
+    # No role named: the template's copy, its penalties kept.
+    return copy_template(model, index)

@@ -334,6 +334,10 @@ class SweepResult:
         `monitor`) is marked with a star. Writes a PNG file, or draws on the
         matplotlib axes `ax`.
 
+        matplotlib is not a kerasreg dependency: install it
+        (`pip install matplotlib`, or the `kerasreg[examples]` extra) to use
+        this method.
+
         Args:
             path: the PNG file to write (optional when `ax` is given).
             metric: a training history key; default: the first compiled
@@ -344,13 +348,24 @@ class SweepResult:
 
         Returns:
             `path`, as a string (None when only `ax` was drawn on).
+
+        Raises:
+            ImportError: matplotlib is not installed.
         """
         if path is None and ax is None:
             raise ValueError(
                 "SweepResult.plot: give `path` (a PNG file to write) or `ax` "
                 "(matplotlib axes to draw on). Received neither."
             )
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError(
+                "SweepResult.plot needs matplotlib, which kerasreg does not "
+                "install: `pip install matplotlib` (or `pip install "
+                "kerasreg[examples]`), or use SweepResult.summary() or "
+                "SweepResult.to_csv(path), which need nothing else."
+            ) from None
 
         if matplotlib.get_backend().lower() not in (
             "agg",

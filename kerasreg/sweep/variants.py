@@ -39,7 +39,8 @@ STATELESS = (
 )
 
 
-def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
+def copy_template(model: keras.Model, index: int) -> keras.Model:
+    """`clone_model(model)` with its weights, named `variant_{index}`."""
     try:
         # Unique variable paths: the torch backend keys parameters by path, and
         # one stacked model with K equal paths would zero only one variant's grads.
@@ -59,6 +60,11 @@ def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
     variant.set_weights(model.get_weights())
     carry_state(model, variant)
     variant.name = f"variant_{index}"
+    return variant
+
+
+def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
+    variant = copy_template(model, index)
     roles = {r: (REMOVE if p is None else p) for r, p in penalty.items()}
     try:
         regularize(variant, **roles, where=where)
