@@ -56,7 +56,7 @@ from kerasreg.penalties import (
     L2Penalty,
 )
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
-from kerasreg.sweep.variants import compile_like
+from kerasreg.sweep.variants import carry_state, compile_like
 from kerasreg.walk import walk_layers
 
 VARIANTS_AXIS = "variants"
@@ -658,9 +658,9 @@ def _lane(variants, compile_config, exclusions, sample, lane_index):
             stack.enter_context(keras.name_scope("kerasreg_sweep_lane"))
         lane = keras.models.clone_model(variants[0])
     # clone_model drops the variables' own `trainable` flags (a layer's flag
-    # is in its config): the lane's state groups must be the variants'.
-    for source, target in zip(variants[0].weights, lane.weights, strict=True):
-        target.trainable = source.trainable
+    # is in its config) and penalty state (an L2SPPenalty's reference): the
+    # lane's state groups must be the variants'.
+    carry_state(variants[0], lane)
     per_variant = [v.weights for v in variants]
     for i, var in enumerate(lane.weights):
         penalties = [weights[i].regularizer for weights in per_variant]
