@@ -698,3 +698,23 @@ def prepare_jax_step(model: Any) -> None:
             "`_record_training_state_sharding_spec`; kerasreg.sweep cannot call a "
             "model's train step outside fit on this Keras version."
         )
+
+
+def lstm_bias_with_inputs() -> bool:
+    """True where Keras's LSTM adds the bias to the input projection, `(x W +
+    b) + h U`, instead of the cell's `(x W + h U) + b`.
+
+    Reason: on the torch backend without CUDA, recent Keras (3.15)'s `LSTM` (also in
+    a `Bidirectional`) runs `keras.src.backend.torch.rnn._fallback_lstm`,
+    which pre-computes `x W + b` for all steps; older versions and the other
+    backends (without cuDNN) run `LSTMCell.call`. The two round differently
+    (1e-9), which Adam can amplify over a few steps; a batched LSTM must add
+    in the same order as the layer it stands for.
+    """
+    if keras.backend.backend() != "torch":
+        return False
+    try:
+        from keras.src.backend.torch import rnn
+    except ImportError:  # pragma: no cover - a Keras without that module
+        return False
+    return hasattr(rnn, "_fallback_lstm")

@@ -39,6 +39,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from kerasreg import _compat
+
 L = keras.layers
 
 
@@ -101,6 +103,10 @@ class Kernel(keras.layers.Layer):
         pairs = []  # (stacked variable, [each variant's variable])
         by_id = {}
         template = layers[0]
+        # Unique names within the kernel: the torch backend tracks a layer's
+        # variables by path, and a `Bidirectional`'s two cells both have a
+        # `kernel` (one would silently shadow the other's updates).
+        names = [v.name for v in template.weights]
         for index, variable in enumerate(template.weights):
             sources = [layer.weights[index] for layer in layers]
             stacked = self.add_weight(
@@ -108,7 +114,9 @@ class Kernel(keras.layers.Layer):
                 dtype=variable.dtype,
                 initializer="zeros",
                 trainable=id(variable) in trainable,
-                name=variable.name,
+                name=variable.name
+                if names.count(variable.name) == 1
+                else f"{variable.name}_{index}",
             )
             stacked.assign(ops.stack([v.value for v in sources]))
             pairs.append((stacked, sources))
@@ -661,7 +669,8 @@ class Recurrent(Kernel):
 
     The input projection of every step is one batched product; each step
     adds the recurrent product in the cell's own order (SimpleRNN:
-    `(x W + b) + h U`; LSTM: `(x W + h U) + b`; GRU: `x W + b_x`, then the
+    `(x W + b) + h U`; LSTM: `(x W + h U) + b`, on torch `(x W + b) + h U`
+    as Keras's torch LSTM; GRU: `x W + b_x`, then the
     gates from `h U (+ b_h)`), so each variant's states are its own layer's.
     """
 
@@ -728,7 +737,10 @@ class Recurrent(Kernel):
                 input_bias, recurrent_bias = bias[:, 0], bias[:, 1]
             else:
                 input_bias = bias
-        if input_bias is not None and kind is not L.LSTM:
+        # Keras's LSTM adds its bias after the recurrent product, except on
+        # torch (recent Keras without CUDA: with the input projection).
+        bias_late = kind is L.LSTM and not _compat.lstm_bias_with_inputs()
+        if input_bias is not None and not bias_late:
             projected = projected + ops.expand_dims(ops.expand_dims(input_bias, 1), 1)
         batch = ops.shape(projected)[1]
         h = ops.zeros((self.k, batch, units), projected.dtype)
@@ -743,7 +755,7 @@ class Recurrent(Kernel):
                     h = cell.activation(h)
             elif kind is L.LSTM:
                 z = xt + ops.matmul(h, recurrent)
-                if bias is not None:
+                if bias is not None and bias_late:
                     z = z + ops.expand_dims(bias, 1)
                 z0, z1, z2, z3 = ops.split(z, 4, axis=-1)
                 i = cell.recurrent_activation(z0)
