@@ -843,9 +843,9 @@ def build_zoo(spec):
         # Penalties set on the sublayers of a subclassed model are not in its
         # saved file, and regularize says so (only then).
         lost = [w for w in caught if "not in a saved file" in str(w.message)]
-        assert len(lost) == (spec["wrap"] == "subclassed" and isinstance(model, Wrapper)), [
-            str(w.message) for w in caught
-        ]
+        assert len(lost) == (
+            spec["wrap"] == "subclassed" and isinstance(model, Wrapper)
+        ), [str(w.message) for w in caught]
         for w in caught:
             if w not in lost:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
