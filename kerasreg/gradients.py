@@ -112,7 +112,8 @@ def gradient_norms(
             unsupported type.
         ValueError: `model` is not compiled with a loss, `where` selects
             nothing or a weight outside `model`, `batch_size` is given with a
-            dataset or is < 1, or the data is empty.
+            dataset or is < 1, the data is empty, or it holds no targets
+            (`y=None`).
 
     Example:
 
@@ -297,6 +298,13 @@ class GradientProgram:
         first = next(iterator, None)
         if first is None:
             raise ValueError("gradient_norms: the data holds no batch.")
+        if first[1] is None:
+            raise ValueError(
+                "gradient_norms: invalid `y`: the data gradient is the gradient "
+                "of the compiled loss, which needs targets. Received: y=None "
+                "(or a dataset whose batches hold no targets). Pass `y` with "
+                "array inputs, or data yielding `(x, y)` batches."
+            )
         first = _tensors(first)
         _compat.compiled_loss(self.model(), first[0], first[1])  # build it once
         second = next(iterator, None)

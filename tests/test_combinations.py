@@ -254,11 +254,20 @@ def float64_is_real() -> bool:
     return bool(jax.config.jax_enable_x64)
 
 
-def tolerance(policy: str) -> float:
+def tolerance(policy: str, optimizer: str = "sgd") -> float:
     """Agreement of two training runs whose only difference is the order of
-    kerasreg's arithmetic vs. numpy's (then rounded to the weights' dtype)."""
+    kerasreg's arithmetic vs. numpy's (then rounded to the weights' dtype).
+
+    Adam divides each gradient by its own running scale, so a rounding
+    difference in a small gradient becomes a difference of up to the
+    learning rate: in float64 its runs agree to 1e-7 (observed 1.5e-8 after
+    8 updates with gradient accumulation, EMA and two transforms), still far
+    below a float32 rounding (6e-8 relative per step, compounding). SGD keeps
+    1e-9, and the float64 examples that catch a float32 path use SGD."""
     if policy == "float64" and not float64_is_real():
         policy = "float32"
+    if policy == "float64" and optimizer == "adam":
+        return 1e-7
     return {
         "float64": 1e-9,
         "float32": 1e-4,
@@ -644,7 +653,7 @@ def close(actual, expected, tol, what):
 
 def check_training(spec, model, reference):
     ours, theirs = np_weights(model), np_weights(reference)
-    tol = tolerance(spec["policy"])
+    tol = tolerance(spec["policy"], spec["optimizer"])
     for p in PATHS:
         close(ours[p], theirs[p], tol, f"{p} after fit vs the numpy-transform fit")
     for t in spec["transforms"]:
@@ -843,9 +852,9 @@ def build_zoo(spec):
         # Penalties set on the sublayers of a subclassed model are not in its
         # saved file, and regularize says so (only then).
         lost = [w for w in caught if "not in a saved file" in str(w.message)]
-        assert len(lost) == (spec["wrap"] == "subclassed" and isinstance(model, Wrapper)), [
-            str(w.message) for w in caught
-        ]
+        assert len(lost) == (
+            spec["wrap"] == "subclassed" and isinstance(model, Wrapper)
+        ), [str(w.message) for w in caught]
         for w in caught:
             if w not in lost:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -980,7 +989,7 @@ def run_distributed(spec_list):
     )
     for spec, (ours, theirs, replicas) in zip(spec_list, result, strict=True):
         assert replicas == 2
-        tol = tolerance(spec["policy"])
+        tol = tolerance(spec["policy"], spec["optimizer"])
         for p, a, b in zip(PATHS, ours, theirs, strict=True):
             close(a, b, tol, f"{p} under {DISTRIBUTED[BACKEND]}")
 

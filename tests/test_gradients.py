@@ -374,3 +374,19 @@ def test_l2sp_penalty_gradient_follows_set_reference_and_load_weights(
     model.load_weights(path)
     np.testing.assert_array_equal(np_weights(kernel), start)
     assert_stats(measured(), closed_form(np.ones((3, 1))), "after load_weights")
+
+
+def test_no_targets_is_refused_naming_y(rng):
+    """Without targets there is no data loss: the error names `y`, for array
+    inputs and for a dataset that yields inputs only."""
+    model = linear_model()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    before = [w.numpy() if hasattr(w, "numpy") else w for w in model.get_weights()]
+    with pytest.raises(ValueError, match=r"invalid `y`.*y=None"):
+        kerasreg.gradient_norms(model, x)
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match=r"invalid `y`"):
+        kerasreg.gradient_norms(model, tf.data.Dataset.from_tensor_slices(x).batch(2))
+    for b, a in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
