@@ -734,3 +734,60 @@ def test_l2sp_reference_is_read_at_each_step_and_follows_set_reference(tmp_path)
     for step, expected in ((1, first), (2, second)):
         assert_matches(series[step], expected, f"step {step}")
         assert series[step]["update_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("engine", ["auto", "sequential"])
+def test_sweep_logs_each_variants_gradients_per_epoch(tmp_path, engine):
+    """`sweep(..., log_dir=..., gradients=True)`: each variant's run holds, per
+    epoch, its gradient statistics on the training part and on the validation
+    part of the data (Keras's validation_split: the last quarter). At the last
+    epoch they equal `gradient_norms` of the trained variant on those parts,
+    and the penalty gradient is the closed form 2 * alpha * ||w||."""
+    x, y = data(40)
+    keras.utils.set_random_seed(0)
+    template = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="h"), keras.layers.Dense(1)]
+    )
+    template.compile(optimizer="sgd", loss="mse")
+    alphas = (0.01, 0.3)
+    result = kerasreg.sweep(
+        template,
+        kerasreg.grid(kerasreg.L2Penalty, list(alphas)),
+        x,
+        y,
+        epochs=2,
+        batch_size=10,
+        validation_split=0.25,
+        shuffle=False,
+        verbose=0,
+        log_dir=tmp_path,
+        gradients=True,
+        engine=engine,
+    )
+    parts = {"train": (x[:30], y[:30]), "validation": (x[30:], y[30:])}
+    for alpha, row, variant in zip(alphas, result.rows, result.models, strict=True):
+        kernel = np.asarray(variant.get_layer("h").kernel.numpy(), np.float64)
+        for run, (xs, ys) in parts.items():
+            series = logged(tmp_path / row["run"] / run, "h/kernel")
+            assert sorted(series) == [0, 1], (run, sorted(series))
+            expected = kerasreg.gradient_norms(variant, xs, ys, batch_size=10)
+            assert_matches(series[1], expected["h/kernel"], f"{row['run']} {run}", 1e-5)
+            assert_close(
+                series[1]["penalty"],
+                2 * alpha * np.linalg.norm(kernel),
+                f"{row['run']} {run} penalty",
+                1e-5,
+            )
+
+
+def test_sweep_gradients_refusals_train_nothing():
+    x, y = data(8)
+    template = make_model()
+    before = [w.copy() for w in template.get_weights()]
+    grid = [kerasreg.L2Penalty(0.1)]
+    with pytest.raises(ValueError, match=r"invalid `gradients`.*log_dir=None"):
+        kerasreg.sweep(template, grid, x, y, gradients=True, verbose=0)
+    with pytest.raises(TypeError, match="gradients"):
+        kerasreg.sweep(template, grid, x, y, gradients="yes", verbose=0)
+    for a, b in zip(template.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -7,17 +7,22 @@ import os
 import keras
 import numpy as np
 
+from kerasreg.sweep import gradient_log
 from kerasreg.tensorboard import WeightNormLogger, run_writer
 
 
 class VariantLog:
-    """One variant's TensorBoard run: Keras-style epoch scalars and weight norms."""
+    """One variant's TensorBoard run: Keras-style epoch scalars, weight norms and,
+    with `sweep(..., gradients=True)`, gradient statistics."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, gradients: list | None = None):
         self.folder = folder
         self.norms = WeightNormLogger(folder)
+        self.gradients = gradients  # gradient_log.readings, or None
+        self.variant: keras.Model | None = None
 
     def begin(self, variant: keras.Model) -> None:
+        self.variant = variant
         self.norms.set_model(variant)
         self.norms.on_train_begin()
 
@@ -32,6 +37,8 @@ class VariantLog:
                 writer.write(epoch, scalars)
                 writer.flush()
         self.norms.on_epoch_end(epoch, logs)
+        if self.gradients is not None and self.variant is not None:
+            gradient_log.write(self.variant, self.folder, epoch, self.gradients)
 
     def end(self) -> None:
         self.norms.on_train_end()

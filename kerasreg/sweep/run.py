@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import engines, sequential
+from kerasreg.sweep import engines, gradient_log, sequential
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
@@ -40,6 +40,7 @@ def sweep(
     where: Any = None,
     seeds: Sequence[int] | None = None,
     log_dir: str | os.PathLike | None = None,
+    gradients: bool = False,
     engine: str = "auto",
     chunk_size: int | None = None,
     **fit_kwargs: Any,
@@ -137,6 +138,12 @@ def sweep(
             with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
             data, plus the HParams experiment (grid item, family, knob values;
             the metrics at each run's `best_epoch`).
+        gradients: bool, default `False`. With `log_dir`, also write each
+            variant's `kerasreg.gradient_norms` at the end of every epoch, on
+            the training data (`<name>/train`) and on the validation data
+            (`<name>/validation`), under `WeightNormLogger(gradients=True)`'s
+            tags: one extra pass over each per variant and epoch (the
+            training data in batches of `batch_size`).
         engine: `"auto"` (default: the fastest exact engine), or
             `"vectorized"`, `"stacked"` or `"sequential"` to force one; a
             forced engine that cannot train the template raises before
@@ -154,14 +161,16 @@ def sweep(
 
     Raises:
         TypeError: `model` is not a Keras model, `penalties`, `seeds` or
-            `callbacks` is not a list, or an item is of the wrong kind.
+            `callbacks` is not a list, `gradients` is not a bool, or an item
+            is of the wrong kind.
         ValueError: `penalties` is empty, `role` or `engine` is unknown, an
             item cannot be resolved, targets a role the model lacks or gives
             one role two penalties, a transform's `where` selects nothing, a
             callback would write one file for all variants, the template is
             not built or not compiled, or it cannot be copied; a forced
             engine cannot train the template; `x` can be read once and the
-            sweep needs several fits. Nothing has trained then.
+            sweep needs several fits or `gradients=True`; `gradients=True`
+            without `log_dir`. Nothing has trained then.
 
     Example:
 
@@ -196,6 +205,9 @@ def sweep(
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
     context.separate = _why_separate_fits(points, seeds, callbacks)
+    readings = gradient_log.readings(
+        gradients, log_dir, context.one_pass_argument, x, y, fit_kwargs
+    )
     chosen, implementation, reason = engines.choose(model, models, context, engine)
     if context.one_pass:  # refused before its first batch is read
         groups = engines.chunks(model, models, context, implementation, chunk_size)
@@ -207,7 +219,7 @@ def sweep(
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
-        VariantLog(os.path.join(log_dir, n)) if log_dir is not None else None
+        VariantLog(os.path.join(log_dir, n), readings) if log_dir is not None else None
         for n in names
     ]
     best_epochs: list[int | None] = [None] * len(models)

@@ -1,0 +1,105 @@
+"""`sweep(..., gradients=True)`: each variant's gradient statistics per epoch.
+
+At the end of every epoch each variant's TensorBoard run gets
+`kerasreg.gradient_norms` of that variant, with its weights of that moment,
+on the training data (`<run>/train`) and, when the fit has validation data,
+on the validation data (`<run>/validation`), under the tags of
+`WeightNormLogger(gradients=True)` (`grad_data/<path>`, `grad_penalty/...`,
+`grad_share/...`, `grad_cosine/...`). These are full passes over the data
+(one per variant, run and epoch), not the step's training batch that the
+logger reads inside `fit`: exact whatever engine trains the variants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import keras
+
+from kerasreg._checks import validate_bool
+from kerasreg.gradients import gradient_norms
+from kerasreg.tensorboard import write_gradient_statistics
+
+
+def _is_arrays(x: Any) -> bool:
+    leaves = keras.tree.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    return all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)
+
+
+def _split(data: Any, start: int, stop: int | None) -> Any:
+    return keras.tree.map_structure(
+        lambda a: None if a is None else a[start:stop], data
+    )
+
+
+def readings(
+    gradients: Any,
+    log_dir: Any,
+    one_pass: str | None,
+    x: Any,
+    y: Any,
+    fit_kwargs: dict,
+) -> list[tuple[str, tuple[Any, Any, Any], int | None]] | None:
+    """The `(run, (x, y, sample_weight), batch_size)` data each epoch's
+    gradient statistics are computed on, or None without `gradients=True`.
+
+    Raises:
+        TypeError: `gradients` is not a bool.
+        ValueError: `gradients=True` without `log_dir`, or with data that can
+            be read only once (a Python generator).
+    """
+    if not validate_bool(gradients, "gradients", "kerasreg.sweep"):
+        return None
+    if log_dir is None:
+        raise ValueError(
+            "kerasreg.sweep: invalid `gradients`: gradient statistics are "
+            "written to each variant's TensorBoard run; pass `log_dir` too. "
+            "Received: gradients=True, log_dir=None."
+        )
+    if one_pass is not None:
+        raise ValueError(
+            "kerasreg.sweep: invalid `gradients`: gradient statistics read the "
+            f"data again after each epoch, and `{one_pass}` can be read only "
+            "once (a Python generator). Pass arrays, a tf.data.Dataset or a "
+            "keras.utils.PyDataset, or gradients=False."
+        )
+    arrays = _is_arrays(x)
+    batch_size = (fit_kwargs.get("batch_size") or 32) if arrays else None
+    sample_weight = fit_kwargs.get("sample_weight")
+    split = fit_kwargs.get("validation_split") or 0.0
+    out: list[tuple[str, tuple[Any, Any, Any], int | None]] = []
+    train = (x, y, sample_weight)
+    validation = None
+    if split and arrays:
+        # Keras's own split (`train_validation_split`): the last fraction.
+        size = int(keras.tree.flatten(x)[0].shape[0])
+        at = math.floor(size * (1.0 - split))
+        train = _split(train, 0, at)
+        validation = _split((x, y, sample_weight), at, None)
+    data = fit_kwargs.get("validation_data")
+    if data is not None:
+        if isinstance(data, (list, tuple)) and len(data) in (2, 3):
+            validation = (*data, None)[:3]
+        else:
+            validation = (data, None, None)
+    out.append(("train", train, batch_size))
+    if validation is not None:
+        size = batch_size if _is_arrays(validation[0]) else None
+        out.append(("validation", validation, size))
+    return out
+
+
+def write(
+    variant: keras.Model,
+    folder: str,
+    epoch: int,
+    data: list[tuple[str, tuple[Any, Any, Any], int | None]],
+) -> None:
+    """One epoch's gradient statistics of `variant`, to `folder/<run>`."""
+    for run, (x, y, sample_weight), batch_size in data:
+        stats = gradient_norms(
+            variant, x, y, sample_weight=sample_weight, batch_size=batch_size
+        )
+        write_gradient_statistics(os.path.join(folder, run), epoch, stats)
