@@ -64,6 +64,7 @@ LAYERS = {
     "sweep.result": 5,
     "sweep.rows": 2,
     "sweep.variants": 5,
+    "sweep.gradient_log": 5.5,  # above tensorboard, below monitor
     "sweep.monitor": 6,
     "sweep.repeats": 6,
     "sweep.stacked": 7,
