@@ -780,7 +780,36 @@ def test_sweep_logs_each_variants_gradients_per_epoch(tmp_path, engine):
             )
 
 
-def test_sweep_gradients_refusals_train_nothing():
+def test_sweep_gradients_with_validation_data_read_all_of_x(tmp_path):
+    """Keras ignores validation_split when validation_data is given and trains
+    on all of `x`: so does the logged training gradient."""
+    x, y = data(24)
+    xv, yv = data(8)
+    template = make_model()
+    result = kerasreg.sweep(
+        template,
+        [kerasreg.L2Penalty(0.1)],
+        x,
+        y,
+        epochs=1,
+        batch_size=8,
+        validation_split=0.5,
+        validation_data=(xv, yv),
+        shuffle=False,
+        verbose=0,
+        log_dir=tmp_path,
+        gradients=True,
+    )
+    variant, run = result.models[0], result.rows[0]["run"]
+    for part, (xs, ys) in {"train": (x, y), "validation": (xv, yv)}.items():
+        expected = kerasreg.gradient_norms(variant, xs, ys, batch_size=8)
+        series = logged(tmp_path / run / part, "h/kernel")
+        assert_matches(series[0], expected["h/kernel"], part, 1e-5)
+
+
+def test_sweep_gradients_refusals_train_nothing(tmp_path):
+    import tensorflow as tf
+
     x, y = data(8)
     template = make_model()
     before = [w.copy() for w in template.get_weights()]
@@ -789,5 +818,11 @@ def test_sweep_gradients_refusals_train_nothing():
         kerasreg.sweep(template, grid, x, y, gradients=True, verbose=0)
     with pytest.raises(TypeError, match="gradients"):
         kerasreg.sweep(template, grid, x, y, gradients="yes", verbose=0)
+    kwargs = dict(log_dir=tmp_path, gradients=True, verbose=0)
+    with pytest.raises(ValueError, match=r"invalid `gradients`.*class_weight"):
+        kerasreg.sweep(template, grid, x, y, class_weight={0: 1.0}, **kwargs)
+    endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat()
+    with pytest.raises(ValueError, match=r"invalid `gradients`.*steps_per_epoch=2"):
+        kerasreg.sweep(template, grid, endless, steps_per_epoch=2, **kwargs)
     for a, b in zip(template.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)

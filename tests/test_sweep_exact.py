@@ -335,3 +335,47 @@ def test_a_validation_generator_that_would_need_k_fits_is_refused(needs):
     assert seen == []
     assert_untouched(template, before)
     np.testing.assert_array_equal(next(validation)[0], x[:8])  # nothing was read
+
+
+# --- penalty state on some variants only ------------------------------------------
+
+
+def test_l2sp_on_some_variants_only_keeps_each_variants_state():
+    """A grid mixing `L2Penalty` and `L2SPPenalty` on the bias, with a
+    BatchNormalization: the L2-SP variant holds one more state variable (its
+    reference) than the others. Each variant's moving statistics, reference
+    and evaluation equal those of its own fit (on JAX the one `jax.vmap` took
+    variant 0's state layout for all and shifted the L2-SP variant's state by
+    one slot: moving variance never updated, reference = the moving mean)."""
+    x, y = data(32)
+    keras.utils.set_random_seed(1)
+    template = chain(
+        keras.layers.Dense(4, name="d1"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dense(1, name="d2"),
+    )
+    template.compile(optimizer="sgd", loss="mse")
+    before = template.get_weights()
+    grids = [
+        lambda: {"bias": kerasreg.L2Penalty(0.1)},
+        lambda: {"bias": kerasreg.L2SPPenalty(0.5)},
+    ]
+    result = kerasreg.sweep(template, [g() for g in grids], x, y, **FIT)
+    assert_untouched(template, before)
+    for make, row, model in zip(grids, result.rows, result.models, strict=True):
+        history, weights, reference = separate_fit(
+            template, make(), x, y, lambda: dict(optimizer="sgd", loss="mse"), **FIT
+        )
+        assert_same_fit(row, model, history, weights)
+        np.testing.assert_allclose(
+            model.evaluate(x, y, verbose=0),
+            reference.evaluate(x, y, verbose=0),
+            rtol=2e-5,
+        )
+        for layer in ("d1", "d2"):
+            penalty = model.get_layer(layer).bias.regularizer
+            if isinstance(penalty, kerasreg.L2SPPenalty):
+                np.testing.assert_array_equal(
+                    ops.convert_to_numpy(penalty.reference),
+                    template.get_layer(layer).get_weights()[1],
+                )

@@ -47,8 +47,9 @@ def readings(
 
     Raises:
         TypeError: `gradients` is not a bool.
-        ValueError: `gradients=True` without `log_dir`, or with data that can
-            be read only once (a Python generator).
+        ValueError: `gradients=True` without `log_dir`, with data that can
+            be read only once (a Python generator), with `class_weight`, or
+            with `steps_per_epoch`/`validation_steps` on a dataset.
     """
     if not validate_bool(gradients, "gradients", "kerasreg.sweep"):
         return None
@@ -65,14 +66,39 @@ def readings(
             "once (a Python generator). Pass arrays, a tf.data.Dataset or a "
             "keras.utils.PyDataset, or gradients=False."
         )
+    if fit_kwargs.get("class_weight") is not None:
+        raise ValueError(
+            "kerasreg.sweep: invalid `gradients`: `gradient_norms` has no "
+            "`class_weight`, so its data gradient would not be the one the "
+            "fit trains on. Received: gradients=True with class_weight="
+            f"{fit_kwargs['class_weight']!r}. Pass per-sample `sample_weight` "
+            "instead, or gradients=False."
+        )
     arrays = _is_arrays(x)
+    for name, data in (
+        ("steps_per_epoch", x),
+        ("validation_steps", fit_kwargs.get("validation_data")),
+    ):
+        if (
+            fit_kwargs.get(name) is not None
+            and data is not None
+            and not _is_arrays(data)
+        ):
+            raise ValueError(
+                "kerasreg.sweep: invalid `gradients`: each epoch's gradient "
+                "statistics read the whole dataset, and with "
+                f"`{name}={fit_kwargs[name]!r}` it may be endless (a repeated "
+                "dataset). Pass a finite dataset without "
+                f"`{name}`, or gradients=False."
+            )
     batch_size = (fit_kwargs.get("batch_size") or 32) if arrays else None
     sample_weight = fit_kwargs.get("sample_weight")
     split = fit_kwargs.get("validation_split") or 0.0
     out: list[tuple[str, tuple[Any, Any, Any], int | None]] = []
     train = (x, y, sample_weight)
     validation = None
-    if split and arrays:
+    # Keras ignores validation_split when validation_data is given.
+    if split and arrays and fit_kwargs.get("validation_data") is None:
         # Keras's own split (`train_validation_split`): the last fraction.
         size = int(keras.tree.flatten(x)[0].shape[0])
         at = math.floor(size * (1.0 - split))

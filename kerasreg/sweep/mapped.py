@@ -153,7 +153,21 @@ def why_not(template: keras.Model, variants: list, context: Any = None) -> str |
                 reference.activity_regularizer
             ):
                 return f"layer {layer.name!r} has a different activity regularizer"
+    first = _state_signature(variants[0])
+    for variant in variants[1:]:
+        if _state_signature(variant) != first:
+            return (
+                "the variants hold different model state (a penalty with "
+                "state, such as an L2SPPenalty, on some of them only)"
+            )
     return None
+
+
+def _state_signature(model: keras.Model) -> list[tuple[str, tuple, str]]:
+    """Name, shape and dtype of each non-trainable variable, in Keras's order."""
+    return [
+        (v.name, tuple(v.shape), str(v.dtype)) for v in model.non_trainable_variables
+    ]
 
 
 def check_variants_axis(template: keras.Model, variants: list, context: Any = None):
@@ -413,11 +427,15 @@ class MappedStack(keras.Model):
             for i, var in enumerate(lane_vars):
                 for groups in variant_groups:
                     other = groups[g][i]
-                    if tuple(other.shape) != tuple(var.shape):
+                    # Model variables' names are scope-free ("moving_mean",
+                    # "kernel_reference"); optimizer slots' names hold paths.
+                    renamed = g < 2 and other.name != var.name
+                    if tuple(other.shape) != tuple(var.shape) or renamed:
                         raise ValueError(
-                            "kerasreg.sweep: a variant's state does not match the "
-                            f"template's ({other.path} {tuple(other.shape)} vs "
-                            f"{var.path} {tuple(var.shape)})."
+                            "kerasreg.sweep: the variants' state does not line up "
+                            f"for one jax.vmap ({other.path} {tuple(other.shape)} "
+                            f"vs {var.path} {tuple(var.shape)}); use "
+                            "engine='auto' or 'sequential'."
                         )
         layouts = _StackLayouts()
         stacked = []
