@@ -56,6 +56,8 @@ class SweepContext:
         if self.data_kind == "one-pass iterator":
             return "x"
         validation = self.fit_kwargs.get("validation_data")
+        if validation is None:
+            return None
         if isinstance(validation, types.GeneratorType) or (
             hasattr(validation, "__next__") and iter(validation) is validation
         ):

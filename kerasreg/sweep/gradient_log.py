@@ -112,8 +112,8 @@ def readings(
             validation = (data, None, None)
     out.append(("train", train, batch_size))
     if validation is not None:
-        size = batch_size if _is_arrays(validation[0]) else None
-        out.append(("validation", validation, size))
+        batches = batch_size if _is_arrays(validation[0]) else None
+        out.append(("validation", validation, batches))
     return out
 
 
