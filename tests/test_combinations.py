@@ -363,8 +363,24 @@ def kerasreg_penalty(spec):
     }[spec["penalty"]]()
 
 
+class _Callable(keras.regularizers.Regularizer):
+    """A hand-written penalty as a Keras Regularizer (Keras 3.8 accepts only
+    `Regularizer` instances as a variable's regularizer)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, w):
+        return self.fn(w)
+
+
 def keras_penalty(spec, ref):
     """The same penalty from Keras's built-ins, or a hand-written callable."""
+    made = _keras_penalty(spec, ref)
+    return made if isinstance(made, keras.regularizers.Regularizer) else _Callable(made)
+
+
+def _keras_penalty(spec, ref):
     f = penalty_factor(spec)
     kind = spec["penalty"]
     if kind == "l1":
