@@ -34,12 +34,30 @@ BACKEND_INDEPENDENT = (
 )
 
 
+# Slow tests of code that differs per backend (distribution strategies and
+# meshes, multi-process jobs, the jax.vmap sweep engine): they get the
+# `per_backend` marker, and CI runs them on every backend's leg, while the
+# other slow tests (examples, forced sweep engines, generators, the CLI zoo,
+# the browser) run on its TensorFlow leg only.
+PER_BACKEND = (
+    "tests/test_distribution.py::",
+    "tests/test_multiprocess.py::",
+    "tests/test_sharded.py::",
+    "tests/test_sweep_mapped.py::",
+)
+
+
 def pytest_configure(config):
     # Known even without pytest-xdist (`-p no:xdist`), under --strict-markers.
     config.addinivalue_line(
         "markers",
         "xdist_group(name): tests sharing one expensive fixture or fresh process "
         "run on one pytest-xdist worker (`--dist loadgroup`, as dev.py runs)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "per_backend: a slow test of code that differs per backend "
+        "(conftest.PER_BACKEND); CI runs it on every leg",
     )
     config.addinivalue_line(
         "markers",
@@ -81,6 +99,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         if item.nodeid.startswith(BACKEND_INDEPENDENT):
             item.add_marker(pytest.mark.backend_independent)
+        if item.nodeid.startswith(PER_BACKEND):
+            item.add_marker(pytest.mark.per_backend)
     if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
