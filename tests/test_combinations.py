@@ -376,11 +376,6 @@ class _Callable(keras.regularizers.Regularizer):
 
 def keras_penalty(spec, ref):
     """The same penalty from Keras's built-ins, or a hand-written callable."""
-    made = _keras_penalty(spec, ref)
-    return made if isinstance(made, keras.regularizers.Regularizer) else _Callable(made)
-
-
-def _keras_penalty(spec, ref):
     f = penalty_factor(spec)
     kind = spec["penalty"]
     if kind == "l1":
@@ -390,11 +385,17 @@ def _keras_penalty(spec, ref):
     if kind == "elastic":
         return keras.regularizers.L1L2(f, f / 2)
     if kind == "expabs":  # |w| stays far below 20: the exact formula
-        return lambda w: f * ops.sum(ops.expm1(ops.abs(ops.cast(w, "float32"))))
-    return lambda w: (
-        f
-        * ops.sum(
-            ops.square(ops.cast(w, "float32") - ops.convert_to_tensor(ref, "float32"))
+        return _Callable(
+            lambda w: f * ops.sum(ops.expm1(ops.abs(ops.cast(w, "float32"))))
+        )
+    return _Callable(
+        lambda w: (
+            f
+            * ops.sum(
+                ops.square(
+                    ops.cast(w, "float32") - ops.convert_to_tensor(ref, "float32")
+                )
+            )
         )
     )
 
