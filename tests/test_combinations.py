@@ -363,6 +363,17 @@ def kerasreg_penalty(spec):
     }[spec["penalty"]]()
 
 
+class _Callable(keras.regularizers.Regularizer):
+    """A hand-written penalty as a Keras Regularizer (Keras 3.8 accepts only
+    `Regularizer` instances as a variable's regularizer)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, w):
+        return self.fn(w)
+
+
 def keras_penalty(spec, ref):
     """The same penalty from Keras's built-ins, or a hand-written callable."""
     f = penalty_factor(spec)
@@ -374,11 +385,17 @@ def keras_penalty(spec, ref):
     if kind == "elastic":
         return keras.regularizers.L1L2(f, f / 2)
     if kind == "expabs":  # |w| stays far below 20: the exact formula
-        return lambda w: f * ops.sum(ops.expm1(ops.abs(ops.cast(w, "float32"))))
-    return lambda w: (
-        f
-        * ops.sum(
-            ops.square(ops.cast(w, "float32") - ops.convert_to_tensor(ref, "float32"))
+        return _Callable(
+            lambda w: f * ops.sum(ops.expm1(ops.abs(ops.cast(w, "float32"))))
+        )
+    return _Callable(
+        lambda w: (
+            f
+            * ops.sum(
+                ops.square(
+                    ops.cast(w, "float32") - ops.convert_to_tensor(ref, "float32")
+                )
+            )
         )
     )
 
