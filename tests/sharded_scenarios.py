@@ -177,8 +177,13 @@ def shardings(model):
         sharding = v.value.sharding
         spec = getattr(sharding, "spec", None)
         shard_shape = list(sharding.shard_shape(tuple(v.shape)))
+        if spec is not None:
+            # JAX reads missing trailing entries as None: PartitionSpec() and
+            # PartitionSpec(None) are the same layout of a vector (Keras keeps
+            # an equivalent sharding as it is), so the spec is padded.
+            spec = list(spec) + [None] * (len(v.shape) - len(spec))
         out[path] = [
-            None if spec is None else [a for a in spec],
+            spec,
             len(sharding.device_set),
             shard_shape,
         ]

@@ -9,7 +9,7 @@ metric, optimizer and the data; otherwise the reason, one short sentence),
 optionally `describe(template, variants, context) -> str` (what runs),
 `PREPARE` (what `fit` needs of the variants beforehand: `"all"`, the
 default: each compiled like the template, its loss and metrics built on two
-samples; `"first"`: only the first so; `"compile"`: each compiled, nothing
+samples; `"first"`: each compiled, only the first one's built; `"compile"`: each compiled, nothing
 built; `"none"`: `fit` prepares them itself), `BACKENDS` (the backends it
 runs on; default all) and `OWN_OPTIMIZERS` (True: each trained variant
 keeps the optimizer state of its own training; otherwise it gets a fresh
@@ -206,9 +206,11 @@ def ready(variants, compile_config, exclusions, context: SweepContext, module):
         return
     sample = context.sample
     for index, variant in enumerate(variants):
-        if needs == "first" and index > 0:
-            break
+        # Each variant is compiled (its loss is read per variant, as by the
+        # gradient log); "first": only the first one's metrics are built.
         compile_like(variant, compile_config, exclusions)
+        if needs == "first" and index > 0:
+            continue
         if sample is not None and needs != "compile":
             # The compiled loss and metrics get their variables now, before
             # a one-fit step is traced.

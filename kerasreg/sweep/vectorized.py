@@ -167,7 +167,9 @@ def why_not(
             return "a tf.distribute strategy is active"
     if context.fit_kwargs.get("callbacks"):
         return "`callbacks` are given (they would see the batched model)"
-    optimizer = variants[0].optimizer
+    # The variants are compiled later, each with an optimizer made from the
+    # template's config (Keras 3.8's clone_model does not compile the clone).
+    optimizer = template.optimizer
     # Keras's own classes only (the torch backend subclasses each per backend):
     # a user's subclass may couple elements.
     if not isinstance(optimizer, ELEMENTWISE) or not type(
@@ -213,6 +215,12 @@ def _graph_reason(model: keras.Model) -> str | None:
     functional, calls = _compat.functional_graph(model)
     if functional is None:
         return "the template has no known input"
+    # The policy first: Keras 3.8 adds Cast operations to a mixed-precision graph.
+    for operation, *_ in calls:
+        policy = getattr(operation, "dtype_policy", None)
+        if isinstance(operation, keras.layers.Layer) and policy.name != "float32":
+            name = operation.name
+            return f"layer {name!r} computes in {policy.name}"
     for operation, args, kwargs, _ in calls:
         name = getattr(operation, "name", type(operation).__name__)
         kind = type(operation)
@@ -228,8 +236,6 @@ def _graph_reason(model: keras.Model) -> str | None:
             return f"layer {name!r} ({kind.__name__}) {reason}"
         if operation.activity_regularizer is not None:
             return f"layer {name!r} has an activity regularizer"
-        if operation.dtype_policy.name != "float32":
-            return f"layer {name!r} computes in {operation.dtype_policy.name}"
         extra = {k for k, v in kwargs.items() if k != "training" and v is not None}
         if extra:
             return f"layer {name!r} is called with {sorted(extra)}"
