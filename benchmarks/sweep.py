@@ -5,6 +5,7 @@
     python benchmarks/sweep.py --engine vectorized  # force an engine
     python benchmarks/sweep.py --memory           # peak memory, one process per call
     python benchmarks/sweep.py --no-separate      # sweep and one fit only
+    python benchmarks/sweep.py --floor            # + one fit doing K times the arithmetic
     python benchmarks/sweep.py --quick            # smoke run
 
 Each timed call is what a user waits for, set-up included: the sweep call
@@ -14,7 +15,12 @@ copies, each with its own penalty, compiled and fitted one after another:
 what a user without `sweep` runs). Calls are interleaved round after round
 (the order rotating, `overhead.run_rounds`); the table gives the median, min
 and max over rounds of time(sweep) / time(one fit) and time(sweep) / time(K
-separate fits) from the same round, in wall-clock time. Results are also
+separate fits) from the same round, in wall-clock time. `--floor` adds one
+fit of the template on each sample repeated K times with a K times larger
+batch (`k_wide`): the same steps and weights as one fit, K times the
+arithmetic per step, one fit's overhead; time(that fit) / time(one fit) is
+what the arithmetic alone costs, below which no one-fit engine can go.
+Results are also
 written to `benchmarks/results/sweep_<backend>.json`.
 
 Workloads (K=6 strengths unless noted):
@@ -72,6 +78,25 @@ def copy_of(template: keras.Model, penalty=None) -> keras.Model:
 
 def one_fit(template, x, y, **fit_kwargs) -> None:
     copy_of(template).fit(x, y, verbose=0, **fit_kwargs)
+
+
+def k_wide(x, y, k: int, **fit_kwargs):
+    """`(x, y, fit_kwargs)` of one fit doing K variants' arithmetic at one
+    fit's overhead: each sample repeated K times, the batch K times larger, so
+    the steps, the gradients and the trained weights are those of one fit (a
+    mean loss over K equal copies) while each step computes K times as much.
+    No engine can train K variants in one fit for less than this fit costs."""
+    kwargs = dict(fit_kwargs)
+    split = kwargs.pop("validation_split", 0.0)
+    if split:  # Keras's own rule: the last part, from floor(n * (1 - split))
+        at = int(np.floor(len(x) * (1.0 - split)))
+        kwargs["validation_data"] = (x[at:], y[at:])
+        x, y = x[:at], y[:at]
+    if kwargs.get("validation_data") is not None:
+        vx, vy = kwargs["validation_data"]
+        kwargs["validation_data"] = (np.repeat(vx, k, 0), np.repeat(vy, k, 0))
+    kwargs["batch_size"] = k * kwargs.get("batch_size", 32)
+    return np.repeat(x, k, 0), np.repeat(y, k, 0), kwargs
 
 
 def separate_fits(template, penalties, x, y, **fit_kwargs) -> list[dict]:
@@ -169,10 +194,13 @@ WORKLOADS = {
 # --- timing ------------------------------------------------------------------------
 
 
-def bench(name: str, workload, rounds: int, engine: str, separate=True) -> dict:
+def bench(
+    name: str, workload, rounds: int, engine: str, separate=True, floor=False
+) -> dict:
     template, x, y, kwargs, penalties = workload
     k = len(penalties)
     used = {}
+    wide = k_wide(x, y, k, **kwargs)
 
     def run_sweep():
         result = kerasreg.sweep(
@@ -191,11 +219,21 @@ def bench(name: str, workload, rounds: int, engine: str, separate=True) -> dict:
                 lambda: separate_fits(template, penalties, x, y, **kwargs),
             )
         )
+    if floor:
+        calls.append(
+            Call(
+                f"one fit, {k}x the batch",
+                lambda: one_fit(template, *wide[:2], **wide[2]),
+            )
+        )
     run_rounds(calls, rounds)
     per_fit = ratios(calls[1], calls[0])
     nan = float("nan")
     per_k = (
         ratios(calls[1], calls[2]) if separate else dict(median=nan, min=nan, max=nan)
+    )
+    per_floor = (
+        ratios(calls[-1], calls[0]) if floor else dict(median=nan, min=nan, max=nan)
     )
     return {
         "workload": name,
@@ -211,6 +249,9 @@ def bench(name: str, workload, rounds: int, engine: str, separate=True) -> dict:
         "sweep / K fits": per_k["median"],
         "K fits min": per_k["min"],
         "K fits max": per_k["max"],
+        "K-wide fit / one fit": per_floor["median"],
+        "K-wide min": per_floor["min"],
+        "K-wide max": per_floor["max"],
         "rounds": per_fit["rounds"],
     }
 
@@ -218,15 +259,18 @@ def bench(name: str, workload, rounds: int, engine: str, separate=True) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "| workload | K | engine | one fit (s) | sweep (s) | K fits (s) "
-        "| sweep / one fit (min–max) | sweep / K separate fits (min–max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sweep / one fit (min–max) | sweep / K separate fits (min–max) "
+        "| K-wide fit / one fit (min–max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['K']} | {r['engine']} | {r['one fit s']:.1f} "
             f"| {r['sweep s']:.1f} | {r['K fits s']:.1f} "
             f"| {r['sweep / one fit']:.2f} ({r['min']:.2f}–{r['max']:.2f}) "
-            f"| {r['sweep / K fits']:.2f} ({r['K fits min']:.2f}–{r['K fits max']:.2f}) |"
+            f"| {r['sweep / K fits']:.2f} ({r['K fits min']:.2f}–{r['K fits max']:.2f}) "
+            f"| {r['K-wide fit / one fit']:.2f} "
+            f"({r['K-wide min']:.2f}–{r['K-wide max']:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -285,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip timing K separate fits (the costliest call)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time one fit with each sample repeated K times and a K times "
+        "larger batch: K variants' arithmetic at one fit's overhead",
+    )
+    parser.add_argument(
         "--only", nargs="*", default=None, help=f"workloads: {', '.join(WORKLOADS)}"
     )
     args = parser.parse_args(argv)
@@ -308,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     for key in names:  # each row printed and saved as soon as it is measured
         workload = WORKLOADS[key][1](args.quick)
         row = bench(
-            WORKLOADS[key][0], workload, rounds, args.engine, not args.no_separate
+            WORKLOADS[key][0],
+            workload,
+            rounds,
+            args.engine,
+            not args.no_separate,
+            args.floor,
         )
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)

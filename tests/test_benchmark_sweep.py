@@ -48,8 +48,33 @@ def test_separate_fits_are_the_fits_the_sweep_replaces(bench):
 
 def test_bench_reports_same_round_ratios(bench, monkeypatch):
     template, x, y, kwargs, penalties = bench.brownlee(epochs=2, k=2)
-    row = bench.bench("moons", (template, x, y, kwargs, penalties), 2, "auto")
+    row = bench.bench(
+        "moons", (template, x, y, kwargs, penalties), 2, "auto", floor=True
+    )
     assert row["engine"] in ("vectorized", "stacked", "sequential")
     assert row["rounds"] == 2
     assert row["min"] <= row["sweep / one fit"] <= row["max"]
     assert row["K fits min"] <= row["sweep / K fits"] <= row["K fits max"]
+    assert row["K-wide min"] <= row["K-wide fit / one fit"] <= row["K-wide max"]
+    assert "K-wide fit / one fit" in bench.table([row]).splitlines()[0]
+
+
+def test_the_k_wide_fit_trains_as_one_fit_does(bench):
+    # The arithmetic floor repeats each sample K times in a K times larger
+    # batch: the mean loss and its gradient are one fit's, so the histories
+    # and the trained weights equal one fit's (validation_split taken by
+    # Keras's rule before repeating), while each step computes K times as much.
+    template, x, y, kwargs, _ = bench.digits("mlp", epochs=2, k=3)
+    x, y = x[:96], y[:96]
+    one = bench.copy_of(template)
+    history = one.fit(x, y, verbose=0, **kwargs).history
+    wx, wy, wide_kwargs = bench.k_wide(x, y, 3, **kwargs)
+    assert wide_kwargs["batch_size"] == 3 * kwargs["batch_size"]
+    assert len(wx) == 3 * 76  # floor(96 * 0.8) samples train, each three times
+    wide = bench.copy_of(template)
+    wide_history = wide.fit(wx, wy, verbose=0, **wide_kwargs).history
+    assert set(wide_history) == set(history)
+    for key, values in history.items():
+        np.testing.assert_allclose(wide_history[key], values, rtol=1e-5, err_msg=key)
+    for a, b in zip(wide.get_weights(), one.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
