@@ -718,3 +718,32 @@ def lstm_bias_with_inputs() -> bool:
     except ImportError:  # pragma: no cover - a Keras without that module
         return False
     return hasattr(rnn, "_fallback_lstm")
+
+
+def compile_arguments(model: Any) -> dict[str, Any]:
+    """The arguments of `model`'s last `compile`, as given (objects, not configs).
+
+    Reason: `get_compile_config()` serializes them, and some Keras configs drop
+    arguments (Keras 3.15: `Huber`'s `delta`, `CosineSimilarity`'s and
+    `SparseCategoricalCrossentropy`'s `axis`), so a model compiled from the
+    config may compute another loss. Keras keeps the arguments in
+    `model._compile_config.config` (Keras 3.0 to 3.15).
+    """
+    config = getattr(getattr(model, "_compile_config", None), "config", None)
+    if not isinstance(config, dict):
+        raise KerasInternalsChanged(
+            f"kerasreg: Keras {keras.__version__} models keep their compile "
+            "arguments differently; kerasreg.sweep cannot copy them."
+        )
+    return config
+
+
+def function_arguments(wrapper: Any) -> dict[str, Any] | None:
+    """The keyword arguments a Keras loss or metric passes to its function
+    (`Huber(delta=0.3)` -> `{"delta": 0.3}`), or None if it wraps no function.
+
+    Reason: Keras's `LossFunctionWrapper` and `MeanMetricWrapper` keep them in
+    `_fn_kwargs` (Keras 3.0 to 3.15), and their `get_config` may drop some.
+    """
+    arguments = getattr(wrapper, "_fn_kwargs", None)
+    return dict(arguments) if isinstance(arguments, dict) else None

@@ -165,6 +165,16 @@ def case(name):
         )
         sequences = rng.normal(size=(8, 3, 2)).astype("float32")
         return model, dict(optimizer=adam, loss="mse"), sequences, y, {"batch_size": 4}
+    if name == "an LSTM with dropout in its cell":
+        model = keras.Sequential(
+            [
+                keras.Input((3, 2)),
+                L.LSTM(2, dropout=0.2, seed=1, name="rnn"),
+                L.Dense(1),
+            ]
+        )
+        sequences = rng.normal(size=(8, 3, 2)).astype("float32")
+        return model, dict(optimizer=adam, loss="mse"), sequences, y, {}
     if name == "callbacks=[...]":
         compiled = dict(optimizer=adam, loss="mse")
         return dense_net(), compiled, x, y, {"callbacks": [Probe()]}

@@ -88,9 +88,11 @@ def has_sample_weights(x, fit_kwargs, first=None) -> bool:
     if fit_kwargs.get("sample_weight") is not None or fit_kwargs.get("class_weight"):
         return True
     validation = fit_kwargs.get("validation_data")
+    # Validation data can only add weights: the training data is read below.
     if isinstance(validation, (tuple, list)) and len(validation) > 2:
-        return validation[2] is not None
-    if validation is not None and not isinstance(validation, (tuple, list)):
+        if validation[2] is not None:
+            return True
+    elif validation is not None and not isinstance(validation, (tuple, list)):
         return True  # a dataset or generator: its elements may hold weights
     if kind(x) == DATASET:
         spec = x.element_spec

@@ -74,10 +74,11 @@ _WHAT = {
 
 def _stateful(template) -> str | None:
     """A stateful layer's state has the batch's shape: not mapped (measured:
-    `SimpleRNN(stateful=True)` fails inside `jax.vmap`)."""
+    `SimpleRNN(stateful=True)` fails inside `jax.vmap`); nor RNN cell dropout
+    (`stacked.cell_dropout`)."""
     if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
         return "the template has stateful layers"
-    return None
+    return stacked.cell_dropout(template)
 
 
 def context(model, x, y, fit_kwargs, compile_config, exclusions) -> SweepContext:

@@ -25,7 +25,7 @@ from kerasreg.sweep.monitor import VariantLog
 from kerasreg.sweep.repeats import build_variant, check_seeds
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
-from kerasreg.sweep.variants import compile_like
+from kerasreg.sweep.variants import compile_like, compile_recipe
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -90,8 +90,10 @@ def sweep(
       `compute_loss` and `compute_metrics` (any layer; not global-norm
       clipping or loss scaling, which couple the copies).
     - `"sequential"`: K separate fits, one after another, logged as a
-      WARNING: loss scaling, stateful layers, `callbacks` (given to each of
-      the K fits).
+      WARNING where no one-fit engine can take the template (loss scaling
+      off JAX, stateful layers, dropout inside an RNN cell), at INFO where
+      the grid asks for it (`callbacks`, each fit with its own copy; seeds;
+      decay transforms).
 
     `Dropout`: with `Dropout(seed=s)` every variant draws the masks its own
     fit draws (a copy keeps the seed: the same masks for all variants, as
@@ -196,7 +198,7 @@ def sweep(
     runs = _runs(points, seeds)
     names = [run_name(name, seed) for _, _, name, seed in runs]
     callbacks = sequential.check_callbacks(fit_kwargs.get("callbacks"), names)
-    compile_config = model.get_compile_config()
+    compile_config = compile_recipe(model)
     models = [
         build_variant(model, point, where, i, seed, item)
         for i, (item, point, _, seed) in enumerate(runs)

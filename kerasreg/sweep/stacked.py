@@ -24,6 +24,18 @@ PREPARE = "all"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "stacked"
 
 
+def cell_dropout(template) -> str | None:
+    """An RNN cell's dropout masks, drawn in one fit of K variants, are not
+    those of each variant's own fit (measured: `LSTM(4, dropout=0.2, seed=5)`
+    0.07 off in the weights, in the stacked and the mapped engines)."""
+    for layer, _ in walk_layers(template):
+        if hasattr(layer, "recurrent_dropout") and (
+            getattr(layer, "dropout", 0) or getattr(layer, "recurrent_dropout", 0)
+        ):
+            return f"layer {layer.name!r} has dropout in its recurrent cell"
+    return None
+
+
 def why_not(
     template: keras.Model, variants: list[keras.Model], context: SweepContext
 ) -> str | None:
@@ -37,6 +49,9 @@ def why_not(
         return "the template has several inputs or outputs"
     if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
         return "the template has stateful layers"
+    reason = cell_dropout(template)
+    if reason:
+        return reason
     for method in ("train_step", "test_step"):
         if getattr(type(template), method) is not getattr(keras.Model, method):
             return f"the template overrides `{method}`"

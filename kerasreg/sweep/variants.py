@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasreg import _compat
 from kerasreg.attach import REMOVE, regularize
 from kerasreg.penalties import (
     ElasticNetPenalty,
@@ -151,7 +152,64 @@ def fresh_optimizer(compile_config, exclusions, models, variables=None):
     return optimizer
 
 
+# The key of `compile_recipe` holding the template's loss objects themselves.
+LOSS_OBJECTS = "kerasreg_loss_objects"
+
+
+def compile_recipe(model: keras.Model) -> dict:
+    """`model.get_compile_config()`, with `model`'s loss objects themselves.
+
+    Keras's configs drop some loss arguments (Keras 3.15: `Huber(delta=0.3)`
+    comes back as `Huber()`; a copy goes through the config too), so the
+    variants share the template's loss objects (a Keras loss holds no state),
+    not losses rebuilt from the config. A compiled metric
+    whose config drops an argument cannot be copied (it holds variables): it
+    is refused, naming the argument.
+
+    Raises:
+        ValueError: a compiled metric's config does not keep its arguments.
+    """
+    config = dict(model.get_compile_config())
+    arguments = _compat.compile_arguments(model)
+    for key in ("metrics", "weighted_metrics"):
+        for metric in keras.tree.flatten(arguments.get(key)):
+            _check_round_trip(metric, key)
+    config[LOSS_OBJECTS] = arguments.get("loss")
+    return config
+
+
+def _check_round_trip(metric: Any, key: str) -> None:
+    given = _compat.function_arguments(metric)
+    if not given:
+        return
+    rebuilt = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(metric)
+    )
+    again = _compat.function_arguments(rebuilt) or {}
+    lost = {k: v for k, v in given.items() if k not in again or again[k] != v}
+    if lost:
+        raise ValueError(
+            f"kerasreg.sweep: invalid `model`: its compiled `{key}` entry "
+            f"{type(metric).__name__} loses {lost} in its Keras config (received "
+            f"{type(metric).__name__}({', '.join(f'{k}={v!r}' for k, v in lost.items())})"
+            "), so the variants, compiled from the config, would compute another "
+            "metric. Accepted: metrics whose config keeps their arguments (leave "
+            "these at their defaults, or write the metric as a function)."
+        )
+
+
+def compile_arguments(compile_config: dict) -> dict:
+    """The keyword arguments of `compile` from a `compile_recipe`: fresh
+    objects from the config, but the template's own losses."""
+    config = dict(compile_config)
+    losses = config.pop(LOSS_OBJECTS, None)
+    config = keras.saving.deserialize_keras_object(copy.deepcopy(config))
+    if losses is not None:
+        config["loss"] = losses
+    return config
+
+
 def compile_like(variant, compile_config, exclusions):
-    config = keras.saving.deserialize_keras_object(copy.deepcopy(compile_config))
+    config = compile_arguments(compile_config)
     config["optimizer"] = fresh_optimizer(compile_config, exclusions, [variant])
     variant.compile(**config)

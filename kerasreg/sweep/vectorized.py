@@ -25,7 +25,6 @@ and metrics are Keras's own computation on variant k's outputs.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import keras
@@ -38,7 +37,7 @@ from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.data import has_sample_weights, peek, sample_batch
 from kerasreg.sweep.kernels import KERNELS, Untracked, Value
 from kerasreg.sweep.stacked import fit_stack
-from kerasreg.sweep.variants import fresh_optimizer
+from kerasreg.sweep.variants import compile_arguments, fresh_optimizer
 
 PREPARE = "first"  # what fit needs beforehand (kerasreg.sweep.engines)
 NAME = "vectorized"
@@ -286,11 +285,21 @@ def _folded_loss(compiled: keras.Model) -> tuple[Any, str] | None:
             return None
         identifier = keras.losses.get(identifier)
     if type(identifier) in _PER_SAMPLE_LOSSES:
-        config = identifier.get_config()
-        if config.get("axis", -1) != -1 or config.get("reduction") not in _REDUCTIONS:
+        # The arguments themselves: a config may drop some (Huber's delta).
+        arguments = _compat.function_arguments(identifier)
+        reduction = getattr(identifier, "reduction", None)
+        if arguments is None or reduction not in _REDUCTIONS:
             return None
-        per_sample = type(identifier).from_config(dict(config, reduction="none"))
-        return per_sample, config["reduction"]
+        if arguments.get("axis", -1) != -1:
+            return None
+        if arguments.get("ignore_class") is not None:
+            # Keras masks the ignored samples and divides by the others' count.
+            return None
+        # A shallow copy by hand: copy.copy goes through the config as well.
+        per_sample = object.__new__(type(identifier))
+        per_sample.__dict__.update(vars(identifier))
+        per_sample.reduction = "none"
+        return per_sample, reduction
     if identifier in PER_SAMPLE:
         return _compat.per_sample_loss(identifier), "sum_over_batch_size"
     return None
@@ -334,7 +343,7 @@ def _head(compiled: keras.Model, compile_config: dict) -> keras.Model:
     ]
     outputs = keras.tree.pack_sequence_as(functional.output, inputs)
     head = keras.Model(inputs, outputs, name=f"{compiled.name}_head")
-    config = keras.saving.deserialize_keras_object(copy.deepcopy(compile_config))
+    config = compile_arguments(compile_config)
     config["optimizer"] = "sgd"  # never used: the head has no weights
     for key in ("steps_per_execution", "jit_compile", "run_eagerly"):
         config.pop(key, None)
