@@ -576,3 +576,38 @@ def test_prepare_jax_step_fails_loudly_when_keras_changes():
     with pytest.raises(_compat.KerasInternalsChanged, match="sharding"):
         _compat.prepare_jax_step(Trainer())
     _compat.prepare_jax_step(object())  # a trainer that constrains nothing
+
+
+def test_compile_arguments_are_the_objects_compile_was_given():
+    loss = keras.losses.Huber(delta=0.3)
+    metric = keras.metrics.CosineSimilarity(axis=0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss=loss, metrics=[metric])
+    arguments = _compat.compile_arguments(model)
+    assert arguments["loss"] is loss
+    assert arguments["metrics"][0] is metric
+
+
+def test_compile_arguments_fail_loudly_when_keras_changes():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model._compile_config = None
+    with pytest.raises(_compat.KerasInternalsChanged, match="compile arguments"):
+        _compat.compile_arguments(model)
+
+
+def test_function_arguments_are_what_the_loss_or_metric_passes_its_function():
+    # What the sweep needs them for: Keras's config drops these (a model
+    # compiled from the config computes another loss).
+    huber = keras.losses.Huber(delta=0.3)
+    assert _compat.function_arguments(huber) == {"delta": 0.3}
+    y_true, y_pred = np.array([[0.0], [2.0]]), np.array([[1.0], [0.0]])
+    by_hand = keras.losses.huber(y_true, y_pred, **_compat.function_arguments(huber))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(huber(y_true, y_pred)),
+        np.mean(keras.ops.convert_to_numpy(by_hand)),
+        rtol=1e-6,
+    )
+    cosine = keras.metrics.CosineSimilarity(axis=0)
+    assert _compat.function_arguments(cosine)["axis"] == 0
+    assert _compat.function_arguments(keras.metrics.AUC()) is None
