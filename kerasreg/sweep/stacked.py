@@ -13,6 +13,8 @@ variant's own `compute_metrics`. What couples the variables of a whole model
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 from kerasreg.selection import walk_layers
@@ -29,9 +31,11 @@ def cell_dropout(template) -> str | None:
     those of each variant's own fit (measured: `LSTM(4, dropout=0.2, seed=5)`
     0.07 off in the weights, in the stacked and the mapped engines)."""
     for layer, _ in walk_layers(template):
-        if hasattr(layer, "recurrent_dropout") and (
-            getattr(layer, "dropout", 0) or getattr(layer, "recurrent_dropout", 0)
-        ):
+        rates: Any = (
+            getattr(layer, "dropout", 0),
+            getattr(layer, "recurrent_dropout", 0),
+        )
+        if hasattr(layer, "recurrent_dropout") and any(rates):
             return f"layer {layer.name!r} has dropout in its recurrent cell"
     return None
 

@@ -216,7 +216,7 @@ def _graph_reason(model: keras.Model) -> str | None:
         return "the template has no known input"
     # The policy first: Keras 3.8 adds Cast operations to a mixed-precision graph.
     for operation, *_ in calls:
-        policy = getattr(operation, "dtype_policy", None)
+        policy: Any = getattr(operation, "dtype_policy", None)
         if isinstance(operation, keras.layers.Layer) and policy.name != "float32":
             name = operation.name
             return f"layer {name!r} computes in {policy.name}"
