@@ -37,7 +37,6 @@ from kerasreg import _compat
 from kerasreg.sweep import data, mapped, sequential, stacked, vectorized
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.variants import compile_like
-from kerasreg.walk import walk_layers
 
 logger = logging.getLogger("kerasreg")
 
@@ -52,7 +51,8 @@ MAPPED = types.SimpleNamespace(
     BACKENDS=("jax",),
     OWN_OPTIMIZERS=True,
     why_not=lambda template, variants, context: (
-        _stateful(template) or mapped.why_not(template, variants, context)
+        stacked.separate_fit_layers(template)
+        or mapped.why_not(template, variants, context)
     ),
     fit=mapped.fit,
     describe=lambda template, variants, context: (
@@ -70,15 +70,6 @@ _WHAT = {
     "stacked": "K copies side by side in one fit",
     "sequential": "K separate fits, one after another",
 }
-
-
-def _stateful(template) -> str | None:
-    """A stateful layer's state has the batch's shape: not mapped (measured:
-    `SimpleRNN(stateful=True)` fails inside `jax.vmap`); nor RNN cell dropout
-    (`stacked.cell_dropout`)."""
-    if any(getattr(layer, "stateful", False) for layer, _ in walk_layers(template)):
-        return "the template has stateful layers"
-    return stacked.cell_dropout(template)
 
 
 def context(model, x, y, fit_kwargs, compile_config, exclusions) -> SweepContext:

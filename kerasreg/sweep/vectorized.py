@@ -216,10 +216,10 @@ def _graph_reason(model: keras.Model) -> str | None:
         return "the template has no known input"
     # The policy first: Keras 3.8 adds Cast operations to a mixed-precision graph.
     for operation, *_ in calls:
-        policy: Any = getattr(operation, "dtype_policy", None)
-        if isinstance(operation, keras.layers.Layer) and policy.name != "float32":
-            name = operation.name
-            return f"layer {name!r} computes in {policy.name}"
+        if not isinstance(operation, keras.layers.Layer):
+            continue
+        if operation.dtype_policy.name != "float32":
+            return f"layer {operation.name!r} computes in {operation.dtype_policy.name}"
     for operation, args, kwargs, _ in calls:
         name = getattr(operation, "name", type(operation).__name__)
         kind = type(operation)
