@@ -47,6 +47,10 @@ PER_BACKEND = (
 )
 
 
+# Set by pytest_collection_finish where pytest-xdist's groups are lost.
+LOST_GROUPS: list[str] = []
+
+
 def pytest_configure(config):
     # Known even without pytest-xdist (`-p no:xdist`), under --strict-markers.
     config.addinivalue_line(
@@ -87,6 +91,7 @@ def shared_fixtures(item) -> list[str]:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """For pytest-xdist's `--dist loadgroup` (dev.py's default): the tests of a
     module that share a module-scoped fixture (a trained model, a subprocess's
@@ -106,7 +111,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Freeze what the imports made (TensorFlow, Keras, the test modules).
+    """Check that pytest-xdist's groups hold, then freeze what the imports made
+    (TensorFlow, Keras, the test modules).
+
+    `--dist loadgroup` groups a test by the `@group` suffix pytest-xdist
+    appends to its node id on the worker; where that suffix is lost (pytest
+    9.2 with pytest-xdist 3.8), the tests of a group spread over the workers
+    and every worker builds the group's module fixtures again, silently
+    doubling the suite's time: every test then fails, naming the versions.
 
     `keras.utils.clear_session()` before each test runs `gc.collect()`, which
     walks every tracked object: with TensorFlow imported, over 400,000 of them,
@@ -114,12 +126,32 @@ def pytest_collection_finish(session):
     they live as long as the process anyway. The tests' own objects are not
     frozen and are collected as before.
     """
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [
+            item.nodeid
+            for item in session.items
+            if item.get_closest_marker("xdist_group") is not None
+            and "@" not in item.nodeid.rpartition("]")[2]
+        ]
+        if lost:
+            import xdist
+
+            # Raised here, a worker's error is lost in pytest-xdist's crash
+            # report; each test fails with it instead (_fresh_keras_state).
+            LOST_GROUPS.append(
+                f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__}"
+                f" loses --dist loadgroup's groups ({lost[0]} has no @group "
+                "suffix): install the test extra again (setup.cfg excludes the "
+                "pytest that loses them) or run with -p no:xdist"
+            )
     gc.collect()
     gc.freeze()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
+    if LOST_GROUPS:
+        pytest.fail(LOST_GROUPS[0], pytrace=False)
     keras.utils.clear_session()
     keras.utils.set_random_seed(0)
     yield
