@@ -30,9 +30,11 @@ from kerasreg.penalties import get
 from kerasreg.selection import (
     describe_where,
     layer_matcher,
+    select_weights,
     walk_layers,
     where_predicate,
 )
+from kerasreg.walk import weight_paths
 
 
 class _Remove:
@@ -204,14 +206,15 @@ def regularize(
         ]
         if not found:
             if where is not None:
-                raise ValueError(
-                    f"Invalid `{role}`: no weight that "
-                    f"`where`={describe_where(where)} selects has a {role} role."
-                )
-            names = ", ".join(layer.name for layer in in_scope[:12])
+                select_weights(model, where)  # selects nothing: that error
+                scope = f"that `where`={describe_where(where)} selects"
+            elif layers is not None:
+                scope = f"in `layers`={describe_where(layers)}"
+            else:
+                scope = f"of model {model.name!r}"
             raise ValueError(
-                f"Invalid `{role}`: no layer in scope has a {role} weight "
-                f"(layers={describe_where(layers)}; layers in scope: {names})."
+                f"Invalid `{role}`: no weight {scope} has a {role} role. "
+                f"{role_listing(model, walked)}"
             )
         found.extend(_config_slots(walked, in_scope, found, role, layers))
         value = None if penalty is REMOVE else penalty
@@ -245,6 +248,38 @@ def _resolve(role: str, value: Any) -> Any:
             f"Received: {role}={value!r}."
         )
     return penalty
+
+
+def role_weights(model: keras.Model, role: str, where: Any = None) -> list[Any]:
+    """The weights of `model` that `where` selects and that have `role`: those
+    `regularize(model, **{role: ...}, where=where)` puts the penalty on."""
+    selected = (lambda v: True) if where is None else where_predicate(where, model)
+    return [
+        variable
+        for layer, _ in walk_layers(model)
+        for _, variable in _role_slots(layer, role)
+        if selected(variable)
+    ]
+
+
+def role_listing(
+    model: keras.Model, walked: list[tuple[Any, tuple[Any, ...]]] | None = None
+) -> str:
+    """The weights of `model` that have each role, by the paths `where=`
+    patterns search: what an error about a missing role shows."""
+    paths = weight_paths(model)
+    parts = []
+    for role in ROLES:
+        names = []
+        for layer, _ in walked if walked is not None else walk_layers(model):
+            try:
+                slots = _role_slots(layer, role)
+            except ValueError:  # a quantized kernel: no penalty can act on it
+                continue
+            names.extend(repr(paths.get(id(v), v.path)) for _, v in slots)
+        more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
+        parts.append(f"{role}: {', '.join(names[:8]) + more if names else 'none'}")
+    return f"Its weights by role: {'; '.join(parts)}."
 
 
 def _layers_in_scope(

@@ -318,7 +318,9 @@ def snapshot(model):
         (
             dict(kernel=L2Penalty(), recurrent=L2Penalty()),
             ValueError,
-            "`recurrent`: no layer in scope",
+            r"`recurrent`: no weight of model '.*' has a recurrent role\. Its "
+            r"weights by role: kernel: 'hidden/kernel', 'out/kernel'; recurrent: "
+            r"none; bias: 'hidden/bias', 'out/bias'\.",
         ),
         (
             dict(kernel=L2Penalty(), layers=lambda layer: False),
@@ -453,7 +455,9 @@ def test_layers_is_a_deprecated_alias_of_where_layer(rng):
         (
             dict(recurrent=L2Penalty(), where=kerasreg.layer("^hidden$")),
             ValueError,
-            r"`recurrent`.*layer\('\^hidden\$'\) selects has a recurrent role",
+            r"`recurrent`.*layer\('\^hidden\$'\) selects has a recurrent role\. "
+            r"Its weights by role: kernel: 'hidden/kernel', 'out/kernel'; "
+            r"recurrent: none",
         ),
         (dict(bias=L2Penalty(), where=kerasreg.kernels()), ValueError, "`bias`"),
         (dict(kernel=L2Penalty(), where="(bad"), ValueError, "not a valid regular"),

@@ -425,10 +425,27 @@ def test_bad_inputs_raise_and_leave_the_template_alone():
         kerasreg.sweep(model, [], x, y)
     with pytest.raises(TypeError, match=r"`penalties`.*list"):
         kerasreg.sweep(model, kerasreg.L2Penalty(0.1), x, y)
-    with pytest.raises(
-        ValueError, match=r"penalties\[\d\].*no layer in scope has a recurrent weight"
-    ):
+    # Named by the argument at fault, listing what exists (the copies'
+    # internal names never appear).
+    with pytest.raises(ValueError) as raised:
         kerasreg.sweep(model, [None, kerasreg.L2Penalty(0.1)], x, y, role="recurrent")
+    assert re.search(
+        r"`penalties\[0\]`: it acts on the recurrent role \(`role`='recurrent'\), "
+        r"but no weight of model '.*' has that role\. Its weights by role: "
+        r"kernel: ('\w+/kernel'(, )?)+; recurrent: none; bias: ",
+        str(raised.value),
+    ), raised.value
+    assert "variant_" not in str(raised.value)
+    with pytest.raises(ValueError, match=r"`penalties\[1\]`: it acts on the recurrent"):
+        kerasreg.sweep(model, [None, {"recurrent": kerasreg.L2Penalty(0.1)}], x, y)
+    for grid in ([None], [kerasreg.L2Penalty(0.1)]):
+        with pytest.raises(
+            ValueError,
+            match=r"invalid `where`: `where`='nope' selects no weight.*'\w+/kernel'",
+        ):
+            kerasreg.sweep(model, grid, x, y, where="nope")
+    with pytest.raises(ValueError, match=r"`where`='/bias' selects has that role"):
+        kerasreg.sweep(model, [None], x, y, where="/bias")
     with pytest.raises(ValueError, match=r"`role`.*'weights'"):
         kerasreg.sweep(model, [None], x, y, role="weights")
     with pytest.raises(ValueError, match=r"penalties\[0\].*not_a_penalty"):

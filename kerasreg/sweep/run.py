@@ -25,7 +25,7 @@ from kerasreg.sweep.monitor import VariantLog
 from kerasreg.sweep.repeats import build_variant, check_seeds
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
-from kerasreg.sweep.variants import compile_like, compile_recipe
+from kerasreg.sweep.variants import check_roles, compile_like, compile_recipe
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -194,6 +194,7 @@ def sweep(
     """
     _check_template(model)
     points = parse_grid(penalties, role)
+    check_roles(model, points, where, role)
     seeds = check_seeds(seeds)
     runs = _runs(points, seeds)
     names = [run_name(name, seed) for _, _, name, seed in runs]

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.attach import REMOVE, regularize
+from kerasreg.attach import REMOVE, regularize, role_listing, role_weights
 from kerasreg.penalties import (
     ElasticNetPenalty,
     ExpAbsPenalty,
@@ -26,6 +26,7 @@ from kerasreg.penalties import (
     L2Penalty,
     L2SPPenalty,
 )
+from kerasreg.selection import describe_where, select_weights
 
 # Regularizers that hold no state beyond their config: a clone's is the same.
 STATELESS = (
@@ -62,6 +63,43 @@ def copy_template(model: keras.Model, index: int) -> keras.Model:
     carry_state(model, variant)
     variant.name = f"variant_{index}"
     return variant
+
+
+def check_roles(model: keras.Model, points: Any, where: Any, role: str) -> None:
+    """Refuse, before any copy is made, a `where` that selects no weight of the
+    template and a grid item acting on a role no selected weight has, naming
+    the argument at fault (not the variant that would have failed)."""
+    if where is not None:
+        try:
+            select_weights(model, where)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"kerasreg.sweep: invalid `where`: {error}") from None
+    checked: set[str] = set()
+    for index, point in enumerate(points):
+        for key in point.penalties:
+            if key in checked:
+                continue
+            checked.add(key)
+            try:
+                found = role_weights(model, key, where)
+            except ValueError as error:  # a quantized kernel
+                raise ValueError(
+                    f"kerasreg.sweep: invalid `penalties[{index}]`: {error}"
+                ) from None
+            if found:
+                continue
+            given = f" (`role`={role!r})" if key == role else ""
+            scope = (
+                ""
+                if where is None
+                else f" that `where`={describe_where(where)} selects"
+            )
+            raise ValueError(
+                f"kerasreg.sweep: invalid `penalties[{index}]`: it acts on the "
+                f"{key} role{given}, but no weight of model {model.name!r}{scope} "
+                f"has that role. {role_listing(model)} Choose `role=` (or the "
+                "keys of a `{role: penalty}` item) among the roles listed."
+            )
 
 
 def make_variant(model: keras.Model, penalty: dict, where: Any, index: int):
