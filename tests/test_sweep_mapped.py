@@ -462,17 +462,22 @@ def test_optimizers_that_clip_or_overwrite_with_averages(make_optimizer):
     check(dense(), compile_model, x, y, validation_split=0.25)
 
 
+def low_precision(policy):
+    """A hidden layer computing under `policy`, a float32 output."""
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Dense(8, "tanh", dtype=policy),
+            L.Dense(1, "sigmoid", dtype="float32"),
+        ]
+    )
+
+
 @pytest.mark.slow  # float16 compute: its own compiled step and reference fits
 @jax_only
 def test_loss_scaling_in_mixed_precision():
     x, y = data()
-    template = keras.Sequential(
-        [
-            keras.Input((4,)),
-            L.Dense(8, "tanh", dtype="mixed_float16"),
-            L.Dense(1, "sigmoid", dtype="float32"),
-        ]
-    )
+    template = low_precision("mixed_float16")
 
     def compile_model(model):
         model.compile(
@@ -497,13 +502,7 @@ def test_bfloat16_compute_agrees_to_the_stated_tolerance():
     # docs/guide/sweep.md: the one-fit engines agree with separate fits to a
     # relative 2e-5 under mixed_bfloat16 compute too.
     x, y = data()
-    template = keras.Sequential(
-        [
-            keras.Input((4,)),
-            L.Dense(8, "tanh", dtype="mixed_bfloat16"),
-            L.Dense(1, "sigmoid", dtype="float32"),
-        ]
-    )
+    template = low_precision("mixed_bfloat16")
 
     def compile_model(model):
         model.compile(optimizer=keras.optimizers.Adam(0.02), loss="binary_crossentropy")
