@@ -5,8 +5,9 @@ The two-moons network of `moons_problem.py` (Brownlee's tutorial):
 `Dense(500, relu) -> Dense(1, sigmoid)`, Adam, binary cross-entropy, 30
 training and 70 test points, 4000 full-batch updates, here with
 `L2Penalty(alpha)` on both kernels, for a grid of strengths. Each strength is
-one plain `fit` (`kerasreg.sweep` does not log gradients per variant yet) with
-`WeightNormLogger(gradients=True)`; the test points are the validation data.
+one plain `fit` with `WeightNormLogger(gradients=True)`, which logs at the
+step's own batch (`kerasreg.sweep(..., log_dir=..., gradients=True)` logs per
+variant too, but once per epoch); the test points are the validation data.
 Every 100 updates (one Keras epoch of `fit_full_batch`) the logger writes,
 per kernel:
 

@@ -182,32 +182,50 @@ def read_statistics(
     (`penalty / (data + penalty)`, 0 when both are 0), `cosine` (between the
     data and the penalty gradient, 0 when either is 0) and, with `update`,
     `update_ratio` (`|w_after - w_before| / |w_before|`; 0 for a weight that
-    did not move, `inf` for one that moved from all zeros).
+    did not move, `inf` for one that moved from all zeros). A statistic read
+    from a non-finite sum (a NaN or infinite gradient or weight) is NaN, never
+    a made-up 0 or -1.
     """
     width = len(SUMS) + (len(UPDATE_SUMS) if update else 0)
     result = {}
     for i, key in enumerate(keys):
         row = [float(x) for x in vector[i * width : (i + 1) * width]]
         data_sq, penalty_sq, total_sq, dot = row[:4]
-        data = math.sqrt(max(data_sq, 0.0))
-        penalty = math.sqrt(max(penalty_sq, 0.0))
+        data, penalty, total = (_norm(x) for x in (data_sq, penalty_sq, total_sq))
+        finite = all(map(math.isfinite, (data_sq, penalty_sq, dot)))
         stats = {
             "data": data,
             "penalty": penalty,
-            "total": math.sqrt(max(total_sq, 0.0)),
-            "penalty_share": penalty / (data + penalty) if data + penalty > 0 else 0.0,
+            "total": total,
+            "penalty_share": (
+                math.nan
+                if not finite
+                else penalty / (data + penalty)
+                if data + penalty > 0
+                else 0.0
+            ),
             "cosine": (
-                min(1.0, max(-1.0, dot / (data * penalty)))
+                math.nan
+                if not finite
+                else min(1.0, max(-1.0, dot / (data * penalty)))
                 if data > 0 and penalty > 0
                 else 0.0
             ),
         }
         if update:
             update_sq, weight_sq = row[4:6]
-            if weight_sq > 0:
+            if not (math.isfinite(update_sq) and math.isfinite(weight_sq)):
+                ratio = math.nan
+            elif weight_sq > 0:
                 ratio = math.sqrt(max(update_sq, 0.0) / weight_sq)
             else:
                 ratio = math.inf if update_sq > 0 else 0.0
             stats["update_ratio"] = ratio
         result[key] = stats
     return result
+
+
+def _norm(square_sum: float) -> float:
+    """The L2 norm from a sum of squares: NaN stays NaN (`max` would keep
+    whichever operand comes first), rounding below 0 is 0."""
+    return square_sum if math.isnan(square_sum) else math.sqrt(max(square_sum, 0.0))

@@ -13,6 +13,7 @@ states stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 import weakref
@@ -69,7 +70,10 @@ def gradient_norms(
     With `batch_size=None` all of `x` is one batch. With `batch_size=n`, the
     data gradient is the mean of the batches' gradients weighted by their
     sizes, which equals the gradient over one batch of all the data for a
-    loss that averages over samples (every Keras loss by default).
+    loss that averages over samples (every Keras loss by default) on an
+    output without a mask (Keras averages a masked loss over each batch's
+    unmasked entries, so there, as for `evaluate`, the batch size matters).
+    A NaN or infinite gradient makes `penalty_share` and `cosine` NaN.
 
     What the numbers mean: at a minimum of data loss plus penalty the two
     gradients cancel, so on the training data `penalty_share` tends to 0.5
@@ -83,7 +87,10 @@ def gradient_norms(
     Computed in one compiled pass per batch shape; only a small vector goes
     to the host. Nothing in the model changes: weights, optimizer state,
     metrics and random-seed states (`Dropout` with `training=True`) are left
-    as they were.
+    as they were; on torch, so is torch's global generator, from which an
+    unseeded `Dropout` draws (there a model's first call, Keras's own
+    `predict` included, can still change the masks a later fit draws for it:
+    seed random layers, `Dropout(0.5, seed=1)`, for fits that repeat).
 
     Args:
         model: a built `keras.Model`, compiled with a `loss`.
@@ -140,7 +147,20 @@ def gradient_norms(
     batch_size = check_batch_size(batch_size, x, owner)
     variables = select_weights(model, where)
     program = program_for(model, variables, training, owner)
-    return program.run(data_batches(x, y, sample_weight, batch_size, owner=owner))
+    with _global_rng_kept():
+        return program.run(data_batches(x, y, sample_weight, batch_size, owner=owner))
+
+
+def _global_rng_kept() -> Any:
+    """On torch, Keras's unseeded random layers (`Dropout()` without a seed)
+    draw from torch's global generators: forked here, so the call leaves
+    them, and the next fit's masks, as they were. The other backends draw
+    from Keras's seed state, which the program does not advance."""
+    if keras.backend.backend() != "torch":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.random.fork_rng()
 
 
 def check_batch_size(batch_size: Any, x: Any, owner: str) -> int | None:

@@ -506,7 +506,11 @@ class WeightNormLogger(keras.callbacks.Callback):
         if self.update_freq == "epoch":
             when = "at each epoch's last update"
         else:
-            when = f"every {self.update_freq} updates"
+            when = (
+                "every update"
+                if self.update_freq == 1
+                else f"every {self.update_freq} updates"
+            )
         return (
             f"gradient statistics {when} (training batch) and at each epoch end "
             "on the validation data, if any"

@@ -627,7 +627,11 @@ def describe_rows(text):
 
 @pytest.mark.parametrize(
     "update_freq, when",
-    [(3, "every 3 updates"), ("epoch", "at each epoch's last update")],
+    [
+        (1, "every update"),
+        (3, "every 3 updates"),
+        ("epoch", "at each epoch's last update"),
+    ],
 )
 def test_describe_with_callbacks_says_when_gradients_are_logged(
     tmp_path, update_freq, when

@@ -80,6 +80,21 @@ def test_weight_without_penalty_and_zero_gradients(rng):
     }
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_gradients_give_nan_share_and_cosine(rng, bad):
+    # Never a made-up 0 or -1: a NaN or infinite data gradient makes the
+    # statistics that divide by it NaN; the penalty gradient stays finite.
+    model = linear_model(bias=True)
+    w = np_weights(model.get_layer("lin").kernel)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    x[0, 0] = bad
+    y = rng.normal(size=(8, 1)).astype("float32")
+    stats = kerasreg.gradient_norms(model, x, y)["lin/kernel"]
+    assert not np.isfinite(stats["data"]) and not np.isfinite(stats["total"])
+    assert_close(stats["penalty"], np.linalg.norm(2 * 0.3 * w), "penalty", 2e-5)
+    assert np.isnan(stats["penalty_share"]) and np.isnan(stats["cosine"])
+
+
 def deep_model():
     """Two inputs, two outputs with loss weights, every penalty kind on some role."""
     a = keras.Input((4,), name="a")
@@ -294,6 +309,54 @@ def test_nothing_in_the_model_changes(rng):
     # same seed state each time (same masks: same numbers).
     assert train["a/kernel"]["data"] != pytest.approx(infer["a/kernel"]["data"])
     assert train == again
+
+
+@pytest.mark.parametrize("seed", [None, 1])
+@pytest.mark.parametrize("training", [True, False])
+def test_the_next_fit_draws_the_masks_it_would_have_drawn(rng, training, seed):
+    # Dropout draws from the backend's global random state when unseeded (on
+    # torch, torch's own generator): the call leaves it where it was, and the
+    # fit after it equals the same fit without it. On torch, a model's first
+    # call (Keras's own `predict` too) changes the masks a later fit draws for
+    # an unseeded Dropout: Keras's behaviour, documented; there only the
+    # generator's state is compared.
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+
+    def fitted(measure_first):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, kernel_regularizer=kerasreg.L2Penalty(0.1)),
+                keras.layers.Dropout(0.5, seed=seed),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        if measure_first:
+            state = global_random_state()
+            kerasreg.gradient_norms(model, x, y, training=training)
+            kerasreg.gradient_norms(model, x, y, batch_size=8, training=training)
+            np.testing.assert_array_equal(global_random_state(), state)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    measured = fitted(True)
+    if BACKEND == "torch" and seed is None:
+        return
+    for a, b in zip(measured, fitted(False), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def global_random_state():
+    """torch's global generator state (the other backends draw from Keras's
+    seed state, checked by test_nothing_in_the_model_changes)."""
+    if BACKEND != "torch":
+        return np.zeros(0)
+    import torch
+
+    return torch.random.get_rng_state().numpy()
 
 
 @pytest.mark.parametrize(
