@@ -152,7 +152,12 @@ def pytest_collection_finish(session):
 def _fresh_keras_state():
     if LOST_GROUPS:
         pytest.fail(LOST_GROUPS[0], pytrace=False)
-    keras.utils.clear_session()
+    # Keras's state only: a full garbage collection before every test
+    # (`free_memory=True`) walks every object the earlier tests left alive
+    # (TensorFlow's traced graphs among them), up to a second per test late
+    # in a worker; Python's own generational collection still runs. A test
+    # that needs garbage gone (a weak cache, a closed file) collects itself.
+    keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
 
