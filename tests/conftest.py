@@ -120,11 +120,10 @@ def pytest_collection_finish(session):
     and every worker builds the group's module fixtures again, silently
     doubling the suite's time: every test then fails, naming the versions.
 
-    `keras.utils.clear_session()` before each test runs `gc.collect()`, which
-    walks every tracked object: with TensorFlow imported, over 400,000 of them,
-    a large share of the suite's time. Frozen objects are never walked again;
-    they live as long as the process anyway. The tests' own objects are not
-    frozen and are collected as before.
+    A full garbage collection (Python's own, and any a test asks for) walks
+    every tracked object: with TensorFlow imported, over 400,000 of them.
+    Frozen objects are never walked again; they live as long as the process
+    anyway. The tests' own objects are not frozen and are collected as before.
     """
     if getattr(session.config.option, "loadgroup", False):
         lost = [
