@@ -270,7 +270,7 @@ def role_listing(
     paths = weight_paths(model)
     parts = []
     for role in ROLES:
-        names = []
+        names: list[str] = []
         for layer, _ in walked if walked is not None else walk_layers(model):
             try:
                 slots = _role_slots(layer, role)
