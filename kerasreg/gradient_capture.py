@@ -232,7 +232,9 @@ def _measured_stateful(capture: GradientCapture, model: keras.Model, step, snaps
             logs = step(data)
         if "sums" not in captured:
             raise _missing_apply("apply")
-        done = ops.convert_to_tensor(update_counter(optimizer))
+        # A copy: on PyTorch the counter's tensor is the live variable, which
+        # would go on counting after this step and pass a later step's check.
+        done = snapshot(ops.convert_to_tensor(update_counter(optimizer)))
         after = [v.value for v in capture.variables]
         vector = capture.vector(
             captured["sums"], captured["before"], after, ops.greater(done, iterations)
