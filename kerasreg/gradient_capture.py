@@ -41,6 +41,7 @@ from kerasreg._checks import update_counter
 from kerasreg.gradient_stats import (
     gradient_sums,
     penalty_gradients,
+    penalty_state,
     prepare_regularizers,
     regularizer_key,
     update_sums,
@@ -75,6 +76,13 @@ class GradientCapture:
         self.calls = 0
         self.decide: Callable[[int], bool] = lambda call: True
         prepare_regularizers(self.variables)
+        self.penalties = _penalties_key(self.variables)
+
+    def measures_current_penalties(self) -> bool:
+        """Whether each weight still has the regularizer (same object, same
+        config, same state variables) this capture was built with: a
+        `kerasreg.regularize` between two fits changes them."""
+        return _penalties_key(self.variables) == self.penalties
 
     def fold_config(self) -> tuple:
         """What the measured step bakes in: a change means a new trace."""
@@ -156,6 +164,16 @@ class GradientCapture:
             rows += sums[4 * i : 4 * i + 4] + updates[2 * i : 2 * i + 2]
         rows.append(ops.cast(applied, "float32"))
         return ops.stack(rows)
+
+
+def _penalties_key(variables: Sequence[Any]) -> tuple:
+    # The regularizers themselves are kept alive by the capture: their ids
+    # cannot be reused while it compares them.
+    regularizers = [v.regularizer for v in variables]
+    return (
+        tuple(regularizer_key(r) for r in regularizers),
+        tuple(id(s) for s in penalty_state(regularizers)),
+    )
 
 
 def _unscaled(optimizer: Any, grads: list) -> list:

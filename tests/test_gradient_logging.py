@@ -862,6 +862,57 @@ def linear_model(regularizer):
     return model
 
 
+# (penalty of the first fit, what `regularize` sets before the second,
+#  c such that the second fit's penalty is c * sum(w**2), None if removed)
+REGULARIZE_CASES = {
+    "stronger": (lambda: kerasreg.L2Penalty(0.1), lambda: kerasreg.L2Penalty(1.0), 1.0),
+    "added": (lambda: None, lambda: kerasreg.L2Penalty(1.0), 1.0),
+    "removed": (lambda: kerasreg.L2Penalty(0.1), lambda: kerasreg.REMOVE, None),
+    "keras": (lambda: kerasreg.L2Penalty(0.1), lambda: keras.regularizers.L2(0.3), 0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGULARIZE_CASES))
+def test_reused_logger_measures_the_penalty_regularize_set_between_fits(tmp_path, case):
+    # One logger, two fits, `kerasreg.regularize` between them: the second
+    # fit's gradient statistics (training batch and validation data) and
+    # penalties are those of the new penalty (the logger once kept measuring
+    # the training gradient against the penalty of its first fit).
+    first, second, strength = REGULARIZE_CASES[case]
+    x, y = data(8)
+    x_val, y_val = data(8, seed=1)
+    model = linear_model(first())
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    fit = dict(
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x_val, y_val),
+        callbacks=[logger],
+    )
+    model.fit(x, y, **fit)
+    kerasreg.regularize(model, kernel=second())
+    kernel = model.get_layer("d").kernel
+    w = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+    model.fit(x, y, **fit)
+    after = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+    c = strength or 0.0
+    expected = linear_closed_form(w, x, y, 2 * c * w)
+    series = logged(tmp_path / "train", "d/kernel")
+    assert sorted(series) == [1, 2]
+    assert_matches(series[2], expected, f"{case}: step 2")
+    validation = logged(tmp_path / "validation", "d/kernel")
+    expected = linear_closed_form(after, x_val, y_val, 2 * c * after)
+    assert_matches(validation[2], expected, f"{case}: validation at step 2")
+    scalars = read_scalars(tmp_path / "train")
+    assert_close(dict(scalars["penalty/total"])[2], c * np.sum(after**2), "total")
+    if strength is None:
+        assert 2 not in dict(scalars.get("penalty/d/kernel", []))
+    else:
+        assert_close(dict(scalars["penalty/d/kernel"])[2], c * np.sum(after**2), case)
+
+
 class StopAfter(keras.callbacks.Callback):
     """Weights before each batch; `stop_training` after batch `last`."""
 
