@@ -41,6 +41,7 @@ from kerasreg._checks import update_counter
 from kerasreg.gradient_stats import (
     gradient_sums,
     penalty_gradients,
+    penalty_state,
     prepare_regularizers,
     regularizer_key,
     update_sums,
@@ -75,6 +76,13 @@ class GradientCapture:
         self.calls = 0
         self.decide: Callable[[int], bool] = lambda call: True
         prepare_regularizers(self.variables)
+        self.penalties = _penalties_key(self.variables)
+
+    def measures_current_penalties(self) -> bool:
+        """Whether each weight still has the regularizer (same object, same
+        config, same state variables) this capture was built with: a
+        `kerasreg.regularize` between two fits changes them."""
+        return _penalties_key(self.variables) == self.penalties
 
     def fold_config(self) -> tuple:
         """What the measured step bakes in: a change means a new trace."""
@@ -158,6 +166,16 @@ class GradientCapture:
         return ops.stack(rows)
 
 
+def _penalties_key(variables: Sequence[Any]) -> tuple:
+    # The regularizers themselves are kept alive by the capture: their ids
+    # cannot be reused while it compares them.
+    regularizers = [v.regularizer for v in variables]
+    return (
+        tuple(regularizer_key(r) for r in regularizers),
+        tuple(id(s) for s in penalty_state(regularizers)),
+    )
+
+
 def _unscaled(optimizer: Any, grads: list) -> list:
     """The gradients divided by the loss scale, as the optimizer divides them."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -232,7 +250,9 @@ def _measured_stateful(capture: GradientCapture, model: keras.Model, step, snaps
             logs = step(data)
         if "sums" not in captured:
             raise _missing_apply("apply")
-        done = ops.convert_to_tensor(update_counter(optimizer))
+        # A copy: on PyTorch the counter's tensor is the live variable, which
+        # would go on counting after this step and pass a later step's check.
+        done = snapshot(ops.convert_to_tensor(update_counter(optimizer)))
         after = [v.value for v in capture.variables]
         vector = capture.vector(
             captured["sums"], captured["before"], after, ops.greater(done, iterations)

@@ -11,6 +11,7 @@ TensorBoard's own reader.
 
 import json
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -830,3 +831,139 @@ def test_sweep_gradients_refusals_train_nothing(tmp_path):
         kerasreg.sweep(template, grid, endless, steps_per_epoch=2, **kwargs)
     for a, b in zip(template.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# --- a logger reused across fits; steps the logger did not measure ----------------
+
+
+def linear_closed_form(w, x, y, penalty_grad):
+    """The statistics of a bias-free linear model under mean squared error:
+    data gradient `2/n X^T (Xw - y)`, the penalty gradient given."""
+    w, x, y = (np.asarray(a, np.float64) for a in (w, x, y))
+    data_grad = 2 / len(x) * x.T @ (x @ w - y)
+    penalty_grad = np.asarray(penalty_grad, np.float64)
+    d, p = np.linalg.norm(data_grad), np.linalg.norm(penalty_grad)
+    return {
+        "data": d,
+        "penalty": p,
+        "total": np.linalg.norm(data_grad + penalty_grad),
+        "penalty_share": p / (d + p) if d + p else 0.0,
+        "cosine": float(np.sum(data_grad * penalty_grad)) / (d * p) if d * p else 0.0,
+    }
+
+
+def linear_model(regularizer):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(
+                1, use_bias=False, kernel_regularizer=regularizer, name="d"
+            ),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+# (penalty of the first fit, what `regularize` sets before the second,
+#  c such that the second fit's penalty is c * sum(w**2), None if removed)
+REGULARIZE_CASES = {
+    "stronger": (lambda: kerasreg.L2Penalty(0.1), lambda: kerasreg.L2Penalty(1.0), 1.0),
+    "added": (lambda: None, lambda: kerasreg.L2Penalty(1.0), 1.0),
+    "removed": (lambda: kerasreg.L2Penalty(0.1), lambda: kerasreg.REMOVE, None),
+    "keras": (lambda: kerasreg.L2Penalty(0.1), lambda: keras.regularizers.L2(0.3), 0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGULARIZE_CASES))
+def test_reused_logger_measures_the_penalty_regularize_set_between_fits(tmp_path, case):
+    # One logger, two fits, `kerasreg.regularize` between them: the second
+    # fit's gradient statistics (training batch and validation data) and
+    # penalties are those of the new penalty (the logger once kept measuring
+    # the training gradient against the penalty of its first fit).
+    first, second, strength = REGULARIZE_CASES[case]
+    x, y = data(8)
+    x_val, y_val = data(8, seed=1)
+    model = linear_model(first())
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    fit = dict(
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x_val, y_val),
+        callbacks=[logger],
+    )
+    model.fit(x, y, **fit)
+    kerasreg.regularize(model, kernel=second())
+    kernel = model.get_layer("d").kernel
+    w = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+    model.fit(x, y, **fit)
+    after = np.asarray(ops.convert_to_numpy(kernel), np.float64)
+    c = strength or 0.0
+    expected = linear_closed_form(w, x, y, 2 * c * w)
+    series = logged(tmp_path / "train", "d/kernel")
+    assert sorted(series) == [1, 2]
+    assert_matches(series[2], expected, f"{case}: step 2")
+    validation = logged(tmp_path / "validation", "d/kernel")
+    expected = linear_closed_form(after, x_val, y_val, 2 * c * after)
+    assert_matches(validation[2], expected, f"{case}: validation at step 2")
+    scalars = read_scalars(tmp_path / "train")
+    assert_close(dict(scalars["penalty/total"])[2], c * np.sum(after**2), "total")
+    if strength is None:
+        assert 2 not in dict(scalars.get("penalty/d/kernel", []))
+    else:
+        assert_close(dict(scalars["penalty/d/kernel"])[2], c * np.sum(after**2), case)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Weights before each batch; `stop_training` after batch `last`."""
+
+    def __init__(self, last=None):
+        super().__init__()
+        self.last, self.before = last, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        kernel = self.model.get_layer("d").kernel
+        self.before.append(np.asarray(ops.convert_to_numpy(kernel), np.float64))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.last:
+            self.model.stop_training = True
+
+
+@pytest.mark.parametrize("ending", ["stop_training", "data_ran_out"])
+def test_an_unmeasured_last_step_logs_no_older_steps_gradient(tmp_path, ending):
+    # `update_freq=2`: steps 2, 4, ... are measured; the fit ends after step 3,
+    # which is logged (norms) without a measurement: no gradient statistics
+    # there. On PyTorch, step 3 once carried step 2's gradient (the update
+    # count sent with the measurement was a live view of the optimizer's).
+    x, y = data(16)
+    model = linear_model(kerasreg.L2Penalty(0.1))
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=2, gradients=True)
+    if ending == "stop_training":
+        recorder = StopAfter(last=2)
+        inputs = dict(x=x, y=y, batch_size=2, shuffle=False)
+    else:
+        recorder = StopAfter()
+
+        def three_batches():
+            for i in range(3):
+                yield x[2 * i : 2 * i + 2], y[2 * i : 2 * i + 2]
+
+        inputs = dict(x=three_batches(), steps_per_epoch=8, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Your input ran out of data")
+        model.fit(**inputs, epochs=1, verbose=0, callbacks=[logger, recorder])
+    # Three updates; on TensorFlow, Keras counts one more iteration (without
+    # an update) when the data runs out.
+    last = int(ops.convert_to_numpy(model.optimizer.iterations))
+    assert len(recorder.before) >= 3 and last in (3, 4)
+    scalars = read_scalars(tmp_path / "train")
+    assert sorted(dict(scalars["norm_l2/d/kernel"])) == [2, last]  # the fit's end
+    series = logged(tmp_path / "train", "d/kernel")
+    assert sorted(series) == [2]
+    w = recorder.before[1]
+    expected = linear_closed_form(w, x[2:4], y[2:4], 2 * 0.1 * w)
+    assert_matches(series[2], expected, f"{ending}: step 2")
