@@ -819,6 +819,84 @@ def _linear_model(lr, accumulate=None, steps_per_execution=1):
     return model
 
 
+def test_regularize_during_fit_keeps_the_folded_decay_exactly(rng):
+    # lr 0: only the decay moves the kernel, by exactly 0.9 per update, before
+    # and after the callback's `regularize` re-traces the step (was 1.0 after).
+    model = _linear_model(0.0)
+    x, y = xy(rng, n=8)
+    w0 = to_np(model.layers[0].kernel)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(to_np(self.model.layers[0].kernel))
+
+    record = Record()
+    callbacks = [PenaltyFrom(1, 0.5), WeightDecay(0.1), record]
+    model.fit(
+        x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=callbacks
+    )
+    for k, kernel in enumerate(seen):
+        np.testing.assert_allclose(kernel, w0 * 0.9 ** (k + 1), rtol=1e-5, atol=1e-7)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution, accumulate",
+    [(1, None), (2, None), (1, 2)],
+    ids=["plain", "steps_per_execution=2", "gradient_accumulation_steps=2"],
+)
+def test_regularize_during_fit_keeps_decay_and_gradient_logger_folded(
+    steps_per_execution, accumulate, rng, tmp_path
+):
+    if TORCH and steps_per_execution > 1:
+        pytest.skip("the PyTorch trainer only supports steps_per_execution=1")
+    from conftest import read_scalars
+
+    lr, rate, l2 = 0.1, 0.1, 0.5
+    model = _linear_model(lr, accumulate, steps_per_execution)
+    x, y = xy(rng, n=8)  # batch 4: 2 batches per epoch, 6 in 3 epochs
+    w0 = to_np(model.layers[0].kernel)
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[PenaltyFrom(1, l2), WeightDecay(rate), logger],
+    )
+    n = accumulate or 1
+    expected, rows = np_penalized_sgd(
+        w0, x, y, lr, rate, l2, [0, 1] * 3, accumulate=n, penalty_from=2
+    )
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), expected, rtol=1e-5, atol=1e-6
+    )
+    # The logger still measures every update it logs (steps count updates),
+    # the penalty gradient from the switch on included.
+    logged = read_scalars(tmp_path / "train")
+    every = steps_per_execution  # one log per execution at update_freq=1
+    steps = list(range(every, len(rows) + 1, every))
+    for section, column in (("grad_data", 1), ("grad_penalty", 2)):
+        got = logged[f"{section}/dense/kernel"]
+        assert [s for s, _ in got] == steps
+        want = [rows[s - 1][column] for s in steps]
+        np.testing.assert_allclose([v for _, v in got], want, rtol=1e-4, atol=1e-6)
+    assert logged["grad_penalty/dense/kernel"][-1][1] > 0.1
+
+    # The fold is gone at `on_train_end`: the model's own train function, with
+    # the penalty and without the decay.
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    after, _ = np_penalized_sgd(
+        expected, x, y, lr, 0.0, l2, [0, 1], accumulate=n, penalty_from=0
+    )
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), after, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_regularize_between_fits_reaches_a_reused_gradient_logger(rng, tmp_path):
     # The same logger in two fits, a penalty set between them: the second fit's
     # penalty-gradient rows measure it (were 0: the regularizers of the first).
