@@ -67,7 +67,6 @@ class GradientCapture:
 
     def __init__(self, model: keras.Model, variables: Sequence[Any]):
         self.variables = list(variables)
-        self.regularizers = [v.regularizer for v in self.variables]
         index = {id(v): i for i, v in enumerate(model.trainable_variables)}
         self.positions = [index[id(v)] for v in self.variables]
         self.optimizer = model.optimizer
@@ -83,6 +82,12 @@ class GradientCapture:
         config, same state variables) this capture was built with: a
         `kerasreg.regularize` between two fits changes them."""
         return _penalties_key(self.variables) == self.penalties
+
+    @property
+    def regularizers(self) -> list[Any]:
+        """Each weight's regularizer now: `kerasreg.regularize` may change them
+        between fits or during one (which re-traces the step)."""
+        return [v.regularizer for v in self.variables]
 
     def fold_config(self) -> tuple:
         """What the measured step bakes in: a change means a new trace."""
@@ -104,6 +109,7 @@ class GradientCapture:
     ) -> Callable[..., Any]:
         """`function`, measuring the calls `decide` picks (the `TrainStepFold` hook)."""
         backend = keras.backend.backend()
+        prepare_regularizers(self.variables)  # a penalty set since `__init__`
         measured_step = _MEASURED[backend](self, model, step)
         if backend == "torch":
             # Keras's PyTorch train function looks `model.train_step` up at

@@ -34,7 +34,8 @@ class TrainStepFold:
     `make_train_function` at the start of every `fit` and `train_on_batch`,
     before `on_train_begin`, so a `fit` that raised (Keras then skips
     `on_train_end`) is undone by the model's next training call: no later
-    training can run a stale transform.
+    training can run a stale transform. A `make_train_function(force=True)`
+    while folded re-traces and folds again (see `__call__`).
     """
 
     NAMES = ("train_step", "make_train_function")
@@ -126,11 +127,23 @@ class TrainStepFold:
             type(model).make_train_function.__get__(model) if make is _MISSING else make
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Stand-in for `model.make_train_function`: unfold, then build as usual."""
+    def __call__(self, force: bool = False) -> Any:
+        """Stand-in for `model.make_train_function`.
+
+        Keras's own call at the start of `fit` and `train_on_batch` (no
+        `force`) unfolds, then builds as usual. A `force=True` call (Keras's
+        documented re-trace, as `kerasreg.regularize` does from a callback
+        during `fit`) re-traces the plain function over the original step and
+        folds every member into it again, so a new penalty and the folded
+        transforms both hold from the next call.
+        """
         model = self._model()
-        self.restore()
-        return model.make_train_function(*args, **kwargs)
+        if not force:
+            self.restore()
+            return model.make_train_function()
+        self.train_function = self.build_train_function(self.step)
+        self.install()
+        return model.train_function
 
 
 def _logs_with(logs: Any, key: str, strength: Any) -> Any:

@@ -772,3 +772,150 @@ def test_ema_overwrites_are_followed_by_the_transform(case, overwrite, rng):
         # Affine with a constant rate: the model ends with exactly the moving
         # average of the decayed weights.
         np.testing.assert_allclose(kernel, transformed_average, rtol=1e-5, atol=1e-6)
+
+
+# --- `regularize` during `fit`: the re-traced step keeps every folded member -----
+
+
+def np_penalized_sgd(w, x, y, lr, rate, l2, batches, accumulate=1, penalty_from=0):
+    """numpy (float64): SGD on the batches of 4 given by index (mse + `l2 *
+    sum(w**2)` from batch `penalty_from` on), decay by `1 - rate` after each
+    update. Returns the final weights and, per update, the weights before it,
+    the norms of its data gradient and of its penalty gradient."""
+    w, x, y = (a.astype(np.float64) for a in (w, x, y))
+    accumulated, rows = np.zeros_like(w), []
+    for k, i in enumerate(batches):
+        xb, yb = x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]
+        accumulated += 2 * xb.T @ (xb @ w - yb) / 4
+        if (k + 1) % accumulate == 0:
+            data = accumulated / accumulate
+            penalty = 2 * l2 * w if k >= penalty_from else np.zeros_like(w)
+            rows.append((w, np.linalg.norm(data), np.linalg.norm(penalty)))
+            w = (1 - rate) * (w - lr * (data + penalty))
+            accumulated[:] = 0
+    return w, rows
+
+
+class PenaltyFrom(keras.callbacks.Callback):
+    """`regularize(kernel=L2Penalty(l2))` at the start of epoch `epoch`."""
+
+    def __init__(self, epoch, l2):
+        super().__init__()
+        self.epoch, self.l2 = epoch, l2
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kerasreg.regularize(self.model, kernel=kerasreg.L2Penalty(self.l2))
+
+
+def _linear_model(lr, accumulate=None, steps_per_execution=1):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, gradient_accumulation_steps=accumulate),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def test_regularize_during_fit_keeps_the_folded_decay_exactly(rng):
+    # lr 0: only the decay moves the kernel, by exactly 0.9 per update, before
+    # and after the callback's `regularize` re-traces the step (was 1.0 after).
+    model = _linear_model(0.0)
+    x, y = xy(rng, n=8)
+    w0 = to_np(model.layers[0].kernel)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(to_np(self.model.layers[0].kernel))
+
+    record = Record()
+    callbacks = [PenaltyFrom(1, 0.5), WeightDecay(0.1), record]
+    model.fit(
+        x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=callbacks
+    )
+    for k, kernel in enumerate(seen):
+        np.testing.assert_allclose(kernel, w0 * 0.9 ** (k + 1), rtol=1e-5, atol=1e-7)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution, accumulate",
+    [(1, None), (2, None), (1, 2)],
+    ids=["plain", "steps_per_execution=2", "gradient_accumulation_steps=2"],
+)
+def test_regularize_during_fit_keeps_decay_and_gradient_logger_folded(
+    steps_per_execution, accumulate, rng, tmp_path
+):
+    if TORCH and steps_per_execution > 1:
+        pytest.skip("the PyTorch trainer only supports steps_per_execution=1")
+    from conftest import read_scalars
+
+    lr, rate, l2 = 0.1, 0.1, 0.5
+    model = _linear_model(lr, accumulate, steps_per_execution)
+    x, y = xy(rng, n=8)  # batch 4: 2 batches per epoch, 6 in 3 epochs
+    w0 = to_np(model.layers[0].kernel)
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[PenaltyFrom(1, l2), WeightDecay(rate), logger],
+    )
+    n = accumulate or 1
+    expected, rows = np_penalized_sgd(
+        w0, x, y, lr, rate, l2, [0, 1] * 3, accumulate=n, penalty_from=2
+    )
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), expected, rtol=1e-5, atol=1e-6
+    )
+    # The logger still measures every update it logs (steps count updates),
+    # the penalty gradient from the switch on included.
+    logged = read_scalars(tmp_path / "train")
+    every = steps_per_execution  # one log per execution at update_freq=1
+    steps = list(range(every, len(rows) + 1, every))
+    for section, column in (("grad_data", 1), ("grad_penalty", 2)):
+        got = logged[f"{section}/dense/kernel"]
+        assert [s for s, _ in got] == steps
+        want = [rows[s - 1][column] for s in steps]
+        np.testing.assert_allclose([v for _, v in got], want, rtol=1e-4, atol=1e-6)
+    assert logged["grad_penalty/dense/kernel"][-1][1] > 0.1
+
+    # The fold is gone at `on_train_end`: the model's own train function, with
+    # the penalty and without the decay.
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    after, _ = np_penalized_sgd(
+        expected, x, y, lr, 0.0, l2, [0, 1], accumulate=n, penalty_from=0
+    )
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), after, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_regularize_between_fits_reaches_a_reused_gradient_logger(rng, tmp_path):
+    # The same logger in two fits, a penalty set between them: the second fit's
+    # penalty-gradient rows measure it (were 0: the regularizers of the first).
+    from conftest import read_scalars
+
+    lr, l2 = 0.1, 0.5
+    model = _linear_model(lr)
+    x, y = xy(rng, n=8)
+    w0 = to_np(model.layers[0].kernel)
+    logger = kerasreg.WeightNormLogger(tmp_path, update_freq=1, gradients=True)
+    fit_kwargs = dict(batch_size=4, shuffle=False, verbose=0, callbacks=[logger])
+    model.fit(x, y, epochs=1, **fit_kwargs)
+    kerasreg.regularize(model, kernel=kerasreg.L2Penalty(l2))
+    model.fit(x, y, epochs=1, **fit_kwargs)
+    expected, rows = np_penalized_sgd(w0, x, y, lr, 0.0, l2, [0, 1] * 2, penalty_from=2)
+    np.testing.assert_allclose(
+        to_np(model.layers[0].kernel), expected, rtol=1e-5, atol=1e-6
+    )
+    got = read_scalars(tmp_path / "train")["grad_penalty/dense/kernel"]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    want = [row[2] for row in rows]
+    np.testing.assert_allclose([v for _, v in got], want, rtol=1e-4, atol=1e-6)
