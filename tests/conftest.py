@@ -406,3 +406,17 @@ def run_result(args, *, backend, host_devices=None, timeout=600) -> dict:
     assert result.returncode == 0, result.stderr[-4000:]
     line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
+
+
+def gradient_statistics(data, penalty) -> dict:
+    """The five statistics of `gradient_norms` from a data and a penalty
+    gradient (float64 NumPy): the reference the gradient tests compare with."""
+    data, penalty = np.asarray(data, np.float64), np.asarray(penalty, np.float64)
+    d, p = np.linalg.norm(data), np.linalg.norm(penalty)
+    return {
+        "data": d,
+        "penalty": p,
+        "total": np.linalg.norm(data + penalty),
+        "penalty_share": p / (d + p) if d + p else 0.0,
+        "cosine": float((data * penalty).sum() / (d * p)) if d and p else 0.0,
+    }

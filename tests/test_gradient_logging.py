@@ -16,7 +16,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, read_scalars, run_mirrored
+from conftest import assert_close, gradient_statistics, read_scalars, run_mirrored
 from keras import ops
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -840,16 +840,7 @@ def linear_closed_form(w, x, y, penalty_grad):
     """The statistics of a bias-free linear model under mean squared error:
     data gradient `2/n X^T (Xw - y)`, the penalty gradient given."""
     w, x, y = (np.asarray(a, np.float64) for a in (w, x, y))
-    data_grad = 2 / len(x) * x.T @ (x @ w - y)
-    penalty_grad = np.asarray(penalty_grad, np.float64)
-    d, p = np.linalg.norm(data_grad), np.linalg.norm(penalty_grad)
-    return {
-        "data": d,
-        "penalty": p,
-        "total": np.linalg.norm(data_grad + penalty_grad),
-        "penalty_share": p / (d + p) if d + p else 0.0,
-        "cosine": float(np.sum(data_grad * penalty_grad)) / (d * p) if d * p else 0.0,
-    }
+    return gradient_statistics(2 / len(x) * x.T @ (x @ w - y), penalty_grad)
 
 
 def linear_model(regularizer):

@@ -10,7 +10,7 @@ forward pass, and the penalty gradients from their NumPy formulas.
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, np_weights
+from conftest import assert_close, gradient_statistics, np_weights
 
 import kerasreg
 
@@ -31,15 +31,7 @@ def linear_model(c=0.3, bias=False):
 
 
 def expected(data, penalty):
-    """The five statistics from two gradients (float64 NumPy)."""
-    d, p = np.linalg.norm(data), np.linalg.norm(penalty)
-    return {
-        "data": d,
-        "penalty": p,
-        "total": np.linalg.norm(data + penalty),
-        "penalty_share": p / (d + p) if d + p else 0.0,
-        "cosine": float((data * penalty).sum() / (d * p)) if d and p else 0.0,
-    }
+    return gradient_statistics(data, penalty)
 
 
 def assert_stats(actual, reference, what, tolerance=2e-5):
