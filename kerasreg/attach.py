@@ -268,10 +268,11 @@ def role_listing(
     """The weights of `model` that have each role, by the paths `where=`
     patterns search: what an error about a missing role shows."""
     paths = weight_paths(model)
+    walked = walked if walked is not None else list(walk_layers(model))
     parts = []
     for role in ROLES:
         names: list[str] = []
-        for layer, _ in walked if walked is not None else walk_layers(model):
+        for layer, _ in walked:
             try:
                 slots = _role_slots(layer, role)
             except ValueError:  # a quantized kernel: no penalty can act on it
@@ -279,7 +280,15 @@ def role_listing(
             names.extend(repr(paths.get(id(v), v.path)) for _, v in slots)
         more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
         parts.append(f"{role}: {', '.join(names[:8]) + more if names else 'none'}")
-    return f"Its weights by role: {'; '.join(parts)}."
+    owners = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer, _ in walked
+        if layer is not model and _own_variables(layer)
+    ]
+    return (
+        f"Its weights by role: {'; '.join(parts)}. Layers with weights: "
+        f"{', '.join(owners[:12]) or 'none'}{', ...' if len(owners) > 12 else ''}."
+    )
 
 
 def _layers_in_scope(
