@@ -75,13 +75,6 @@ class GradientCapture:
         self.calls = 0
         self.decide: Callable[[int], bool] = lambda call: True
         prepare_regularizers(self.variables)
-        self.penalties = _penalties_key(self.variables)
-
-    def measures_current_penalties(self) -> bool:
-        """Whether each weight still has the regularizer (same object, same
-        config, same state variables) this capture was built with: a
-        `kerasreg.regularize` between two fits changes them."""
-        return _penalties_key(self.variables) == self.penalties
 
     @property
     def regularizers(self) -> list[Any]:
@@ -90,10 +83,12 @@ class GradientCapture:
         return [v.regularizer for v in self.variables]
 
     def fold_config(self) -> tuple:
-        """What the measured step bakes in: a change means a new trace."""
+        """What the measured step bakes in: a change means a new trace (a
+        `kerasreg.regularize` between fits or during one changes the
+        regularizers: object, config or state variables)."""
         return (
             tuple(id(v) for v in self.variables),
-            tuple(regularizer_key(r) for r in self.regularizers),
+            _penalties_key(self.variables),
             id(self.optimizer),
             _compat.gradient_accumulation_steps(self.optimizer),
         )
@@ -173,8 +168,8 @@ class GradientCapture:
 
 
 def _penalties_key(variables: Sequence[Any]) -> tuple:
-    # The regularizers themselves are kept alive by the capture: their ids
-    # cannot be reused while it compares them.
+    # The fold's cache holds the traced step, and with it the regularizers it
+    # read: their ids cannot be reused while the key is compared.
     regularizers = [v.regularizer for v in variables]
     return (
         tuple(regularizer_key(r) for r in regularizers),

@@ -393,7 +393,6 @@ class WeightNormLogger(keras.callbacks.Callback):
             capture is None
             or [id(v) for v in capture.variables] != [id(v) for v in variables]
             or capture.optimizer is not model.optimizer
-            or not capture.measures_current_penalties()
         ):
             capture = GradientCapture(model, variables)
         paths = weight_paths(model)
