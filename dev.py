@@ -1,19 +1,25 @@
 """Set up a virtual environment and run the demo or the tests.
 
-    python3 dev.py demo            # the main job: examples/demo.py
-    python3 dev.py test [ARGS]     # pytest ARGS, after installing the test extras
-    python3 dev.py docs [ARGS]     # the docs site, `mkdocs build --strict` into site/
+    python3 dev.py demo               # the main job: examples/demo.py
+    python3 dev.py test [ARGS]        # the quick loop: pytest ARGS
+    python3 dev.py test --all [ARGS]  # the full suite, as CI runs it
+    python3 dev.py docs [ARGS]        # the site, `mkdocs build --strict` into site/
 
-Needs only Python 3.10+ and pip. The environment lives in `.venv/` (override with
+Needs only Python 3.10+ and pip (`test` installs the test extras). The environment lives in `.venv/` (override with
 KERASREG_VENV) and is reinstalled only when `setup.cfg` changes. Set
 KERAS_BACKEND=jax or torch to run on another backend: its package is installed
 too (PyTorch as the CPU build).
 
 `test` runs pytest on one pytest-xdist worker per CPU core (at most 4: each
 holds its own TensorFlow), `-n N --dist loadgroup`, unless ARGS choose (`-n`,
-`--numprocesses`, `--dist`, `-p no:xdist`) or debug (`--pdb`, `--trace`); it
-runs every test, the slow ones (marked `slow`, > ~20 s) included; `-m "not
-slow"` leaves them out.
+`--numprocesses`, `--dist`, `-p no:xdist`) or debug (`--pdb`, `--trace`).
+By default it runs the quick loop, `-m "not slow and not full"`: every test
+but the slow ones (marked `slow`, > ~20 s) and those marked `full` (fresh
+processes, several devices, example scripts, whole guide pages, benchmark
+smoke runs: tests/conftest.py's FULL_ONLY), with 2 drawn examples per
+combination-generator test (KERASREG_COMBO_EXAMPLES, unless set). `--all`
+runs the full suite, as CI does; a `-m` of your own, or test files or node
+ids named in ARGS, replace the default.
 
 KERASREG_FLOOR=1 uses a separate environment, `.venv-floor/`, holding exactly the
 oldest Keras, TensorFlow, JAX and numpy kerasreg supports (`ci/floor-constraints.txt`),
@@ -110,6 +116,23 @@ def pytest_arguments(rest: list[str]) -> list[str]:
     return ["-n", str(workers()), "--dist", "loadgroup", *rest]
 
 
+QUICK_LOOP = "not slow and not full"
+
+
+def quick_loop(rest: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`(pytest ARGS, environment)` of `test`: the quick loop's marker
+    expression and generator budget unless `rest` asks for `--all` (removed:
+    it is dev.py's), gives its own `-m`, or names test files or node ids
+    (`tests/test_examples.py`: what it names runs)."""
+    if "--all" in rest:
+        return [arg for arg in rest if arg != "--all"], {}
+    if any(arg.startswith("-m") for arg in rest) or any(
+        (ROOT / arg.split("::")[0]).exists() for arg in rest if not arg.startswith("-")
+    ):
+        return rest, {}
+    return ["-m", QUICK_LOOP, *rest], {"KERASREG_COMBO_EXAMPLES": "2"}
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__, file=sys.stderr)
@@ -139,6 +162,9 @@ def main(argv: list[str]) -> int:
         site = str(ROOT / "site")
         command = [str(python), "-m", "mkdocs", "build", "--strict", "-d", site, *rest]
     else:
+        rest, defaults = quick_loop(rest)
+        for name, value in defaults.items():
+            env.setdefault(name, value)
         command = [str(python), "-m", "pytest", *pytest_arguments(rest)]
     return subprocess.run(command, cwd=ROOT, env=env).returncode
 

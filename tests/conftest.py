@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # repeat the same work. A test that runs a model has no place here.
 BACKEND_INDEPENDENT = (
     "tests/test_layering.py::",  # ast of kerasreg/*.py
+    "tests/test_dev.py::",  # dev.py's arguments and conftest's lists
     "tests/test_typing.py::",  # mypy over the sources (Keras is untyped: Any)
     "tests/test_package.py::",  # the wheel and sdist built from the sources
     "tests/test_docs.py::test_site_builds_strictly",  # mkdocs build (also .ci/run)
@@ -47,6 +48,29 @@ PER_BACKEND = (
 )
 
 
+# The quick loop (`python3 dev.py test`, the README's test command) leaves out
+# the slow tests and these: each starts fresh processes or several devices,
+# runs an example script or a whole guide page, or times a benchmark, and
+# repeats at full size what unit tests check piece by piece. They get the
+# `full` marker; the full suite (`python3 dev.py test --all`, what CI runs on
+# every leg) runs them as before.
+FULL_ONLY = (
+    "tests/test_examples.py::",  # the example scripts, end to end
+    "tests/test_docs.py::test_page_snippets_run[docs/",  # guide pages (README stays)
+    "tests/test_distribution.py::",  # a fresh process on two devices
+    "tests/test_benchmarks.py::",  # benchmark scripts' smoke runs
+    "tests/test_benchmark_sweep.py::",
+    "tests/test_decay.py::test_mirrored_strategy_matches_one_device",
+    "tests/test_gradient_logging.py::test_mirrored_strategy_is_refused",
+    "tests/test_l2sp.py::test_set_reference_reaches_mirrored_replicas",
+    "tests/test_poststep.py::test_toward_and_soft_threshold_under_mirrored_strategy",
+    "tests/test_tensorboard.py::test_works_under_mirrored_strategy",
+    "tests/test_l2sp.py::test_reference_survives_save_and_load_in_a_fresh_process",
+    "tests/test_penalties.py::test_save_load_in_fresh_process",
+    "tests/test_zoo.py::test_zoo_save_load_in_one_fresh_process",
+)
+
+
 # Set by pytest_collection_finish where pytest-xdist's groups are lost.
 LOST_GROUPS: list[str] = []
 
@@ -62,6 +86,11 @@ def pytest_configure(config):
         "markers",
         "per_backend: a slow test of code that differs per backend "
         "(conftest.PER_BACKEND); CI runs it on every leg",
+    )
+    config.addinivalue_line(
+        "markers",
+        "full: in the full suite only (`dev.py test --all`, CI), left out of "
+        "the quick loop (conftest.FULL_ONLY)",
     )
     config.addinivalue_line(
         "markers",
@@ -98,7 +127,8 @@ def pytest_collection_modifyitems(config, items):
     results) form one group, run on one worker that builds it once; and the
     slow tests come first, so that no long test starts last while the other
     worker has nothing left to do (stable: the order is otherwise kept).
-    The tests named in `BACKEND_INDEPENDENT` get their marker."""
+    The tests named in `BACKEND_INDEPENDENT`, `PER_BACKEND` and `FULL_ONLY`
+    get their markers."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None and shared_fixtures(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
@@ -106,6 +136,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.backend_independent)
         if item.nodeid.startswith(PER_BACKEND):
             item.add_marker(pytest.mark.per_backend)
+        if item.nodeid.startswith(FULL_ONLY):
+            item.add_marker(pytest.mark.full)
     if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 

@@ -753,7 +753,7 @@ def record_failure(spec, error):
 
 def run_scenario(spec):
     with tempfile.TemporaryDirectory() as folder:
-        keras.utils.clear_session()
+        keras.utils.clear_session(free_memory=False)
         keras.utils.set_random_seed(0)
         log_dir = Path(folder) / "logs"
         model, _, recorder = fit(spec, reference=False, log_dir=log_dir)
@@ -894,7 +894,7 @@ def footer_total(path) -> str:
 
 def check_zoo_cli(spec):
     with tempfile.TemporaryDirectory() as folder:
-        keras.utils.clear_session()
+        keras.utils.clear_session(free_memory=False)
         model = build_zoo(spec)
         path = Path(folder) / "zoo.keras"
         model.save(path)
@@ -950,7 +950,7 @@ def run_saved(spec_list):
     with tempfile.TemporaryDirectory() as folder:
         saved, jobs = [], []
         for i, spec in enumerate(spec_list):
-            keras.utils.clear_session()
+            keras.utils.clear_session(free_memory=False)
             model, _, _ = fit(spec, reference=False)
             path = str(Path(folder) / f"m{i}.keras")
             model.save(path)

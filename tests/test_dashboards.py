@@ -150,7 +150,7 @@ class PlanDecay(keras.callbacks.Callback):
 
 @pytest.fixture(scope="module")
 def dashboard_run(tmp_path_factory):
-    keras.utils.clear_session()
+    keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     log_dir = tmp_path_factory.mktemp("dash") / "logs"
     csv_path = log_dir.parent / "history.csv"

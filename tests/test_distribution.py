@@ -292,7 +292,7 @@ for setting, scope in contexts.items():
         keras.utils.set_random_seed(0)
         with scope():
             out[setting][name] = scenario()
-        keras.utils.clear_session()
+        keras.utils.clear_session(free_memory=False)
 print("RESULT " + json.dumps(out))
 sys.stdout.flush()
 '''

@@ -137,7 +137,8 @@ def test_docstring_examples(name):
     )
     failures: list[str] = []
     for test in doctest.DocTestFinder().find(module, name, globs=globs):
-        keras.utils.clear_session()  # layer names restart at `dense` in every docstring
+        # Layer names restart at `dense` in every docstring.
+        keras.utils.clear_session(free_memory=False)
         runner.run(test, out=failures.append)
     assert runner.failures == 0, "".join(failures)
 

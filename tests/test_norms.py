@@ -413,7 +413,8 @@ def test_float64_model_trains_with_weight_norm_logger(tmp_path):
     """Item 7: a whole float64 model (floatx), trained with the logger attached."""
     floatx = keras.config.floatx()
     keras.config.set_floatx("float64")
-    keras.utils.clear_session()  # Keras caches float32 state across floatx changes
+    # Keras caches float32 state across floatx changes.
+    keras.utils.clear_session(free_memory=False)
     try:
         model = keras.Sequential(
             [

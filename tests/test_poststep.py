@@ -427,7 +427,8 @@ def float64_everywhere():
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
-    keras.utils.clear_session()  # Keras caches float32 state across floatx changes
+    # Keras caches float32 state across floatx changes.
+    keras.utils.clear_session(free_memory=False)
     try:
         if keras.backend.backend() == "jax" and not is_float64(keras.Variable(0.0)):
             pytest.skip("JAX without jax_enable_x64 holds float64 weights as float32")
@@ -435,7 +436,7 @@ def float64_everywhere():
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
-        keras.utils.clear_session()
+        keras.utils.clear_session(free_memory=False)
 
 
 def is_float64(variable):

@@ -146,7 +146,7 @@ def plans(draw):
         )
 
     def build():
-        keras.utils.clear_session()
+        keras.utils.clear_session(free_memory=False)
         keras.utils.set_random_seed(seed)
         inputs, features = body()
         out = (
