@@ -156,6 +156,18 @@ class Kernel(keras.layers.Layer):
     def apply(self, inputs: list[Value], training: Any) -> Value | list[Value]:
         raise NotImplementedError
 
+    def finish(self, out: Any) -> Value:
+        """`out` (K on its first axis, features last) plus each variant's bias,
+        through the layer's activation: the tail of Dense and the convolutions."""
+        layer = self.layer
+        if layer.use_bias:
+            bias = self.stacked(layer.bias)
+            shape = _bias_shape(self.k, len(out.shape), bias.shape[-1])
+            out = ops.add(out, ops.reshape(bias, shape))
+        if layer.activation is not None:
+            out = layer.activation(out)
+        return Value(out, True)
+
     def copy_to(self) -> None:
         """Write each variant's slice into its own copy of the layer."""
         for stacked, sources in self.pairs:
@@ -368,19 +380,22 @@ class Dense(Kernel):
             flat = ops.broadcast_to(flat, (self.k, *ops.shape(flat)[1:]))
             out = ops.matmul(flat, kernel)
             out = ops.reshape(out, (self.k, *shape[:-1], units))
-        if layer.use_bias:
-            bias = self.stacked(layer.bias)
-            rank = len(out.shape)
-            out = ops.add(out, ops.reshape(bias, _bias_shape(self.k, rank, units)))
-        if layer.activation is not None:
-            out = layer.activation(out)
-        return Value(out, True)
+        return self.finish(out)
 
 
 def _channels_last(layer) -> str | None:
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return "uses data_format='channels_first'"
     return None
+
+
+def _convolution_reason(layer, *constraints: str) -> str | None:
+    """Why the batched convolutions cannot compute `layer` (None: they can)."""
+    if layer.padding not in ("valid", "same"):
+        return f"has padding={layer.padding!r}"
+    if not _is_keras_function(layer.activation):
+        return "has an activation function that is not Keras's own"
+    return _channels_last(layer) or _constraint_reason(layer, *constraints)
 
 
 def _to_channels(x: Any, k: int) -> Any:
@@ -423,13 +438,7 @@ class Conv(Kernel):
     def why_not(cls, layer):
         if layer.groups != 1:
             return f"has groups={layer.groups}"
-        if layer.padding not in ("valid", "same"):
-            return f"has padding={layer.padding!r}"
-        if not _is_keras_function(layer.activation):
-            return "has an activation function that is not Keras's own"
-        return _channels_last(layer) or _constraint_reason(
-            layer, "kernel_constraint", "bias_constraint"
-        )
+        return _convolution_reason(layer, "kernel_constraint", "bias_constraint")
 
     def convolve(self, x, kernel):
         layer = self.layer
@@ -454,13 +463,7 @@ class Conv(Kernel):
             out = _from_channels(
                 self.convolve(value.tensor, _kernels_as_groups(kernel)), self.k
             )
-        if layer.use_bias:
-            bias = self.stacked(layer.bias)
-            shape = _bias_shape(self.k, len(out.shape), layer.filters)
-            out = ops.add(out, ops.reshape(bias, shape))
-        if layer.activation is not None:
-            out = layer.activation(out)
-        return Value(out, True)
+        return self.finish(out)
 
 
 def _depthwise_as_channels(kernel: Any) -> Any:
@@ -484,13 +487,7 @@ class DepthwiseConv(Kernel):
 
     @classmethod
     def why_not(cls, layer):
-        if layer.padding not in ("valid", "same"):
-            return f"has padding={layer.padding!r}"
-        if not _is_keras_function(layer.activation):
-            return "has an activation function that is not Keras's own"
-        return _channels_last(layer) or _constraint_reason(
-            layer, "depthwise_constraint", "bias_constraint"
-        )
+        return _convolution_reason(layer, "depthwise_constraint", "bias_constraint")
 
     def depthwise(self, value, kernel):
         layer = self.layer
@@ -507,15 +504,7 @@ class DepthwiseConv(Kernel):
         (value,) = inputs
         layer = self.layer
         out = _from_channels(self.depthwise(value, self.stacked(layer.kernel)), self.k)
-        if layer.use_bias:
-            bias = self.stacked(layer.bias)
-            size = bias.shape[-1]
-            out = ops.add(
-                out, ops.reshape(bias, _bias_shape(self.k, len(out.shape), size))
-            )
-        if layer.activation is not None:
-            out = layer.activation(out)
-        return Value(out, True)
+        return self.finish(out)
 
 
 class SeparableConv(DepthwiseConv):
@@ -525,11 +514,7 @@ class SeparableConv(DepthwiseConv):
 
     @classmethod
     def why_not(cls, layer):
-        if layer.padding not in ("valid", "same"):
-            return f"has padding={layer.padding!r}"
-        if not _is_keras_function(layer.activation):
-            return "has an activation function that is not Keras's own"
-        return _channels_last(layer) or _constraint_reason(
+        return _convolution_reason(
             layer, "depthwise_constraint", "pointwise_constraint", "bias_constraint"
         )
 
@@ -547,13 +532,7 @@ class SeparableConv(DepthwiseConv):
         out = ops.reshape(
             ops.matmul(flat, weights), (self.k, *shape[1:-1], layer.filters)
         )
-        if layer.use_bias:
-            bias = self.stacked(layer.bias)
-            shape = _bias_shape(self.k, len(out.shape), layer.filters)
-            out = ops.add(out, ops.reshape(bias, shape))
-        if layer.activation is not None:
-            out = layer.activation(out)
-        return Value(out, True)
+        return self.finish(out)
 
 
 class Embedding(Kernel):
