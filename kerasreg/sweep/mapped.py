@@ -590,14 +590,18 @@ class MappedStack(keras.Model):
         for var, value in zip(self.trainable_variables, values, strict=True):
             var.assign(value)
 
-    def copy_to(self, variants, *, optimizer=False):
-        """Write row k of the stacked state into variant k's own variables."""
+    def copy_to(self, variants, *, optimizer=False, model=True):
+        """Write row k of the stacked state into variant k's own variables
+        (`model`: its weights and non-trainable state; `optimizer`: its
+        optimizer's variables)."""
         groups = [self.trainable_variables, self.non_trainable_variables]
-        if optimizer:
-            groups.append(self._state.optimizer)
+        groups.append(self._state.optimizer)
         for g, stacked in enumerate(groups):
+            if not (optimizer if g == 2 else model):
+                continue
             for i, var in enumerate(stacked):
-                value = var.value
+                # One transfer per variable, sliced on the host.
+                value = np.asarray(ops.convert_to_numpy(var.value))
                 for index, variant in enumerate(variants):
                     _groups_lazy(variant, g)[i].assign(value[index])
 
@@ -725,23 +729,23 @@ def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
     kwargs = dict(fit_kwargs)
     callbacks = list(kwargs.get("callbacks") or [])
     variant_callbacks = None
-    sync = stack.copy_to
     if callbacks:
         # A stopped variant keeps the optimizer state it stopped with.
         variant_callbacks = stopping.VariantCallbacks(
-            callbacks, variants, names, optimizer=True, write=stack.copy_from
+            callbacks,
+            variants,
+            names,
+            optimizer=True,
+            write=stack.copy_from,
+            copy_optimizer=lambda v: stack.copy_to(v, optimizer=True, model=False),
         )
-
-        def sync(variants):
-            stack.copy_to(variants, optimizer=True)
-
     monitor = Monitor(
         variants,
         names,
         logs,
         kwargs.get("verbose", "auto"),
         stack.keys,
-        sync,
+        stack.copy_to,
         variant_callbacks,
     )
     kwargs["callbacks"] = [monitor]

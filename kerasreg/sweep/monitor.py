@@ -80,33 +80,41 @@ class Monitor(keras.callbacks.ProgbarLogger):
         self.model  # noqa: B018 on JAX this syncs the trained values into the variables
         if self.sync is not None:
             self.sync(self.variants)
+        self._synced = True
+
+    def _sync_once(self):
+        """`_sync`, unless done since the last training step."""
+        if not getattr(self, "_synced", False):
+            self._sync()
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         for variant, log in zip(self.variants, self.logs, strict=True):
             if log is not None:
                 log.begin(variant)
+        self._synced = False
         if self.callbacks is not None:
-            self.callbacks.begin(self.params)
+            self.callbacks.begin(self.params, self._sync_once, lambda: self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
+        self._synced = False
         if self.callbacks is not None:
             self.callbacks.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, self._compact(logs))
         if self.callbacks is not None and self.callbacks.batches:
+            self._synced = False  # (only hooked with per-variant batch hooks)
             logs = dict(logs or {})
-            self.callbacks.batch_end(
-                batch, [_split(logs, k) for k in self.split], self._sync
-            )
+            self.callbacks.batch_end(batch, [_split(logs, k) for k in self.split])
             if not self.callbacks.active() or all(
                 self.callbacks.stop_logs[i] is not None for i in self.callbacks.active()
             ):
                 self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        self._synced = False  # the epoch's steps ran since any sync
         shown = self._compact(logs)  # before the TensorBoard logs add their keys
         logs = dict(logs or {})
         if self.split is None:
@@ -119,8 +127,8 @@ class Monitor(keras.callbacks.ProgbarLogger):
             per_variant = [
                 self.callbacks.epoch_logs(i, v) for i, v in enumerate(per_variant)
             ]
-        if self.callbacks is not None or any(log is not None for log in self.logs):
-            self._sync()
+        if any(log is not None for log in self.logs):
+            self._sync_once()
         for index in running:
             variant_logs, log = per_variant[index], self.logs[index]
             history = self.histories[index]
@@ -143,7 +151,6 @@ class Monitor(keras.callbacks.ProgbarLogger):
 
     def on_train_end(self, logs=None):
         if self.callbacks is not None and self.callbacks.active():
-            self._sync()
             last = getattr(self, "_last", None)
             for index in self.callbacks.active():
                 self.callbacks.end(index, last[index] if last else None)

@@ -115,6 +115,41 @@ def _state(variant: keras.Model, optimizer: bool) -> list:
     return variables
 
 
+class VariantModel:
+    """What a variant's copies see as their model: its own `keras.Model`,
+    brought in sync with the one fit only when they read or write it.
+
+    `stop_training` is the variant's own flag; `get_weights` and
+    `set_weights` first sync its weights (at most once per step: `sync` is
+    the Monitor's), anything else (`save`, `save_weights`, ...) its
+    optimizer state too (`sync_all`), then act on the variant.
+    """
+
+    def __init__(self, variant: keras.Model, sync, sync_all):
+        self.__dict__.update(
+            _variant=variant, _sync=sync, _sync_all=sync_all, stop_training=False
+        )
+
+    def jax_state_sync(self) -> None:
+        """`Callback.model` calls it on JAX; the sync is done on use instead."""
+
+    @property
+    def metrics(self):  # MonitorCallback's direction: no values needed
+        return self._variant.metrics
+
+    def get_weights(self):
+        self._sync()
+        return self._variant.get_weights()
+
+    def set_weights(self, weights) -> None:
+        self._sync()
+        self._variant.set_weights(weights)
+
+    def __getattr__(self, name):
+        self._sync_all()
+        return getattr(self._variant, name)
+
+
 class VariantCallbacks:
     """Each variant's copies of the sweep's callbacks, driven by `Monitor`.
 
@@ -126,10 +161,19 @@ class VariantCallbacks:
             (then a stopped variant's optimizer variables are kept too).
         write: `write(variants, index)` writes variant `index`'s model state
             into the one fit's (used after a stop inside an epoch).
+        copy_optimizer: with `optimizer`, `copy_optimizer(variants)` copies
+            the one fit's optimizer state into the variants' optimizers
+            (their weights untouched).
     """
 
-    def __init__(self, callbacks, variants, names, *, optimizer, write):
+    def __init__(
+        self, callbacks, variants, names, *, optimizer, write, copy_optimizer=None
+    ):
         self.variants = variants
+        self.models: list[VariantModel] = []
+        self.sync = lambda: None  # the Monitor's (lazy) sync, set in `begin`
+        self.touch = lambda: None  # the Monitor's one fit, synced on JAX
+        self.copy_optimizer = copy_optimizer
         self.copies = [
             [
                 copy_callback(c, name, f"`callbacks[{i}]`")
@@ -151,11 +195,12 @@ class VariantCallbacks:
     def active(self) -> list[int]:
         return [i for i, stopped in enumerate(self.stopped) if not stopped]
 
-    def begin(self, params) -> None:
-        for variant, copies in zip(self.variants, self.copies, strict=True):
-            variant.stop_training = False
+    def begin(self, params, sync, touch) -> None:
+        self.sync, self.touch = sync, touch
+        self.models = [VariantModel(v, sync, self._sync_all) for v in self.variants]
+        for model, copies in zip(self.models, self.copies, strict=True):
             for callback in copies:
-                callback.set_model(variant)
+                callback.set_model(model)
                 callback.set_params(params)
                 callback.on_train_begin()
 
@@ -164,24 +209,26 @@ class VariantCallbacks:
             for callback in self.copies[index]:
                 callback.on_epoch_begin(epoch)
 
-    def batch_end(self, batch: int, per_variant: list[dict], sync) -> None:
+    def batch_end(self, batch: int, per_variant: list[dict]) -> None:
         """Each running variant's batch hooks; a stop here freezes its state."""
         for index in self.active():
             if self.stop_logs[index] is not None:
                 # Stopped earlier in this epoch: its state stays the one it
                 # stopped with, for the rest of the epoch (its validation).
-                sync()
+                self.sync()
                 self._restore(index)
                 self.write(self.variants, index)
                 continue
-            variant = self.variants[index]
             for callback in self.copies[index]:
                 if isinstance(callback, keras.callbacks.TerminateOnNaN):
                     callback.on_train_batch_end(batch, per_variant[index])
-            if variant.stop_training:
-                sync()
+            if self.models[index].stop_training:
+                self.sync()
+                self._sync_optimizer()
                 self.stop_logs[index] = dict(per_variant[index])
-                self.state[index] = _values(_state(variant, self.optimizer))
+                self.state[index] = _values(
+                    _state(self.variants[index], self.optimizer)
+                )
 
     def epoch_logs(self, index: int, logs: dict) -> dict:
         """Variant `index`'s epoch logs: those at its stop batch, if it stopped."""
@@ -194,19 +241,29 @@ class VariantCallbacks:
 
     def epoch_end(self, epoch: int, index: int, logs: dict) -> None:
         """Variant `index`'s epoch-end hooks (its model in sync); its end if it stops."""
-        variant = self.variants[index]
         for callback in self.copies[index]:
             callback.on_epoch_end(epoch, logs)
-        if variant.stop_training:
+        if self.models[index].stop_training:
             self.end(index, logs)
 
     def end(self, index: int, logs: dict | None) -> None:
         """Variant `index`'s fit ends: its `on_train_end`, its state recorded."""
         for callback in self.copies[index]:
             callback.on_train_end(logs)
+        self.sync()  # (a no-op if a copy read or wrote the variant in this step)
+        self._sync_optimizer()
         self.stopped[index] = True
         self.stop_logs[index] = None
         self.state[index] = _values(_state(self.variants[index], self.optimizer))
+
+    def _sync_all(self) -> None:
+        self.sync()
+        self._sync_optimizer()
+
+    def _sync_optimizer(self) -> None:
+        if self.optimizer and self.copy_optimizer is not None:
+            self.touch()
+            self.copy_optimizer(self.variants)
 
     def _restore(self, index: int) -> None:
         state = self.state[index]
