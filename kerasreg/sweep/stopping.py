@@ -4,10 +4,13 @@
 and `CSVLogger` (exact classes: a subclass may use other hooks) keep the
 sweep in one fit. Each variant gets its own copy of each
 (`sequential.copy_callback`: its own state, `{variant}` in its file path),
-whose model is the variant's own `keras.Model`, kept in sync with the one
-fit before the copy runs: its hooks get the variant's logs, as its own fit
-would pass them, `variant.stop_training` is its own stop, and
-`get_weights`/`set_weights`/`save` act on the variant alone.
+whose model is a `VariantModel`: the variant's own `keras.Model`, brought in
+sync with the one fit when the copy reads or writes it. Its hooks get the
+variant's logs, as its own fit would pass them; its `stop_training` is the
+variant's own stop; `get_weights`/`set_weights`/`save` act on the variant
+alone. Keras's own hooks run at the points of the variant's own fit, so what
+they do (Keras 3 restores `restore_best_weights` in `on_train_end`, whether
+or not the fit stopped early) is what the installed Keras does.
 
 A variant *stops* where its own fit would end: after the epoch whose end a
 copy set `stop_training` (or, for `TerminateOnNaN`, after the batch: that
