@@ -7,6 +7,7 @@
     python benchmarks/sweep.py --no-separate      # sweep and one fit only
     python benchmarks/sweep.py --floor            # + one fit doing K times the arithmetic
     python benchmarks/sweep.py --quick            # smoke run
+    python benchmarks/sweep.py --early-stopping   # sweep + EarlyStopping vs none
 
 Each timed call is what a user waits for, set-up included: the sweep call
 (copies, the engine's model, tracing, training); one `fit` of a fresh copy
@@ -31,6 +32,15 @@ Workloads (K=6 strengths unless noted):
 - moons as Brownlee trains it: `Dense(500, relu) -> Dense(1, sigmoid)`, 150
   one-batch epochs with validation after each;
 - a compute-bound MLP 256-1024-1024-10 on 4096 points (batch 128).
+
+`--early-stopping` times instead, per workload: the sweep without callbacks;
+the same sweep with `EarlyStopping(patience=2, restore_best_weights=True)`
+(on `val_loss`, else `loss`; one fit in which variants stop at their own
+epochs); the same with a patience no variant reaches (`EarlyStopping`'s
+per-epoch cost alone: every variant runs every epoch); and K separate fits
+each with its own `EarlyStopping(patience=2, restore_best_weights=True)`.
+Ratios are to the sweep without callbacks (and to the K early-stopped fits),
+median over interleaved rounds.
 
 `--memory` runs each call of each workload once in a fresh Python process
 and reports its peak resident memory (`ru_maxrss`), next to one fit's.
@@ -256,6 +266,90 @@ def bench(
     }
 
 
+def stopping(kwargs, patience: int) -> keras.callbacks.EarlyStopping:
+    has_validation = kwargs.get("validation_data") is not None or kwargs.get(
+        "validation_split"
+    )
+    return keras.callbacks.EarlyStopping(
+        monitor="val_loss" if has_validation else "loss",
+        patience=patience,
+        restore_best_weights=True,
+    )
+
+
+def bench_early_stopping(name: str, workload, rounds: int, engine: str) -> dict:
+    """The sweep with EarlyStopping next to the same sweep without callbacks."""
+    template, x, y, kwargs, penalties = workload
+    k = len(penalties)
+    used = {}
+    epochs = kwargs.get("epochs", 1)
+
+    def run_sweep(patience=None):
+        extra = {} if patience is None else {"callbacks": [stopping(kwargs, patience)]}
+        result = kerasreg.sweep(
+            template, penalties, x, y, verbose=0, engine=engine, **kwargs, **extra
+        )
+        if patience == 2:
+            used["engine"], used["reason"] = result.engine, result.engine_reason
+            used["epochs"] = [row["epochs"] for row in result.rows]
+
+    calls = [
+        Call("sweep, no callbacks", run_sweep),
+        Call("sweep + EarlyStopping(patience=2)", lambda: run_sweep(2)),
+        Call("sweep + EarlyStopping (never stops)", lambda: run_sweep(epochs + 1)),
+        Call(
+            f"{k} separate early-stopped fits",
+            lambda: separate_fits(
+                template, penalties, x, y, callbacks=[stopping(kwargs, 2)], **kwargs
+            ),
+        ),
+    ]
+    run_rounds(calls, rounds)
+    stopped = ratios(calls[1], calls[0])
+    never = ratios(calls[2], calls[0])
+    per_k = ratios(calls[1], calls[3])
+    return {
+        "workload": name,
+        "K": k,
+        "engine": used["engine"],
+        "engine_reason": used["reason"],
+        "epochs per variant": used["epochs"],
+        "sweep s": float(np.median(calls[0].times)),
+        "sweep + ES s": float(np.median(calls[1].times)),
+        "sweep + ES never s": float(np.median(calls[2].times)),
+        "K ES fits s": float(np.median(calls[3].times)),
+        "ES / sweep": stopped["median"],
+        "ES / sweep min": stopped["min"],
+        "ES / sweep max": stopped["max"],
+        "ES never / sweep": never["median"],
+        "ES never / sweep min": never["min"],
+        "ES never / sweep max": never["max"],
+        "ES / K ES fits": per_k["median"],
+        "rounds": stopped["rounds"],
+    }
+
+
+def early_stopping_table(rows: list[dict]) -> str:
+    lines = [
+        "| workload | K | engine | epochs per variant | sweep (s) | + ES (s) "
+        "| + ES / sweep (min–max) | ES never stopping / sweep (min–max) "
+        "| + ES / K early-stopped fits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['K']} | {r['engine']} "
+            f"| {' '.join(map(str, r['epochs per variant']))} "
+            f"| {r['sweep s']:.1f} | {r['sweep + ES s']:.1f} "
+            f"| {r['ES / sweep']:.2f} ({r['ES / sweep min']:.2f}–"
+            f"{r['ES / sweep max']:.2f}) "
+            f"| {r['ES never / sweep']:.2f} ({r['ES never / sweep min']:.2f}–"
+            f"{r['ES never / sweep max']:.2f}) "
+            f"| {r['ES / K ES fits']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| workload | K | engine | one fit (s) | sweep (s) | K fits (s) "
@@ -335,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         "larger batch: K variants' arithmetic at one fit's overhead",
     )
     parser.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="time the sweep with EarlyStopping against the same sweep without "
+        "callbacks and against K early-stopped separate fits",
+    )
+    parser.add_argument(
         "--only", nargs="*", default=None, help=f"workloads: {', '.join(WORKLOADS)}"
     )
     args = parser.parse_args(argv)
@@ -353,6 +453,20 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
         return 0
     rounds = 1 if args.quick else args.rounds
+    if args.early_stopping:
+        path = out / f"sweep_early_stopping_{keras.backend.backend()}.json"
+        rows = []
+        for key in names:
+            workload = WORKLOADS[key][1](args.quick)
+            rows.append(
+                bench_early_stopping(WORKLOADS[key][0], workload, rounds, args.engine)
+            )
+            print(early_stopping_table(rows[-1:]).splitlines()[-1], flush=True)
+            path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        print(early_stopping_table(rows))
+        for row in rows:
+            print(f"{row['workload']}: {row['engine']} ({row['engine_reason']})")
+        return 0
     path = out / f"sweep_{keras.backend.backend()}.json"
     rows = []
     for key in names:  # each row printed and saved as soon as it is measured

@@ -758,7 +758,7 @@ def test_engine_choice_is_logged_and_can_be_forced(caplog):
             kerasreg.sweep(
                 model, [None], x, y, epochs=1, verbose=0, callbacks=callbacks
             )
-        assert "not jax.vmap: `callbacks` are given" in caplog.text
+        assert "not jax.vmap: `callbacks` has Callback" in caplog.text
         assert caplog.records[0].levelname == "INFO"
         result = kerasreg.sweep(
             model, [None], x, y, epochs=1, verbose=0, engine="stacked"

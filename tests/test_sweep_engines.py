@@ -71,7 +71,7 @@ class Probe(keras.callbacks.Callback):
         pass
 
 
-def case(name):
+def case(name, tmp_path):
     """`(model, compile kwargs, x, y, sweep kwargs)` for a row of the table."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 4)).astype("float32")
@@ -175,7 +175,14 @@ def case(name):
         )
         sequences = rng.normal(size=(8, 3, 2)).astype("float32")
         return model, dict(optimizer=adam, loss="mse"), sequences, y, {}
-    if name == "callbacks=[...]":
+    if name == "callbacks=[EarlyStopping(...), CSVLogger(...)]":
+        compiled = dict(optimizer=adam, loss="mse")
+        callbacks = [
+            keras.callbacks.EarlyStopping(monitor="loss"),
+            keras.callbacks.CSVLogger(str(tmp_path / "{variant}.csv")),
+        ]
+        return dense_net(), compiled, x, y, {"callbacks": callbacks}
+    if name == "callbacks=[a callback of your own]":
         compiled = dict(optimizer=adam, loss="mse")
         return dense_net(), compiled, x, y, {"callbacks": [Probe()]}
     raise KeyError(name)
@@ -195,9 +202,9 @@ def test_the_table_has_a_template_for_each_engine():
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_each_row_of_the_guides_engine_table(name):
+def test_each_row_of_the_guides_engine_table(name, tmp_path):
     engine, why = ROWS[name]
-    model, compiled, x, y, kwargs = case(name)
+    model, compiled, x, y, kwargs = case(name, tmp_path)
     model.compile(**compiled)
     result = kerasreg.sweep(
         model,

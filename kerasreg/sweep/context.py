@@ -28,8 +28,8 @@ class SweepContext:
         batch_size: the size of a training batch (`fit`'s `batch_size`, 32
             by default, or the first batch's size).
         separate: why the runs must be K separate fits whatever the
-            template (post-step transforms, `seeds=`, `callbacks`: what no
-            one-fit engine takes yet), or None.
+            template (post-step transforms, `seeds=`, callbacks that no
+            one-fit engine runs), or None.
     """
 
     backend: str

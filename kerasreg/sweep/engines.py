@@ -5,7 +5,9 @@ An engine is a module with `NAME` (the user-facing engine name),
 these variants exactly, proven from what it knows of every layer, loss,
 metric, optimizer and the data; otherwise the reason, one short sentence),
 `fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs)`
-(each variant's `History.history`, as its own fit reports it), and
+(each variant's `History.history`, as its own fit reports it; the one-fit
+engines return a `kerasreg.sweep.stopping.Histories`, whose `best_epochs`
+are the epochs each variant's `EarlyStopping` restored), and
 optionally `describe(template, variants, context) -> str` (what runs),
 `PREPARE` (what `fit` needs of the variants beforehand: `"all"`, the
 default: each compiled like the template, its loss and metrics built on two
@@ -19,8 +21,18 @@ optimizer afterwards, the one fit's optimizer having trained the stack).
 trains the sweep. Every engine passed over is logged at INFO on the
 `"kerasreg"` logger with its reason; falling back to K separate fits is a
 WARNING (no speed-up). A sweep whose grid points need K separate fits
-(`SweepContext.separate`: post-step transforms, `seeds=`, `callbacks`) goes
-to the sequential engine, logged once at INFO (the user asked for it).
+(`SweepContext.separate`: post-step transforms, `seeds=`, a callback other
+than `EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint` and `CSVLogger`,
+named in the reason) goes to the sequential engine, logged once at INFO (the
+user asked for it).
+
+Callbacks in one fit (`kerasreg.sweep.stopping`): those four keep a one-fit
+engine. Each variant gets its own copies, driven by the engine's `Monitor`
+with the variant's own logs and model; a variant stops where its own fit
+would, and ends with the state it had then. Each one-fit engine's `why_not`
+asks `stopping.why_not` what it cannot do exactly (an optimizer with
+`use_ema=True`, a `keras.distribution`, and, on the engines that keep no
+optimizer state per variant, a whole-model `ModelCheckpoint`).
 """
 
 from __future__ import annotations
@@ -111,7 +123,7 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
         if context.backend not in getattr(module, "BACKENDS", (context.backend,)):
             continue
         if context.separate is not None and module.NAME != "sequential":
-            # Asked for by the grid, seeds or callbacks: no one-fit engine yet.
+            # Asked for by the grid, seeds or callbacks: no one-fit engine.
             reason: str | None = context.separate
         else:
             reason = module.why_not(template, variants, context)
@@ -201,7 +213,8 @@ def ready(variants, compile_config, exclusions, context: SweepContext, module):
         # Each variant is compiled (its loss is read per variant, as by the
         # gradient log); "first": only the first one's metrics are built.
         compile_like(variant, compile_config, exclusions)
-        if needs == "first" and index > 0:
+        if needs == "first" and index > 0 and not context.fit_kwargs.get("callbacks"):
+            # (With callbacks, each variant's copies read its own metrics.)
             continue
         if sample is not None and needs != "compile":
             # The compiled loss and metrics get their variables now, before

@@ -55,6 +55,7 @@ from kerasreg.penalties import (
     L1Penalty,
     L2Penalty,
 )
+from kerasreg.sweep import stopping
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
 from kerasreg.sweep.variants import carry_state, compile_like
 from kerasreg.walk import walk_layers
@@ -138,8 +139,11 @@ def why_not(template: keras.Model, variants: list, context: Any = None) -> str |
     if _compat.nnx_enabled():
         return "Keras runs JAX models as Flax NNX modules (their step is not pure)"
     fit_kwargs = _lookup(context, "fit_kwargs") or {}
-    if fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (in one fit they would see the stack)"
+    reason = stopping.why_not(
+        template, list(fit_kwargs.get("callbacks") or []), own_optimizers=True
+    )
+    if reason:
+        return reason
     distribution = keras.distribution.distribution()
     if distribution is not None:
         reason = _distribution_reason(distribution, len(variants))
@@ -586,16 +590,32 @@ class MappedStack(keras.Model):
         for var, value in zip(self.trainable_variables, values, strict=True):
             var.assign(value)
 
-    def copy_to(self, variants, *, optimizer=False):
-        """Write row k of the stacked state into variant k's own variables."""
+    def copy_to(self, variants, *, optimizer=False, model=True):
+        """Write row k of the stacked state into variant k's own variables
+        (`model`: its weights and non-trainable state; `optimizer`: its
+        optimizer's variables)."""
         groups = [self.trainable_variables, self.non_trainable_variables]
-        if optimizer:
-            groups.append(self._state.optimizer)
+        groups.append(self._state.optimizer)
         for g, stacked in enumerate(groups):
+            if not (optimizer if g == 2 else model):
+                continue
             for i, var in enumerate(stacked):
-                value = var.value
+                # One transfer per variable, sliced on the host.
+                value = np.asarray(ops.convert_to_numpy(var.value))
                 for index, variant in enumerate(variants):
                     _groups_lazy(variant, g)[i].assign(value[index])
+
+    def copy_from(self, variants, index):
+        """Write variant `index`'s own state (optimizer too) into row `index`."""
+        groups = [self.trainable_variables, self.non_trainable_variables]
+        groups.append(self._state.optimizer)
+        for g, stacked in enumerate(groups):
+            for i, var in enumerate(stacked):
+                values = np.array(ops.convert_to_numpy(var.value))
+                values[index] = ops.convert_to_numpy(
+                    _groups_lazy(variants[index], g)[i]
+                )
+                var.assign(values)
 
 
 def _groups_lazy(model, g):
@@ -707,12 +727,32 @@ def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
         run_eagerly=compile_config.get("run_eagerly", False),
     )
     kwargs = dict(fit_kwargs)
+    callbacks = list(kwargs.get("callbacks") or [])
+    variant_callbacks = None
+    if callbacks:
+        # A stopped variant keeps the optimizer state it stopped with.
+        variant_callbacks = stopping.VariantCallbacks(
+            callbacks,
+            variants,
+            names,
+            optimizer=True,
+            write=stack.copy_from,
+            copy_optimizer=lambda v: stack.copy_to(v, optimizer=True, model=False),
+        )
     monitor = Monitor(
-        variants, names, logs, kwargs.get("verbose", "auto"), stack.keys, stack.copy_to
+        variants,
+        names,
+        logs,
+        kwargs.get("verbose", "auto"),
+        stack.keys,
+        stack.copy_to,
+        variant_callbacks,
     )
     kwargs["callbacks"] = [monitor]
     if keras.distribution.distribution() is not None:
         kwargs["callbacks"].append(InlineBatchLogs())
     stack.fit(x, y, **kwargs)
     stack.copy_to(variants, optimizer=True)
-    return monitor.histories
+    if variant_callbacks is not None:
+        variant_callbacks.finish()
+    return stopping.histories(monitor)

@@ -58,7 +58,9 @@ class Monitor(keras.callbacks.ProgbarLogger):
     # The batch hook only updates the bar, as Keras's own progress bar does.
     async_safe = True
 
-    def __init__(self, variants, names, logs, verbose, split, sync=None):
+    def __init__(
+        self, variants, names, logs, verbose, split, sync=None, callbacks=None
+    ):
         super().__init__()
         self.sync = sync
         self.variants = variants
@@ -67,41 +69,91 @@ class Monitor(keras.callbacks.ProgbarLogger):
         self.verbose = verbose  # Keras's `params` set it again in `set_params`
         self.split = split
         self.histories = [{} for _ in variants]
+        # `kerasreg.sweep.stopping.VariantCallbacks`: each variant's own copies
+        # of the sweep's callbacks (one-fit engines), or None.
+        self.callbacks = callbacks
+        if callbacks is not None and callbacks.batches:
+            self.async_safe = False  # a copy's batch hook may stop its variant
+
+    def _sync(self):
+        """The one fit's current values in the variants' own models."""
+        self.model  # noqa: B018 on JAX this syncs the trained values into the variables
+        if self.sync is not None:
+            self.sync(self.variants)
+        self._synced = True
+
+    def _sync_once(self):
+        """`_sync`, unless done since the last training step."""
+        if not getattr(self, "_synced", False):
+            self._sync()
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         for variant, log in zip(self.variants, self.logs, strict=True):
             if log is not None:
                 log.begin(variant)
+        self._synced = False
+        if self.callbacks is not None:
+            self.callbacks.begin(self.params, self._sync_once, lambda: self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._synced = False
+        if self.callbacks is not None:
+            self.callbacks.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, self._compact(logs))
+        if self.callbacks is not None and self.callbacks.batches:
+            self._synced = False  # (only hooked with per-variant batch hooks)
+            logs = dict(logs or {})
+            self.callbacks.batch_end(batch, [_split(logs, k) for k in self.split])
+            if not self.callbacks.active() or all(
+                self.callbacks.stop_logs[i] is not None for i in self.callbacks.active()
+            ):
+                self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        self._synced = False  # the epoch's steps ran since any sync
         shown = self._compact(logs)  # before the TensorBoard logs add their keys
         logs = dict(logs or {})
         if self.split is None:
             per_variant = [logs]
         else:
             per_variant = [_split(logs, k) for k in self.split]
+        running = list(range(len(self.variants)))
+        if self.callbacks is not None:
+            running = self.callbacks.active()
+            per_variant = [
+                self.callbacks.epoch_logs(i, v) for i, v in enumerate(per_variant)
+            ]
         if any(log is not None for log in self.logs):
-            self.model  # noqa: B018 on JAX this syncs the trained values into the variables
-            if self.sync is not None:
-                self.sync(self.variants)
-        for history, variant_logs, log in zip(
-            self.histories, per_variant, self.logs, strict=True
-        ):
+            self._sync_once()
+        for index in running:
+            variant_logs, log = per_variant[index], self.logs[index]
+            history = self.histories[index]
             for key, value in variant_logs.items():
                 history.setdefault(key, []).append(float(value))
             if log is not None:
                 log.epoch_end(epoch, variant_logs)
+            if self.callbacks is not None:
+                self.callbacks.epoch_end(epoch, index, variant_logs)
+        self._last = per_variant
         super().on_epoch_end(epoch, shown)
         if self.verbose and self.split is not None:
-            line = best_line(self.names, per_variant)
+            line = best_line(
+                [self.names[i] for i in running], [per_variant[i] for i in running]
+            )
             if line:
                 print(line, flush=True)
+        if self.callbacks is not None and not self.callbacks.active():
+            self.model.stop_training = True  # every variant has stopped
 
     def on_train_end(self, logs=None):
+        if self.callbacks is not None and self.callbacks.active():
+            last = getattr(self, "_last", None)
+            for index in self.callbacks.active():
+                self.callbacks.end(index, last[index] if last else None)
         for log in self.logs:
             if log is not None:
                 log.end()

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import engines, gradient_log, sequential
+from kerasreg.sweep import engines, gradient_log, sequential, stopping
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
@@ -62,17 +62,28 @@ def sweep(
     engine passed over is logged at INFO on the `"kerasreg"` logger, with
     its reason.
 
-    Grid points with post-step transforms, `seeds=` and `callbacks` are
-    trained by the `"sequential"` engine (logged at INFO; `engine_reason`
-    says why): each variant's fit gets its own copy of every callback, made
-    right before that fit, and a fresh instance of its transforms (never
-    shared between two fits), and a callback's file path takes a `{variant}`
-    field (the variant's run name).
+    `callbacks`: each variant gets its own copy of every callback, fed its
+    own logs and acting on its own model, and a callback's file path takes a
+    `{variant}` field (the variant's run name). Keras's `EarlyStopping`,
+    `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends) and
+    `CSVLogger` keep a one-fit engine (`kerasreg.sweep.stopping`): a variant
+    stops where its own fit would (its history ends there, its
+    `EarlyStopping` restores its own best weights) and ends with exactly the
+    state it had then, while the others go on; the fit ends when all have
+    stopped. There a whole-model `ModelCheckpoint` needs the JAX engine (the
+    others keep no optimizer per variant: `save_weights_only=True`), and an
+    optimizer with `use_ema=True` or a `keras.distribution` needs K fits.
+
+    Grid points with post-step transforms, `seeds=` and any other callback
+    are trained by the `"sequential"` engine (logged at INFO; `engine_reason`
+    says why, naming the callback): each variant's fit gets its own copy of
+    every callback, made right before that fit, and a fresh instance of its
+    transforms (never shared between two fits).
 
     - `"vectorized"`: one batched step trains all K variants: every weight
       has a leading axis of K. On JAX, the template's own train step is
       mapped with `jax.vmap` over that axis (any layer, loss, metric and
-      optimizer option; not stateful layers or `callbacks`). Elsewhere (or
+      optimizer option; not stateful layers or a callback of your own). Elsewhere (or
       where `jax.vmap` cannot), batched kernels exist for `Dense` (inputs of
       any rank), `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
       `SeparableConv1D/2D`, `Embedding`, `BatchNormalization` and
@@ -92,8 +103,8 @@ def sweep(
     - `"sequential"`: K separate fits, one after another, logged as a
       WARNING where no one-fit engine can take the template (loss scaling
       off JAX, stateful layers, dropout inside an RNN cell), at INFO where
-      the grid asks for it (`callbacks`, each fit with its own copy; seeds;
-      decay transforms).
+      the grid asks for it (callbacks other than the four above, each fit
+      with its own copy; seeds; decay transforms).
 
     `Dropout`: with `Dropout(seed=s)` every variant draws the masks its own
     fit draws (a copy keeps the seed: the same masks for all variants, as
@@ -244,7 +255,7 @@ def sweep(
         for group in groups:
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
-            histories += implementation.fit(
+            part_histories = implementation.fit(
                 part,
                 [names[i] for i in group],
                 [logs[i] for i in group],
@@ -254,6 +265,11 @@ def sweep(
                 y,
                 fit_kwargs,
             )
+            histories += part_histories
+            # Epochs restored by each variant's own EarlyStopping copy.
+            restored = getattr(part_histories, "best_epochs", None) or []
+            for i, epoch in zip(group, restored, strict=False):
+                best_epochs[i] = epoch
     directions = metric_directions(models)  # while the compiled metrics are built
     for variant in models:
         variant.name = model.name
@@ -295,16 +311,13 @@ def _fit_seeds(runs: list) -> list[int]:
 def _why_separate_fits(
     points: list[GridPoint], seeds: list[int] | None, callbacks: list
 ) -> str | None:
-    """Why the runs are K separate fits until the one-fit engines take them."""
+    """Why the runs are K separate fits whatever the template, or None."""
     transforms = sorted({type(t).__name__ for p in points for t in p.transforms})
     if transforms:
         return f"the grid has post-step transforms ({', '.join(transforms)})"
     if seeds is not None:
         return "`seeds` are given"
-    if callbacks:
-        names = ", ".join(type(c).__name__ for c in callbacks)
-        return f"`callbacks` are given ({names}: each fit gets its own copy)"
-    return None
+    return stopping.why_separate(callbacks)
 
 
 # --- validation ---------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The last engine `kerasreg.sweep.engines` tries, and the one that trains grid
 points a one-fit engine cannot take (post-step transforms, `seeds=`,
-`callbacks`). It needs data that can be read K times: a one-pass iterator (a
+callbacks other than those of `kerasreg.sweep.stopping.ONE_FIT`). It needs data that can be read K times: a one-pass iterator (a
 Python generator) is refused before anything trains.
 
 Exact by construction: variant k's fit is a plain Keras `fit` of its model,
@@ -14,7 +14,8 @@ of a `Dropout` without a `seed` of its own) is the same for every run of one
 seed, as in one shared fit, and for a run of `seeds=` it is what a fit right
 after building the template under that seed draws.
 
-Callbacks that write files get one file (or folder) per variant: `{variant}`
+Callbacks that write files get one file (or folder) per variant (also in the
+one-fit engines, which copy callbacks with `copy_callback`): `{variant}`
 in the path of `ModelCheckpoint`, `CSVLogger`, `TensorBoard` or
 `WeightNormLogger` becomes the variant's run name; a folder without the field
 (`TensorBoard`, `WeightNormLogger`) gets the run name appended; a file
@@ -208,7 +209,7 @@ def fit_runs(
             keras.utils.set_random_seed(fit_seeds[index])
         variant.fit(x, y, **kwargs)
         histories.append(monitor.histories[0])
-        best_epochs.append(_restored_epoch(copies))
+        best_epochs.append(restored_epoch(copies))
         if verbose:
             done = [_at(h, e) for h, e in zip(histories, best_epochs, strict=True)]
             line = best_line(names[: len(done)], done)
@@ -217,7 +218,7 @@ def fit_runs(
     return histories, best_epochs
 
 
-def _restored_epoch(callbacks: list[Any]) -> int | None:
+def restored_epoch(callbacks: list[Any]) -> int | None:
     """The epoch an `EarlyStopping(restore_best_weights=True)` restored, if any."""
     restored = None
     for callback in callbacks:

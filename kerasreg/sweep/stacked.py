@@ -18,6 +18,7 @@ from typing import Any
 import keras
 
 from kerasreg.selection import walk_layers
+from kerasreg.sweep import stopping
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.monitor import InlineBatchLogs, Monitor
 from kerasreg.sweep.variants import fresh_optimizer
@@ -65,9 +66,9 @@ def why_not(
     for method in ("train_step", "test_step"):
         if getattr(type(template), method) is not getattr(keras.Model, method):
             return f"the template overrides `{method}`"
-    if context.fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (in one stacked fit they would see the stack)"
-    return None
+    return stopping.why_not(
+        template, list(context.fit_kwargs.get("callbacks") or []), own_optimizers=False
+    )
 
 
 class _Stack(keras.Model):
@@ -129,9 +130,39 @@ def _first(x):
     return next(item for item in keras.tree.flatten(x) if item is not None)
 
 
-def fit_stack(stack, variants, names, logs, compile_config, fit_kwargs, x, y, sync):
-    """Fit `stack` (a model of the K variants) once; each variant's history."""
+def fit_stack(
+    stack,
+    variants,
+    names,
+    logs,
+    compile_config,
+    fit_kwargs,
+    x,
+    y,
+    sync,
+    write=None,
+    optimizer=False,
+):
+    """Fit `stack` (a model of the K variants) once; each variant's history.
+
+    The sweep's `callbacks` (`kerasreg.sweep.stopping.ONE_FIT`) act on each
+    variant (`sync(variants)` copies the stack's values into the variants'
+    models; `write(variants, index)` copies variant `index`'s model into the
+    stack, None where they share their variables; `optimizer`: whether the
+    variants' optimizers hold their state). Returns a
+    `kerasreg.sweep.stopping.Histories`.
+    """
     kwargs = dict(fit_kwargs)
+    callbacks = list(kwargs.get("callbacks") or [])
+    variant_callbacks = None
+    if callbacks:
+        variant_callbacks = stopping.VariantCallbacks(
+            callbacks,
+            variants,
+            names,
+            optimizer=optimizer,
+            write=write or (lambda variants, index: None),
+        )
     monitor = Monitor(
         variants,
         names,
@@ -139,6 +170,7 @@ def fit_stack(stack, variants, names, logs, compile_config, fit_kwargs, x, y, sy
         kwargs.get("verbose", "auto"),
         [f"v{i:04d}" for i in range(len(variants))],
         sync,
+        variant_callbacks,
     )
     kwargs["callbacks"] = [monitor]
     if keras.distribution.distribution() is not None:
@@ -150,7 +182,9 @@ def fit_stack(stack, variants, names, logs, compile_config, fit_kwargs, x, y, sy
     stack.fit(x, y, **kwargs)
     if sync is not None:
         sync(variants)
-    return monitor.histories
+    if variant_callbacks is not None:
+        variant_callbacks.finish()
+    return stopping.histories(monitor)
 
 
 def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):

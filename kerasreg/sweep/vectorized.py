@@ -33,6 +33,7 @@ from keras import ops
 
 from kerasreg import _compat
 from kerasreg.penalties import ElasticNetPenalty, L1Penalty, L2Penalty
+from kerasreg.sweep import stopping
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.data import has_sample_weights, peek, sample_batch
 from kerasreg.sweep.kernels import KERNELS, Untracked, Value
@@ -164,8 +165,6 @@ def why_not(
 
         if tf.distribute.has_strategy():
             return "a tf.distribute strategy is active"
-    if context.fit_kwargs.get("callbacks"):
-        return "`callbacks` are given (they would see the batched model)"
     # The variants are compiled later, each with an optimizer made from the
     # template's config (Keras 3.8's clone_model does not compile the clone).
     optimizer = template.optimizer
@@ -200,7 +199,9 @@ def why_not(
         reason = _penalty_reason(variant)
         if reason:
             return reason
-    return None
+    return stopping.why_not(
+        template, list(context.fit_kwargs.get("callbacks") or []), own_optimizers=False
+    )
 
 
 def _linear(optimizer) -> bool:
@@ -592,6 +593,14 @@ class Batched(keras.Model):
         for kernel in self.kernels:
             kernel.copy_to()
 
+    def copy_from(self, variants: list[keras.Model], index: int) -> None:
+        """Write variant `index`'s standalone model into its slices."""
+        for kernel in self.kernels:
+            for stacked, sources in kernel.pairs:
+                values = np.array(ops.convert_to_numpy(stacked.value))
+                values[index] = ops.convert_to_numpy(sources[index].value)
+                stacked.assign(values)
+
 
 # --- per-variant gradient clipping -----------------------------------------------------
 
@@ -695,4 +704,5 @@ def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
         x,
         y,
         batched.copy_to,
+        batched.copy_from,
     )
