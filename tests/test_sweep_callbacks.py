@@ -211,18 +211,15 @@ def test_checkpoint_and_csv_files_per_variant(
         verbose=0,
         validation_data=validation,
     )
-    # A whole-model checkpoint holds the optimizer: only where the engine keeps
-    # one per variant; elsewhere the weights.
-    suffix = ".keras" if own_optimizer else ".weights.h5"
+    # A checkpoint holds the optimizer (`.weights.h5` too): in one fit only
+    # where the engine keeps one per variant (test_a_checkpoint_holds_...).
+    suffix = ".keras"
 
     def callbacks(checkpoint, log):
+        checkpoints = [keras.callbacks.ModelCheckpoint(checkpoint, save_best_only=True)]
         return [
             keras.callbacks.EarlyStopping(patience=1),
-            keras.callbacks.ModelCheckpoint(
-                checkpoint,
-                save_best_only=True,
-                save_weights_only=not own_optimizer,
-            ),
+            *(checkpoints if own_optimizer else []),
             keras.callbacks.CSVLogger(log),
         ]
 
@@ -248,25 +245,20 @@ def test_checkpoint_and_csv_files_per_variant(
         history, _, _ = separate_fit(model, penalty, x, y, adam, callbacks=own, **fit)
         stops.append(len(history["loss"]))
         saved, wanted = sweep_dir / f"{row['run']}{suffix}", folder / f"best{suffix}"
-        if own_optimizer:
+        if own_optimizer:  # the whole model, optimizer state included
             got = keras.saving.load_model(saved)
             want = keras.saving.load_model(wanted)
             pairs = list(zip(got.weights, want.weights, strict=True))
             pairs += list(
                 zip(got.optimizer.variables, want.optimizer.variables, strict=True)
             )
-        else:
-            got, want = keras.models.clone_model(model), keras.models.clone_model(model)
-            got.load_weights(saved)
-            want.load_weights(wanted)
-            pairs = list(zip(got.weights, want.weights, strict=True))
-        for a, b in pairs:
-            np.testing.assert_allclose(
-                keras.ops.convert_to_numpy(a),
-                keras.ops.convert_to_numpy(b),
-                **tolerance(implementation),
-                err_msg=a.path,
-            )
+            for a, b in pairs:
+                np.testing.assert_allclose(
+                    keras.ops.convert_to_numpy(a),
+                    keras.ops.convert_to_numpy(b),
+                    **tolerance(implementation),
+                    err_msg=a.path,
+                )
         with open(sweep_dir / f"{row['run']}.csv") as file:
             logged = list(csv.DictReader(file))
         with open(folder / "log.csv") as file:
@@ -282,7 +274,70 @@ def test_checkpoint_and_csv_files_per_variant(
                 err_msg=key,
             )
     assert len(set(stops)) > 1, stops
-    assert len(os.listdir(sweep_dir)) == 2 * len(GRID)
+    assert len(os.listdir(sweep_dir)) == (2 if own_optimizer else 1) * len(GRID)
+
+
+def built_clone(model):
+    clone = keras.models.clone_model(model)
+    clone.compile(**adam())
+    clone.optimizer.build(clone.trainable_variables)
+    return clone
+
+
+@pytest.mark.parametrize("implementation, engine, what, own_optimizer", ENGINES)
+def test_a_checkpoint_holds_each_variants_own_optimizer_state(
+    implementation, engine, what, own_optimizer, monkeypatch, tmp_path
+):
+    """Keras saves the optimizer with the weights (`.weights.h5` too): an
+    engine without per-variant optimizer state refuses a ModelCheckpoint
+    when forced, and `engine="auto"` then trains K fits whose files equal
+    the separate fits' files, optimizer step count and slots included."""
+    (x, y), validation = problem()
+    model = template()
+    fit = dict(epochs=3, batch_size=8, shuffle=False, verbose=0)
+    fit["validation_data"] = validation
+
+    def checkpoint(path):
+        return keras.callbacks.ModelCheckpoint(path, save_weights_only=True)
+
+    pattern = str(tmp_path / "sweep" / "{variant}.weights.h5")
+    if own_optimizer:
+        result = sweep(
+            model, engine, implementation, monkeypatch, x=x, y=y,
+            callbacks=[checkpoint(pattern)], **fit,
+        )  # fmt: skip
+        assert result.engine == engine
+    else:
+        with pytest.raises(ValueError, match=r"ModelCheckpoint.*optimizer"):
+            sweep(
+                model, engine, implementation, monkeypatch, x=x, y=y,
+                callbacks=[checkpoint(pattern)], **fit,
+            )  # fmt: skip
+        assert not (tmp_path / "sweep").exists()
+        result = sweep(
+            model, "auto", implementation, monkeypatch, x=x, y=y,
+            callbacks=[checkpoint(pattern)], **fit,
+        )  # fmt: skip
+    for index, (penalty, row) in enumerate(zip(GRID, result.rows, strict=True)):
+        wanted = tmp_path / f"own_{index}.weights.h5"
+        separate_fit(
+            model, penalty, x, y, adam, callbacks=[checkpoint(str(wanted))], **fit
+        )
+        got, want = built_clone(model), built_clone(model)
+        got.load_weights(tmp_path / "sweep" / f"{row['run']}.weights.h5")
+        want.load_weights(wanted)
+        assert int(keras.ops.convert_to_numpy(want.optimizer.iterations)) > 0
+        for a, b in zip(
+            got.weights + got.optimizer.variables,
+            want.weights + want.optimizer.variables,
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(a),
+                keras.ops.convert_to_numpy(b),
+                **tolerance(implementation),
+                err_msg=a.path,
+            )
 
 
 def test_other_callbacks_keep_k_separate_fits_naming_them(caplog):

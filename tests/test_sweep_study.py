@@ -264,6 +264,13 @@ def test_bad_items_seeds_and_callbacks_raise_before_anything_trains(tmp_path):
         kerasreg.sweep(model, [None], x, y, callbacks=[*guard, backup], **FIT)
     with pytest.raises(TypeError, match=r"`callbacks`.*list"):
         kerasreg.sweep(model, [None], x, y, callbacks=guard[0], **FIT)
+    # One object twice: a plain fit calls it twice per epoch (an EarlyStopping
+    # counts its patience twice), which per-run copies cannot do.
+    stop = keras.callbacks.EarlyStopping(patience=2)
+    with pytest.raises(
+        ValueError, match=r"`callbacks\[2\]`.*same EarlyStopping.*`callbacks\[1\]`"
+    ):
+        kerasreg.sweep(model, [None], x, y, callbacks=[*guard, stop, stop], **FIT)
     for got, want in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, want)
     assert not list(tmp_path.rglob("*.keras"))
@@ -758,3 +765,52 @@ def test_row_values_follow_the_best_epoch():
     last = make_row(point, point.name, None, history)
     assert last["best_epoch"] == 2 and last["val_loss"] == 3.5
     assert math.isclose(last["strength"], 1e-3)
+
+
+@pytest.mark.parametrize(
+    "fit_options",
+    [
+        dict(initial_epoch=2, monitor="val_loss"),
+        dict(validation_freq=2, monitor="loss"),
+    ],
+    ids=["initial_epoch", "validation_freq"],
+)
+@pytest.mark.parametrize("engine", ["auto", "sequential"])
+def test_best_epoch_is_kerass_epoch_number_and_rows_read_it(fit_options, engine):
+    """`best_epoch` is the epoch as Keras numbers it (`EarlyStopping.best_epoch`,
+    from `initial_epoch`); a row holds each key's value measured at that epoch,
+    and no value of a neighbouring epoch where validation was skipped."""
+    options = dict(fit_options)
+    monitor = options.pop("monitor")
+    (x, y), validation = noisy_problem()
+    model = compile_(build(), learning_rate=0.5)
+    grid = [None, kerasreg.L2Penalty(3e-2)]
+    # 11 epochs with validation_freq=2: the last epoch (10) is not validated.
+    epochs = 11 if "validation_freq" in options else 12
+    fit = dict(FIT, epochs=epochs, validation_data=validation, **options)
+
+    def stopping():
+        return keras.callbacks.EarlyStopping(
+            monitor=monitor, patience=2, restore_best_weights=True
+        )
+
+    result = kerasreg.sweep(
+        model, grid, x, y, engine=engine, callbacks=[stopping()], **fit
+    )
+    first = options.get("initial_epoch", 0)
+    for penalty, row, trained in zip(grid, result.rows, result.models, strict=True):
+        callback = stopping()
+        history, reference = reference_fit(model, penalty, [callback], x, y, 0.5, **fit)
+        assert_same_run(row, trained, history, reference)
+        assert row["best_epoch"] == callback.best_epoch
+        ran = list(range(first, first + len(history["loss"])))
+        validated = [e for e in ran if (e + 1) % options.get("validation_freq", 1) == 0]
+        assert row["loss"] == pytest.approx(
+            history["loss"][ran.index(callback.best_epoch)], rel=RTOL
+        )
+        if callback.best_epoch in validated:
+            assert row["val_loss"] == pytest.approx(
+                history["val_loss"][validated.index(callback.best_epoch)], rel=RTOL
+            )
+        else:
+            assert "val_loss" not in row

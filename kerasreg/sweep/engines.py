@@ -32,7 +32,8 @@ with the variant's own logs and model; a variant stops where its own fit
 would, and ends with the state it had then. Each one-fit engine's `why_not`
 asks `stopping.why_not` what it cannot do exactly (an optimizer with
 `use_ema=True`, a `keras.distribution`, and, on the engines that keep no
-optimizer state per variant, a whole-model `ModelCheckpoint`).
+optimizer state per variant, a `ModelCheckpoint`: its file holds the
+optimizer's state).
 """
 
 from __future__ import annotations

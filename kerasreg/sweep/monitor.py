@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from kerasreg.sweep import gradient_log
+from kerasreg.sweep.rows import RunHistory
 from kerasreg.tensorboard import WeightNormLogger, run_writer
 
 
@@ -68,7 +69,7 @@ class Monitor(keras.callbacks.ProgbarLogger):
         self.logs = logs
         self.verbose = verbose  # Keras's `params` set it again in `set_params`
         self.split = split
-        self.histories = [{} for _ in variants]
+        self.histories = [RunHistory() for _ in variants]
         # `kerasreg.sweep.stopping.VariantCallbacks`: each variant's own copies
         # of the sweep's callbacks (one-fit engines), or None.
         self.callbacks = callbacks
@@ -132,8 +133,7 @@ class Monitor(keras.callbacks.ProgbarLogger):
         for index in running:
             variant_logs, log = per_variant[index], self.logs[index]
             history = self.histories[index]
-            for key, value in variant_logs.items():
-                history.setdefault(key, []).append(float(value))
+            history.append(epoch, variant_logs)
             if log is not None:
                 log.epoch_end(epoch, variant_logs)
             if self.callbacks is not None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from kerasreg import _compat
 from kerasreg.sweep.figure import draw
+from kerasreg.sweep.rows import last_epoch
 
 # Row keys that are not metrics, in the order tables show them.
 _DESCRIPTION = (
@@ -47,9 +48,11 @@ class SweepResult:
             TensorBoard run name: the point's name, `name/seed_<s>` with
             seeds), `"history"` (exactly `History.history` of a separate
             `fit`), `"epochs"` (how many epochs ran), `"best_epoch"` (the
-            0-based epoch whose weights the returned model holds: the last
-            epoch unless a callback restored another), and the value of
-            every history key at `best_epoch` (`"loss"`, `"val_loss"`, ...).
+            epoch whose weights the returned model holds, numbered as Keras
+            numbers them, from 0 or `initial_epoch`: the last epoch unless a
+            callback restored another), and the value of every history key
+            measured at `best_epoch` (`"loss"`, `"val_loss"`, ...; a `val_*`
+            key is left out where `validation_freq` skipped that epoch).
         models: the trained models, `models[i]` for `rows[i]`: standalone
             copies of the template carrying their penalties, compiled like
             the template (with a fresh optimizer), ready to `evaluate`,
@@ -407,7 +410,7 @@ class SweepResult:
         keys += sorted(
             set(history) - set(train), key=lambda k: (k != "val_loss", history.index(k))
         )
-        restored = any(r["best_epoch"] != r["epochs"] - 1 for r in self.rows)
+        restored = any(r["best_epoch"] != last_epoch(r["history"]) for r in self.rows)
         if self.repeated:
             entries = self.summary()
             width = max(len("penalty"), *(len(e["penalty"]) for e in entries))

@@ -70,8 +70,8 @@ def sweep(
     stops where its own fit would (its history ends there, its
     `EarlyStopping` restores its own best weights) and ends with exactly the
     state it had then, while the others go on; the fit ends when all have
-    stopped. There a whole-model `ModelCheckpoint` needs the JAX engine (the
-    others keep no optimizer per variant: `save_weights_only=True`), and an
+    stopped. There a `ModelCheckpoint` needs the JAX engine (its file holds
+    the optimizer's state, which the others do not keep per variant), and an
     optimizer with `use_ema=True` or a `keras.distribution` needs K fits.
 
     Grid points with post-step transforms, `seeds=` and any other callback

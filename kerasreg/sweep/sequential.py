@@ -36,6 +36,7 @@ from kerasreg.poststep import PostStepTransform
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.items import fresh_transform
 from kerasreg.sweep.monitor import Monitor, best_line
+from kerasreg.sweep.rows import values_at
 from kerasreg.sweep.variants import compile_like
 from kerasreg.tensorboard import WeightNormLogger
 
@@ -64,6 +65,7 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
             "kerasreg.sweep: invalid `callbacks`: expected a list of "
             f"keras.callbacks.Callback. Received: callbacks={callbacks!r}."
         )
+    seen: dict[int, int] = {}
     for index, callback in enumerate(callbacks):
         where = f"`callbacks[{index}]`"
         if not isinstance(callback, keras.callbacks.Callback):
@@ -72,6 +74,17 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
                 f"keras.callbacks.Callback. Received: {callback!r} "
                 f"(type {type(callback).__name__})."
             )
+        if id(callback) in seen:
+            # A plain fit calls one object twice per hook (an EarlyStopping
+            # counts its patience twice); each run's copies could not share.
+            raise ValueError(
+                f"kerasreg.sweep: invalid {where}: it is the same "
+                f"{type(callback).__name__} object as `callbacks[{seen[id(callback)]}]`"
+                ". Each run gets its own copy of each callback, so one object "
+                "listed twice cannot act as it does in a plain fit; list it once, "
+                "or pass two separate instances."
+            )
+        seen[id(callback)] = index
         if isinstance(callback, keras.callbacks.BackupAndRestore):
             raise ValueError(
                 f"kerasreg.sweep: invalid {where}: BackupAndRestore is not "
@@ -211,7 +224,9 @@ def fit_runs(
         histories.append(monitor.histories[0])
         best_epochs.append(restored_epoch(copies))
         if verbose:
-            done = [_at(h, e) for h, e in zip(histories, best_epochs, strict=True)]
+            done = [
+                values_at(h, e) for h, e in zip(histories, best_epochs, strict=True)
+            ]
             line = best_line(names[: len(done)], done)
             if line:
                 print(line, flush=True)
@@ -229,12 +244,3 @@ def restored_epoch(callbacks: list[Any]) -> int | None:
         ):
             restored = int(callback.best_epoch)  # the last one to restore wins
     return restored
-
-
-def _at(history: dict, epoch: int | None) -> dict:
-    """A history's values at `epoch` (the last one when None)."""
-    return {
-        key: values[-1 if epoch is None else epoch]
-        for key, values in history.items()
-        if values
-    }

@@ -29,8 +29,8 @@ result.
 Not exact in one fit, hence K separate fits (`why_not`): an optimizer with
 an exponential moving average of the weights (`use_ema`: its end-of-fit
 swap would be at the one fit's end), `ModelCheckpoint` saving every N
-batches, and a whole-model `ModelCheckpoint` on engines that keep no
-optimizer state per variant (its file holds the optimizer).
+batches, and any `ModelCheckpoint` on engines that keep no optimizer
+state per variant (its file holds the optimizer, `.weights.h5` too).
 """
 
 from __future__ import annotations
@@ -94,13 +94,11 @@ def why_not(template: keras.Model, callbacks: list, own_optimizers: bool) -> str
         )
     if not own_optimizers:
         for callback in callbacks:
-            if isinstance(callback, keras.callbacks.ModelCheckpoint) and not (
-                callback.save_weights_only
-            ):
+            if isinstance(callback, keras.callbacks.ModelCheckpoint):
                 return (
-                    "`callbacks` has a ModelCheckpoint saving the whole model, "
-                    "optimizer state included, which this engine does not keep "
-                    "per variant (save_weights_only=True keeps it)"
+                    "`callbacks` has a ModelCheckpoint, whose file holds the "
+                    "optimizer state (with save_weights_only=True too), which this "
+                    "engine does not keep per variant"
                 )
     return None
 
