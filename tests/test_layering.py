@@ -67,9 +67,10 @@ LAYERS = {
     "sweep.gradient_log": 5.5,  # above tensorboard, below monitor
     "sweep.monitor": 6,
     "sweep.repeats": 6,
-    "sweep.stacked": 7,
     "sweep.sequential": 7,
-    "sweep.mapped": 7,
+    "sweep.stopping": 7.5,  # callbacks in one fit: above sequential's copies
+    "sweep.stacked": 7.7,
+    "sweep.mapped": 7.7,
     "sweep.engines": 9,
     "sweep.run": 10,
     "sweep": 11,

@@ -494,3 +494,28 @@ def test_rnn_cell_dropout_is_each_variants_own(cell):
     result = check(template, adam, "auto", x, y, grid=[None, kerasreg.L2Penalty(0.1)])
     assert result.engine == "sequential"
     assert "'rnn' has dropout in its recurrent cell" in result.engine_reason
+
+
+# --- 6. a saturated sigmoid or softmax output (TensorFlow's logits) -------------------
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_a_saturated_output_trains_as_its_crossentropy_does_in_a_separate_fit(head):
+    """Keras's TensorFlow backend computes a crossentropy of a sigmoid or
+    softmax output from the logits it attaches to it; once outputs saturate
+    (past the 1e-7 clip) the clipped probabilities give other gradients. The
+    batched kernels' per-variant outputs carry their logits too."""
+    rng = np.random.default_rng(5)
+    x = 20 * rng.normal(size=(24, 3)).astype("float32")
+    labels = (x[:, 0] > 0) ^ (rng.random(24) < 0.25)  # a quarter flipped
+    units, loss = (1, "binary_crossentropy") if head == "sigmoid" else (2, None)
+    y = labels.astype("float32")[:, None] if units == 1 else labels.astype("int32")
+    loss = loss or "sparse_categorical_crossentropy"
+
+    def adam():
+        return dict(optimizer=keras.optimizers.Adam(0.05), loss=loss)
+
+    template = chain(keras.layers.Dense(16, "relu"), keras.layers.Dense(units, head))
+    template.compile(**adam())
+    result = check(template, adam, "auto", x, y, epochs=4)
+    assert result.engine == "vectorized"

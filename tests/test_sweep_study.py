@@ -259,6 +259,10 @@ def test_bad_items_seeds_and_callbacks_raise_before_anything_trains(tmp_path):
     shared = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"))
     with pytest.raises(ValueError, match=r"`callbacks\[1\]`.*\{variant\}.*2 variants"):
         kerasreg.sweep(model, [None, None], x, y, callbacks=[*guard, shared], **FIT)
+    log = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    example = re.escape(repr(str(tmp_path / "{variant}.csv")))
+    with pytest.raises(ValueError, match=rf"CSVLogger.filename=.*e\.g\. {example}"):
+        kerasreg.sweep(model, [None, None], x, y, callbacks=[*guard, log], **FIT)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     with pytest.raises(ValueError, match=r"`callbacks\[1\]`: BackupAndRestore"):
         kerasreg.sweep(model, [None], x, y, callbacks=[*guard, backup], **FIT)
@@ -718,9 +722,16 @@ def test_progress_names_variants_and_prints_the_best_on_its_own_line(verbose, ca
     printed = capsys.readouterr().out
     assert "v0000" not in printed and "v0001" not in printed
     val = np.array([row["history"]["val_loss"] for row in result.rows])
-    expected = [result.rows[int(i)]["penalty"] for i in np.argmin(val, axis=0)]
-    announced = re.findall(r"^best so far by val_loss: (\S+) \(", printed, re.M)
-    assert announced == expected  # once per epoch, each at the start of a line
+    # After epoch e: the variant with the lowest val_loss of epochs 0..e.
+    so_far = np.minimum.accumulate(val, axis=1)
+    expected = [
+        (result.rows[int(np.argmin(column))]["penalty"], float(np.min(column)))
+        for column in so_far.T
+    ]
+    announced = re.findall(r"^best so far by val_loss: (\S+) \((\S+)\)", printed, re.M)
+    assert [name for name, _ in announced] == [name for name, _ in expected]
+    for (_, shown), (_, value) in zip(announced, expected, strict=True):
+        assert float(shown) == pytest.approx(value, rel=1e-3)  # printed to 4 digits
     assert len(re.findall("best so far", printed)) == FIT["epochs"]
 
 

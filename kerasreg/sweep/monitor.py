@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from kerasreg.sweep import gradient_log
-from kerasreg.sweep.rows import RunHistory
+from kerasreg.sweep.rows import RunHistory, epochs_of, values_at
 from kerasreg.tensorboard import WeightNormLogger, run_writer
 
 
@@ -141,9 +141,8 @@ class Monitor(keras.callbacks.ProgbarLogger):
         self._last = per_variant
         super().on_epoch_end(epoch, shown)
         if self.verbose and self.split is not None:
-            line = best_line(
-                [self.names[i] for i in running], [per_variant[i] for i in running]
-            )
+            # Each variant at its best epoch so far, stopped ones included.
+            line = best_line(self.names, [best_so_far(h) for h in self.histories])
             if line:
                 print(line, flush=True)
         if self.callbacks is not None and not self.callbacks.active():
@@ -165,6 +164,16 @@ class Monitor(keras.callbacks.ProgbarLogger):
         losses = [logs[f"{k}_loss"] for k in self.split if f"{k}_loss" in logs]
         losses = [float(v) for v in losses if not np.isnan(float(v))]
         return {"best_loss": min(losses)} if losses else {}
+
+
+def best_so_far(history: dict) -> dict:
+    """A run's values at its best epoch so far by `val_loss` (else `loss`)."""
+    key = "val_loss" if "val_loss" in history else "loss"
+    values = history.get(key) or []
+    finite = [(v, i) for i, v in enumerate(values) if not np.isnan(v)]
+    if not finite:
+        return values_at(history, None)
+    return values_at(history, epochs_of(history)[key][min(finite)[1]])
 
 
 def best_line(names: list[str], per_variant: list[dict]) -> str | None:

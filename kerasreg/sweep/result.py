@@ -55,8 +55,11 @@ class SweepResult:
             key is left out where `validation_freq` skipped that epoch).
         models: the trained models, `models[i]` for `rows[i]`: standalone
             copies of the template carrying their penalties, compiled like
-            the template (with a fresh optimizer), ready to `evaluate`,
-            `predict` and `save`.
+            the template, ready to `evaluate`, `predict` and `save`. Their
+            optimizers hold each run's trained state where the engine keeps
+            one per variant (`"sequential"`, and `"vectorized"` on JAX:
+            `jax.vmap`); after the batched-kernel and stacked engines they
+            are fresh (step 0: a further `fit` starts Adam's moments anew).
         engine: how the variants were trained: `"vectorized"` (one batched
             step for all K variants: every weight on a leading axis of K),
             `"stacked"` (K copies side by side in one `fit`), or

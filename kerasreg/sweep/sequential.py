@@ -62,7 +62,7 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
         callbacks, (list, tuple)
     ):
         raise TypeError(
-            "kerasreg.sweep: invalid `callbacks`: expected a list of "
+            "kerasreg.sweep: invalid `callbacks`: expected a list (or tuple) of "
             f"keras.callbacks.Callback. Received: callbacks={callbacks!r}."
         )
     seen: dict[int, int] = {}
@@ -99,10 +99,16 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
                     f"kerasreg.sweep: invalid {where}: {type(callback).__name__}"
                     f".{attribute}={value!r} has no {FIELD} field, so the "
                     f"{len(runs)} variants would all write that one file. Put "
-                    f"{FIELD} in the path, e.g. 'checkpoints/{FIELD}.keras'; it "
+                    f"{FIELD} in the path, e.g. {_with_field(value)!r}; it "
                     f"becomes each variant's run name (such as {runs[0]!r})."
                 )
     return list(callbacks)
+
+
+def _with_field(path: str) -> str:
+    """`path` with the `{variant}` field as its file name: `logs/{variant}.csv`."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, FIELD + os.path.splitext(name)[1])
 
 
 def copy_callback(

@@ -26,7 +26,9 @@ stopped; each stopped variant is then given back the state it had when it
 stopped (`VariantCallbacks.finish`), so nothing after its stop reaches the
 result.
 
-Not exact in one fit, hence K separate fits (`why_not`): an optimizer with
+Not exact in one fit, hence K separate fits (`why_not`): `TerminateOnNaN`
+on PyTorch (a NaN variant's rows go on computing, and a torch loss may raise
+on them), an optimizer with
 an exponential moving average of the weights (`use_ema`: its end-of-fit
 swap would be at the one fit's end), `ModelCheckpoint` saving every N
 batches, and any `ModelCheckpoint` on engines that keep no optimizer
@@ -83,6 +85,16 @@ def why_not(template: keras.Model, callbacks: list, own_optimizers: bool) -> str
             "`callbacks` in one fit are not shown exact under a "
             "keras.distribution (each variant's state is copied to and from "
             "the one fit's)"
+        )
+    if keras.backend.backend() == "torch" and any(
+        isinstance(c, keras.callbacks.TerminateOnNaN) for c in callbacks
+    ):
+        # A stopped variant's rows go on computing in the one fit, and some
+        # torch losses raise on NaN inputs (binary_cross_entropy): that
+        # variant's own fit ended at its NaN, the one fit would end for all.
+        return (
+            "`callbacks` has TerminateOnNaN, and on PyTorch a NaN variant's "
+            "rows, computed on after its stop, can make a loss raise for all"
         )
     optimizer = template.optimizer
     inner = getattr(optimizer, "inner_optimizer", optimizer)

@@ -507,13 +507,19 @@ class Batched(keras.Model):
     # --- loss and metrics ---------------------------------------------------------------
 
     def _slice(self, y_pred, index):
-        return keras.tree.map_structure(lambda t: t[index], y_pred)
+        return keras.tree.map_structure(
+            lambda t: _with_logits(t[index], t, lambda x: x[index]), y_pred
+        )
 
     def _fold(self, y, y_pred):
         """y tiled K times and y_pred (K, b, ...) folded to (K*b, ...): one batch."""
         y = ops.convert_to_tensor(y)
         y_true = ops.tile(y, [self.k] + [1] * (len(y.shape) - 1))
-        return y_true, ops.reshape(y_pred, (-1, *ops.shape(y_pred)[2:]))
+
+        def fold(x):
+            return ops.reshape(x, (-1, *ops.shape(x)[2:]))
+
+        return y_true, _with_logits(fold(y_pred), y_pred, fold)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -603,6 +609,18 @@ class Batched(keras.Model):
 
 
 # --- per-variant gradient clipping -----------------------------------------------------
+
+
+def _with_logits(part: Any, whole: Any, take) -> Any:
+    """`part` of `whole`, carrying `take` of the logits Keras's TensorFlow
+    backend attaches to a sigmoid or softmax output (`_keras_logits`): its
+    crossentropy losses and metrics read them instead of the clipped
+    probabilities, as they do in a separate fit (without them a saturated
+    output trains differently)."""
+    logits = getattr(whole, "_keras_logits", None)
+    if logits is not None:
+        part._keras_logits = take(logits)
+    return part
 
 
 def _per_variant_clipping(optimizer) -> Any:
