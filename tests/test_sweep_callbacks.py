@@ -79,6 +79,17 @@ def adam():
     return dict(optimizer=keras.optimizers.Adam(0.05), loss="mse", metrics=["mae"])
 
 
+def fit_arguments(validation, epochs=EPOCHS):
+    """`fit`'s arguments for the sweep and each separate fit alike."""
+    return dict(
+        epochs=epochs,
+        batch_size=8,
+        shuffle=False,
+        verbose=0,
+        validation_data=validation,
+    )
+
+
 def sweep(model, engine, implementation, monkeypatch, grid=GRID, **fit):
     """The sweep on the forced engine (batched kernels on JAX: jax.vmap taken out)."""
     if implementation == "batched" and BACKEND == "jax":
@@ -111,13 +122,7 @@ def test_early_stopping_each_variant_as_its_own_fit(
 ):
     (x, y), validation = problem()
     model = template()
-    fit = dict(
-        epochs=EPOCHS,
-        batch_size=8,
-        shuffle=False,
-        verbose=0,
-        validation_data=validation,
-    )
+    fit = fit_arguments(validation)
     with caplog.at_level(logging.INFO, logger="kerasreg"):
         result = sweep(
             model,
@@ -167,9 +172,7 @@ def test_terminate_on_nan_stops_that_variant_only(
     (x, y), validation = problem()
     model = template()
     grid = [None, kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(1e38)]
-    fit = dict(
-        epochs=4, batch_size=8, shuffle=False, verbose=0, validation_data=validation
-    )
+    fit = fit_arguments(validation, epochs=4)
 
     def callbacks():
         return [
@@ -214,13 +217,7 @@ def test_checkpoint_and_csv_files_per_variant(
 ):
     (x, y), validation = problem()
     model = template()
-    fit = dict(
-        epochs=EPOCHS,
-        batch_size=8,
-        shuffle=False,
-        verbose=0,
-        validation_data=validation,
-    )
+    fit = fit_arguments(validation)
     # A checkpoint holds the optimizer (`.weights.h5` too): in one fit only
     # where the engine keeps one per variant (test_a_checkpoint_holds_...).
     suffix = ".keras"
@@ -304,30 +301,27 @@ def test_a_checkpoint_holds_each_variants_own_optimizer_state(
     the separate fits' files, optimizer step count and slots included."""
     (x, y), validation = problem()
     model = template()
-    fit = dict(epochs=3, batch_size=8, shuffle=False, verbose=0)
-    fit["validation_data"] = validation
+    fit = fit_arguments(validation, epochs=3)
 
     def checkpoint(path):
         return keras.callbacks.ModelCheckpoint(path, save_weights_only=True)
 
     pattern = str(tmp_path / "sweep" / "{variant}.weights.h5")
-    if own_optimizer:
-        result = sweep(
+
+    def run(engine):
+        return sweep(
             model, engine, implementation, monkeypatch, x=x, y=y,
             callbacks=[checkpoint(pattern)], **fit,
         )  # fmt: skip
+
+    if own_optimizer:
+        result = run(engine)
         assert result.engine == engine
     else:
         with pytest.raises(ValueError, match=r"ModelCheckpoint.*optimizer"):
-            sweep(
-                model, engine, implementation, monkeypatch, x=x, y=y,
-                callbacks=[checkpoint(pattern)], **fit,
-            )  # fmt: skip
+            run(engine)
         assert not (tmp_path / "sweep").exists()
-        result = sweep(
-            model, "auto", implementation, monkeypatch, x=x, y=y,
-            callbacks=[checkpoint(pattern)], **fit,
-        )  # fmt: skip
+        result = run("auto")
     for index, (penalty, row) in enumerate(zip(GRID, result.rows, strict=True)):
         wanted = tmp_path / f"own_{index}.weights.h5"
         separate_fit(

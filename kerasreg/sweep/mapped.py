@@ -727,18 +727,15 @@ def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
         run_eagerly=compile_config.get("run_eagerly", False),
     )
     kwargs = dict(fit_kwargs)
-    callbacks = list(kwargs.get("callbacks") or [])
-    variant_callbacks = None
-    if callbacks:
-        # A stopped variant keeps the optimizer state it stopped with.
-        variant_callbacks = stopping.VariantCallbacks(
-            callbacks,
-            variants,
-            names,
-            optimizer=True,
-            write=stack.copy_from,
-            copy_optimizer=lambda v: stack.copy_to(v, optimizer=True, model=False),
-        )
+    # A stopped variant keeps the optimizer state it stopped with.
+    variant_callbacks = stopping.variant_callbacks(
+        kwargs,
+        variants,
+        names,
+        optimizer=True,
+        write=stack.copy_from,
+        copy_optimizer=lambda v: stack.copy_to(v, optimizer=True, model=False),
+    )
     monitor = Monitor(
         variants,
         names,
@@ -753,6 +750,4 @@ def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
         kwargs["callbacks"].append(InlineBatchLogs())
     stack.fit(x, y, **kwargs)
     stack.copy_to(variants, optimizer=True)
-    if variant_callbacks is not None:
-        variant_callbacks.finish()
     return stopping.histories(monitor)

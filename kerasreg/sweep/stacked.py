@@ -153,16 +153,13 @@ def fit_stack(
     `kerasreg.sweep.stopping.Histories`.
     """
     kwargs = dict(fit_kwargs)
-    callbacks = list(kwargs.get("callbacks") or [])
-    variant_callbacks = None
-    if callbacks:
-        variant_callbacks = stopping.VariantCallbacks(
-            callbacks,
-            variants,
-            names,
-            optimizer=optimizer,
-            write=write or (lambda variants, index: None),
-        )
+    variant_callbacks = stopping.variant_callbacks(
+        kwargs,
+        variants,
+        names,
+        optimizer=optimizer,
+        write=write or (lambda variants, index: None),
+    )
     monitor = Monitor(
         variants,
         names,
@@ -182,8 +179,6 @@ def fit_stack(
     stack.fit(x, y, **kwargs)
     if sync is not None:
         sync(variants)
-    if variant_callbacks is not None:
-        variant_callbacks.finish()
     return stopping.histories(monitor)
 
 

@@ -301,12 +301,25 @@ class Histories(list):
     best_epochs: list[int | None]
 
 
+def variant_callbacks(
+    fit_kwargs: dict, variants, names, **options
+) -> VariantCallbacks | None:
+    """The variants' copies of the sweep's `callbacks` (`VariantCallbacks`
+    with `options`), or None without any."""
+    callbacks = list(fit_kwargs.get("callbacks") or [])
+    if not callbacks:
+        return None
+    return VariantCallbacks(callbacks, variants, names, **options)
+
+
 def histories(monitor: Any) -> Histories:
+    """The variants' histories once the one fit's last values are in the
+    variants: each stopped variant first gets back the state it stopped with."""
     out = Histories(monitor.histories)
     variant_callbacks = monitor.callbacks
-    out.best_epochs = (
-        variant_callbacks.best_epochs()
-        if variant_callbacks is not None
-        else [None] * len(out)
-    )
+    if variant_callbacks is None:
+        out.best_epochs = [None] * len(out)
+        return out
+    variant_callbacks.finish()
+    out.best_epochs = variant_callbacks.best_epochs()
     return out
