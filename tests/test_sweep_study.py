@@ -352,13 +352,15 @@ def test_a_transform_only_item_removes_the_templates_penalty_as_none_does():
     assert not np.allclose(result.rows[1]["history"]["loss"], kept["loss"])
 
 
-def test_each_seeded_repeat_equals_a_template_built_with_that_seed():
+def test_each_seeded_repeat_in_separate_fits_equals_a_template_built_with_that_seed():
     x, y = data()
     model = compile_(build(dropout=0.25))
     grid = [None, kerasreg.L2Penalty(1e-2)]
     seeds = [4, 7]
-    fit = dict(FIT, shuffle=True)  # the order, too, is that seed's
-    result = kerasreg.sweep(model, grid, x, y, seeds=seeds, **fit)
+    fit = dict(FIT, shuffle=True)  # in K fits the order, too, is that seed's
+    result = kerasreg.sweep(
+        model, grid, x, y, seeds=seeds, engine="sequential", **fit
+    )
     assert [(row["penalty"], row["seed"]) for row in result.rows] == [
         ("none", 4),
         ("none", 7),
@@ -382,6 +384,80 @@ def test_each_seeded_repeat_equals_a_template_built_with_that_seed():
     losses = [row["loss"] for row in result.rows[:2]]
     assert summary[0]["loss"] == pytest.approx(np.mean(losses))
     assert summary[0]["loss_std"] == pytest.approx(np.std(losses, ddof=1))
+
+
+@pytest.mark.parametrize("engine", ["auto", "vectorized", "stacked"])
+@pytest.mark.parametrize("dropout_seed", [None, 11])
+def test_seeded_repeats_train_in_one_fit_each_equal_to_its_own_fit(
+    engine, dropout_seed, caplog
+):
+    # Each run starts from weights drawn under its seed and draws the Dropout
+    # masks its own fit draws (an unseeded Dropout: from its own generator,
+    # made under the seed; a seeded one: the layer's seed), in one fit.
+    x, y = data()
+    backend = keras.backend.backend()
+
+    def template(penalty=None):
+        return keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(8, "tanh", kernel_regularizer=penalty),
+                keras.layers.Dropout(0.25, seed=dropout_seed),
+                keras.layers.Dense(1, "sigmoid", kernel_regularizer=penalty),
+            ]
+        )
+
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    seeds = [4, 7, 9]
+    torch_global = backend == "torch" and dropout_seed is None
+    if torch_global and engine != "auto":
+        with pytest.raises(ValueError, match=r"`seeds`.*torch's global generator"):
+            kerasreg.sweep(
+                compile_(template()), grid, x, y, seeds=seeds, engine=engine, **FIT
+            )
+        return
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(
+            compile_(template()), grid, x, y, seeds=seeds, engine=engine, **FIT
+        )
+    if torch_global:  # K separate fits, and the log says why
+        assert result.engine == "sequential"
+        assert "torch's global generator" in caplog.text
+    else:
+        assert result.engine == (engine if engine != "auto" else "vectorized")
+    for index, (row, trained) in enumerate(
+        zip(result.rows, result.models, strict=True)
+    ):
+        keras.utils.set_random_seed(row["seed"])
+        reference = compile_(template(grid[index // len(seeds)]))
+        keras.utils.set_random_seed(row["seed"])
+        history = reference.fit(x, y, **FIT).history
+        assert_same_run(row, trained, history, reference)
+    # The three repeats of a point are three different runs.
+    losses = [row["loss"] for row in result.rows[:3]]
+    assert len(set(losses)) == 3
+
+
+def test_a_shuffled_one_fit_sweep_with_seeds_is_reproducible():
+    # One fit, one data order for all runs (drawn after the first seed):
+    # the same sweep twice gives the same numbers.
+    x, y = data()
+    fit = dict(FIT, shuffle=True)
+    results = [
+        kerasreg.sweep(
+            compile_(build(dropout=0.25)),
+            [None, kerasreg.L2Penalty(1e-2)],
+            x,
+            y,
+            seeds=[1, 2],
+            **fit,
+        )
+        for _ in range(2)
+    ]
+    if keras.backend.backend() != "torch":  # torch: K fits (unseeded Dropout)
+        assert results[0].engine == "vectorized"
+    for first, second in zip(*(r.rows for r in results), strict=True):
+        assert first["history"] == second["history"]
 
 
 def test_shuffled_separate_fits_share_one_data_order():

@@ -20,8 +20,9 @@ layer's options it does not support (a constraint, LoRA, `groups`, ...).
   draws the same masks in its own fit: one mask per step, drawn as the layer
   draws it (the same seed generator, the same number of random values), is
   applied to all K variants, so each equals its separate fit. Without a seed
-  each variant draws its own independent masks (not those of its separate
-  fit, which are random too).
+  each variant draws its masks from its own copy's seed generator, as that
+  copy draws them in its own fit (on TensorFlow and JAX; on PyTorch an
+  unseeded Dropout draws from torch's global generator, in any fit).
 - `Dense` on inputs of any rank, `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
   `SeparableConv1D/2D`, `Embedding`: batched matrix products, convolutions
   with the K variants' filters (or channels) side by side, one gather.
@@ -290,6 +291,14 @@ class Dropout(Kernel):
         self.rate = float(layer.rate)
         self.seeded = layer.seed is not None
         self.seed_generator = keras.random.SeedGenerator(layer.seed)
+        # Unseeded: each variant's own generator, from its copy's state (a
+        # variant built under `sweep(seeds=...)` has its seed's generator).
+        self.generators = []
+        if not self.seeded:
+            for copy in self.copies:
+                generator = keras.random.SeedGenerator(0)
+                generator.state.assign(copy.seed_generator.state.value)
+                self.generators.append(generator)
 
     def apply(self, inputs, training):
         (value,) = inputs
@@ -318,25 +327,29 @@ class Dropout(Kernel):
                 value.tensor, self.rate, noise, seed=self.seed_generator
             )
             return Value(out, True)
+        # Each variant's masks from its own generator, on its own slice: the
+        # draws its copy makes in its own fit.
         stacked = value.per_variant(self.k)
-        if noise_shape is not None:
-            shape = ops.shape(stacked)
-            noise_shape = (
-                self.k,
-                *(
-                    s if n is None else n
-                    for s, n in zip(shape[1:], noise_shape, strict=True)
-                ),
-            )
-        out = keras.random.dropout(
-            stacked, self.rate, noise_shape, seed=self.seed_generator
+        return Value(
+            ops.stack(
+                [
+                    keras.random.dropout(
+                        stacked[k], self.rate, noise_shape, seed=generator
+                    )
+                    for k, generator in enumerate(self.generators)
+                ]
+            ),
+            True,
         )
-        return Value(out, True)
 
     def copy_to(self):
-        state = ops.convert_to_numpy(self.seed_generator.state.value)
-        for layer in self.copies:
-            layer.seed_generator.state.assign(state)
+        if self.seeded:
+            state = ops.convert_to_numpy(self.seed_generator.state.value)
+            for layer in self.copies:
+                layer.seed_generator.state.assign(state)
+            return
+        for layer, generator in zip(self.copies, self.generators, strict=True):
+            layer.seed_generator.state.assign(generator.state.value)
 
 
 # --- layers with weights ---------------------------------------------------------

@@ -6,7 +6,13 @@ weight drawn afresh from its layer's initializer, and every random layer
 `keras.utils.set_random_seed(seed)`: exactly what building the template
 again after `keras.utils.set_random_seed(seed)` gives, when the build makes
 its layers in the template's order. The template's own weights are not used.
-In K separate fits, each run's fit also starts from
+The runs train in one fit when an engine can take the template: each
+run's weights and its random layers' generators are its own, so each equals
+its separate fit with `shuffle=False`; the fit starts from
+`keras.utils.set_random_seed(seeds[0])` and its data order (`shuffle=True`)
+is shared by all runs. In K separate fits (`engine="sequential"`, a grid
+with transforms, or on PyTorch an unseeded `Dropout`, whose masks come from
+torch's global generator), each run's fit also starts from
 `keras.utils.set_random_seed(seed)`, so what the fit draws from the global
 generators (the shuffling order with `shuffle=True`; on PyTorch, the masks
 of a `Dropout` without a `seed` of its own) is what a fit right after that

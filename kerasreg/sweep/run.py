@@ -26,6 +26,7 @@ from kerasreg.sweep.repeats import build_variant, check_seeds
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
 from kerasreg.sweep.variants import check_roles, compile_like, compile_recipe
+from kerasreg.walk import walk_layers
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -104,12 +105,14 @@ def sweep(
       WARNING where no one-fit engine can take the template (loss scaling
       off JAX, stateful layers, dropout inside an RNN cell), at INFO where
       the grid asks for it (callbacks other than the four above, each fit
-      with its own copy; seeds; decay transforms).
+      with its own copy; decay transforms; on PyTorch, seeds with an
+      unseeded `Dropout`).
 
     `Dropout`: with `Dropout(seed=s)` every variant draws the masks its own
     fit draws (a copy keeps the seed: the same masks for all variants, as
-    in their separate fits); without a seed each variant draws its own
-    independent masks, random as in a separate fit.
+    in their separate fits); without a seed each variant draws its masks
+    from its own copy's seed generator (on PyTorch, from torch's global
+    generator, as any unseeded Dropout there).
 
     Data: arrays, a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
     Python generator (read once: where the template needs K separate fits,
@@ -144,8 +147,13 @@ def sweep(
             seed, each run from weights drawn afresh under
             `keras.utils.set_random_seed(seed)` (as if the template were built
             again under that seed; the template's weights are not used), and
-            its random layers seeded likewise. `SweepResult.summary()` gives
-            the mean and spread per grid item.
+            its random layers seeded likewise, all runs in the same fit:
+            each run equals a separate fit of the template built under its
+            seed with `shuffle=False`; with `shuffle=True` the runs of one
+            fit share one data order, drawn after
+            `keras.utils.set_random_seed(seeds[0])` (`engine="sequential"`
+            gives each run its own seed's order). `SweepResult.summary()`
+            gives the mean and spread per grid item.
         log_dir: optional TensorBoard root: one run per variant,
             `log_dir/<name>/train|validation` (`<name>/seed_<s>` with seeds),
             with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
@@ -218,7 +226,7 @@ def sweep(
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
-    context.separate = _why_separate_fits(points, seeds, callbacks)
+    context.separate = _why_separate_fits(model, points, seeds, callbacks)
     readings = gradient_log.readings(
         gradients, log_dir, context.one_pass_argument, x, y, fit_kwargs
     )
@@ -255,6 +263,7 @@ def sweep(
         for group in groups:
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
+            _one_fit_seed(seeds)
             part_histories = implementation.fit(
                 part,
                 [names[i] for i in group],
@@ -309,15 +318,46 @@ def _fit_seeds(runs: list) -> list[int]:
 
 
 def _why_separate_fits(
-    points: list[GridPoint], seeds: list[int] | None, callbacks: list
+    model: keras.Model,
+    points: list[GridPoint],
+    seeds: list[int] | None,
+    callbacks: list,
 ) -> str | None:
     """Why the runs are K separate fits whatever the template, or None."""
     transforms = sorted({type(t).__name__ for p in points for t in p.transforms})
     if transforms:
         return f"the grid has post-step transforms ({', '.join(transforms)})"
-    if seeds is not None:
-        return "`seeds` are given"
+    if seeds is not None and keras.backend.backend() == "torch":
+        unseeded = _unseeded_random_layers(model)
+        if unseeded:
+            return (
+                f"`seeds` are given and, on PyTorch, {', '.join(unseeded)} "
+                "without a seed of their own draw their masks from torch's "
+                "global generator, which one fit cannot set per seed"
+            )
     return stopping.why_separate(callbacks)
+
+
+def _unseeded_random_layers(model: keras.Model) -> list[str]:
+    """Names of the template's layers with a seed generator made without a seed."""
+    return [
+        repr(layer.name)
+        for layer, _ in walk_layers(model)
+        if any(
+            getattr(generator, "_initial_seed", 0) is None
+            for generator in getattr(layer, "_seed_generators", [])
+        )
+    ]
+
+
+def _one_fit_seed(seeds: list[int] | None) -> None:
+    """With `seeds`, a one-fit sweep starts as the first seed's separate fit does.
+
+    Its data order (`shuffle=True`) is then that of a fit started under
+    `keras.utils.set_random_seed(seeds[0])`, shared by every run of the fit.
+    """
+    if seeds is not None:
+        keras.utils.set_random_seed(seeds[0])
 
 
 # --- validation ---------------------------------------------------------------
