@@ -358,9 +358,7 @@ def test_each_seeded_repeat_in_separate_fits_equals_a_template_built_with_that_s
     grid = [None, kerasreg.L2Penalty(1e-2)]
     seeds = [4, 7]
     fit = dict(FIT, shuffle=True)  # in K fits the order, too, is that seed's
-    result = kerasreg.sweep(
-        model, grid, x, y, seeds=seeds, engine="sequential", **fit
-    )
+    result = kerasreg.sweep(model, grid, x, y, seeds=seeds, engine="sequential", **fit)
     assert [(row["penalty"], row["seed"]) for row in result.rows] == [
         ("none", 4),
         ("none", 7),
