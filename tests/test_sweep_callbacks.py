@@ -1,7 +1,8 @@
 """`sweep(..., callbacks=[...])` in one fit: each variant's callbacks as in its own fit.
 
 Every one-fit engine that runs on the backend is forced in turn, with
-`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint` and `CSVLogger`, and
+`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint`, `CSVLogger` and
+`ReduceLROnPlateau`, and
 each variant is compared with its own plain Keras fit
 (`tests/sweep_reference.py`: a `clone_model` copy with the same penalty and
 its own copies of the callbacks): history (its length: the variant's stop),
@@ -342,6 +343,68 @@ def test_a_checkpoint_holds_each_variants_own_optimizer_state(
                 **tolerance(implementation),
                 err_msg=a.path,
             )
+
+
+def plateau_callbacks():
+    return [
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", patience=1, factor=0.5, min_delta=1e-3
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=3, restore_best_weights=True
+        ),
+    ]
+
+
+@pytest.mark.parametrize("implementation, engine, what, own_optimizer", ENGINES)
+def test_reduce_lr_on_plateau_sets_each_variants_own_learning_rate(
+    implementation, engine, what, own_optimizer, monkeypatch, caplog
+):
+    """Per variant in one fit where the engine keeps each variant's optimizer
+    (JAX); elsewhere the forced engine refuses and `auto` trains K fits. Each
+    run equals its own fit with its own copies: its `learning_rate` history
+    (Keras's callback logs it), weights and, in one fit, its optimizer."""
+    (x, y), validation = problem()
+    model = template()
+    fit = fit_arguments(validation)
+
+    def run(engine):
+        return sweep(
+            model, engine, implementation, monkeypatch, x=x, y=y,
+            callbacks=plateau_callbacks(), **fit,
+        )  # fmt: skip
+
+    if own_optimizer:
+        result = run(engine)
+        assert result.engine == engine
+    else:
+        with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*learning rate"):
+            run(engine)
+        with caplog.at_level(logging.INFO, logger="kerasreg"):
+            result = run("auto")
+        if BACKEND == "jax" and implementation != "batched":  # auto: jax.vmap
+            assert result.engine_reason.startswith("jax.vmap")
+        else:
+            assert result.engine == "sequential"
+            assert "ReduceLROnPlateau" in caplog.text
+    rates = []
+    for penalty, row, trained in zip(GRID, result.rows, result.models, strict=True):
+        callbacks = plateau_callbacks()
+        history, weights, reference = separate_fit(
+            model, penalty, x, y, adam, callbacks=callbacks, **fit
+        )
+        assert "learning_rate" in history
+        assert_same_fit(row, trained, history, weights, **tolerance(implementation))
+        assert row["best_epoch"] == callbacks[1].best_epoch
+        rates.append(tuple(history["learning_rate"]))
+        if own_optimizer:  # the rate it ended with, slots and step count too
+            for a, b in zip(
+                optimizer_state(trained), optimizer_state(reference), strict=True
+            ):
+                np.testing.assert_allclose(a, b, **tolerance(implementation))
+    # The rates were cut, at different epochs in different variants.
+    assert all(min(r) < r[0] for r in rates), rates
+    assert len(set(rates)) > 1, rates
 
 
 def test_other_callbacks_keep_k_separate_fits_naming_them(caplog):

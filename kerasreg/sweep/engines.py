@@ -22,7 +22,8 @@ trains the sweep. Every engine passed over is logged at INFO on the
 `"kerasreg"` logger with its reason; falling back to K separate fits is a
 WARNING (no speed-up). A sweep whose grid points need K separate fits
 (`SweepContext.separate`: post-step transforms, a callback other than
-`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint` and `CSVLogger`, and on
+`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint`, `CSVLogger` and
+`ReduceLROnPlateau`, and on
 PyTorch `seeds=` with an unseeded `Dropout`, named in the reason) goes to the sequential engine, logged once at INFO (the
 user asked for it).
 

@@ -83,6 +83,12 @@ class Monitor(keras.callbacks.ProgbarLogger):
             self.sync(self.variants)
         self._synced = True
 
+    def _stale(self):
+        """The one fit has trained since the variants were last brought in sync."""
+        self._synced = False
+        if self.callbacks is not None:
+            self.callbacks.new_step()
+
     def _sync_once(self):
         """`_sync`, unless done since the last training step."""
         if not getattr(self, "_synced", False):
@@ -93,20 +99,20 @@ class Monitor(keras.callbacks.ProgbarLogger):
         for variant, log in zip(self.variants, self.logs, strict=True):
             if log is not None:
                 log.begin(variant)
-        self._synced = False
+        self._stale()
         if self.callbacks is not None:
             self.callbacks.begin(self.params, self._sync_once, lambda: self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
-        self._synced = False
+        self._stale()
         if self.callbacks is not None:
             self.callbacks.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, self._compact(logs))
         if self.callbacks is not None and self.callbacks.batches:
-            self._synced = False  # (only hooked with per-variant batch hooks)
+            self._stale()  # (only hooked with per-variant batch hooks)
             logs = dict(logs or {})
             self.callbacks.batch_end(batch, [_split(logs, k) for k in self.split])
             if not self.callbacks.active() or all(
@@ -115,7 +121,7 @@ class Monitor(keras.callbacks.ProgbarLogger):
                 self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        self._synced = False  # the epoch's steps ran since any sync
+        self._stale()  # the epoch's steps ran since any sync
         shown = self._compact(logs)  # before the TensorBoard logs add their keys
         logs = dict(logs or {})
         if self.split is None:
@@ -132,12 +138,16 @@ class Monitor(keras.callbacks.ProgbarLogger):
             self._sync_once()
         for index in running:
             variant_logs, log = per_variant[index], self.logs[index]
-            history = self.histories[index]
-            history.append(epoch, variant_logs)
+            # The variant's callbacks first, as in its own fit (Keras's
+            # History comes last): what they add to the logs
+            # (ReduceLROnPlateau's `learning_rate`) is in its history.
+            if self.callbacks is not None:
+                self.callbacks.epoch_end(epoch, index, variant_logs)
+            self.histories[index].append(epoch, variant_logs)
             if log is not None:
                 log.epoch_end(epoch, variant_logs)
             if self.callbacks is not None:
-                self.callbacks.epoch_end(epoch, index, variant_logs)
+                self.callbacks.end_if_stopped(index, variant_logs)
         self._last = per_variant
         super().on_epoch_end(epoch, shown)
         if self.verbose and self.split is not None:

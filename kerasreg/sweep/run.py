@@ -66,16 +66,18 @@ def sweep(
     `callbacks`: each variant gets its own copy of every callback, fed its
     own logs and acting on its own model, and a callback's file path takes a
     `{variant}` field (the variant's run name). Keras's `EarlyStopping`,
-    `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends) and
-    `CSVLogger` keep a one-fit engine (`kerasreg.sweep.stopping`): a variant
+    `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends), `CSVLogger`
+    and `ReduceLROnPlateau` keep a one-fit engine
+    (`kerasreg.sweep.stopping`): a variant
     stops where its own fit would (its history ends there, its
     `EarlyStopping` restores its own best weights) and ends with exactly the
     state it had then, while the others go on; the fit ends when all have
     stopped. There a `ModelCheckpoint` needs the JAX engine (its file holds
-    the optimizer's state, which the others do not keep per variant), and an
+    the optimizer's state, which the others do not keep per variant), as
+    does `ReduceLROnPlateau` (each variant's own learning rate), and an
     optimizer with `use_ema=True` or a `keras.distribution` needs K fits.
 
-    Grid points with post-step transforms, `seeds=` and any other callback
+    Grid points with post-step transforms and any other callback
     are trained by the `"sequential"` engine (logged at INFO; `engine_reason`
     says why, naming the callback): each variant's fit gets its own copy of
     every callback, made right before that fit, and a fresh instance of its

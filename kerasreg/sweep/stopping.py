@@ -1,8 +1,8 @@
 """Keras callbacks in a one-fit sweep: each variant gets its own copy, fed its own logs.
 
-`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends)
-and `CSVLogger` (exact classes: a subclass may use other hooks) keep the
-sweep in one fit. Each variant gets its own copy of each
+`EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends),
+`CSVLogger` and `ReduceLROnPlateau` (exact classes: a subclass may use other
+hooks) keep the sweep in one fit. Each variant gets its own copy of each
 (`sequential.copy_callback`: its own state, `{variant}` in its file path),
 whose model is a `VariantModel`: the variant's own `keras.Model`, brought in
 sync with the one fit when the copy reads or writes it. Its hooks get the
@@ -31,8 +31,11 @@ on PyTorch (a NaN variant's rows go on computing, and a torch loss may raise
 on them), an optimizer with
 an exponential moving average of the weights (`use_ema`: its end-of-fit
 swap would be at the one fit's end), `ModelCheckpoint` saving every N
-batches, and any `ModelCheckpoint` on engines that keep no optimizer
-state per variant (its file holds the optimizer, `.weights.h5` too).
+batches, and, on engines that keep no optimizer state per variant, any
+`ModelCheckpoint` (its file holds the optimizer, `.weights.h5` too) and
+`ReduceLROnPlateau` (it sets each variant's own learning rate, an optimizer
+variable: the JAX engine keeps one per variant, written back into the one
+fit when a copy changes it).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ ONE_FIT = (
     keras.callbacks.TerminateOnNaN,
     keras.callbacks.ModelCheckpoint,
     keras.callbacks.CSVLogger,
+    keras.callbacks.ReduceLROnPlateau,
 )
 ONE_FIT_NAMES = ", ".join(c.__name__ for c in ONE_FIT)
 
@@ -112,7 +116,17 @@ def why_not(template: keras.Model, callbacks: list, own_optimizers: bool) -> str
                     "optimizer state (with save_weights_only=True too), which this "
                     "engine does not keep per variant"
                 )
+            if isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+                return (
+                    "`callbacks` has ReduceLROnPlateau, which sets each variant's "
+                    "learning rate, and this engine's one optimizer has one "
+                    "learning rate for all variants"
+                )
     return None
+
+
+def _learning_rate(variant: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(variant.optimizer.learning_rate))
 
 
 def _values(variables) -> list[np.ndarray]:
@@ -185,6 +199,7 @@ class VariantCallbacks:
         self.variants = variants
         self.models: list[VariantModel] = []
         self.sync = lambda: None  # the Monitor's (lazy) sync, set in `begin`
+        self.optimizer_synced = False  # since the last training step
         self.touch = lambda: None  # the Monitor's one fit, synced on JAX
         self.copy_optimizer = copy_optimizer
         self.copies = [
@@ -253,9 +268,26 @@ class VariantCallbacks:
         return out
 
     def epoch_end(self, epoch: int, index: int, logs: dict) -> None:
-        """Variant `index`'s epoch-end hooks (its model in sync); its end if it stops."""
+        """Variant `index`'s epoch-end hooks (its model in sync).
+
+        A copy that sets the variant's learning rate (`ReduceLROnPlateau`)
+        sets it on the variant's own optimizer: written into the one fit.
+        """
+        sets_rate = self.optimizer and any(
+            isinstance(c, keras.callbacks.ReduceLROnPlateau)
+            for c in self.copies[index]
+        )
+        if sets_rate:
+            self._sync_all()
+            before = _learning_rate(self.variants[index])
         for callback in self.copies[index]:
             callback.on_epoch_end(epoch, logs)
+        if sets_rate and _learning_rate(self.variants[index]) != before:
+            self.write(self.variants, index)
+
+    def end_if_stopped(self, index: int, logs: dict) -> None:
+        """After its epoch end (history and TensorBoard run written, as in its
+        own fit): variant `index`'s end, if a copy stopped it."""
         if self.models[index].stop_training:
             self.end(index, logs)
 
@@ -273,10 +305,17 @@ class VariantCallbacks:
         self.sync()
         self._sync_optimizer()
 
+    def new_step(self) -> None:
+        """The one fit trained since the last sync (the Monitor calls it)."""
+        self.optimizer_synced = False
+
     def _sync_optimizer(self) -> None:
         if self.optimizer and self.copy_optimizer is not None:
+            if self.optimizer_synced:
+                return
             self.touch()
             self.copy_optimizer(self.variants)
+            self.optimizer_synced = True
 
     def _restore(self, index: int) -> None:
         state = self.state[index]
