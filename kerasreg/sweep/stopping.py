@@ -274,8 +274,7 @@ class VariantCallbacks:
         sets it on the variant's own optimizer: written into the one fit.
         """
         sets_rate = self.optimizer and any(
-            isinstance(c, keras.callbacks.ReduceLROnPlateau)
-            for c in self.copies[index]
+            isinstance(c, keras.callbacks.ReduceLROnPlateau) for c in self.copies[index]
         )
         if sets_rate:
             self._sync_all()
