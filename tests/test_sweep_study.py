@@ -263,9 +263,19 @@ def test_bad_items_seeds_and_callbacks_raise_before_anything_trains(tmp_path):
     example = re.escape(repr(str(tmp_path / "{variant}.csv")))
     with pytest.raises(ValueError, match=rf"CSVLogger.filename=.*e\.g\. {example}"):
         kerasreg.sweep(model, [None, None], x, y, callbacks=[*guard, log], **FIT)
-    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    with pytest.raises(ValueError, match=r"`callbacks\[1\]`: BackupAndRestore"):
-        kerasreg.sweep(model, [None], x, y, callbacks=[*guard, backup], **FIT)
+    backups = [keras.callbacks.BackupAndRestore(str(tmp_path / n)) for n in "ab"]
+    with pytest.raises(
+        ValueError, match=r"`callbacks\[1\]` and `callbacks\[2\]` are both Backup"
+    ):
+        kerasreg.sweep(model, [None], x, y, callbacks=[*guard, *backups], **FIT)
+
+    class MyBackup(keras.callbacks.BackupAndRestore):
+        pass
+
+    with pytest.raises(ValueError, match=r"`callbacks\[1\]`: MyBackup is a subclass"):
+        kerasreg.sweep(
+            model, [None], x, y, callbacks=[*guard, MyBackup(str(tmp_path))], **FIT
+        )
     with pytest.raises(TypeError, match=r"`callbacks`.*list"):
         kerasreg.sweep(model, [None], x, y, callbacks=guard[0], **FIT)
     # One object twice: a plain fit calls it twice per epoch (an EarlyStopping
@@ -456,6 +466,83 @@ def test_a_shuffled_one_fit_sweep_with_seeds_is_reproducible():
         assert results[0].engine == "vectorized"
     for first, second in zip(*(r.rows for r in results), strict=True):
         assert first["history"] == second["history"]
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the end of the `at`-th epoch of the whole sweep (all runs)."""
+
+    def __init__(self, at, counter):
+        super().__init__()
+        self.at = at
+        self.counter = counter  # shared by the runs' copies
+
+    def __deepcopy__(self, memo):
+        return Interrupt(self.at, self.counter)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.counter.append(epoch)
+        if len(self.counter) == self.at:
+            raise KeyboardInterrupt(f"interrupted at epoch {epoch}")
+
+
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path):
+    """One BackupAndRestore for the whole sweep: called again after an
+    interruption in its second run, the sweep loads the first run, resumes
+    the second where its backup ends and trains the third; rows, weights and
+    optimizer state equal those of the sweep never interrupted."""
+    x, y = data(n=64)
+    grid = [None, kerasreg.L2Penalty(1e-2), kerasreg.L2Penalty(0.1)]
+    fit = dict(FIT, epochs=5, validation_split=0.25)
+    folder = tmp_path / "backup"
+    model = compile_(build())  # the template (a sweep leaves it unchanged)
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(folder))
+
+    whole = kerasreg.sweep(model, grid, x, y, engine="sequential", **fit)
+    counter = []
+    with pytest.raises(KeyboardInterrupt):
+        kerasreg.sweep(
+            model, grid, x, y, callbacks=[Interrupt(8, counter), backup()],
+            **fit,
+        )  # fmt: skip
+    assert counter[-1] == 2  # the second run's third epoch (epochs 0-4 per run)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "L2Penalty_0.01",
+        "L2Penalty_0.01.history.json",
+        "none.done",
+        "sweep.json",
+    ]
+    # A sweep of other runs may not use this backup: refused, nothing trained.
+    with pytest.raises(ValueError, match=r"holds the backup of another sweep"):
+        kerasreg.sweep(
+            model, grid[:2], x, y, callbacks=[NoTraining(), backup()],
+            **fit,
+        )  # fmt: skip
+    counter.clear()
+    resumed = kerasreg.sweep(
+        model, grid, x, y, callbacks=[Interrupt(99, counter), backup()],
+        **fit,
+    )  # fmt: skip
+    assert resumed.engine == "sequential"
+    assert "BackupAndRestore" in resumed.engine_reason
+    # Run 1 loaded, run 2 from its last backup (the end of its epoch 1), run
+    # 3 whole.
+    assert counter == [2, 3, 4, *range(5)]
+    assert not folder.exists()  # delete_checkpoint=True: the backup is gone
+    for a, b, model_a, model_b in zip(
+        whole.rows, resumed.rows, whole.models, resumed.models, strict=True
+    ):
+        assert a["history"] == b["history"]
+        assert a["best_epoch"] == b["best_epoch"]
+        for got, want in zip(
+            model_b.weights + model_b.optimizer.variables,
+            model_a.weights + model_a.optimizer.variables,
+            strict=True,
+        ):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want)
+            )
 
 
 def test_shuffled_separate_fits_share_one_data_order():

@@ -77,6 +77,11 @@ def sweep(
     does `ReduceLROnPlateau` (each variant's own learning rate), and an
     optimizer with `use_ema=True` or a `keras.distribution` needs K fits.
 
+    A `keras.callbacks.BackupAndRestore(backup_dir)` keeps one backup of
+    the whole sweep (`kerasreg.sweep.backup`): the runs train as K separate
+    fits, and the same call after an interruption loads the finished runs,
+    resumes the interrupted one from its last backup and trains the rest.
+
     Grid points with post-step transforms and any other callback
     are trained by the `"sequential"` engine (logged at INFO; `engine_reason`
     says why, naming the callback): each variant's fit gets its own copy of

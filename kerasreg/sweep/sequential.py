@@ -20,8 +20,8 @@ in the path of `ModelCheckpoint`, `CSVLogger`, `TensorBoard` or
 `WeightNormLogger` becomes the variant's run name; a folder without the field
 (`TensorBoard`, `WeightNormLogger`) gets the run name appended; a file
 without it is refused when there are several variants (they would all write
-it). `BackupAndRestore` is refused: one backup of a whole sweep is not
-supported yet.
+it). `BackupAndRestore` keeps one backup of the whole sweep, run by run
+(`kerasreg.sweep.backup`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 import keras
 
 from kerasreg.poststep import PostStepTransform
+from kerasreg.sweep import backup
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.items import fresh_transform
 from kerasreg.sweep.monitor import Monitor, best_line
@@ -85,12 +86,6 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
                 "or pass two separate instances."
             )
         seen[id(callback)] = index
-        if isinstance(callback, keras.callbacks.BackupAndRestore):
-            raise ValueError(
-                f"kerasreg.sweep: invalid {where}: BackupAndRestore is not "
-                "supported in a sweep yet (one backup of the whole sweep is "
-                "planned); run the grid points as separate fits to back them up."
-            )
         path = _path_of(callback)
         if path is not None and len(runs) > 1:
             attribute, value, folder = path
@@ -102,6 +97,7 @@ def check_callbacks(callbacks: Any, runs: list[str]) -> list[keras.callbacks.Cal
                     f"{FIELD} in the path, e.g. {_with_field(value)!r}; it "
                     f"becomes each variant's run name (such as {runs[0]!r})."
                 )
+    backup.find(list(callbacks))  # at most one, Keras's own class
     return list(callbacks)
 
 
@@ -210,18 +206,38 @@ def fit_runs(
     """
     callbacks = list(fit_kwargs.get("callbacks") or [])
     verbose = fit_kwargs.get("verbose", "auto")
+    found = backup.find(callbacks)
+    sweep_backup = None
+    if found is not None:
+        callbacks.pop(found[0])
+        sweep_backup = backup.SweepBackup(found[1], f"`callbacks[{found[0]}]`", names)
     histories: list[dict] = []
     best_epochs: list[int | None] = []
     for index, (variant, name, log) in enumerate(
         zip(variants, names, logs, strict=True)
     ):
         compile_like(variant, compile_config, exclusions)
+        if sweep_backup is not None:
+            finished = sweep_backup.load_finished(index, variant)
+            if finished is not None:  # trained before the sweep was interrupted
+                histories.append(finished[0])
+                best_epochs.append(finished[1])
+                continue
         copies = [
             copy_callback(c, name, f"`callbacks[{i}]`") for i, c in enumerate(callbacks)
         ]
         monitor = Monitor([variant], [name], [log], verbose, split=None)
         own = [] if transforms is None else list(transforms[index])
-        kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor]}
+        last = []
+        if sweep_backup is not None:
+            # The run's history so far, saved before its backup (which comes
+            # last, after every other callback has seen the epoch).
+            monitor.histories[0] = sweep_backup.resumed_history(index)
+            last = [
+                sweep_backup.history_saver(index, monitor.histories[0]),
+                sweep_backup.run_callback(index),
+            ]
+        kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor, *last]}
         if verbose:
             print(f"[{index + 1}/{len(variants)}] {name}", flush=True)
         if fit_seeds is not None:
@@ -229,6 +245,8 @@ def fit_runs(
         variant.fit(x, y, **kwargs)
         histories.append(monitor.histories[0])
         best_epochs.append(restored_epoch(copies))
+        if sweep_backup is not None:
+            sweep_backup.finish_run(index, variant, histories[-1], best_epochs[-1])
         if verbose:
             done = [
                 values_at(h, e) for h, e in zip(histories, best_epochs, strict=True)
@@ -236,6 +254,8 @@ def fit_runs(
             line = best_line(names[: len(done)], done)
             if line:
                 print(line, flush=True)
+    if sweep_backup is not None:
+        sweep_backup.end()
     return histories, best_epochs
 
 

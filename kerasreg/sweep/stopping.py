@@ -60,6 +60,11 @@ ONE_FIT_NAMES = ", ".join(c.__name__ for c in ONE_FIT)
 
 def why_separate(callbacks: list) -> str | None:
     """Why these callbacks need K separate fits whatever the engine (None: they do not)."""
+    if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks):
+        return (
+            "`callbacks` has BackupAndRestore (one backup of the whole sweep, "
+            "resumed run by run)"
+        )
     others = [type(c).__name__ for c in callbacks if type(c) not in ONE_FIT]
     if others:
         return (
