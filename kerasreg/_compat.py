@@ -331,6 +331,20 @@ def config_regularizer_attribute(layer: Any, attribute: str) -> str | None:
 _MISSING = object()
 
 
+def traced(tensor: Any) -> bool:
+    """Whether `tensor` is symbolic: inside a `tf.function` or a JAX trace."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return isinstance(tensor, jax.core.Tracer)
+    return False
+
+
 def nnx_enabled() -> bool:
     """Whether Keras runs JAX models as Flax NNX modules.
 

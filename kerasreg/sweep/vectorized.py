@@ -576,10 +576,10 @@ class Batched(keras.Model):
         return list(unique.values())
 
     def get_metrics_result(self):
-        losses = self.loss_tracker.result()
+        losses = _entries(self.loss_tracker.result(), self.k)
         logs = {}
         if self.folded_metrics is not None:
-            results = [tracker.result() for tracker in self.metric_trackers]
+            results = [_entries(t.result(), self.k) for t in self.metric_trackers]
             for index, key in enumerate(self.keys):
                 logs[f"{key}_loss"] = losses[index]
                 for tracker, result in zip(self.metric_trackers, results, strict=True):
@@ -609,6 +609,17 @@ class Batched(keras.Model):
 
 
 # --- per-variant gradient clipping -----------------------------------------------------
+
+
+def _entries(vector: Any, k: int) -> list:
+    """The K entries of a `(K,)` result: sliced in a traced step and on
+    PyTorch (whose step is eager: a slice is cheap there, a transfer per step
+    is not); when TensorFlow or JAX read the epoch's results eagerly, one
+    transfer to the host and K NumPy scalars, not K eager slicing ops."""
+    if keras.backend.backend() == "torch" or _compat.traced(vector):
+        return [vector[i] for i in range(k)]
+    values = np.asarray(ops.convert_to_numpy(vector))
+    return [values[i] for i in range(k)]
 
 
 def _with_logits(part: Any, whole: Any, take) -> Any:
