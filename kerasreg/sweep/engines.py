@@ -23,11 +23,11 @@ trains the sweep. Every engine passed over is logged at INFO on the
 WARNING (no speed-up). A sweep whose grid points need K separate fits
 (`SweepContext.separate`: post-step transforms, a callback other than
 `EarlyStopping`, `TerminateOnNaN`, `ModelCheckpoint`, `CSVLogger` and
-`ReduceLROnPlateau`, and on
-PyTorch `seeds=` with an unseeded `Dropout`, named in the reason) goes to the sequential engine, logged once at INFO (the
-user asked for it).
+`ReduceLROnPlateau`, and `seeds=` with a template that draws from the
+global random generators, named in the reason) goes to the sequential
+engine, logged once at INFO (the user asked for it).
 
-Callbacks in one fit (`kerasreg.sweep.stopping`): those four keep a one-fit
+Callbacks in one fit (`kerasreg.sweep.stopping`): those five keep a one-fit
 engine. Each variant gets its own copies, driven by the engine's `Monitor`
 with the variant's own logs and model; a variant stops where its own fit
 would, and ends with the state it had then. Each one-fit engine's `why_not`

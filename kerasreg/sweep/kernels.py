@@ -21,8 +21,9 @@ layer's options it does not support (a constraint, LoRA, `groups`, ...).
   draws it (the same seed generator, the same number of random values), is
   applied to all K variants, so each equals its separate fit. Without a seed
   each variant draws its masks from its own copy's seed generator, as that
-  copy draws them in its own fit (on TensorFlow and JAX; on PyTorch an
-  unseeded Dropout draws from torch's global generator, in any fit).
+  copy draws them in its own fit on TensorFlow and JAX (on PyTorch a
+  separate fit of an unseeded Dropout draws from torch's global generator;
+  here, from the variant's generator: random either way, not comparable).
 - `Dense` on inputs of any rank, `Conv1D/2D/3D`, `DepthwiseConv1D/2D`,
   `SeparableConv1D/2D`, `Embedding`: batched matrix products, convolutions
   with the K variants' filters (or channels) side by side, one gather.

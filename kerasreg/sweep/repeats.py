@@ -27,17 +27,22 @@ import numbers
 from typing import Any
 
 import keras
+import numpy as np
 
 from kerasreg.selection import select_weights
 from kerasreg.sweep.items import GridPoint
 from kerasreg.sweep.variants import copy_template, make_variant
+from kerasreg.walk import walk_layers
 
 
 def check_seeds(seeds: Any) -> list[int] | None:
     """`seeds` as a list of distinct ints >= 0 (or None), or raise naming it."""
     if seeds is None:
         return None
-    accepted = "None or a non-empty list of distinct ints >= 0, e.g. [0, 1, 2]"
+    accepted = (
+        "None or a non-empty list of distinct ints in [0, 2**32 - 1] "
+        "(Keras's seed range), e.g. [0, 1, 2]"
+    )
     if isinstance(seeds, (str, bytes, dict)) or not hasattr(seeds, "__iter__"):
         raise TypeError(
             f"kerasreg.sweep: invalid `seeds`: expected {accepted}. "
@@ -45,7 +50,9 @@ def check_seeds(seeds: Any) -> list[int] | None:
         )
     values = list(seeds)
     if not values or any(
-        isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0
+        isinstance(s, bool)
+        or not isinstance(s, numbers.Integral)
+        or not 0 <= s <= 2**32 - 1
         for s in values
     ):
         raise ValueError(
@@ -59,6 +66,89 @@ def check_seeds(seeds: Any) -> list[int] | None:
             f"Received: seeds={seeds!r}."
         )
     return values
+
+
+def draws_from_global_generators(variant: keras.Model) -> str | None:
+    """Why `variant`'s training-mode call draws from the global random
+    generators (None: only from its own seed generators, or nothing random).
+
+    One fit can give each run its own generators' draws, not its own global
+    generators: a layer drawing with `seed=None` would draw the K runs'
+    values from one global stream. Two checks:
+
+    - on PyTorch, Keras draws an unseeded dropout mask (a `Dropout` without
+      `seed` or `noise_shape`, an RNN cell's `dropout` or
+      `recurrent_dropout`) from torch's global generator;
+    - by behaviour, for any other layer (`keras.random.dropout(x, 0.3)` in a
+      custom layer): the variant is called twice in training mode on the same
+      inputs from the same state (weights, statistics and generator states
+      restored), after `keras.utils.set_random_seed(1)` and `(2)`; different
+      outputs mean a global draw. Everything is restored.
+    """
+    if keras.backend.backend() == "torch":
+        names = [
+            repr(layer.name)
+            for layer, _ in walk_layers(variant)
+            if _torch_global_mask(layer)
+        ]
+        if names:
+            return (
+                f"on PyTorch {', '.join(names)} draw dropout masks from torch's "
+                "global generator (no `seed` of their own): one fit cannot give "
+                "each run its own seed's masks"
+            )
+    rng = np.random.default_rng(0)
+    inputs = []
+    for tensor in variant.inputs:
+        shape = tuple(8 if d is None else d for d in tensor.shape)
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if "int" in dtype or dtype == "bool":
+            value = np.zeros(shape)
+        else:
+            value = rng.normal(size=shape)
+        inputs.append(keras.ops.convert_to_tensor(value, dtype=dtype))
+    variables = list(variant.variables)
+    state = [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
+    outputs = []
+    try:
+        for seed in (1, 2):
+            keras.utils.set_random_seed(seed)
+            out = variant(inputs if len(inputs) > 1 else inputs[0], training=True)
+            outputs.append(
+                [
+                    np.asarray(keras.ops.convert_to_numpy(o))
+                    for o in keras.tree.flatten(out)
+                ]
+            )
+            for variable, value in zip(variables, state, strict=True):
+                variable.assign(value)
+    except Exception as error:  # a call that needs real data: assume the worst
+        for variable, value in zip(variables, state, strict=True):
+            variable.assign(value)
+        return (
+            "the template's training-mode call could not be checked for draws "
+            f"from the global random generators ({type(error).__name__}: {error})"
+        )
+    if any(
+        not np.array_equal(a, b, equal_nan=True) for a, b in zip(*outputs, strict=True)
+    ):
+        return (
+            "the template draws random values from the global generators (a "
+            "layer calling keras.random with seed=None): one fit cannot give "
+            "each run its own seed's draws"
+        )
+    return None
+
+
+def _torch_global_mask(layer: Any) -> bool:
+    """Whether Keras's torch backend draws this layer's dropout masks from
+    torch's global generator (an unseeded generator and no noise shape)."""
+    generator = getattr(layer, "seed_generator", None)
+    if generator is None or getattr(generator, "_initial_seed", 0) is not None:
+        return False
+    if isinstance(layer, keras.layers.Dropout):
+        return layer.rate > 0 and layer.noise_shape is None
+    return (getattr(layer, "dropout", 0) or getattr(layer, "recurrent_dropout", 0)) > 0
 
 
 def build_variant(

@@ -10,6 +10,7 @@ for all variants (`"vectorized"`), K copies side by side in one `fit`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,13 +23,19 @@ from kerasreg.sweep import engines, gradient_log, sequential, stopping
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
-from kerasreg.sweep.repeats import build_variant, check_seeds
+from kerasreg.sweep.repeats import (
+    build_variant,
+    check_seeds,
+    draws_from_global_generators,
+)
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
 from kerasreg.sweep.variants import check_roles, compile_like, compile_recipe
-from kerasreg.walk import walk_layers
 
 __all__ = ["SweepResult", "sweep"]
+
+
+logger = logging.getLogger("kerasreg")
 
 
 def sweep(
@@ -111,7 +118,7 @@ def sweep(
     - `"sequential"`: K separate fits, one after another, logged as a
       WARNING where no one-fit engine can take the template (loss scaling
       off JAX, stateful layers, dropout inside an RNN cell), at INFO where
-      the grid asks for it (callbacks other than the four above, each fit
+      the grid asks for it (callbacks other than the five above, each fit
       with its own copy; decay transforms; on PyTorch, seeds with an
       unseeded `Dropout`).
 
@@ -156,11 +163,15 @@ def sweep(
             again under that seed; the template's weights are not used), and
             its random layers seeded likewise, all runs in the same fit:
             each run equals a separate fit of the template built under its
-            seed with `shuffle=False`; with `shuffle=True` the runs of one
-            fit share one data order, drawn after
-            `keras.utils.set_random_seed(seeds[0])` (`engine="sequential"`
-            gives each run its own seed's order). `SweepResult.summary()`
-            gives the mean and spread per grid item.
+            seed with `shuffle=False`. With `shuffle=True` (`fit`'s default)
+            the runs of one fit share one data order, drawn after
+            `keras.utils.set_random_seed(seeds[0])`: reproducible, but not
+            the order of a separate fit (on JAX and PyTorch, not even that
+            of `seeds[0]`'s), and logged at INFO. K separate fits
+            (`engine="sequential"`, or a template or callback that needs
+            them, named in `engine_reason`) give each run its own seed's
+            order instead. Seeds are ints in [0, 2**32 - 1].
+            `SweepResult.summary()` gives the mean and spread per grid item.
         log_dir: optional TensorBoard root: one run per variant,
             `log_dir/<name>/train|validation` (`<name>/seed_<s>` with seeds),
             with Keras's `epoch_<metric>` scalars and `WeightNormLogger`
@@ -189,7 +200,7 @@ def sweep(
 
     Raises:
         TypeError: `model` is not a Keras model, `penalties`, `seeds` or
-            `callbacks` is not a list, `gradients` is not a bool, or an item
+            `callbacks` is not a list (or tuple), `gradients` is not a bool, or an item
             is of the wrong kind.
         ValueError: `penalties` is empty, `role` or `engine` is unknown, an
             item cannot be resolved, targets a role the model lacks or gives
@@ -225,6 +236,7 @@ def sweep(
     runs = _runs(points, seeds)
     names = [run_name(name, seed) for _, _, name, seed in runs]
     callbacks = sequential.check_callbacks(fit_kwargs.get("callbacks"), names)
+    stopping.check_learning_rate(model, callbacks)
     compile_config = compile_recipe(model)
     models = [
         build_variant(model, point, where, i, seed, item)
@@ -233,7 +245,7 @@ def sweep(
     # get_config drops `exclude_from_weight_decay`: carried over by hand.
     exclusions = _compat.weight_decay_exclusions(model.optimizer, model.weights)
     context = engines.context(model, x, y, fit_kwargs, compile_config, exclusions)
-    context.separate = _why_separate_fits(model, points, seeds, callbacks)
+    context.separate = _why_separate_fits(models[0], points, seeds, callbacks)
     readings = gradient_log.readings(
         gradients, log_dir, context.one_pass_argument, x, y, fit_kwargs
     )
@@ -270,7 +282,7 @@ def sweep(
         for group in groups:
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
-            _one_fit_seed(seeds)
+            _one_fit_seed(seeds, fit_kwargs)
             part_histories = implementation.fit(
                 part,
                 [names[i] for i in group],
@@ -291,7 +303,10 @@ def sweep(
         variant.name = model.name
         if not getattr(implementation, "OWN_OPTIMIZERS", False):
             # A fresh optimizer: the one fit's optimizer trained the stack.
+            # Built, so that a saved model holds all its (zero) slots and
+            # loads without Keras's "Skipping variable loading" warning.
             compile_like(variant, compile_config, exclusions)
+            variant.optimizer.build(variant.trainable_variables)
     rows = [
         make_row(point, name, seed, history, best)
         for (_, point, name, seed), history, best in zip(
@@ -325,7 +340,7 @@ def _fit_seeds(runs: list) -> list[int]:
 
 
 def _why_separate_fits(
-    model: keras.Model,
+    variant: keras.Model,
     points: list[GridPoint],
     seeds: list[int] | None,
     callbacks: list,
@@ -334,37 +349,30 @@ def _why_separate_fits(
     transforms = sorted({type(t).__name__ for p in points for t in p.transforms})
     if transforms:
         return f"the grid has post-step transforms ({', '.join(transforms)})"
-    if seeds is not None and keras.backend.backend() == "torch":
-        unseeded = _unseeded_random_layers(model)
-        if unseeded:
-            return (
-                f"`seeds` are given and, on PyTorch, {', '.join(unseeded)} "
-                "without a seed of their own draw their masks from torch's "
-                "global generator, which one fit cannot set per seed"
-            )
+    if seeds is not None:
+        reason = draws_from_global_generators(variant)
+        if reason is not None:
+            return f"`seeds` are given and {reason}"
     return stopping.why_separate(callbacks)
 
 
-def _unseeded_random_layers(model: keras.Model) -> list[str]:
-    """Names of the template's layers with a seed generator made without a seed."""
-    return [
-        repr(layer.name)
-        for layer, _ in walk_layers(model)
-        if any(
-            getattr(generator, "_initial_seed", 0) is None
-            for generator in getattr(layer, "_seed_generators", [])
+def _one_fit_seed(seeds: list[int] | None, fit_kwargs: dict) -> None:
+    """With `seeds`, a one-fit sweep starts from `set_random_seed(seeds[0])`:
+    its data order (`shuffle=True`), shared by every run of the fit, is drawn
+    after it (reproducible; not always the order a separate fit under
+    `seeds[0]` draws: Keras's JAX trainer draws one more permutation when it
+    builds an unbuilt model)."""
+    if seeds is None:
+        return
+    keras.utils.set_random_seed(seeds[0])
+    if fit_kwargs.get("shuffle", True):
+        logger.info(
+            "kerasreg.sweep: the %d seeds train in one fit: its runs share one "
+            "data order (shuffle=True), drawn after set_random_seed(%d); "
+            "engine='sequential' gives each run its own seed's order.",
+            len(seeds),
+            seeds[0],
         )
-    ]
-
-
-def _one_fit_seed(seeds: list[int] | None) -> None:
-    """With `seeds`, a one-fit sweep starts as the first seed's separate fit does.
-
-    Its data order (`shuffle=True`) is then that of a fit started under
-    `keras.utils.set_random_seed(seeds[0])`, shared by every run of the fit.
-    """
-    if seeds is not None:
-        keras.utils.set_random_seed(seeds[0])
 
 
 # --- validation ---------------------------------------------------------------

@@ -82,6 +82,32 @@ def why_separate(callbacks: list) -> str | None:
     return None
 
 
+def check_learning_rate(template: keras.Model, callbacks: list) -> None:
+    """Refuse a `ReduceLROnPlateau` whose optimizer's rate cannot be set.
+
+    Keras raises `TypeError` at the first epoch where the callback cuts a
+    schedule's rate; in a sweep that would lose every variant's training so
+    far, so it is refused before anything trains.
+    """
+    optimizer = template.optimizer
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = getattr(inner, "_learning_rate", None)
+    if not (
+        isinstance(rate, keras.optimizers.schedules.LearningRateSchedule)
+        or callable(rate)
+    ):
+        return
+    for index, callback in enumerate(callbacks):
+        if isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+            raise ValueError(
+                f"kerasreg.sweep: invalid `callbacks[{index}]`: ReduceLROnPlateau "
+                "sets the optimizer's learning rate, and the template's "
+                f"optimizer has learning_rate={rate!r} (a schedule or callable, "
+                "which Keras cannot set). Expected an optimizer with a float "
+                "learning rate, or no ReduceLROnPlateau."
+            )
+
+
 def why_not(template: keras.Model, callbacks: list, own_optimizers: bool) -> str | None:
     """Why a one-fit engine cannot run these (supported) callbacks exactly (None: it can).
 
