@@ -10,18 +10,22 @@ whole sweep in `backup_dir`:
 - `<run>/`: the run's own copy of Keras's `BackupAndRestore` (its weights,
   optimizer state and epoch, saved at each epoch end or every `save_freq`
   batches, exactly as in a plain fit).
-- `<run>.history.json`: the run's history so far, saved at each epoch end
-  just before its backup, so that a resumed run's row holds every epoch.
+- `<run>.history.json`: the run's history so far and the states of its
+  random generators (its `SeedGenerator`s, NumPy's and, on PyTorch, torch's
+  global generator), saved at each epoch end just before its backup: a
+  resumed run's row holds every epoch, and it draws the masks and the data
+  order the uninterrupted run drew (Keras's backup holds only weights and
+  optimizer state).
 - `<run>.done/`: a finished run's weights and optimizer state
   (`model.weights.h5`), its history and best epoch (`run.json`): a resumed
   sweep loads it instead of training the run again.
 
 Called again after an interruption, the same `sweep(...)` loads the finished
 runs, resumes the interrupted one where its backup ends (Keras's own
-`BackupAndRestore`: weights, optimizer state and epoch; the state of other
-callbacks, such as `EarlyStopping`'s patience count, starts afresh, as when
-Keras resumes a plain fit; with `shuffle=True` the resumed epochs draw a new
-data order) and trains the rest. With `delete_checkpoint=True` (Keras's
+`BackupAndRestore`: weights, optimizer state and epoch, plus the generator
+states above; the state of other callbacks, such as `EarlyStopping`'s
+patience count, starts afresh, as when Keras resumes a plain fit) and trains
+the rest. With `delete_checkpoint=True` (Keras's
 default) the folder is deleted when the sweep has finished.
 """
 
@@ -34,6 +38,7 @@ import shutil
 from typing import Any
 
 import keras
+import numpy as np
 
 from kerasreg.sweep.rows import RunHistory, epochs_of
 
@@ -120,6 +125,7 @@ class SweepBackup:
         if variant.optimizer is not None and not variant.optimizer.built:
             variant.optimizer.build(variant.trainable_variables)
         variant.load_weights(os.path.join(folder, "model.weights.h5"))
+        _assign(generator_variables(variant), record.get("generators", []))
         return _history(record["history"]), record["best_epoch"]
 
     def resumed_history(self, index: int) -> RunHistory:
@@ -142,9 +148,18 @@ class SweepBackup:
         return history
 
     def history_saver(self, index: int, history: RunHistory):
-        """A callback saving run `index`'s history at each epoch end (before
-        the run's backup, which comes last in its fit)."""
+        """A callback saving run `index`'s history and random generators'
+        states at each epoch end (before the run's backup, which comes after)."""
         return _SaveHistory(self._path(index, ".history.json"), history)
+
+    def generator_restorer(self, index: int):
+        """A callback (after the run's backup) giving a resumed run its random
+        generators' states at the epoch it resumes from: Keras's backup holds
+        the weights, not the `SeedGenerator` states (a `Dropout`'s masks)."""
+        return _RestoreGenerators(
+            self._path(index, ".history.json"),
+            os.path.join(self._path(index), "training_metadata.json"),
+        )
 
     def finish_run(
         self, index: int, variant: keras.Model, history: dict, best: Any
@@ -157,7 +172,11 @@ class SweepBackup:
         variant.save_weights(os.path.join(partial, "model.weights.h5"))
         _write_json(
             os.path.join(partial, "run.json"),
-            {"history": _record(history), "best_epoch": best},
+            {
+                "history": _record(history),
+                "best_epoch": best,
+                "generators": _values(generator_variables(variant)),
+            },
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -170,14 +189,84 @@ class SweepBackup:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def generator_variables(model: keras.Model) -> list:
+    """The model's state outside its weights: its `SeedGenerator` states."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _values(variables: list) -> list:
+    return [keras.ops.convert_to_numpy(v.value).tolist() for v in variables]
+
+
+def _assign(variables: list, values: list) -> None:
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
 class _SaveHistory(keras.callbacks.Callback):
     def __init__(self, path: str, history: RunHistory):
         super().__init__()
         self.path = path
         self.history = history
+        self.generators: dict[str, list] = {}
 
     def on_epoch_end(self, epoch, logs=None):
-        _write_json(self.path, _record(self.history))
+        # The states after this epoch, for a resume at epoch + 1; the
+        # previous epoch's are kept too (an interruption between this save
+        # and the backup's resumes from the epoch before).
+        states = {
+            "model": _values(generator_variables(self.model)),
+            "global": _global_state(),
+        }
+        self.generators = {
+            **{k: v for k, v in self.generators.items() if k == str(epoch)},
+            str(epoch + 1): states,
+        }
+        _write_json(self.path, {**_record(self.history), "generators": self.generators})
+
+
+class _RestoreGenerators(keras.callbacks.Callback):
+    def __init__(self, path: str, metadata: str):
+        super().__init__()
+        self.path = path
+        self.metadata = metadata
+
+    def on_train_begin(self, logs=None):
+        if not (os.path.exists(self.path) and os.path.exists(self.metadata)):
+            return
+        with open(self.metadata) as f:
+            resume = str(json.load(f)["epoch"])
+        with open(self.path) as f:
+            saved = json.load(f).get("generators", {})
+        if resume in saved:
+            _assign(generator_variables(self.model), saved[resume]["model"])
+            _set_global_state(saved[resume]["global"])
+
+
+def _global_state() -> dict:
+    """NumPy's global generator (the shuffling order on JAX and PyTorch) and,
+    on PyTorch, torch's (an unseeded Dropout's masks), as JSON values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)]
+    }
+    if keras.backend.backend() == "torch":
+        import torch
+
+        state["torch"] = torch.random.get_rng_state().tolist()
+    return state
+
+
+def _set_global_state(state: dict) -> None:
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state(
+        (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
+    )
+    if "torch" in state:
+        import torch
+
+        torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
 def _record(history: dict) -> dict:
@@ -194,6 +283,7 @@ def _history(record: dict) -> RunHistory:
 def _write_json(path: str, value: Any) -> None:
     """Write `value` to `path` whole: a reader never sees half a file."""
     partial = path + ".partial"
+    os.makedirs(os.path.dirname(partial) or ".", exist_ok=True)  # `none/seed_4`
     with open(partial, "w") as f:
         json.dump(value, f)
     os.replace(partial, path)

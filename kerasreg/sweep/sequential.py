@@ -236,6 +236,7 @@ def fit_runs(
             last = [
                 sweep_backup.history_saver(index, monitor.histories[0]),
                 sweep_backup.run_callback(index),
+                sweep_backup.generator_restorer(index),
             ]
         kwargs = {**fit_kwargs, "callbacks": [*own, *copies, monitor, *last]}
         if verbose:
