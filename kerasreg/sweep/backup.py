@@ -247,9 +247,15 @@ class _RestoreGenerators(keras.callbacks.Callback):
 def _global_state() -> dict:
     """NumPy's global generator (the shuffling order on JAX and PyTorch) and,
     on PyTorch, torch's (an unseeded Dropout's masks), as JSON values."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)]
+        "numpy": [
+            kind,
+            np.asarray(keys).tolist(),
+            int(position),
+            int(has_gauss),
+            float(gauss),
+        ]
     }
     if keras.backend.backend() == "torch":
         import torch

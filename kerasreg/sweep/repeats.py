@@ -52,7 +52,7 @@ def check_seeds(seeds: Any) -> list[int] | None:
     if not values or any(
         isinstance(s, bool)
         or not isinstance(s, numbers.Integral)
-        or not 0 <= s <= 2**32 - 1
+        or not 0 <= int(s) <= 2**32 - 1
         for s in values
     ):
         raise ValueError(
