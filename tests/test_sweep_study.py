@@ -534,6 +534,40 @@ def test_seeds_with_an_rnn_without_dropout_keep_one_fit():
     assert result.engine == "vectorized", result.engine_reason
 
 
+def test_seeds_with_a_stateful_rnn_equal_their_own_fits():
+    """The check for draws from the global generators calls the template in
+    training mode: a stateful RNN's states (variables Keras does not track)
+    must be restored too, or the first run's fit starts from changed states."""
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras's stateful LSTM does not train on PyTorch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5, 3)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+
+    def template():
+        model = keras.Sequential(
+            [
+                keras.Input(batch_shape=(8, 5, 3)),
+                keras.layers.LSTM(4, stateful=True),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        return model
+
+    fit = dict(FIT, batch_size=8)
+    result = kerasreg.sweep(template(), [None], x, y, seeds=[0, 1], **fit)
+    assert "global generators" not in result.engine_reason
+    for row in result.rows:
+        keras.utils.set_random_seed(row["seed"])
+        reference = template()
+        keras.utils.set_random_seed(row["seed"])
+        history = reference.fit(x, y, **fit).history
+        np.testing.assert_allclose(
+            row["history"]["loss"], history["loss"], rtol=RTOL, atol=ATOL
+        )
+
+
 def test_a_shuffled_one_fit_sweep_with_seeds_is_reproducible():
     # One fit, one data order for all runs (drawn after the first seed):
     # the same sweep twice gives the same numbers.
@@ -631,6 +665,86 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path):
             np.testing.assert_array_equal(
                 keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want)
             )
+
+
+def _interrupted_then_resumed(model, grid, x, y, folder, at, fit, backup=None):
+    """The sweep interrupted at its `at`-th epoch, then called again; the
+    resumed result and the epochs the second call trained."""
+    backup = backup or (lambda: keras.callbacks.BackupAndRestore(str(folder)))
+    counter = []
+    with pytest.raises(KeyboardInterrupt):
+        kerasreg.sweep(
+            model, grid, x, y, callbacks=[Interrupt(at, counter), backup()], **fit
+        )
+    counter.clear()
+    resumed = kerasreg.sweep(
+        model, grid, x, y, callbacks=[Interrupt(99, counter), backup()], **fit
+    )
+    return resumed, counter
+
+
+def test_a_sweep_with_seeds_resumes_to_the_uninterrupted_result(tmp_path):
+    # Runs named `none/seed_1`: their backup files are in a subfolder.
+    x, y = data(n=64)
+    model = compile_(build())
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    fit = dict(FIT, epochs=3)
+    whole = kerasreg.sweep(
+        model, grid, x, y, seeds=[1, 2], engine="sequential", **fit
+    )  # fmt: skip
+    resumed, counter = _interrupted_then_resumed(
+        model, grid, x, y, tmp_path / "backup", 5, dict(fit, seeds=[1, 2])
+    )
+    assert counter == [1, 2, *range(3), *range(3)]  # run 2 resumed at epoch 1
+    for a, b, model_a, model_b in zip(
+        whole.rows, resumed.rows, whole.models, resumed.models, strict=True
+    ):
+        assert a["history"] == b["history"]
+        for got, want in zip(model_b.weights, model_a.weights, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_resumed_shuffled_sweep_keeps_one_data_order(tmp_path):
+    """Without `seeds=` one data order is drawn per sweep and shared by its
+    runs: three runs of one grid point are one result. The resumed sweep
+    trains its third run in the order of its first, loaded, run."""
+    x, y = data(n=64)
+    grid = [kerasreg.L2Penalty(1e-2)] * 3
+    fit = dict(FIT, epochs=3, shuffle=True)
+    resumed, counter = _interrupted_then_resumed(
+        compile_(build()), grid, x, y, tmp_path / "backup", 5, fit
+    )
+    assert counter == [1, 2, *range(3)]
+    first, _, third = resumed.rows
+    assert first["history"] == third["history"]
+
+
+def test_a_run_backed_up_every_n_batches_resumes_at_its_epoch_twice(tmp_path):
+    """Keras's BackupAndRestore records epoch 0 for a backup inside the first
+    epoch of a resumed fit: a second interruption restarted the run at 0."""
+    x, y = data(n=64)  # 4 batches per epoch
+    model = compile_(build())
+    fit = dict(FIT, epochs=5)
+    folder = tmp_path / "backup"
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(folder), save_freq=2)
+
+    whole = kerasreg.sweep(model, [None], x, y, engine="sequential", **fit)
+    counter = []
+    with pytest.raises(KeyboardInterrupt):  # at the end of epoch 2
+        kerasreg.sweep(
+            model, [None], x, y, callbacks=[Interrupt(3, counter), backup()], **fit
+        )
+    resumed, counter = _interrupted_then_resumed(
+        model, [None], x, y, folder, 1, fit, backup
+    )
+    # Each resume starts again at epoch 2 (backed up inside it, after its
+    # last batch): the first two epochs are those of the uninterrupted run.
+    assert counter == [2, 3, 4]
+    history = resumed.rows[0]["history"]
+    assert history.epochs["loss"] == list(range(5))
+    assert history["loss"][:2] == whole.rows[0]["history"]["loss"][:2]
 
 
 def test_shuffled_separate_fits_share_one_data_order():

@@ -4,9 +4,12 @@ A sweep given `keras.callbacks.BackupAndRestore(backup_dir)` trains its runs
 as K separate fits (`engine="sequential"`) and keeps one backup of the
 whole sweep in `backup_dir`:
 
-- `sweep.json`: the sweep's run names, in order. A later sweep resumes from
-  the folder only if it has the same runs; another sweep is refused before
-  anything trains, naming the folder.
+- `sweep.json`: the sweep's run names, in order, and the seeds its fits
+  start from (without `seeds=`, the one drawn for the sweep: the runs
+  trained after a resume keep the data order of those before). A later
+  sweep resumes from the folder only if it has the same runs; another sweep
+  is refused before anything trains, naming the folder (only the names are
+  compared: the same runs with other fit arguments or data are not seen).
 - `<run>/`: the run's own copy of Keras's `BackupAndRestore` (its weights,
   optimizer state and epoch, saved at each epoch end or every `save_freq`
   batches, exactly as in a plain fit).
@@ -21,7 +24,10 @@ runs, resumes the interrupted one where its backup ends (Keras's own
 `BackupAndRestore`: weights, optimizer state and epoch; the state of other
 callbacks, such as `EarlyStopping`'s patience count, starts afresh, as when
 Keras resumes a plain fit; with `shuffle=True` the resumed epochs draw a new
-data order) and trains the rest. With `delete_checkpoint=True` (Keras's
+data order; the random layers' generator states are not in Keras's backup,
+so a resumed run's dropout masks are not those of the uninterrupted run;
+with `save_freq=N` Keras starts the epoch it backed up inside again from its
+first batch) and trains the rest. With `delete_checkpoint=True` (Keras's
 default) the folder is deleted when the sweep has finished.
 """
 
@@ -76,14 +82,22 @@ class SweepBackup:
         names: the runs' names, in order.
     """
 
-    def __init__(self, callback, where: str, names: list[str]):
+    def __init__(
+        self,
+        callback,
+        where: str,
+        names: list[str],
+        fit_seeds: list[int] | None = None,
+    ):
         self.callback = callback
         self.folder = os.fspath(callback.backup_dir)
         self.names = list(names)
+        self.fit_seeds = None if fit_seeds is None else [int(s) for s in fit_seeds]
         path = os.path.join(self.folder, SWEEP_FILE)
         if os.path.exists(path):
             with open(path) as f:
-                runs = json.load(f).get("runs")
+                record = json.load(f)
+            runs = record.get("runs")
             if runs != self.names:
                 raise ValueError(
                     f"kerasreg.sweep: invalid {where}: BackupAndRestore("
@@ -93,16 +107,21 @@ class SweepBackup:
                     "backup, or a new one: give another backup_dir, or delete "
                     "that folder to start afresh."
                 )
+            # The seeds the interrupted sweep's fits started from: without
+            # `seeds=` one is drawn per call, and the runs of one sweep share
+            # it (one data order), the runs trained after the resume too.
+            if record.get("fit_seeds") is not None:
+                self.fit_seeds = [int(s) for s in record["fit_seeds"]]
         else:
             os.makedirs(self.folder, exist_ok=True)
-            _write_json(path, {"runs": self.names})
+            _write_json(path, {"runs": self.names, "fit_seeds": self.fit_seeds})
 
     def _path(self, index: int, suffix: str = "") -> str:
         return os.path.join(self.folder, self.names[index] + suffix)
 
     def run_callback(self, index: int) -> keras.callbacks.BackupAndRestore:
         """Run `index`'s own `BackupAndRestore`, in its folder of the backup."""
-        return keras.callbacks.BackupAndRestore(
+        return _RunBackup(
             self._path(index),
             save_freq=self.callback.save_freq,
             double_checkpoint=self.callback.double_checkpoint,
@@ -170,6 +189,19 @@ class SweepBackup:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class _RunBackup(keras.callbacks.BackupAndRestore):
+    """Keras's `BackupAndRestore`, counting epochs from the resumed one.
+
+    Keras's counts the epoch it records from 0 in each fit and sets it at
+    epoch ends only: with `save_freq=N`, a backup inside the first epoch of a
+    resumed fit recorded epoch 0, and a second resume restarted the run's
+    epochs (and its history) at 0 from weights that had trained.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+
 class _SaveHistory(keras.callbacks.Callback):
     def __init__(self, path: str, history: RunHistory):
         super().__init__()
@@ -194,6 +226,8 @@ def _history(record: dict) -> RunHistory:
 def _write_json(path: str, value: Any) -> None:
     """Write `value` to `path` whole: a reader never sees half a file."""
     partial = path + ".partial"
+    # A run named `<point>/seed_<s>` (`seeds=`) has its files in a subfolder.
+    os.makedirs(os.path.dirname(partial) or ".", exist_ok=True)
     with open(partial, "w") as f:
         json.dump(value, f)
     os.replace(partial, path)

@@ -210,7 +210,10 @@ def fit_runs(
     sweep_backup = None
     if found is not None:
         callbacks.pop(found[0])
-        sweep_backup = backup.SweepBackup(found[1], f"`callbacks[{found[0]}]`", names)
+        sweep_backup = backup.SweepBackup(
+            found[1], f"`callbacks[{found[0]}]`", names, fit_seeds
+        )
+        fit_seeds = sweep_backup.fit_seeds  # those of the interrupted sweep
     histories: list[dict] = []
     best_epochs: list[int | None] = []
     for index, (variant, name, log) in enumerate(
