@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 
@@ -534,6 +535,40 @@ def test_seeds_with_an_rnn_without_dropout_keep_one_fit():
     assert result.engine == "vectorized", result.engine_reason
 
 
+def test_seeds_with_a_stateful_rnn_equal_their_own_fits():
+    """The check for draws from the global generators calls the template in
+    training mode: a stateful RNN's states (variables Keras does not track)
+    must be restored too, or the first run's fit starts from changed states."""
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras's stateful LSTM does not train on PyTorch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5, 3)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+
+    def template():
+        model = keras.Sequential(
+            [
+                keras.Input(batch_shape=(8, 5, 3)),
+                keras.layers.LSTM(4, stateful=True),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        return model
+
+    fit = dict(FIT, batch_size=8)
+    result = kerasreg.sweep(template(), [None], x, y, seeds=[0, 1], **fit)
+    assert "global generators" not in result.engine_reason
+    for row in result.rows:
+        keras.utils.set_random_seed(row["seed"])
+        reference = template()
+        keras.utils.set_random_seed(row["seed"])
+        history = reference.fit(x, y, **fit).history
+        np.testing.assert_allclose(
+            row["history"]["loss"], history["loss"], rtol=RTOL, atol=ATOL
+        )
+
+
 def test_a_shuffled_one_fit_sweep_with_seeds_is_reproducible():
     # One fit, one data order for all runs (drawn after the first seed):
     # the same sweep twice gives the same numbers.
@@ -606,6 +641,18 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path):
         "seed_2",
         "seed_2.history.json",
     ]
+    # A sweep of the same runs with other settings may not use it either.
+    for changed in (dict(epochs=6), dict(batch_size=8)):
+        with pytest.raises(ValueError, match=r"other settings \(fit differ"):
+            kerasreg.sweep(
+                model, grid, x, y, seeds=[1, 2], callbacks=[NoTraining(), backup()],
+                **{**fit, **changed},
+            )  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(data differ"):
+        kerasreg.sweep(
+            model, grid, x + 1, y, seeds=[1, 2], callbacks=[NoTraining(), backup()],
+            **fit,
+        )  # fmt: skip
     # A sweep of other runs may not use this backup: refused, nothing trained.
     with pytest.raises(ValueError, match=r"holds the backup of another sweep"):
         kerasreg.sweep(
@@ -634,6 +681,149 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path):
             np.testing.assert_array_equal(
                 keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want)
             )
+
+
+def _interrupted_then_resumed(model, grid, x, y, folder, at, fit, backup=None):
+    """The sweep interrupted at its `at`-th epoch, then called again; the
+    resumed result and the epochs the second call trained."""
+    backup = backup or (lambda: keras.callbacks.BackupAndRestore(str(folder)))
+    counter = []
+    with pytest.raises(KeyboardInterrupt):
+        kerasreg.sweep(
+            model, grid, x, y, callbacks=[Interrupt(at, counter), backup()], **fit
+        )
+    counter.clear()
+    resumed = kerasreg.sweep(
+        model, grid, x, y, callbacks=[Interrupt(99, counter), backup()], **fit
+    )
+    return resumed, counter
+
+
+def test_a_sweep_with_seeds_resumes_to_the_uninterrupted_result(tmp_path):
+    # Runs named `none/seed_1`: their backup files are in a subfolder.
+    x, y = data(n=64)
+    model = compile_(build())
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    fit = dict(FIT, epochs=3)
+    whole = kerasreg.sweep(
+        model, grid, x, y, seeds=[1, 2], engine="sequential", **fit
+    )  # fmt: skip
+    resumed, counter = _interrupted_then_resumed(
+        model, grid, x, y, tmp_path / "backup", 5, dict(fit, seeds=[1, 2])
+    )
+    assert counter == [1, 2, *range(3), *range(3)]  # run 2 resumed at epoch 1
+    for a, b, model_a, model_b in zip(
+        whole.rows, resumed.rows, whole.models, resumed.models, strict=True
+    ):
+        assert a["history"] == b["history"]
+        for got, want in zip(model_b.weights, model_a.weights, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_resumed_shuffled_sweep_keeps_one_data_order(tmp_path):
+    """Without `seeds=` one data order is drawn per sweep and shared by its
+    runs: three runs of one grid point are one result. The resumed sweep
+    trains its third run in the order of its first, loaded, run."""
+    x, y = data(n=64)
+    grid = [kerasreg.L2Penalty(1e-2)] * 3
+    fit = dict(FIT, epochs=3, shuffle=True)
+    resumed, counter = _interrupted_then_resumed(
+        compile_(build()), grid, x, y, tmp_path / "backup", 5, fit
+    )
+    assert counter == [1, 2, *range(3)]
+    first, _, third = resumed.rows
+    assert first["history"] == third["history"]
+
+
+def test_a_backup_of_other_starting_weights_is_refused(tmp_path):
+    # The same runs from a template built again (other weights): refused
+    # before anything trains, not silently loaded.
+    x, y = data(n=64)
+    folder = tmp_path / "backup"
+    with pytest.raises(KeyboardInterrupt):
+        kerasreg.sweep(
+            compile_(build()), [None, kerasreg.L2Penalty(1e-2)], x, y,
+            callbacks=[Interrupt(3, []), keras.callbacks.BackupAndRestore(str(folder))],
+            **FIT,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(weights differ"):
+        kerasreg.sweep(
+            compile_(build()), [None, kerasreg.L2Penalty(1e-2)], x, y,
+            callbacks=[NoTraining(), keras.callbacks.BackupAndRestore(str(folder))],
+            **FIT,
+        )  # fmt: skip
+
+
+def test_a_backup_refuses_folders_and_changes_it_cannot_trust(tmp_path):
+    x, y = data(n=64)
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    model = compile_(build())
+
+    def sweep_with(folder, *callbacks, **options):
+        backup = keras.callbacks.BackupAndRestore(str(folder))
+        return kerasreg.sweep(
+            model, grid, x, y, callbacks=[*callbacks, backup], **{**FIT, **options}
+        )
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(ValueError, match=r"backup_dir=.*a_file'\) is a file"):
+        sweep_with(a_file, NoTraining())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a sweep's backup.*'notes.txt'"):
+        sweep_with(notes, NoTraining())
+    with pytest.raises(ValueError, match=r"`log_dir`.*inside.*backup_dir"):
+        sweep_with(tmp_path / "b", NoTraining(), log_dir=tmp_path / "b" / "logs")
+    assert a_file.read_text() == "mine" and (notes / "notes.txt").exists()
+    # Interrupted in its first run, after one backup.
+    folder = tmp_path / "backup"
+    with pytest.raises(KeyboardInterrupt):
+        sweep_with(folder, Interrupt(2, []))
+    # Other penalties on the same runs' names (`where=`): refused.
+    with pytest.raises(ValueError, match=r"other settings \(penalties differ"):
+        sweep_with(folder, NoTraining(), where="hidden")
+    # A backup file cut short (a killed process): a clear error naming it.
+    weights = folder / "none" / "latest.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"backup of this run in .*none.*Delete"):
+        sweep_with(folder)
+    # As it says: without that run's folder, the run trains again from its
+    # start, to the result of the sweep never interrupted.
+    shutil.rmtree(folder / "none")
+    resumed = sweep_with(folder)
+    whole = kerasreg.sweep(model, grid, x, y, engine="sequential", **FIT)
+    for a, b in zip(whole.rows, resumed.rows, strict=True):
+        assert a["history"] == b["history"]
+
+
+def test_a_run_backed_up_every_n_batches_resumes_at_its_epoch_twice(tmp_path):
+    """Keras's BackupAndRestore records epoch 0 for a backup inside the first
+    epoch of a resumed fit: a second interruption restarted the run at 0."""
+    x, y = data(n=64)  # 4 batches per epoch
+    model = compile_(build())
+    fit = dict(FIT, epochs=5)
+    folder = tmp_path / "backup"
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(folder), save_freq=2)
+
+    whole = kerasreg.sweep(model, [None], x, y, engine="sequential", **fit)
+    counter = []
+    with pytest.raises(KeyboardInterrupt):  # at the end of epoch 2
+        kerasreg.sweep(
+            model, [None], x, y, callbacks=[Interrupt(3, counter), backup()], **fit
+        )
+    resumed, counter = _interrupted_then_resumed(
+        model, [None], x, y, folder, 1, fit, backup
+    )
+    # Each resume starts again at epoch 2 (backed up inside it, after its
+    # last batch): the first two epochs are those of the uninterrupted run.
+    assert counter == [2, 3, 4]
+    history = resumed.rows[0]["history"]
+    assert history.epochs["loss"] == list(range(5))
+    assert history["loss"][:2] == whole.rows[0]["history"]["loss"][:2]
 
 
 def test_shuffled_separate_fits_share_one_data_order():

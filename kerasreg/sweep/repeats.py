@@ -81,8 +81,8 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
       `recurrent_dropout`) from torch's global generator;
     - by behaviour, for any other layer (`keras.random.dropout(x, 0.3)` in a
       custom layer): the variant is called twice in training mode on the same
-      inputs from the same state (weights, statistics and generator states
-      restored), after `keras.utils.set_random_seed(1)` and `(2)`; different
+      inputs from the same state (weights, statistics, generator states and
+      stateful RNN states restored), after `keras.utils.set_random_seed(1)` and `(2)`; different
       outputs mean a global draw. Everything is restored.
     """
     if keras.backend.backend() == "torch":
@@ -107,7 +107,10 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
         else:
             value = rng.normal(size=shape)
         inputs.append(keras.ops.convert_to_tensor(value, dtype=dtype))
-    variables = list(variant.variables)
+    # A stateful RNN's states are variables Keras does not track (not in
+    # `variant.variables`): restored too, or the probe's calls would change
+    # the states the run's fit starts from (and each other's outputs).
+    variables = list(variant.variables) + _rnn_states(variant)
     state = [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
     outputs = []
     try:
@@ -138,6 +141,15 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
             "each run its own seed's draws"
         )
     return None
+
+
+def _rnn_states(variant: keras.Model) -> list:
+    """The state variables of `variant`'s stateful RNN layers."""
+    states = []
+    for layer, _ in walk_layers(variant):
+        if getattr(layer, "stateful", False) and getattr(layer, "states", None):
+            states += keras.tree.flatten(layer.states)
+    return states
 
 
 def _torch_global_mask(layer: Any) -> bool:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import engines, gradient_log, sequential, stopping
+from kerasreg.sweep import backup, engines, gradient_log, sequential, stopping
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
 from kerasreg.sweep.monitor import VariantLog
@@ -237,6 +237,7 @@ def sweep(
     names = [run_name(name, seed) for _, _, name, seed in runs]
     callbacks = sequential.check_callbacks(fit_kwargs.get("callbacks"), names)
     stopping.check_learning_rate(model, callbacks)
+    backup.check_log_dir(callbacks, log_dir)
     compile_config = compile_recipe(model)
     models = [
         build_variant(model, point, where, i, seed, item)

@@ -210,7 +210,14 @@ def fit_runs(
     sweep_backup = None
     if found is not None:
         callbacks.pop(found[0])
-        sweep_backup = backup.SweepBackup(found[1], f"`callbacks[{found[0]}]`", names)
+        sweep_backup = backup.SweepBackup(
+            found[1],
+            f"`callbacks[{found[0]}]`",
+            names,
+            fit_seeds,
+            backup.settings(variants, fit_kwargs, compile_config, x, y),
+        )
+        fit_seeds = sweep_backup.fit_seeds  # those of the interrupted sweep
     histories: list[dict] = []
     best_epochs: list[int | None] = []
     for index, (variant, name, log) in enumerate(
