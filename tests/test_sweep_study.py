@@ -408,6 +408,19 @@ def test_each_seeded_repeat_in_separate_fits_equals_a_template_built_with_that_s
     assert summary[0]["loss_std"] == pytest.approx(np.std(losses, ddof=1))
 
 
+def assert_runs_equal_seeded_fits(result, template, grid, repeats, x, y):
+    """Each run equals a plain fit of `template(penalty)` built and fitted
+    under its seed (`FIT`: shuffle=False)."""
+    for index, (row, trained) in enumerate(
+        zip(result.rows, result.models, strict=True)
+    ):
+        keras.utils.set_random_seed(row["seed"])
+        reference = compile_(template(grid[index // repeats]))
+        keras.utils.set_random_seed(row["seed"])
+        history = reference.fit(x, y, **FIT).history
+        assert_same_run(row, trained, history, reference)
+
+
 @pytest.mark.parametrize("engine", ["auto", "vectorized", "stacked"])
 @pytest.mark.parametrize("dropout_seed", [None, 11])
 def test_seeded_repeats_train_in_one_fit_each_equal_to_its_own_fit(
@@ -447,14 +460,7 @@ def test_seeded_repeats_train_in_one_fit_each_equal_to_its_own_fit(
         assert "torch's global generator" in caplog.text
     else:
         assert result.engine == (engine if engine != "auto" else "vectorized")
-    for index, (row, trained) in enumerate(
-        zip(result.rows, result.models, strict=True)
-    ):
-        keras.utils.set_random_seed(row["seed"])
-        reference = compile_(template(grid[index // len(seeds)]))
-        keras.utils.set_random_seed(row["seed"])
-        history = reference.fit(x, y, **FIT).history
-        assert_same_run(row, trained, history, reference)
+    assert_runs_equal_seeded_fits(result, template, grid, len(seeds), x, y)
     # The three repeats of a point are three different runs.
     losses = [row["loss"] for row in result.rows[:3]]
     assert len(set(losses)) == 3
@@ -513,14 +519,7 @@ def test_seeds_keep_one_fit_unless_a_layer_draws_from_global_generators(
     else:
         assert result.engine == "sequential"
         assert "global generator" in result.engine_reason
-    for index, (row, trained) in enumerate(
-        zip(result.rows, result.models, strict=True)
-    ):
-        keras.utils.set_random_seed(row["seed"])
-        reference = compile_(template(grid[index // len(seeds)]))
-        keras.utils.set_random_seed(row["seed"])
-        history = reference.fit(x, y, **FIT).history
-        assert_same_run(row, trained, history, reference)
+    assert_runs_equal_seeded_fits(result, template, grid, len(seeds), x, y)
 
 
 def test_seeds_with_an_rnn_without_dropout_keep_one_fit():
