@@ -24,6 +24,7 @@ Without `seeds=`, a variant starts from the template's current weights.
 from __future__ import annotations
 
 import numbers
+import random
 from typing import Any
 
 import keras
@@ -74,7 +75,8 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
 
     One fit can give each run its own generators' draws, not its own global
     generators: a layer drawing with `seed=None` would draw the K runs'
-    values from one global stream. Two checks:
+    values from one global stream. Two checks (the global generators' states
+    are given back afterwards: Python's, NumPy's, torch's and Keras's):
 
     - on PyTorch, Keras draws an unseeded dropout mask (a `Dropout` without
       `seed` or `noise_shape`, an RNN cell's `dropout` or
@@ -113,6 +115,7 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
     variables = list(variant.variables) + _rnn_states(variant)
     state = [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
     outputs = []
+    saved = _GlobalRandomState()
     try:
         for seed in (1, 2):
             keras.utils.set_random_seed(seed)
@@ -132,6 +135,8 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
             "the template's training-mode call could not be checked for draws "
             f"from the global random generators ({type(error).__name__}: {error})"
         )
+    finally:
+        saved.restore()
     if any(
         not np.array_equal(a, b, equal_nan=True) for a, b in zip(*outputs, strict=True)
     ):
@@ -141,6 +146,43 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
             "each run its own seed's draws"
         )
     return None
+
+
+class _GlobalRandomState:
+    """Python's, NumPy's and torch's global generators and Keras's global
+    `SeedGenerator`, as they are now, to be given back by `restore`."""
+
+    NAME = "global_seed_generator"  # keras.src.random.seed_generator
+
+    def __init__(self):
+        from keras.src.backend.common import global_state
+
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+        self.torch = None
+        if keras.backend.backend() == "torch":
+            import torch
+
+            self.torch = torch.random.get_rng_state()
+        self.keras = global_state.get_global_attribute(self.NAME)
+        self.keras_state = (
+            None
+            if self.keras is None
+            else np.array(keras.ops.convert_to_numpy(self.keras.state.value))
+        )
+
+    def restore(self) -> None:
+        from keras.src.backend.common import global_state
+
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        if self.torch is not None:
+            import torch
+
+            torch.random.set_rng_state(self.torch)
+        global_state.set_global_attribute(self.NAME, self.keras)
+        if self.keras is not None:
+            self.keras.state.assign(self.keras_state)
 
 
 def _rnn_states(variant: keras.Model) -> list:
