@@ -67,6 +67,7 @@ LAYERS = {
     "sweep.gradient_log": 5.5,  # above tensorboard, below monitor
     "sweep.monitor": 6,
     "sweep.repeats": 6,
+    "sweep.randomness": 2,
     "sweep.backup": 3,  # a sweep's BackupAndRestore: above rows
     "sweep.sequential": 7,
     "sweep.stopping": 7.5,  # callbacks in one fit: above sequential's copies

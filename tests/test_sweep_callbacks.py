@@ -102,6 +102,22 @@ def sweep(model, engine, implementation, monkeypatch, grid=GRID, **fit):
     return kerasreg.sweep(model, grid, engine=engine, **fit)
 
 
+def one_fit_or_refused(run, engine, own_optimizer, refusal, after_refusal=None):
+    """`run(engine)`'s result where the engine keeps each variant's optimizer
+    state; elsewhere the forced engine must raise `refusal` before anything
+    trains (`after_refusal()`, if given, checks or resets what it left), and
+    `run("auto")` gives the result."""
+    if own_optimizer:
+        result = run(engine)
+        assert result.engine == engine
+        return result
+    with pytest.raises(ValueError, match=refusal):
+        run(engine)
+    if after_refusal is not None:
+        after_refusal()
+    return run("auto")
+
+
 def optimizer_state(model):
     """The optimizer's variables, in order (the names hold each model's scope)."""
     return [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
@@ -315,14 +331,16 @@ def test_a_checkpoint_holds_each_variants_own_optimizer_state(
             callbacks=[checkpoint(pattern)], **fit,
         )  # fmt: skip
 
-    if own_optimizer:
-        result = run(engine)
-        assert result.engine == engine
-    else:
-        with pytest.raises(ValueError, match=r"ModelCheckpoint.*optimizer"):
-            run(engine)
+    def nothing_written():
         assert not (tmp_path / "sweep").exists()
-        result = run("auto")
+
+    result = one_fit_or_refused(
+        run,
+        engine,
+        own_optimizer,
+        r"ModelCheckpoint.*optimizer",
+        after_refusal=nothing_written,
+    )
     for index, (penalty, row) in enumerate(zip(GRID, result.rows, strict=True)):
         wanted = tmp_path / f"own_{index}.weights.h5"
         separate_fit(
@@ -374,14 +392,15 @@ def test_reduce_lr_on_plateau_sets_each_variants_own_learning_rate(
             callbacks=plateau_callbacks(), **fit,
         )  # fmt: skip
 
-    if own_optimizer:
-        result = run(engine)
-        assert result.engine == engine
-    else:
-        with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*learning rate"):
-            run(engine)
-        with caplog.at_level(logging.INFO, logger="kerasreg"):
-            result = run("auto")
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = one_fit_or_refused(
+            run,
+            engine,
+            own_optimizer,
+            r"ReduceLROnPlateau.*learning rate",
+            after_refusal=caplog.clear,  # what `auto` logs, below
+        )
+    if not own_optimizer:
         if BACKEND == "jax" and implementation != "batched":  # auto: jax.vmap
             assert result.engine_reason.startswith("jax.vmap")
         else:
@@ -407,41 +426,30 @@ def test_reduce_lr_on_plateau_sets_each_variants_own_learning_rate(
     assert len(set(rates)) > 1, rates
 
 
-def test_other_callbacks_keep_k_separate_fits_naming_them(caplog):
+def logged_sweep(model, callbacks, caplog):
+    """A one-epoch sweep of two grid points, its INFO lines in `caplog`."""
     (x, y), _ = problem()
-    model = template()
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        return kerasreg.sweep(
+            model, GRID[:2], x, y, epochs=1, verbose=0, callbacks=callbacks
+        )
 
+
+def test_other_callbacks_keep_k_separate_fits_naming_them(caplog):
     class Probe(keras.callbacks.Callback):
         pass
 
-    with caplog.at_level(logging.INFO, logger="kerasreg"):
-        result = kerasreg.sweep(
-            model,
-            GRID[:2],
-            x,
-            y,
-            epochs=1,
-            verbose=0,
-            callbacks=[keras.callbacks.EarlyStopping(monitor="loss"), Probe()],
-        )
+    stop = keras.callbacks.EarlyStopping(monitor="loss")
+    result = logged_sweep(template(), [stop, Probe()], caplog)
     assert result.engine == "sequential"
     assert "`callbacks` has Probe" in result.engine_reason or "Probe" in caplog.text
     assert "Probe" in caplog.text and "EarlyStopping" in caplog.text
 
 
 def test_an_ema_optimizer_keeps_k_separate_fits(caplog):
-    (x, y), _ = problem()
     model = template()
     model.compile(optimizer=keras.optimizers.Adam(0.05, use_ema=True), loss="mse")
-    with caplog.at_level(logging.INFO, logger="kerasreg"):
-        result = kerasreg.sweep(
-            model,
-            GRID[:2],
-            x,
-            y,
-            epochs=1,
-            verbose=0,
-            callbacks=[keras.callbacks.EarlyStopping(monitor="loss")],
-        )
+    stop = keras.callbacks.EarlyStopping(monitor="loss")
+    result = logged_sweep(model, [stop], caplog)
     assert result.engine == "sequential"
     assert "use_ema" in caplog.text

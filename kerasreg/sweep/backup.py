@@ -46,6 +46,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasreg.sweep import randomness
 from kerasreg.sweep.rows import RunHistory, epochs_of
 
 SWEEP_FILE = "sweep.json"
@@ -183,6 +184,10 @@ class SweepBackup:
     def _path(self, index: int, suffix: str = "") -> str:
         return os.path.join(self.folder, self.names[index] + suffix)
 
+    def _metadata(self, index: int) -> str:
+        """Where run `index`'s Keras backup records the epoch it resumes at."""
+        return os.path.join(self._path(index), "training_metadata.json")
+
     def run_callback(self, index: int) -> keras.callbacks.BackupAndRestore:
         """Run `index`'s own `BackupAndRestore`, in its folder of the backup."""
         return _RunBackup(
@@ -210,11 +215,9 @@ class SweepBackup:
         """Run `index`'s history up to where its backup resumes (empty if none)."""
         history = RunHistory()
         path = self._path(index, ".history.json")
-        metadata = os.path.join(self._path(index), "training_metadata.json")
-        if not (os.path.exists(path) and os.path.exists(metadata)):
+        resume = _resume_epoch(self._metadata(index))
+        if resume is None or not os.path.exists(path):
             return history
-        with open(metadata) as f:
-            resume = int(json.load(f)["epoch"])
         with open(path) as f:
             saved = _history(json.load(f))
         # Epochs after the last backup are trained again.
@@ -235,8 +238,7 @@ class SweepBackup:
         generators' states at the epoch it resumes from: Keras's backup holds
         the weights, not the `SeedGenerator` states (a `Dropout`'s masks)."""
         return _RestoreGenerators(
-            self._path(index, ".history.json"),
-            os.path.join(self._path(index), "training_metadata.json"),
+            self._path(index, ".history.json"), self._metadata(index)
         )
 
     def finish_run(
@@ -404,7 +406,7 @@ class _SaveHistory(keras.callbacks.Callback):
         # and the backup's resumes from the epoch before).
         states = {
             "model": _values(generator_variables(self.model)),
-            "global": _global_state(),
+            "global": randomness.numpy_and_torch_state(),
         }
         self.generators = {
             **{k: v for k, v in self.generators.items() if k == str(epoch)},
@@ -420,46 +422,23 @@ class _RestoreGenerators(keras.callbacks.Callback):
         self.metadata = metadata
 
     def on_train_begin(self, logs=None):
-        if not (os.path.exists(self.path) and os.path.exists(self.metadata)):
+        resume = _resume_epoch(self.metadata)
+        if resume is None or not os.path.exists(self.path):
             return
-        with open(self.metadata) as f:
-            resume = str(json.load(f)["epoch"])
         with open(self.path) as f:
             saved = json.load(f).get("generators", {})
+        resume = str(resume)
         if resume in saved:
             _assign(generator_variables(self.model), saved[resume]["model"])
-            _set_global_state(saved[resume]["global"])
+            randomness.set_numpy_and_torch_state(saved[resume]["global"])
 
 
-def _global_state() -> dict:
-    """NumPy's global generator (the shuffling order on JAX and PyTorch) and,
-    on PyTorch, torch's (an unseeded Dropout's masks), as JSON values."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "numpy": [
-            kind,
-            np.asarray(keys).tolist(),
-            int(position),
-            int(has_gauss),
-            float(gauss),
-        ]
-    }
-    if keras.backend.backend() == "torch":
-        import torch
-
-        state["torch"] = torch.random.get_rng_state().tolist()
-    return state
-
-
-def _set_global_state(state: dict) -> None:
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state(
-        (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
-    )
-    if "torch" in state:
-        import torch
-
-        torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+def _resume_epoch(metadata: str) -> int | None:
+    """The epoch a run's Keras backup resumes at (None: no backup yet)."""
+    if not os.path.exists(metadata):
+        return None
+    with open(metadata) as f:
+        return int(json.load(f)["epoch"])
 
 
 def _record(history: dict) -> dict:

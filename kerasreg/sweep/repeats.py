@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from kerasreg.selection import select_weights
+from kerasreg.sweep import randomness
 from kerasreg.sweep.items import GridPoint
 from kerasreg.sweep.variants import copy_template, make_variant
 from kerasreg.walk import walk_layers
@@ -114,6 +115,11 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
     # the states the run's fit starts from (and each other's outputs).
     variables = list(variant.variables) + _rnn_states(variant)
     state = [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
+
+    def restore_state():
+        for variable, value in zip(variables, state, strict=True):
+            variable.assign(value)
+
     outputs = []
     saved = _GlobalRandomState()
     try:
@@ -126,11 +132,9 @@ def draws_from_global_generators(variant: keras.Model) -> str | None:
                     for o in keras.tree.flatten(out)
                 ]
             )
-            for variable, value in zip(variables, state, strict=True):
-                variable.assign(value)
+            restore_state()
     except Exception as error:  # a call that needs real data: assume the worst
-        for variable, value in zip(variables, state, strict=True):
-            variable.assign(value)
+        restore_state()
         return (
             "the template's training-mode call could not be checked for draws "
             f"from the global random generators ({type(error).__name__}: {error})"
@@ -158,12 +162,7 @@ class _GlobalRandomState:
         from keras.src.backend.common import global_state
 
         self.python = random.getstate()
-        self.numpy = np.random.get_state()
-        self.torch = None
-        if keras.backend.backend() == "torch":
-            import torch
-
-            self.torch = torch.random.get_rng_state()
+        self.numpy_and_torch = randomness.numpy_and_torch_state()
         self.keras = global_state.get_global_attribute(self.NAME)
         self.keras_state = (
             None
@@ -175,11 +174,7 @@ class _GlobalRandomState:
         from keras.src.backend.common import global_state
 
         random.setstate(self.python)
-        np.random.set_state(self.numpy)
-        if self.torch is not None:
-            import torch
-
-            torch.random.set_rng_state(self.torch)
+        randomness.set_numpy_and_torch_state(self.numpy_and_torch)
         global_state.set_global_attribute(self.NAME, self.keras)
         if self.keras is not None:
             self.keras.state.assign(self.keras_state)

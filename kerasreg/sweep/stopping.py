@@ -45,6 +45,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kerasreg.sweep import backup
 from kerasreg.sweep.sequential import copy_callback, restored_epoch
 
 # The callbacks that keep one fit (exact classes).
@@ -60,7 +61,7 @@ ONE_FIT_NAMES = ", ".join(c.__name__ for c in ONE_FIT)
 
 def why_separate(callbacks: list) -> str | None:
     """Why these callbacks need K separate fits whatever the engine (None: they do not)."""
-    if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks):
+    if backup.find(callbacks) is not None:
         return (
             "`callbacks` has BackupAndRestore (one backup of the whole sweep, "
             "resumed run by run)"
