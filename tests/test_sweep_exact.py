@@ -499,12 +499,24 @@ def test_rnn_cell_dropout_is_each_variants_own(cell):
 # --- 6. a saturated sigmoid or softmax output (TensorFlow's logits) -------------------
 
 
-@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
-def test_a_saturated_output_trains_as_its_crossentropy_does_in_a_separate_fit(head):
+@pytest.mark.parametrize(
+    "head, layer",
+    [
+        ("sigmoid", "in Dense"),
+        ("softmax", "in Dense"),
+        ("sigmoid", "Activation"),
+        ("softmax", "Activation"),
+        ("softmax", "Softmax"),
+    ],
+)
+def test_a_saturated_output_trains_as_its_crossentropy_does_in_a_separate_fit(
+    head, layer
+):
     """Keras's TensorFlow backend computes a crossentropy of a sigmoid or
     softmax output from the logits it attaches to it; once outputs saturate
     (past the 1e-7 clip) the clipped probabilities give other gradients. The
-    batched kernels' per-variant outputs carry their logits too."""
+    batched kernels' per-variant outputs carry their logits too, whether the
+    activation is the Dense layer's or a layer of its own."""
     rng = np.random.default_rng(5)
     x = 20 * rng.normal(size=(24, 3)).astype("float32")
     labels = (x[:, 0] > 0) ^ (rng.random(24) < 0.25)  # a quarter flipped
@@ -515,7 +527,16 @@ def test_a_saturated_output_trains_as_its_crossentropy_does_in_a_separate_fit(he
     def adam():
         return dict(optimizer=keras.optimizers.Adam(0.05), loss=loss)
 
-    template = chain(keras.layers.Dense(16, "relu"), keras.layers.Dense(units, head))
+    if layer == "in Dense":
+        output = [keras.layers.Dense(units, head)]
+    else:
+        own = (
+            keras.layers.Softmax()
+            if layer == "Softmax"
+            else keras.layers.Activation(head)
+        )
+        output = [keras.layers.Dense(units), own]
+    template = chain(keras.layers.Dense(16, "relu"), *output)
     template.compile(**adam())
     result = check(template, adam, "auto", x, y, epochs=4)
     assert result.engine == "vectorized"

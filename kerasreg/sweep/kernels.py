@@ -278,7 +278,14 @@ class PerSample(Kernel):
             return Value(call(tensors if len(tensors) > 1 else tensors[0]), False)
         tensors = [fold(value.per_variant(self.k)) for value in inputs]
         out = call(tensors if len(tensors) > 1 else tensors[0])
-        return Value(unfold(out, self.k), True)
+        unfolded = unfold(out, self.k)
+        # Keras's TensorFlow backend attaches the logits to a sigmoid or
+        # softmax output (`Activation("sigmoid")`, `Softmax()`); its
+        # crossentropy reads them in a separate fit: they go along.
+        logits = getattr(out, "_keras_logits", None)
+        if logits is not None:
+            unfolded._keras_logits = unfold(logits, self.k)
+        return Value(unfolded, True)
 
 
 class Dropout(Kernel):
