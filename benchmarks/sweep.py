@@ -8,6 +8,7 @@
     python benchmarks/sweep.py --floor            # + one fit doing K times the arithmetic
     python benchmarks/sweep.py --quick            # smoke run
     python benchmarks/sweep.py --early-stopping   # sweep + EarlyStopping vs none
+    python benchmarks/sweep.py --fixed-cost       # time per epoch vs set-up time
 
 Each timed call is what a user waits for, set-up included: the sweep call
 (copies, the engine's model, tracing, training); one `fit` of a fresh copy
@@ -200,6 +201,15 @@ WORKLOADS = {
     "mlp": ("compute-bound MLP 256-1024-1024-10", lambda q: mlp(1 if q else 3)),
 }
 
+# Each workload at a given number of epochs (`--fixed-cost`).
+BY_EPOCHS = {
+    "digits-mlp": lambda epochs: digits("mlp", epochs),
+    "digits-dropout": lambda epochs: digits("dropout", epochs),
+    "digits-cnn": lambda epochs: digits("cnn", epochs),
+    "moons": brownlee,
+    "mlp": mlp,
+}
+
 
 # --- timing ------------------------------------------------------------------------
 
@@ -264,6 +274,93 @@ def bench(
         "K-wide max": per_floor["max"],
         "rounds": per_fit["rounds"],
     }
+
+
+def per_epoch_and_fixed(short: float, long: float, epochs: int) -> tuple:
+    """`(time per epoch, time before the first epoch)` of a call that took
+    `short` seconds for `epochs` epochs and `long` for 3 x `epochs`."""
+    per_epoch = (long - short) / (2 * epochs)
+    return per_epoch, short - epochs * per_epoch
+
+
+def bench_fixed_cost(key: str, rounds: int, engine: str, quick: bool) -> dict:
+    """Time per epoch and time before the first epoch (trace, compile, set-up),
+    of the sweep, one fit and the K-wide fit, from fits of E and 3E epochs.
+
+    In each round every call runs at E and at 3E epochs (E: the workload's
+    own); per epoch = (t(3E) - t(E)) / 2E, fixed = t(E) - E * per epoch; the
+    ratios sweep / one fit of each are taken within the round, median over
+    rounds. A sweep above its goal only by its fixed cost gets within the
+    goal as the fit gets longer.
+    """
+    build = BY_EPOCHS[key]
+    short = WORKLOADS[key][1](quick)
+    epochs = short[3]["epochs"]
+    long = build(3 * epochs)
+    used = {}
+    calls = []
+    for label, (template, x, y, kwargs, penalties) in (("E", short), ("3E", long)):
+        wide = k_wide(x, y, len(penalties), **kwargs)
+
+        def run_sweep(t=template, p=penalties, a=(x, y), k=kwargs):
+            result = kerasreg.sweep(t, p, *a, verbose=0, engine=engine, **k)
+            used["engine"] = result.engine
+
+        calls += [
+            Call(
+                f"one fit {label}",
+                lambda t=template, a=(x, y), k=kwargs: one_fit(t, *a, **k),
+            ),
+            Call(f"sweep {label}", run_sweep),
+            Call(
+                f"K-wide fit {label}",
+                lambda t=template, w=wide: one_fit(t, *w[:2], **w[2]),
+            ),
+        ]
+    run_rounds(calls, rounds)
+    fit, swept, wide = (
+        [(a, b) for a, b in zip(calls[i].times, calls[i + 3].times, strict=True)]
+        for i in range(3)
+    )
+
+    def split(pair):
+        return per_epoch_and_fixed(*pair, epochs)
+
+    row = {"workload": WORKLOADS[key][0], "K": len(short[4]), "epochs": epochs}
+    row["engine"] = used["engine"]
+    for name, times in (("sweep", swept), ("K-wide", wide)):
+        for part, index in (("per epoch", 0), ("fixed", 1)):
+            values = [
+                split(mine)[index] / split(reference)[index]
+                for mine, reference in zip(times, fit, strict=True)
+            ]
+            row[f"{name} / fit {part}"] = float(np.median(values))
+    for name, times in (("one fit", fit), ("sweep", swept), ("K-wide", wide)):
+        per_epoch, fixed = zip(*(split(t) for t in times), strict=True)
+        row[f"{name} per epoch s"] = float(np.median(per_epoch))
+        row[f"{name} fixed s"] = float(np.median(fixed))
+    row["rounds"] = rounds
+    return row
+
+
+def fixed_cost_table(rows: list[dict]) -> str:
+    lines = [
+        "| workload | K | engine | E | per epoch (s): fit / sweep / K-wide "
+        "| fixed (s): fit / sweep / K-wide | sweep / fit, per epoch "
+        "| sweep / fit, fixed | K-wide / fit, per epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['K']} | {r['engine']} | {r['epochs']} "
+            f"| {r['one fit per epoch s']:.3f} / {r['sweep per epoch s']:.3f} / "
+            f"{r['K-wide per epoch s']:.3f} "
+            f"| {r['one fit fixed s']:.2f} / {r['sweep fixed s']:.2f} / "
+            f"{r['K-wide fixed s']:.2f} "
+            f"| {r['sweep / fit per epoch']:.2f} | {r['sweep / fit fixed']:.2f} "
+            f"| {r['K-wide / fit per epoch']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def stopping(kwargs, patience: int) -> keras.callbacks.EarlyStopping:
@@ -435,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         "callbacks and against K early-stopped separate fits",
     )
     parser.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="split each call's time into time per epoch and time before the "
+        "first epoch (fits of E and 3E epochs)",
+    )
+    parser.add_argument(
         "--only", nargs="*", default=None, help=f"workloads: {', '.join(WORKLOADS)}"
     )
     args = parser.parse_args(argv)
@@ -466,6 +569,15 @@ def main(argv: list[str] | None = None) -> int:
         print(early_stopping_table(rows))
         for row in rows:
             print(f"{row['workload']}: {row['engine']} ({row['engine_reason']})")
+        return 0
+    if args.fixed_cost:
+        path = out / f"sweep_fixed_cost_{keras.backend.backend()}.json"
+        rows = []
+        for key in names:
+            rows.append(bench_fixed_cost(key, rounds, args.engine, args.quick))
+            print(fixed_cost_table(rows[-1:]).splitlines()[-1], flush=True)
+            path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        print(fixed_cost_table(rows))
         return 0
     path = out / f"sweep_{keras.backend.backend()}.json"
     rows = []

@@ -78,3 +78,12 @@ def test_the_k_wide_fit_trains_as_one_fit_does(bench):
         np.testing.assert_allclose(wide_history[key], values, rtol=1e-5, err_msg=key)
     for a, b in zip(wide.get_weights(), one.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_cost_splits_a_time_line(bench):
+    # A call costing `fixed + epochs * per_epoch` seconds: the split gives
+    # both back from its times at E and 3E epochs.
+    for fixed, per_epoch, epochs in ((1.5, 0.02, 150), (3.0, 0.4, 5), (0.0, 1.0, 1)):
+        short, long = fixed + epochs * per_epoch, fixed + 3 * epochs * per_epoch
+        got = bench.per_epoch_and_fixed(short, long, epochs)
+        np.testing.assert_allclose(got, (per_epoch, fixed), rtol=1e-12, atol=1e-12)
