@@ -761,3 +761,32 @@ def function_arguments(wrapper: Any) -> dict[str, Any] | None:
     """
     arguments = getattr(wrapper, "_fn_kwargs", None)
     return dict(arguments) if isinstance(arguments, dict) else None
+
+
+def build_compiled(model: Any, x: Any, y: Any, prediction: Any = None) -> None:
+    """Create `model`'s compiled loss and metric variables as Keras's `fit`
+    does (`Trainer._symbolic_build`): on symbolic tensors shaped like `x` and
+    `y`, so their state is that of a fresh build (an eager call would add
+    the batch to a metric that never resets). `prediction`: the model's
+    output for `x` (default: the model's own, symbolically)."""
+    from keras.src import backend as backend_src
+
+    def symbolic(value):
+        if value is None:
+            return None
+        return keras.KerasTensor(
+            tuple(value.shape), keras.backend.standardize_dtype(value.dtype)
+        )
+
+    xs = keras.tree.map_structure(symbolic, x)
+    ys = keras.tree.map_structure(symbolic, y)
+    if prediction is None:
+        prediction = backend_src.compute_output_spec(model, xs, training=False)
+    else:
+        prediction = keras.tree.map_structure(symbolic, prediction)
+    backend_src.compute_output_spec(
+        model.compute_metrics, xs, ys, prediction, sample_weight=None
+    )
+    backend_src.compute_output_spec(
+        lambda *args: model.compute_loss(*args, training=False), xs, ys, prediction
+    )

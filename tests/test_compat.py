@@ -611,3 +611,25 @@ def test_function_arguments_are_what_the_loss_or_metric_passes_its_function():
     cosine = keras.metrics.CosineSimilarity(axis=0)
     assert _compat.function_arguments(cosine)["axis"] == 0
     assert _compat.function_arguments(keras.metrics.AUC()) is None
+
+
+def test_build_compiled_creates_the_metric_state_of_a_fresh_fit():
+    # Built on symbolic tensors, as Keras's fit builds them: the metric
+    # variables exist and hold their initial values (an eager call would have
+    # added the batch to them, which a metric that never resets would keep).
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    assert len(model.metrics_variables) == 2  # the loss tracker only
+    x = np.ones((4, 3), "float32")
+    y = np.full((4, 2), 5.0, "float32")
+    _compat.build_compiled(model, x, y)
+    values = [keras.ops.convert_to_numpy(v) for v in model.metrics_variables]
+    assert len(values) == 4  # loss and mae: total and count each
+    for value in values:
+        np.testing.assert_array_equal(value, np.zeros_like(value))
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    plain.evaluate(x, y, verbose=0)  # Keras's own build: the same variables
+    assert [v.shape for v in plain.metrics_variables] == [
+        v.shape for v in model.metrics_variables
+    ]

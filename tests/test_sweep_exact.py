@@ -207,6 +207,81 @@ def test_a_scalar_loss_and_metric_are_each_variants_own(engine):
     check(template, compile_kwargs, engine, x, y)
 
 
+@keras.saving.register_keras_serializable(package="kerasreg_tests")
+class RootMeanSquared(keras.metrics.MeanSquaredError):
+    """A built-in mean metric's subclass with its own `result`: not a mean."""
+
+    def result(self):
+        return ops.sqrt(super().result())
+
+
+@keras.saving.register_keras_serializable(package="kerasreg_tests")
+class RunningMAE(keras.metrics.MeanAbsoluteError):
+    """A built-in mean metric's subclass that never resets: over all epochs."""
+
+    def reset_state(self):
+        pass
+
+
+@pytest.mark.parametrize("metric", [RootMeanSquared, RunningMAE])
+def test_a_mean_metrics_subclass_with_its_own_result_or_reset_is_its_own(metric):
+    x, y = data()
+
+    def compile_kwargs():
+        return dict(
+            optimizer=keras.optimizers.Adam(0.05), loss="mse", metrics=[metric()]
+        )
+
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(**compile_kwargs())
+    check(template, compile_kwargs, "auto", x, y, epochs=3)
+
+
+def test_weight_decay_exclusions_by_name_match_the_same_weights_as_in_a_separate_fit():
+    # A Bidirectional's two cells each have a `kernel`: the batched kernels
+    # rename such weights, so an exclusion by name would match others.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5, 3)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+
+    def compile_kwargs():
+        optimizer = keras.optimizers.AdamW(0.05, weight_decay=0.5)
+        optimizer.exclude_from_weight_decay(var_names=["^kernel$"])
+        return dict(optimizer=optimizer, loss="mse")
+
+    template = keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.Bidirectional(keras.layers.SimpleRNN(4)),
+            keras.layers.Dense(1),
+        ]
+    )
+    template.compile(**compile_kwargs())
+    result = check(template, compile_kwargs, "auto", x, y)
+    if keras.backend.backend() != "jax":
+        assert "two weights named" in result.engine_reason
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_loss_without_reduction_is_refused_before_training(engine):
+    # reduction="none": a loss per sample; Keras's own fit of a variant fails
+    # adding a penalty to it (TensorFlow: "Shapes must be equal rank").
+    x, y = data()
+    template = chain(keras.layers.Dense(4, "tanh"), keras.layers.Dense(1))
+    template.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.MeanSquaredError(reduction="none"),
+    )
+    separate = kerasreg.regularize(keras.models.clone_model(template), kernel=GRID[0])
+    separate.compile(optimizer="sgd", loss=template.loss)
+    with pytest.raises((ValueError, TypeError, RuntimeError)):  # the fit it would run
+        separate.fit(x, y, **FIT)
+    before = template.get_weights()
+    with pytest.raises(ValueError, match=r"`model`.*reduction='none'"):
+        kerasreg.sweep(template, GRID, x, y, engine=engine, **FIT)
+    assert_untouched(template, before)
+
+
 # --- 4. a penalty with state: the L2-SP reference ------------------------------------
 
 

@@ -118,15 +118,17 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
     # the template's step does: any other engine would hold all K on every
     # device, so it is refused here, before anything trains.
     mapped.check_variants_axis(template, variants, context)
+    _check_loss_reduction(template)
+    separate = context.separate
     passed: list[tuple[str, str]] = []
     for label, module in IMPLEMENTATIONS:
         if engine not in ("auto", module.NAME):
             continue
         if context.backend not in getattr(module, "BACKENDS", (context.backend,)):
             continue
-        if context.separate is not None and module.NAME != "sequential":
-            # Asked for by the grid, seeds or callbacks: no one-fit engine.
-            reason: str | None = context.separate
+        if separate is not None and module.NAME != "sequential":
+            # Asked for by the grid, seeds, callbacks or loss: no one-fit engine.
+            reason: str | None = separate
         else:
             reason = module.why_not(template, variants, context)
         if reason is None:
@@ -138,11 +140,11 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
             )
             if passed:
                 what += "; " + _passed_over(passed)
-            if module.NAME == "sequential" and context.separate is not None:
+            if module.NAME == "sequential" and separate is not None:
                 logger.info(
                     "kerasreg.sweep: %s; training the %d variants one after another "
                     "(K separate fits).",
-                    context.separate,
+                    separate,
                     len(variants),
                 )
             elif module.NAME == "sequential" and len(variants) > 1:
@@ -165,6 +167,26 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
         f"kerasreg.sweep: no engine can train this sweep ({reasons}). Nothing "
         "was trained."
     )
+
+
+def _check_loss_reduction(template: keras.Model) -> None:
+    """Refuse a compiled loss with `reduction="none"`: a loss per sample, to
+    which Keras cannot add a penalty (its fit fails stacking the vector with
+    the penalties' scalars), in one fit or in separate fits."""
+    losses = template.loss
+    if isinstance(losses, dict):
+        losses = list(losses.values())
+    elif not isinstance(losses, (list, tuple)):
+        losses = [losses]
+    for loss in losses:
+        if isinstance(loss, keras.losses.Loss) and loss.reduction in (None, "none"):
+            raise ValueError(
+                f"kerasreg.sweep: invalid `model`: its loss {type(loss).__name__} "
+                f"has reduction={loss.reduction!r} (one loss per sample), to which "
+                "Keras cannot add a penalty. Compile it with "
+                "reduction='sum_over_batch_size' (the default) or 'sum'. Nothing "
+                "was trained."
+            )
 
 
 def _passed_over(passed: list[tuple[str, str]]) -> str:
@@ -221,10 +243,7 @@ def ready(variants, compile_config, exclusions, context: SweepContext, module):
         if sample is not None and needs != "compile":
             # The compiled loss and metrics get their variables now, before
             # a one-fit step is traced.
-            prediction = variant(sample[0])
-            variant.compute_loss(sample[0], sample[1], prediction, training=False)
-            variant.compute_metrics(sample[0], sample[1], prediction, None)
-            variant.reset_metrics()
+            _compat.build_compiled(variant, *sample)
 
 
 # --- K in chunks, when K times the activations would not fit ----------------------

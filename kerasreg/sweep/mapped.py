@@ -373,11 +373,7 @@ def _first_batch(x, y):
 
 def _build(model, sample):
     """Create the compiled loss, metric and optimizer variables of `model`."""
-    xs, ys = sample
-    prediction = model(xs)
-    model.compute_loss(xs, ys, prediction, training=False)
-    model.compute_metrics(xs, ys, prediction, None)
-    model.reset_metrics()
+    _compat.build_compiled(model, *sample)
     model.optimizer.build(model.trainable_variables)
 
 
@@ -551,20 +547,17 @@ class MappedStack(keras.Model):
 
         if self._functions.reset is None:
             lane = self._lane.model
-            lane.reset_metrics()
-            initial = [
-                (np.asarray(var.value), tuple(stacked.shape))
-                for var, stacked in zip(
-                    lane.metrics_variables, self._state.metrics, strict=True
-                )
-            ]
-            # Fresh buffers at each call: the train step donates its state.
-            self._functions.reset = jax.jit(
-                lambda: [jax.numpy.broadcast_to(v, shape) for v, shape in initial]
-            )
-        for stacked, value in zip(
-            self._state.metrics, self._functions.reset(), strict=True
-        ):
+
+            def reset(values):
+                # Each row's own `reset_state` (a metric may keep its totals).
+                mapping = list(zip(lane.metrics_variables, values, strict=True))
+                with keras.StatelessScope(state_mapping=mapping) as scope:
+                    lane.reset_metrics()
+                return [scope.get_current_value(v) for v in lane.metrics_variables]
+
+            self._functions.reset = jax.jit(lambda v: self._map(reset, v))
+        values = self._functions.reset([v.value for v in self._state.metrics])
+        for stacked, value in zip(self._state.metrics, values, strict=True):
             stacked.assign(value)
 
     def _finalize(self):

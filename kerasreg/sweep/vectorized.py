@@ -185,6 +185,9 @@ def why_not(
     reason = _graph_reason(variants[0])
     if reason:
         return reason
+    reason = _renamed_reason(template, optimizer)
+    if reason:
+        return reason
     if context.backend == "tensorflow" and not _linear(optimizer):
         _, calls = _compat.functional_graph(variants[0])
         if any(isinstance(op, keras.layers.Embedding) for op, *_ in calls):
@@ -202,6 +205,26 @@ def why_not(
     return stopping.why_not(
         template, list(context.fit_kwargs.get("callbacks") or []), own_optimizers=False
     )
+
+
+def _renamed_reason(template: keras.Model, optimizer) -> str | None:
+    """A layer with two weights of one name (a `Bidirectional`'s cells) gets
+    renamed stacked weights (`Kernel`); the optimizer's weight-decay
+    exclusions by name would then match other weights than in a separate fit."""
+    names, _ = _compat.weight_decay_exclusions(optimizer, template.weights)
+    if not names:
+        return None
+    _, calls = _compat.functional_graph(template)
+    for layer, *_ in calls:
+        own = [v.name for v in getattr(layer, "weights", [])]
+        twice = sorted({name for name in own if own.count(name) > 1})
+        if twice:
+            return (
+                f"the optimizer excludes weights from weight decay by name and "
+                f"layer {layer.name!r} has two weights named {twice[0]!r} (the "
+                "batched kernel renames them)"
+            )
+    return None
 
 
 def _linear(optimizer) -> bool:
@@ -319,10 +342,11 @@ def _folded_metrics(compiled: keras.Model) -> list[tuple[str, Any, dict]] | None
         if metric.name == "loss":
             continue
         for inner in getattr(metric, "metrics", [metric]):
-            if (
-                not isinstance(inner, keras.metrics.MeanMetricWrapper)
-                or type(inner).update_state
-                is not keras.metrics.MeanMetricWrapper.update_state
+            if not isinstance(inner, keras.metrics.MeanMetricWrapper) or any(
+                # A subclass with its own update, result or reset is not a mean.
+                getattr(type(inner), method)
+                is not getattr(keras.metrics.MeanMetricWrapper, method)
+                for method in ("update_state", "result", "reset_state")
             ):
                 return None
             fn, kwargs = _compat.mean_metric_function(inner)
@@ -420,9 +444,7 @@ class Batched(keras.Model):
             self.heads = [_head(first, compile_config) for _ in range(self.k)]
             prediction = first(sample[0])
             for head in self.heads:
-                head.compute_loss(sample[0], sample[1], prediction, training=False)
-                head.compute_metrics(sample[0], sample[1], prediction, None)
-                head.reset_metrics()
+                _compat.build_compiled(head, sample[0], sample[1], prediction)
         self.keys = [f"v{i:04d}" for i in range(self.k)]
         self.built = True
 
