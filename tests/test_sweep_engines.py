@@ -142,6 +142,14 @@ def case(name, tmp_path):
         )
         sequences = rng.normal(size=(8, 3, 2)).astype("float32")
         return model, dict(optimizer=adam, loss="mse"), sequences, y, {}
+    if name == "a Bidirectional, AdamW excluding weights by name":
+        model = keras.Sequential(
+            [keras.Input((3, 2)), L.Bidirectional(L.SimpleRNN(2)), L.Dense(1)]
+        )
+        sequences = rng.normal(size=(8, 3, 2)).astype("float32")
+        decay = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+        decay.exclude_from_weight_decay(var_names=["bias"])
+        return model, dict(optimizer=decay, loss="mse"), sequences, y, {}
     if name == "a nested model":
         inner = keras.Sequential([keras.Input((4,)), L.Dense(3)], name="inner")
         inputs = keras.Input((4,))
