@@ -282,6 +282,19 @@ def test_a_loss_without_reduction_is_refused_before_training(engine):
     assert_untouched(template, before)
 
 
+@pytest.mark.parametrize("seed", [1, None], ids=["seeded", "unseeded"])
+def test_a_dropout_of_rate_zero_trains_as_its_separate_fit(seed):
+    # A grid's usual baseline; Keras gives Dropout(0.0) no seed generator.
+    x, y = data()
+    template = chain(
+        keras.layers.Dense(4, "tanh"),
+        keras.layers.Dropout(0.0, seed=seed),
+        keras.layers.Dense(1),
+    )
+    template.compile(**adam())
+    check(template, adam, "auto", x, y)
+
+
 # --- 4. a penalty with state: the L2-SP reference ------------------------------------
 
 

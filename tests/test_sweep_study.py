@@ -1233,6 +1233,36 @@ def test_row_values_follow_the_best_epoch():
     assert math.isclose(last["strength"], 1e-3)
 
 
+def test_best_refuses_a_monitor_no_run_has_at_its_best_epoch(tmp_path):
+    # validation_freq=2 over 3 epochs: the last epoch, each run's best_epoch
+    # without early stopping, has no val_loss; ranking the runs by it would
+    # pick the first row whatever its values.
+    x, y = data(32)
+    template = build()
+    template.compile(optimizer="adam", loss="mse")
+    result = kerasreg.sweep(
+        template,
+        [kerasreg.L2Penalty(1.0), None],
+        x,
+        y,
+        epochs=3,
+        validation_split=0.25,
+        validation_freq=2,
+        shuffle=False,
+        verbose=0,
+    )
+    for row in result.rows:
+        assert len(row["history"]["val_loss"]) == 1 and "val_loss" not in row
+    with pytest.raises(ValueError, match="monitor='val_loss'"):
+        result.best("val_loss")
+    with pytest.raises(ValueError, match="monitor='val_loss'"):
+        result.best_model("val_loss")
+    losses = [row["loss"] for row in result.rows]
+    assert result.best("loss") is result.rows[int(np.argmin(losses))]
+    result.plot(tmp_path / "plot.png")  # no best to mark: drawn without it
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "fit_options",
     [

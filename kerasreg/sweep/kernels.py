@@ -302,7 +302,8 @@ class Dropout(Kernel):
         # Unseeded: each variant's own generator, from its copy's state (a
         # variant built under `sweep(seeds=...)` has its seed's generator).
         self.generators = []
-        if not self.seeded:
+        # Keras gives a Dropout(0.0) no seed generator: nothing to draw or sync.
+        if not self.seeded and self.rate > 0:
             for copy in self.copies:
                 generator = keras.random.SeedGenerator(0)
                 generator.state.assign(copy.seed_generator.state.value)
@@ -351,6 +352,8 @@ class Dropout(Kernel):
         )
 
     def copy_to(self):
+        if self.rate == 0:
+            return
         if self.seeded:
             state = ops.convert_to_numpy(self.seed_generator.state.value)
             for layer in self.copies:

@@ -120,13 +120,23 @@ class SweepResult:
             indices of its rows).
 
         Raises:
-            ValueError: `monitor` is not a history key, `mode` is unknown, or
-                `mode="auto"` and the direction of `monitor` is unknown.
+            ValueError: `monitor` is not a history key, `mode` is unknown,
+                `mode="auto"` and the direction of `monitor` is unknown, or no
+                run has a value of `monitor` at its `best_epoch`. Runs without
+                one (NaN) are not ranked.
         """
         pick = max if self._direction(monitor, mode, "best") == "max" else min
         candidates = self.summary() if self.repeated else self.rows
         scored = [c for c in candidates if not math.isnan(c.get(monitor, math.nan))]
-        return pick(scored or candidates, key=lambda c: c.get(monitor, math.nan))
+        if not scored:
+            raise ValueError(
+                f"kerasreg.sweep: invalid `monitor`: no run has a value of "
+                f"monitor={monitor!r} at its `best_epoch` (with `validation_freq`, "
+                "validation may skip the last epoch; with NaN losses every value "
+                "is NaN). Choose another `monitor`, or end training on an "
+                "evaluated epoch."
+            )
+        return pick(scored, key=lambda c: c[monitor])
 
     def best_model(self, monitor: str = "val_loss", mode: str = "auto") -> keras.Model:
         """The model of the best run (with repeats: the best seed of the best point).
