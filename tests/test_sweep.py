@@ -452,6 +452,8 @@ def test_bad_inputs_raise_and_leave_the_template_alone():
         kerasreg.sweep(model, ["not_a_penalty"], x, y)
     with pytest.raises(TypeError, match=r"`model`.*str"):
         kerasreg.sweep("model.keras", [None], x, y)
+    with pytest.raises(TypeError, match=r"argument `epoch`=3.*epochs"):
+        kerasreg.sweep(model, [None], x, y, epoch=3)  # fit's is `epochs`
     uncompiled = build()
     with pytest.raises(ValueError, match="not compiled"):
         kerasreg.sweep(uncompiled, [None], x, y)
@@ -787,3 +789,17 @@ def test_engine_choice_is_logged_and_can_be_forced(caplog):
     )
     assert forced.engine == "sequential"
     assert forced.engine_reason == "K separate fits, one after another"
+
+
+def test_an_unregistered_custom_metric_is_named_as_the_cause():
+    # clone_model succeeds on such a model; the sweep's copy, compiled from
+    # the template's compile config, cannot find the class.
+    class Unregistered(keras.metrics.Mean):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(keras.ops.abs(y_true - y_pred))
+
+    x, y = data()
+    model = build()
+    model.compile(optimizer="sgd", loss="mse", metrics=[Unregistered(name="err")])
+    with pytest.raises(ValueError, match="register_keras_serializable"):
+        kerasreg.sweep(model, [None, kerasreg.L2Penalty(0.1)], x, y, verbose=0)

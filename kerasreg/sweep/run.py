@@ -10,6 +10,7 @@ for all variants (`"vectorized"`), K copies side by side in one `fit`
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -200,8 +201,8 @@ def sweep(
 
     Raises:
         TypeError: `model` is not a Keras model, `penalties`, `seeds` or
-            `callbacks` is not a list (or tuple), `gradients` is not a bool, or an item
-            is of the wrong kind.
+            `callbacks` is not a list (or tuple), `gradients` is not a bool, an item
+            is of the wrong kind, or a keyword is neither `sweep`'s nor `fit`'s.
         ValueError: `penalties` is empty, `role` or `engine` is unknown, an
             item cannot be resolved, targets a role the model lacks or gives
             one role two penalties, a transform's `where` selects nothing, a
@@ -230,6 +231,7 @@ def sweep(
     >>> study.best_model("val_loss").save("best.keras")  # doctest: +SKIP
     """
     _check_template(model)
+    _check_fit_arguments(model, fit_kwargs)
     points = parse_grid(penalties, role)
     check_roles(model, points, where, role)
     seeds = check_seeds(seeds)
@@ -355,6 +357,23 @@ def _why_separate_fits(
         if reason is not None:
             return f"`seeds` are given and {reason}"
     return stopping.why_separate(callbacks)
+
+
+def _check_fit_arguments(model: keras.Model, fit_kwargs: dict) -> None:
+    """Refuse a keyword neither `sweep` nor the template's `fit` takes (a
+    misspelled `epoch=`), before anything is copied or trained."""
+    parameters = inspect.signature(type(model).fit).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a fit of the user's own that takes any keyword
+    accepted = [name for name in parameters if name not in ("self", "x", "y")]
+    unknown = [name for name in fit_kwargs if name not in accepted]
+    if unknown:
+        raise TypeError(
+            f"kerasreg.sweep: invalid argument `{unknown[0]}`="
+            f"{fit_kwargs[unknown[0]]!r}: neither `sweep` nor `fit` takes it. "
+            f"Accepted by `fit`: {', '.join(accepted)}; by `sweep`: role, where, "
+            "seeds, log_dir, gradients, engine, chunk_size."
+        )
 
 
 def _one_fit_seed(seeds: list[int] | None, fit_kwargs: dict) -> None:

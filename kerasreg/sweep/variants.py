@@ -55,9 +55,17 @@ def copy_template(model: keras.Model, index: int) -> keras.Model:
         with scope:
             variant = keras.models.clone_model(model)
     except Exception as error:  # Keras raises many types for uncloneable models
+        hint = ""
+        if "Could not locate" in str(error):
+            # clone_model compiles the copy from the template's compile config.
+            hint = (
+                " A copy is compiled from the template's compile config: register "
+                "custom losses and metrics with "
+                "@keras.saving.register_keras_serializable()."
+            )
         raise ValueError(
             f"kerasreg.sweep: invalid `model`: {model.name!r} cannot be copied "
-            f"with keras.models.clone_model ({type(error).__name__}: {error})."
+            f"with keras.models.clone_model ({type(error).__name__}: {error}).{hint}"
         ) from None
     variant.set_weights(model.get_weights())
     carry_state(model, variant)
