@@ -31,7 +31,12 @@ from kerasreg.sweep.repeats import (
 )
 from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
-from kerasreg.sweep.variants import check_roles, compile_like, compile_recipe
+from kerasreg.sweep.variants import (
+    check_compile_config,
+    check_roles,
+    compile_like,
+    compile_recipe,
+)
 
 __all__ = ["SweepResult", "sweep"]
 
@@ -241,6 +246,7 @@ def sweep(
     stopping.check_learning_rate(model, callbacks)
     backup.check_log_dir(callbacks, log_dir)
     compile_config = compile_recipe(model)
+    check_compile_config(model, compile_config)
     models = [
         build_variant(model, point, where, i, seed, item)
         for i, (item, point, _, seed) in enumerate(runs)

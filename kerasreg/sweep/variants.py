@@ -55,17 +55,9 @@ def copy_template(model: keras.Model, index: int) -> keras.Model:
         with scope:
             variant = keras.models.clone_model(model)
     except Exception as error:  # Keras raises many types for uncloneable models
-        hint = ""
-        if "Could not locate" in str(error):
-            # clone_model compiles the copy from the template's compile config.
-            hint = (
-                " A copy is compiled from the template's compile config: register "
-                "custom losses and metrics with "
-                "@keras.saving.register_keras_serializable()."
-            )
         raise ValueError(
             f"kerasreg.sweep: invalid `model`: {model.name!r} cannot be copied "
-            f"with keras.models.clone_model ({type(error).__name__}: {error}).{hint}"
+            f"with keras.models.clone_model ({type(error).__name__}: {error})."
         ) from None
     variant.set_weights(model.get_weights())
     carry_state(model, variant)
@@ -242,6 +234,20 @@ def _check_round_trip(metric: Any, key: str) -> None:
             "metric. Accepted: metrics whose config keeps their arguments (leave "
             "these at their defaults, or write the metric as a function)."
         )
+
+
+def check_compile_config(model: keras.Model, compile_config: dict) -> None:
+    """Refuse, before any copy is made, a compile config Keras cannot rebuild
+    (an unregistered custom loss or metric): every variant is compiled from it."""
+    try:
+        compile_arguments(compile_config)
+    except Exception as error:  # Keras raises several types here
+        raise ValueError(
+            f"kerasreg.sweep: invalid `model`: the compile config of "
+            f"{model.name!r} cannot be rebuilt ({type(error).__name__}: {error}). "
+            "Each variant is compiled from it: register custom losses and metrics "
+            "with @keras.saving.register_keras_serializable()."
+        ) from None
 
 
 def compile_arguments(compile_config: dict) -> dict:
