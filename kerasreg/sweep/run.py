@@ -81,7 +81,7 @@ def sweep(
     `{variant}` field (the variant's run name). Keras's `EarlyStopping`,
     `TerminateOnNaN`, `ModelCheckpoint` (saving at epoch ends), `CSVLogger`
     and `ReduceLROnPlateau` keep a one-fit engine
-    (`kerasreg.sweep.stopping`): a variant
+    (module `kerasreg.sweep.stopping`): a variant
     stops where its own fit would (its history ends there, its
     `EarlyStopping` restores its own best weights) and ends with exactly the
     state it had then, while the others go on; the fit ends when all have
@@ -138,7 +138,7 @@ def sweep(
     Python generator (read once: where the template needs K separate fits,
     `sweep` refuses before anything trains), or anything `fit` reads
     several times. Memory: one fit holds K times a variant's activations;
-    when `kerasreg.sweep.engines.variant_bytes` times K exceeds half of the
+    when `variant_bytes` (module `kerasreg.sweep.engines`) times K exceeds half of the
     memory available (or `KERASREG_SWEEP_MEMORY` bytes), the variants are
     trained in several fits of as many as fit (each fit shuffles its own
     order); `chunk_size` sets the most variants per fit.
