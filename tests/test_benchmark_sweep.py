@@ -87,3 +87,16 @@ def test_fixed_cost_splits_a_time_line(bench):
         short, long = fixed + epochs * per_epoch, fixed + 3 * epochs * per_epoch
         got = bench.per_epoch_and_fixed(short, long, epochs)
         np.testing.assert_allclose(got, (per_epoch, fixed), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_variants_benchmark_checks_each_way_against_the_loop(capsys):
+    # Each way is compared with K separate convolutions before it is timed
+    # (the benchmark raises if one differs); two steps each, one round.
+    spec = importlib.util.spec_from_file_location(
+        "conv_variants", ROOT / "benchmarks" / "conv_variants.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--rounds", "1", "--steps", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| ms" not in line]
+    assert any(line.startswith("| TensorFlow | im2col |") for line in rows)
