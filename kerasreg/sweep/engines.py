@@ -118,17 +118,15 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
     # the template's step does: any other engine would hold all K on every
     # device, so it is refused here, before anything trains.
     mapped.check_variants_axis(template, variants, context)
-    _check_loss_reduction(template)
-    separate = context.separate
     passed: list[tuple[str, str]] = []
     for label, module in IMPLEMENTATIONS:
         if engine not in ("auto", module.NAME):
             continue
         if context.backend not in getattr(module, "BACKENDS", (context.backend,)):
             continue
-        if separate is not None and module.NAME != "sequential":
-            # Asked for by the grid, seeds, callbacks or loss: no one-fit engine.
-            reason: str | None = separate
+        if context.separate is not None and module.NAME != "sequential":
+            # Asked for by the grid, seeds or callbacks: no one-fit engine.
+            reason: str | None = context.separate
         else:
             reason = module.why_not(template, variants, context)
         if reason is None:
@@ -140,11 +138,11 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
             )
             if passed:
                 what += "; " + _passed_over(passed)
-            if module.NAME == "sequential" and separate is not None:
+            if module.NAME == "sequential" and context.separate is not None:
                 logger.info(
                     "kerasreg.sweep: %s; training the %d variants one after another "
                     "(K separate fits).",
-                    separate,
+                    context.separate,
                     len(variants),
                 )
             elif module.NAME == "sequential" and len(variants) > 1:
@@ -167,26 +165,6 @@ def choose(template, variants, context: SweepContext, engine: str = "auto"):
         f"kerasreg.sweep: no engine can train this sweep ({reasons}). Nothing "
         "was trained."
     )
-
-
-def _check_loss_reduction(template: keras.Model) -> None:
-    """Refuse a compiled loss with `reduction="none"`: a loss per sample, to
-    which Keras cannot add a penalty (its fit fails stacking the vector with
-    the penalties' scalars), in one fit or in separate fits."""
-    losses = template.loss
-    if isinstance(losses, dict):
-        losses = list(losses.values())
-    elif not isinstance(losses, (list, tuple)):
-        losses = [losses]
-    for loss in losses:
-        if isinstance(loss, keras.losses.Loss) and loss.reduction in (None, "none"):
-            raise ValueError(
-                f"kerasreg.sweep: invalid `model`: its loss {type(loss).__name__} "
-                f"has reduction={loss.reduction!r} (one loss per sample), to which "
-                "Keras cannot add a penalty. Compile it with "
-                "reduction='sum_over_batch_size' (the default) or 'sum'. Nothing "
-                "was trained."
-            )
 
 
 def _passed_over(passed: list[tuple[str, str]]) -> str:

@@ -74,6 +74,25 @@ def unfold(tensor: Any, k: int) -> Any:
     return ops.reshape(tensor, (k, -1, *ops.shape(tensor)[1:]))
 
 
+def with_logits(part: Any, whole: Any, take) -> Any:
+    """`part` of `whole`, carrying `take` of the logits Keras's TensorFlow
+    backend attaches to a sigmoid or softmax output (`_keras_logits`): its
+    crossentropy losses and metrics read them instead of the clipped
+    probabilities, as they do in a separate fit (without them a saturated
+    output trains differently)."""
+    logits = getattr(whole, "_keras_logits", None)
+    if logits is not None:
+        part._keras_logits = take(logits)
+    return part
+
+
+def repeated_names(layer: keras.layers.Layer) -> list[str]:
+    """The names two or more of `layer`'s weights share (a `Bidirectional`'s
+    cells): a batched kernel gives those weights `<name>_<index>`."""
+    names = [v.name for v in layer.weights]
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 class Untracked:
     """Holds what a Keras layer must not track (models, maps of variables)."""
 
@@ -108,7 +127,7 @@ class Kernel(keras.layers.Layer):
         # Unique names within the kernel: the torch backend tracks a layer's
         # variables by path, and a `Bidirectional`'s two cells both have a
         # `kernel` (one would silently shadow the other's updates).
-        names = [v.name for v in template.weights]
+        repeated = repeated_names(template)
         for index, variable in enumerate(template.weights):
             sources = [layer.weights[index] for layer in layers]
             stacked = self.add_weight(
@@ -116,9 +135,9 @@ class Kernel(keras.layers.Layer):
                 dtype=variable.dtype,
                 initializer="zeros",
                 trainable=id(variable) in trainable,
-                name=variable.name
-                if names.count(variable.name) == 1
-                else f"{variable.name}_{index}",
+                name=f"{variable.name}_{index}"
+                if variable.name in repeated
+                else variable.name,
             )
             stacked.assign(ops.stack([v.value for v in sources]))
             pairs.append((stacked, sources))
@@ -278,13 +297,8 @@ class PerSample(Kernel):
             return Value(call(tensors if len(tensors) > 1 else tensors[0]), False)
         tensors = [fold(value.per_variant(self.k)) for value in inputs]
         out = call(tensors if len(tensors) > 1 else tensors[0])
-        unfolded = unfold(out, self.k)
-        # Keras's TensorFlow backend attaches the logits to a sigmoid or
-        # softmax output (`Activation("sigmoid")`, `Softmax()`); its
-        # crossentropy reads them in a separate fit: they go along.
-        logits = getattr(out, "_keras_logits", None)
-        if logits is not None:
-            unfolded._keras_logits = unfold(logits, self.k)
+        # An `Activation("softmax")` or `Softmax()` output keeps its logits.
+        unfolded = with_logits(unfold(out, self.k), out, lambda t: unfold(t, self.k))
         return Value(unfolded, True)
 
 

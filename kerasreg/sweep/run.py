@@ -33,6 +33,7 @@ from kerasreg.sweep.result import SweepResult
 from kerasreg.sweep.rows import make_row, metric_directions, run_name, unique
 from kerasreg.sweep.variants import (
     check_compile_config,
+    check_loss_reduction,
     check_roles,
     compile_like,
     compile_recipe,
@@ -212,7 +213,8 @@ def sweep(
             item cannot be resolved, targets a role the model lacks or gives
             one role two penalties, a transform's `where` selects nothing, a
             callback would write one file for all variants, the template is
-            not built or not compiled, or it cannot be copied; a forced
+            not built or not compiled, it cannot be copied, its compile
+            config cannot be rebuilt or its loss has reduction="none"; a forced
             engine cannot train the template; `x` can be read once and the
             sweep needs several fits or `gradients=True`; `gradients=True`
             without `log_dir`. Nothing has trained then.
@@ -247,6 +249,7 @@ def sweep(
     backup.check_log_dir(callbacks, log_dir)
     compile_config = compile_recipe(model)
     check_compile_config(model, compile_config)
+    check_loss_reduction(model)
     models = [
         build_variant(model, point, where, i, seed, item)
         for i, (item, point, _, seed) in enumerate(runs)

@@ -250,6 +250,26 @@ def check_compile_config(model: keras.Model, compile_config: dict) -> None:
         ) from None
 
 
+def check_loss_reduction(template: keras.Model) -> None:
+    """Refuse a compiled loss with `reduction="none"`: a loss per sample, to
+    which Keras cannot add a penalty (its fit fails stacking the vector with
+    the penalties' scalars), in one fit or in separate fits."""
+    losses = template.loss
+    if isinstance(losses, dict):
+        losses = list(losses.values())
+    elif not isinstance(losses, (list, tuple)):
+        losses = [losses]
+    for loss in losses:
+        if isinstance(loss, keras.losses.Loss) and loss.reduction in (None, "none"):
+            raise ValueError(
+                f"kerasreg.sweep: invalid `model`: its loss {type(loss).__name__} "
+                f"has reduction={loss.reduction!r} (one loss per sample), to which "
+                "Keras cannot add a penalty. Compile it with "
+                "reduction='sum_over_batch_size' (the default) or 'sum'. Nothing "
+                "was trained."
+            )
+
+
 def compile_arguments(compile_config: dict) -> dict:
     """The keyword arguments of `compile` from a `compile_recipe`: fresh
     objects from the config, but the template's own losses."""

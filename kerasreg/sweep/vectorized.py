@@ -36,7 +36,13 @@ from kerasreg.penalties import ElasticNetPenalty, L1Penalty, L2Penalty
 from kerasreg.sweep import stopping
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.data import has_sample_weights, peek, sample_batch
-from kerasreg.sweep.kernels import KERNELS, Untracked, Value
+from kerasreg.sweep.kernels import (
+    KERNELS,
+    Untracked,
+    Value,
+    repeated_names,
+    with_logits,
+)
 from kerasreg.sweep.stacked import fit_stack
 from kerasreg.sweep.variants import compile_arguments, fresh_optimizer
 
@@ -216,8 +222,7 @@ def _renamed_reason(template: keras.Model, optimizer) -> str | None:
         return None
     _, calls = _compat.functional_graph(template)
     for layer, *_ in calls:
-        own = [v.name for v in getattr(layer, "weights", [])]
-        twice = sorted({name for name in own if own.count(name) > 1})
+        twice = repeated_names(layer)
         if twice:
             return (
                 f"the optimizer excludes weights from weight decay by name and "
@@ -530,7 +535,7 @@ class Batched(keras.Model):
 
     def _slice(self, y_pred, index):
         return keras.tree.map_structure(
-            lambda t: _with_logits(t[index], t, lambda x: x[index]), y_pred
+            lambda t: with_logits(t[index], t, lambda x: x[index]), y_pred
         )
 
     def _fold(self, y, y_pred):
@@ -541,7 +546,7 @@ class Batched(keras.Model):
         def fold(x):
             return ops.reshape(x, (-1, *ops.shape(x)[2:]))
 
-        return y_true, _with_logits(fold(y_pred), y_pred, fold)
+        return y_true, with_logits(fold(y_pred), y_pred, fold)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -642,18 +647,6 @@ def _entries(vector: Any, k: int) -> list:
         return [vector[i] for i in range(k)]
     values = np.asarray(ops.convert_to_numpy(vector))
     return [values[i] for i in range(k)]
-
-
-def _with_logits(part: Any, whole: Any, take) -> Any:
-    """`part` of `whole`, carrying `take` of the logits Keras's TensorFlow
-    backend attaches to a sigmoid or softmax output (`_keras_logits`): its
-    crossentropy losses and metrics read them instead of the clipped
-    probabilities, as they do in a separate fit (without them a saturated
-    output trains differently)."""
-    logits = getattr(whole, "_keras_logits", None)
-    if logits is not None:
-        part._keras_logits = take(logits)
-    return part
 
 
 def _per_variant_clipping(optimizer) -> Any:
