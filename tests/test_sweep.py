@@ -21,6 +21,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 import kerasreg
+from kerasreg.sweep import engines
 from tests.conftest import run_python
 
 TORCH = keras.backend.backend() == "torch"
@@ -803,3 +804,20 @@ def test_an_unregistered_custom_metric_is_named_as_the_cause():
     model.compile(optimizer="sgd", loss="mse", metrics=[Unregistered(name="err")])
     with pytest.raises(ValueError, match="register_keras_serializable"):
         kerasreg.sweep(model, [None, kerasreg.L2Penalty(0.1)], x, y, verbose=0)
+
+
+def test_the_memory_rule_counts_a_convolutions_patches():
+    # 8x8x2 images -> Conv2D(4, 3): 6x6x4 outputs, and the im2col patches of
+    # 6x6 positions x 3x3 windows x 2 channels; Flatten: 144 numbers.
+    # Weights: 3*3*2*4 + 4 = 76 (Conv2D) and 144 + 1 = 145 (Dense).
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    per_sample = 6 * 6 * 4 + 6 * 6 * 3 * 3 * 2 + 144 + 1
+    expected = 4 * (2 * 16 * per_sample + 4 * (76 + 145))
+    assert engines.variant_bytes(model, 16) == expected

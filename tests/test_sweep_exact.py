@@ -628,3 +628,45 @@ def test_a_saturated_output_trains_as_its_crossentropy_does_in_a_separate_fit(
     template.compile(**adam())
     result = check(template, adam, "auto", x, y, epochs=4)
     assert result.engine == "vectorized"
+
+
+# --- 7. a convolution of each variant's own input (im2col on TensorFlow) ---------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kernel_size=3),
+        dict(kernel_size=(2, 3), use_bias=False),
+        dict(kernel_size=3, strides=2),
+        dict(kernel_size=3, strides=(2, 1), padding="same"),
+        dict(kernel_size=2, dilation_rate=2),
+        dict(kernel_size=3, dilation_rate=(1, 2), padding="same"),
+        dict(kernel_size=1, activation="relu"),
+        dict(kernel_size=3, strides=2, padding="same", jit_compile=True),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_a_conv2d_on_each_variants_own_input_trains_as_its_separate_fit(options):
+    """The second `Conv2D` gets each variant's own input: on TensorFlow the
+    batched kernels convolve it as one im2col (patches of all variants'
+    images, one batched matrix product), which must equal each variant's own
+    convolution for every padding, stride and dilation, and under XLA
+    (`jit_compile=True`, Keras's default on a GPU) against a fit without."""
+    options = dict(options)
+    jit_compile = options.pop("jit_compile", "auto")
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16, 7, 7, 2)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    template = keras.Sequential(
+        [
+            keras.Input((7, 7, 2)),
+            keras.layers.Conv2D(3, 2, activation="tanh"),
+            keras.layers.Conv2D(4, **options),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    template.compile(**adam(), jit_compile=jit_compile)
+    result = check(template, adam, "auto", x, y)
+    assert result.engine == "vectorized"
