@@ -807,17 +807,21 @@ def test_an_unregistered_custom_metric_is_named_as_the_cause():
 
 
 def test_the_memory_rule_counts_a_convolutions_patches():
-    # 8x8x2 images -> Conv2D(4, 3): 6x6x4 outputs, and the im2col patches of
-    # 6x6 positions x 3x3 windows x 2 channels; Flatten: 144 numbers.
-    # Weights: 3*3*2*4 + 4 = 76 (Conv2D) and 144 + 1 = 145 (Dense).
+    # 8x8x2 images -> Conv2D(4, 3) on the shared input: 6x6x4 outputs, one
+    # convolution (no patches) -> Conv2D(3, 2) on each variant's own input:
+    # 5x5x3 outputs, and on TensorFlow (im2col) its patches: 5x5 positions x
+    # 2x2 windows x 4 channels -> Flatten: 75 numbers -> Dense(1).
+    # Weights: 3*3*2*4 + 4 = 76, 2*2*4*3 + 3 = 51, 75 + 1 = 76.
     model = keras.Sequential(
         [
             keras.Input((8, 8, 2)),
             keras.layers.Conv2D(4, 3),
+            keras.layers.Conv2D(3, 2),
             keras.layers.Flatten(),
             keras.layers.Dense(1),
         ]
     )
-    per_sample = 6 * 6 * 4 + 6 * 6 * 3 * 3 * 2 + 144 + 1
-    expected = 4 * (2 * 16 * per_sample + 4 * (76 + 145))
+    patches = 5 * 5 * 2 * 2 * 4 if keras.backend.backend() == "tensorflow" else 0
+    per_sample = 6 * 6 * 4 + 5 * 5 * 3 + patches + 75 + 1
+    expected = 4 * (2 * 16 * per_sample + 4 * (76 + 51 + 76))
     assert engines.variant_bytes(model, 16) == expected

@@ -237,28 +237,40 @@ def variant_bytes(template: keras.Model, batch_size: int) -> int:
 
     `batch_size * (sum of every layer output's size per sample) * 4 bytes * 2`
     (activations and their gradients) plus `(number of weights) * 4 bytes * 4`
-    (weights, gradients, two optimizer slots). A convolution's output counts
-    `kernel window * input channels` times more (the patches of an im2col,
-    which the batched kernels build on TensorFlow). Unknown dimensions count
-    as 1.
+    (weights, gradients, two optimizer slots). On TensorFlow, a `Conv2D` on
+    each variant's own input (downstream of a layer with weights) also counts
+    its im2col patches (`kernel window * input channels` per output
+    position), which the batched kernels build there. Unknown dimensions
+    count as 1.
     """
     _, calls = _compat.functional_graph(template)
+    patches = keras.backend.backend() == "tensorflow"
+    per_variant: set[int] = set()  # ids of the tensors that differ per variant
     per_sample = 0
-    for operation, args, _, outputs in calls:
+    for operation, args, kwargs, outputs in calls:
+        inputs = keras.tree.flatten((args, kwargs))
+        own = bool(operation.weights) or any(id(t) in per_variant for t in inputs)
+        if own:
+            per_variant.update(id(t) for t in outputs)
         for tensor in outputs:
             per_sample += math.prod(d or 1 for d in tensor.shape[1:])
-            if type(operation) is keras.layers.Conv2D:
+            if (
+                patches
+                and type(operation) is keras.layers.Conv2D
+                and operation.data_format == "channels_last"
+                and any(id(t) in per_variant for t in inputs)
+            ):
                 per_sample += _patches_per_sample(operation, args[0], tensor)
     weights = sum(math.prod(w.shape) for w in template.weights)
     return _BYTES * (_PER_ACTIVATION * batch_size * per_sample + _PER_WEIGHT * weights)
 
 
 def _patches_per_sample(layer, inputs, outputs) -> int:
-    """The size of one sample's im2col patches of a `Conv2D` call."""
-    first = layer.data_format == "channels_first"
-    channels = inputs.shape[1 if first else -1] or 1
-    spatial = outputs.shape[2:] if first else outputs.shape[1:-1]
-    return math.prod(d or 1 for d in spatial) * math.prod(layer.kernel_size) * channels
+    """The size of one sample's im2col patches of a channels-last `Conv2D` call."""
+    channels = inputs.shape[-1] or 1
+    return math.prod(d or 1 for d in outputs.shape[1:-1]) * (
+        math.prod(layer.kernel_size) * channels
+    )
 
 
 def memory_budget() -> int:
