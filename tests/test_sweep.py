@@ -825,3 +825,44 @@ def test_the_memory_rule_counts_a_convolutions_patches():
     per_sample = 6 * 6 * 4 + 5 * 5 * 3 + patches + 75 + 1
     expected = 4 * (2 * 16 * per_sample + 4 * (76 + 51 + 76))
     assert engines.variant_bytes(model, 16) == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "0", "-5", "0.5"])
+def test_an_invalid_memory_budget_is_refused_naming_the_variable(monkeypatch, value):
+    x, y = data()
+    model = template("sgd")
+    before = model.get_weights()
+    monkeypatch.setenv("KERASREG_SWEEP_MEMORY", value)
+    with pytest.raises(ValueError) as raised:
+        kerasreg.sweep(model, PENALTIES, x, y, epochs=1, verbose=0)
+    message = str(raised.value)
+    assert "`KERASREG_SWEEP_MEMORY`" in message
+    assert f"Received: KERASREG_SWEEP_MEMORY={value!r}" in message
+    assert "positive number of bytes" in message
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_best_so_far_line_ranks_the_runs_of_earlier_fits(capsys):
+    # Three fits of one variant each (chunk_size=1): the line printed at the
+    # last epoch of the last fit names the best run of the whole sweep by
+    # val_loss, read here from the rows' own histories.
+    x, y = data()
+    model = template("sgd")
+    grid = [None, kerasreg.L2Penalty(30.0), kerasreg.L2Penalty(10.0)]
+    result = kerasreg.sweep(
+        model, grid, x, y, chunk_size=1, epochs=2, validation_split=0.25, verbose=2
+    )
+    lines = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("best so far by val_loss: ")
+    ]
+    bests = [min(row["history"]["val_loss"]) for row in result.rows]
+    best = int(np.argmin(bests))
+    assert best != len(grid) - 1  # the best run was trained by an earlier fit
+    name, value = re.match(
+        r"best so far by val_loss: (\S+) \(([^)]+)\)", lines[-1]
+    ).groups()
+    assert name == result.rows[best]["run"]
+    assert float(value) == pytest.approx(bests[best], rel=1e-3)

@@ -230,3 +230,58 @@ def test_each_row_of_the_guides_engine_table(name, tmp_path):
         assert named == set(re.findall(r"\w+", why.split(":", 1)[1]))
     else:
         assert why in result.engine_reason
+
+
+CONVOLUTIONAL_FALLBACKS = {
+    "channels_first": (
+        lambda: [L.Conv2D(2, 3), L.Conv2D(2, 2, data_format="channels_first")],
+        (6, 6, 2),
+        "uses data_format='channels_first'",
+    ),
+    "groups": (
+        lambda: [L.Conv2D(2, 3), L.Conv2D(2, 2, groups=2)],
+        (6, 6, 2),
+        "has groups=2",
+    ),
+    "causal": (lambda: [L.Conv1D(2, 3, padding="causal")], (6, 2), "padding='causal'"),
+    "Conv2DTranspose": (lambda: [L.Conv2DTranspose(2, 3)], (6, 6, 2), "no batched"),
+    "SpatialDropout2D": (
+        lambda: [L.Conv2D(2, 3), L.SpatialDropout2D(0.2, seed=1)],
+        (6, 6, 2),
+        "no batched kernel",
+    ),
+    "GroupNormalization": (
+        lambda: [L.Conv2D(4, 3), L.GroupNormalization(2)],
+        (6, 6, 2),
+        "no batched kernel",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVOLUTIONAL_FALLBACKS))
+def test_the_guides_convolutional_layers_without_a_batched_kernel(name):
+    """The guide's list of convolutional layers that take the stacked engine."""
+    layers, shape, why = CONVOLUTIONAL_FALLBACKS[name]
+    text = " ".join(GUIDE.read_text().split())
+    listed = {
+        "channels_first": '`data_format="channels_first"`',
+        "groups": "`groups` above 1",
+        "causal": '`padding="causal"`',
+    }.get(name, f"`{name}`")
+    assert listed in text[text.index("Layers of convolutional templates") :][:500]
+    model = keras.Sequential([keras.Input(shape), *layers(), L.Flatten(), L.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, *shape)).astype("float32")
+    y = rng.normal(size=(8, 1)).astype("float32")
+    grid = [None, kerasreg.L2Penalty(1e-2)]
+    result = kerasreg.sweep(model, grid, x, y, epochs=1, verbose=0)
+    if keras.backend.backend() == "jax":
+        assert result.engine == "vectorized"
+        assert result.engine_reason.startswith("jax.vmap")
+    else:
+        assert result.engine == "stacked"
+        assert why in result.engine_reason
+        assert f"({type(model.layers[len(layers()) - 1]).__name__})" in (
+            result.engine_reason
+        )

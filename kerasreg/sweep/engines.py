@@ -275,10 +275,26 @@ def _patches_per_sample(layer, inputs, outputs) -> int:
 
 def memory_budget() -> int:
     """Bytes one fit of a sweep may use: `KERASREG_SWEEP_MEMORY`, else half of
-    the host memory available now (on accelerators, give `chunk_size`)."""
+    the host memory available now (on accelerators, give `chunk_size`).
+
+    Raises:
+        ValueError: `KERASREG_SWEEP_MEMORY` is set but not a finite number
+            of at least one byte.
+    """
     configured = os.environ.get("KERASREG_SWEEP_MEMORY")
     if configured:
-        return int(float(configured))
+        try:
+            budget = float(configured)
+        except ValueError:
+            budget = math.nan
+        if not (math.isfinite(budget) and budget >= 1):
+            raise ValueError(
+                "kerasreg.sweep: invalid environment variable "
+                "`KERASREG_SWEEP_MEMORY`: expected a positive number of bytes "
+                "(such as 4e9), or unset for half of the memory available. "
+                f"Received: KERASREG_SWEEP_MEMORY={configured!r}."
+            )
+        return int(budget)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # not a POSIX host

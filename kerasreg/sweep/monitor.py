@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 
 import keras
@@ -10,6 +11,13 @@ import numpy as np
 from kerasreg.sweep import gradient_log
 from kerasreg.sweep.rows import RunHistory, epochs_of, values_at
 from kerasreg.tensorboard import WeightNormLogger, run_writer
+
+# `(names, values)` of the runs that earlier fits of the same sweep trained
+# (the variants split into chunks): the "best so far" line of a later fit
+# ranks them with its own variants. Set by `kerasreg.sweep.run`.
+FINISHED: contextvars.ContextVar[tuple[list[str], list[dict]]] = contextvars.ContextVar(
+    "kerasreg_sweep_finished", default=([], [])
+)
 
 
 class VariantLog:
@@ -151,8 +159,13 @@ class Monitor(keras.callbacks.ProgbarLogger):
         self._last = per_variant
         super().on_epoch_end(epoch, shown)
         if self.verbose and self.split is not None:
-            # Each variant at its best epoch so far, stopped ones included.
-            line = best_line(self.names, [best_so_far(h) for h in self.histories])
+            # Each variant at its best epoch so far, stopped ones included,
+            # and the runs of the sweep's earlier fits.
+            names, finished = FINISHED.get()
+            line = best_line(
+                [*names, *self.names],
+                [*finished, *(best_so_far(h) for h in self.histories)],
+            )
             if line:
                 print(line, flush=True)
         if self.callbacks is not None and not self.callbacks.active():

@@ -20,10 +20,10 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import backup, engines, gradient_log, sequential, stopping
+from kerasreg.sweep import backup, engines, gradient_log, monitor, sequential, stopping
 from kerasreg.sweep.hparams import write_hparams
 from kerasreg.sweep.items import GridPoint, parse_grid
-from kerasreg.sweep.monitor import VariantLog
+from kerasreg.sweep.monitor import VariantLog, best_so_far
 from kerasreg.sweep.repeats import (
     build_variant,
     check_seeds,
@@ -295,16 +295,22 @@ def sweep(
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
             _one_fit_seed(seeds, fit_kwargs)
-            part_histories = implementation.fit(
-                part,
-                [names[i] for i in group],
-                [logs[i] for i in group],
-                compile_config,
-                exclusions,
-                x,
-                y,
-                fit_kwargs,
+            finished = monitor.FINISHED.set(
+                (names[: len(histories)], [best_so_far(h) for h in histories])
             )
+            try:
+                part_histories = implementation.fit(
+                    part,
+                    [names[i] for i in group],
+                    [logs[i] for i in group],
+                    compile_config,
+                    exclusions,
+                    x,
+                    y,
+                    fit_kwargs,
+                )
+            finally:
+                monitor.FINISHED.reset(finished)
             histories += part_histories
             # Epochs restored by each variant's own EarlyStopping copy.
             restored = getattr(part_histories, "best_epochs", None) or []
