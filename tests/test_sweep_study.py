@@ -1364,3 +1364,29 @@ def test_the_global_draws_check_leaves_every_global_generator_as_it_was():
     assert draws() == want
     for got, before in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(got, before)
+
+
+def test_plot_marks_a_best_run_without_knob_values_on_its_line():
+    # The baseline (no penalty) is a horizontal line; when it is the best,
+    # its star is drawn on that line (at the left edge), not only in the legend.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = parse_grid(
+        [None, *kerasreg.grid(kerasreg.L2Penalty, [1e-3, 1e-2])], "kernel"
+    )
+    rows = [
+        make_row(point, point.name, None, {"loss": [0.5], "val_loss": [value]})
+        for point, value in zip(points, [0.2, 0.4, 0.6], strict=True)
+    ]
+    result = SweepResult(rows, [None] * len(rows), "sequential")
+    fig, ax = plt.subplots()
+    result.plot(None, ax=ax)
+    star = next(line for line in ax.get_lines() if line.get_marker() == "*")
+    assert star.get_label() == "best by val_loss: none"
+    assert list(star.get_ydata()) == [0.2]
+    baseline = next(line for line in ax.get_lines() if line.get_label() == "none")
+    assert list(baseline.get_ydata()) == [0.2, 0.2]  # axhline: the same height
+    plt.close(fig)

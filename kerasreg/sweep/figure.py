@@ -70,7 +70,17 @@ def _mark_best(result: Any, ax: Any, lines: list, monitor: str) -> None:
                 best["values"][x_key], best[monitor], "*", color="k", ms=14, label=label
             )
             return
-    ax.plot([], [], "*", color="k", ms=12, label=label)  # a horizontal line
+    # A run without knob values is a horizontal line: the star sits on it at
+    # the left edge (x in axes coordinates, y in data coordinates).
+    ax.plot(
+        [0.03],
+        [best[monitor]],
+        "*",
+        color="k",
+        ms=14,
+        label=label,
+        transform=ax.get_yaxis_transform(),
+    )
 
 
 def lines_of(entries: list[dict]):
