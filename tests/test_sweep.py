@@ -866,3 +866,12 @@ def test_the_best_so_far_line_ranks_the_runs_of_earlier_fits(capsys):
     ).groups()
     assert name == result.rows[best]["run"]
     assert float(value) == pytest.approx(bests[best], rel=1e-3)
+
+
+def test_the_memory_rule_reads_a_graph_with_a_keras_ops_call():
+    # A functional model calling keras.ops has Operation nodes, which are not
+    # layers and have no weights: 4 -> ops.multiply (4) -> Dense(2) (2).
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2)(keras.ops.multiply(inputs, 2.0))
+    model = keras.Model(inputs, outputs)
+    assert engines.variant_bytes(model, 8) == 4 * (2 * 8 * (4 + 2) + 4 * (4 * 2 + 2))

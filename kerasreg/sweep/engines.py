@@ -249,7 +249,9 @@ def variant_bytes(template: keras.Model, batch_size: int) -> int:
     per_sample = 0
     for operation, args, kwargs, outputs in calls:
         inputs = keras.tree.flatten((args, kwargs))
-        own = bool(operation.weights) or any(id(t) in per_variant for t in inputs)
+        own = bool(getattr(operation, "weights", None)) or any(
+            id(t) in per_variant for t in inputs
+        )
         if own:
             per_variant.update(id(t) for t in outputs)
         for tensor in outputs:
