@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from kerasreg import _compat
-from kerasreg.sweep import data, mapped, sequential, stacked, vectorized
+from kerasreg.sweep import data, kernels, mapped, sequential, stacked, vectorized
 from kerasreg.sweep.context import SweepContext
 from kerasreg.sweep.variants import compile_like
 
@@ -244,24 +244,15 @@ def variant_bytes(template: keras.Model, batch_size: int) -> int:
     count as 1.
     """
     _, calls = _compat.functional_graph(template)
-    patches = keras.backend.backend() == "tensorflow"
     per_variant: set[int] = set()  # ids of the tensors that differ per variant
     per_sample = 0
     for operation, args, kwargs, outputs in calls:
-        inputs = keras.tree.flatten((args, kwargs))
-        own = bool(getattr(operation, "weights", None)) or any(
-            id(t) in per_variant for t in inputs
-        )
-        if own:
+        fed = any(id(t) in per_variant for t in keras.tree.flatten((args, kwargs)))
+        if fed or getattr(operation, "weights", None):
             per_variant.update(id(t) for t in outputs)
         for tensor in outputs:
             per_sample += math.prod(d or 1 for d in tensor.shape[1:])
-            if (
-                patches
-                and type(operation) is keras.layers.Conv2D
-                and operation.data_format == "channels_last"
-                and any(id(t) in per_variant for t in inputs)
-            ):
+            if fed and kernels.Conv.builds_patches(operation):
                 per_sample += _patches_per_sample(operation, args[0], tensor)
     weights = sum(math.prod(w.shape) for w in template.weights)
     return _BYTES * (_PER_ACTIVATION * batch_size * per_sample + _PER_WEIGHT * weights)

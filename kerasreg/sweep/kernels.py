@@ -494,14 +494,22 @@ class Conv(Kernel):
             data_format=layer.data_format,
         )
 
-    def as_patches(self, x) -> bool:
-        """Whether the stacked `x` is convolved as one im2col (see above)."""
-        layer = self.layer
+    @staticmethod
+    def builds_patches(layer) -> bool:
+        """Whether `layer`, on stacked inputs, is convolved as one im2col (see
+        above): on TensorFlow, an exact `Conv2D`, channels last. (The memory
+        rule, `engines.variant_bytes`, counts the patches by this too.)"""
         return (
             keras.backend.backend() == "tensorflow"
-            and isinstance(layer, L.Conv2D)
+            and type(layer) is L.Conv2D
             and layer.data_format == "channels_last"
-            and all(d is not None for d in x.shape[2:])
+        )
+
+    def as_patches(self, x) -> bool:
+        """Whether the stacked `x` is convolved as one im2col: the layer builds
+        patches and the image size is known."""
+        return self.builds_patches(self.layer) and all(
+            d is not None for d in x.shape[2:]
         )
 
     def patches_convolve(self, x, kernel):
