@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 import kerasreg
-from kerasreg.sweep import engines
+from kerasreg.sweep import engines, mapped
 from tests.conftest import run_python
 
 TORCH = keras.backend.backend() == "torch"
@@ -308,9 +308,11 @@ def test_shuffled_order_is_shared_and_equals_separate_fits():
         assert_same_fit(row, trained, history, weights)
 
 
-def test_shuffle_true_uses_one_order_for_all_variants():
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_shuffle_true_uses_one_order_for_all_variants(chunk_size):
     # Keras shuffles the arrays itself; two variants with the same penalty
-    # then follow the same trajectory only if they saw the same order.
+    # then follow the same trajectory only if they saw the same order, also
+    # when each trains in a fit of its own (chunk_size=1).
     x, y = data()
     model = template("sgd")
     penalty = kerasreg.L2Penalty(1e-2)
@@ -323,6 +325,7 @@ def test_shuffle_true_uses_one_order_for_all_variants():
         batch_size=8,
         shuffle=True,
         verbose=0,
+        chunk_size=chunk_size,
     )
     assert [row["penalty"] for row in result.rows] == [
         "L2Penalty_0.01",
@@ -631,6 +634,95 @@ def test_chunks_of_variants_equal_separate_fits(monkeypatch, caplog):
     assert "in 3 fits of at most 1 variants" in one_each.engine_reason
     with pytest.raises(ValueError, match=r"`chunk_size`.*Received: chunk_size=0"):
         kerasreg.sweep(model, penalties, x, y, chunk_size=0, **fit_kwargs)
+
+
+@pytest.mark.parametrize("chunk_size, sizes", [(1, [1]), (3, [3, 1])])
+def test_fits_of_a_sweep_in_groups_equal_separate_fits(monkeypatch, chunk_size, sizes):
+    # On JAX, each fit of a sweep in groups reuses the steps compiled for the
+    # first group of its size (one stack per size): each group must still
+    # train with its own variants' penalties, of distinct kinds here.
+    x, y = data()
+    model = template("adam")
+    penalties = [
+        None,
+        kerasreg.L1Penalty(1e-2),
+        kerasreg.L2Penalty(1e-1),
+        {"kernel": kerasreg.L1Penalty(1e-3), "bias": kerasreg.L2Penalty(1e-2)},
+    ]
+    stacks = []
+    made = mapped.MappedStack.__init__
+
+    def counted(self, lane, variants, *args):
+        stacks.append(len(variants))
+        made(self, lane, variants, *args)
+
+    monkeypatch.setattr(mapped.MappedStack, "__init__", counted)
+    fit_kwargs = dict(
+        epochs=2, batch_size=16, shuffle=False, verbose=0, validation_split=0.25
+    )
+    result = kerasreg.sweep(model, penalties, x, y, chunk_size=chunk_size, **fit_kwargs)
+    fits = -(-len(penalties) // chunk_size)
+    assert f"in {fits} fits of at most {chunk_size} variants" in result.engine_reason
+    assert stacks == (sizes if keras.backend.backend() == "jax" else [])
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        history, weights = separate_fit(model, penalty, "adam", x, y, **fit_kwargs)
+        assert_same_fit(row, trained, history, weights)
+
+
+def wide(units, penalty=None):
+    """A network whose training state (4 copies of its weights) is
+    `16 * (513 * units + units + 1)` bytes."""
+    return keras.Sequential(
+        [
+            keras.Input((512,)),
+            keras.layers.Dense(units, "relu", kernel_regularizer=penalty),
+            keras.layers.Dense(1, kernel_regularizer=penalty),
+        ]
+    )
+
+
+def test_large_variants_train_one_at_a_time_on_a_jax_cpu(caplog):
+    # 16 * (513*1100 + 1101) bytes = 8.6 MiB a variant: above the 8 MiB rule,
+    # 900 units (7.1 MiB) below it.
+    assert (
+        16 * (513 * 1100 + 1101) > engines.ONE_AT_A_TIME_BYTES > 16 * (513 * 900 + 901)
+    )
+    on_jax = keras.backend.backend() == "jax"
+    if on_jax:
+        assert engines.one_at_a_time(wide(900), engines.MAPPED) is None
+        assert "(9 MB) is above 8 MB" in engines.one_at_a_time(
+            wide(1100), engines.MAPPED
+        )
+    assert engines.one_at_a_time(wide(1100), engines.vectorized) is None
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 512)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    keras.utils.set_random_seed(1)
+    model = wide(1100)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    penalties = [kerasreg.L2Penalty(1e-3), kerasreg.L2Penalty(1e-1)]
+    fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
+    with caplog.at_level(logging.INFO, logger="kerasreg"):
+        result = kerasreg.sweep(model, penalties, x, y, **fit_kwargs)
+    alone = "one variant at a time" in result.engine_reason
+    assert alone == on_jax
+    assert ("2 fits of at most 1 (a variant's training state" in caplog.text) == on_jax
+    for penalty, row, trained in zip(
+        penalties, result.rows, result.models, strict=True
+    ):
+        reference = wide(1100, penalty)
+        reference.set_weights(model.get_weights())
+        reference.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        history = reference.fit(x, y, **fit_kwargs).history
+        np.testing.assert_allclose(row["history"]["loss"], history["loss"], rtol=1e-5)
+        for got, want in zip(
+            trained.get_weights(), reference.get_weights(), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    stacked = kerasreg.sweep(model, penalties, x, y, chunk_size=2, **fit_kwargs)
+    assert "fits of at most" not in stacked.engine_reason
 
 
 def test_a_generator_is_refused_when_the_variants_need_several_fits():

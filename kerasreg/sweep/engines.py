@@ -13,9 +13,12 @@ optionally `describe(template, variants, context) -> str` (what runs),
 default: each compiled like the template, its loss and metrics built on two
 samples; `"first"`: each compiled, only the first one's built; `"compile"`: each compiled, nothing
 built; `"none"`: `fit` prepares them itself), `BACKENDS` (the backends it
-runs on; default all) and `OWN_OPTIMIZERS` (True: each trained variant
+runs on; default all), `OWN_OPTIMIZERS` (True: each trained variant
 keeps the optimizer state of its own training; otherwise it gets a fresh
-optimizer afterwards, the one fit's optimizer having trained the stack).
+optimizer afterwards, the one fit's optimizer having trained the stack) and
+`Steps` (a class made once per sweep from all its variants and given to
+every `fit` as `steps=`: what the fits of a sweep in groups share, such as
+compiled steps).
 
 `IMPLEMENTATIONS` are tried in order; the first whose `why_not` is None
 trains the sweep. Every engine passed over is logged at INFO on the
@@ -69,6 +72,7 @@ MAPPED = types.SimpleNamespace(
         or mapped.why_not(template, variants, context)
     ),
     fit=mapped.fit,
+    Steps=mapped.Steps,
     describe=lambda template, variants, context: (
         "jax.vmap of the template's train step"
     ),
@@ -295,12 +299,42 @@ def memory_budget() -> int:
     return available // 2
 
 
+# One variant's training state (weights, gradients, two optimizer slots),
+# in bytes, above which the mapped engine on a JAX CPU trains one variant at a
+# time with one compiled step: measured (benchmarks/sweep.py, compute-bound
+# MLP, 21 MB a variant), K=6 stacked variants' epochs cost 1.3-1.9x six
+# one-variant epochs (their state passes through memory at every step; one
+# variant's stays in cache), and at 2 MB stacking is faster.
+ONE_AT_A_TIME_BYTES = 8 * 2**20
+
+
+def one_at_a_time(template: keras.Model, module) -> str | None:
+    """Why the variants train one at a time, each group of one with the same
+    compiled step, or None (they train stacked)."""
+    if module is not MAPPED or keras.distribution.distribution() is not None:
+        return None
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return None
+    state = _BYTES * _PER_WEIGHT * sum(math.prod(w.shape) for w in template.weights)
+    if state <= ONE_AT_A_TIME_BYTES:
+        return None
+    return (
+        f"a variant's training state ({state / 2**20:.0f} MB) is above "
+        f"{ONE_AT_A_TIME_BYTES // 2**20} MB: on a CPU one variant at a time, "
+        "with one compiled step, is faster than K stacked"
+    )
+
+
 def chunks(template, variants, context: SweepContext, module, chunk_size=None):
-    """The variants' indices in groups trained by one fit each.
+    """The variants' indices in groups trained by one fit each, and why
+    there are several groups (None: one).
 
     `chunk_size` (an int) caps a group; without it, a one-fit engine takes as
-    many variants as `memory_budget()` holds by `variant_bytes`. K separate
-    fits take one variant each anyway.
+    many variants as `memory_budget()` holds by `variant_bytes`, and one at a
+    time where `one_at_a_time` says so. K separate fits take one variant each
+    anyway.
 
     Raises:
         ValueError: `chunk_size` is not a positive int, or the variants need
@@ -318,29 +352,32 @@ def chunks(template, variants, context: SweepContext, module, chunk_size=None):
             f"chunk_size={chunk_size!r}."
         )
     if module.NAME == "sequential":
-        return [list(range(k))]
-    size = chunk_size
+        return [list(range(k))], None
+    size, why = chunk_size, "chunk_size"
     if size is None:
         if context.one_pass:
-            return [list(range(k))]  # one fit is the only way to read it
+            return [list(range(k))], None  # one fit is the only way to read it
         need = variant_bytes(template, context.batch_size)
-        size = max(1, memory_budget() // max(need, 1))
+        size, why = max(1, memory_budget() // max(need, 1)), "memory budget"
+        alone = one_at_a_time(template, module)
+        if alone is not None:
+            size, why = 1, alone
     size = int(min(size, k))
     groups = [list(range(start, min(start + size, k))) for start in range(0, k, size)]
-    if len(groups) > 1:
-        if context.one_pass:
-            raise ValueError(
-                f"kerasreg.sweep: invalid `{context.one_pass_argument}`: the {k} "
-                f"variants need {len(groups)} fits of at most {size} (chunk_size or "
-                "the memory budget), and a one-pass iterator can be read once. "
-                "Give arrays or a dataset, or a larger `chunk_size`."
-            )
-        logger.info(
-            "kerasreg.sweep: the %d variants are trained in %d fits of at most %d "
-            "(%s).",
-            k,
-            len(groups),
-            size,
-            "chunk_size" if chunk_size is not None else "memory budget",
+    if len(groups) == 1:
+        return groups, None
+    if context.one_pass:
+        raise ValueError(
+            f"kerasreg.sweep: invalid `{context.one_pass_argument}`: the {k} "
+            f"variants need {len(groups)} fits of at most {size} (chunk_size or "
+            "the memory budget), and a one-pass iterator can be read once. "
+            "Give arrays or a dataset, or a larger `chunk_size`."
         )
-    return groups
+    logger.info(
+        "kerasreg.sweep: the %d variants are trained in %d fits of at most %d (%s).",
+        k,
+        len(groups),
+        size,
+        why,
+    )
+    return groups, why

@@ -416,7 +416,9 @@ class _StackOptimizer(keras.optimizers.Optimizer):
 class MappedStack(keras.Model):
     """K variants as one model: the lane's state stacked on a leading K axis."""
 
-    def __init__(self, lane: keras.Model, variants: list, lane_index: _LaneIndex):
+    def __init__(
+        self, lane: keras.Model, variants: list, lane_index: _LaneIndex, rows: list
+    ):
         super().__init__(name="kerasreg_sweep")
         self.k = len(variants)
         self.keys = [f"v{i:04d}" for i in range(self.k)]
@@ -438,12 +440,17 @@ class MappedStack(keras.Model):
                             "engine='auto' or 'sequential'."
                         )
         layouts = _StackLayouts()
+        # One row, on one device: the lane's own shapes, no K axis (XLA's CPU
+        # step on a K axis of one copies the state at every step).
+        self.unit = self.k == 1 and layouts.axis is None
         stacked = []
         with layouts.scope():
             for g, lane_vars in enumerate(lane_groups):
                 row = []
                 for i, var in enumerate(lane_vars):
-                    value = ops.stack([groups[g][i].value for groups in variant_groups])
+                    value = self._stack(
+                        [groups[g][i].value for groups in variant_groups]
+                    )
                     name = layouts.name(var, g, i)
                     if g < 2:
                         row.append(
@@ -462,6 +469,15 @@ class MappedStack(keras.Model):
                             )
                         )
                 stacked.append(row)
+            # Which of the sweep's variants each row is (its penalty's index):
+            # state, so that one compiled step serves every group of K rows.
+            self._rows = self.add_weight(
+                shape=(self.k,),
+                initializer=_Constant(np.asarray(rows, "int32")),
+                dtype="int32",
+                trainable=False,
+                name=layouts.name_rows(),
+            )
         self._state = _Box(optimizer=stacked[2], metrics=stacked[3], axis=layouts.axis)
         self._functions = _Box(results=None, reset=None)
         self.built = True
@@ -485,7 +501,9 @@ class MappedStack(keras.Model):
         self.optimizer = _StackOptimizer(self._state.optimizer, self._finalize)
 
     # The mapped steps.
-    def _map(self, fn, *args):
+    def _map(self, fn, rows, *args):
+        """`jax.vmap` of `fn` over the K axis of `args`, row k computed as
+        variant `rows[k]` of the sweep (its penalty)."""
         import jax
 
         kwargs = {}
@@ -497,31 +515,61 @@ class MappedStack(keras.Model):
             with lane_index.at(index):
                 return fn(*row_args)
 
+        if self.unit:
+            return row(rows[0], *args)
         in_axes = (0,) * (len(args) + 1)
-        return jax.vmap(row, in_axes=in_axes, **kwargs)(jax.numpy.arange(self.k), *args)
+        return jax.vmap(row, in_axes=in_axes, **kwargs)(rows, *args)
+
+    def _map_state(self, fn, state):
+        """`_map` of a step `fn(lane_state)` over Keras's JAX state of the stack
+        (its non-trainable part holds the rows' indices, not mapped to the lane)."""
+        trainable, non_trainable, *rest = state
+        at = self._rows_position()
+        rows = non_trainable[at]
+        lane_state = (trainable, non_trainable[:at] + non_trainable[at + 1 :], *rest)
+        out, new_state = self._map(fn, rows, lane_state)
+        if len(state) == 2:  # predict: it returns the non-trainable state only
+            return out, _with(new_state, at, rows)
+        trainable, lane_non_trainable, *rest = new_state
+        return out, (trainable, _with(lane_non_trainable, at, rows), *rest)
+
+    def _rows_position(self) -> int:
+        return next(
+            i for i, v in enumerate(self.non_trainable_variables) if v is self._rows
+        )
+
+    def _stack(self, values):
+        """The stacked value of the rows' `values`."""
+        return values[0] if self.unit else ops.stack(values)
+
+    def _row(self, value, index):
+        """Row `index` of a stacked value."""
+        return value if self.unit else value[index]
 
     def _split(self, logs):
         out = {}
         for index, key in enumerate(self.keys):
             for name, value in logs.items():
-                out[f"{key}_{name}"] = value[index]
+                out[f"{key}_{name}"] = self._row(value, index)
         return out
 
     def train_step(self, state, data):
         lane = self._lane.model
-        logs, state = self._map(lambda s: lane.train_step(s, data), state)
+        logs, state = self._map_state(lambda s: lane.train_step(s, data), state)
         return self._split(logs), state
 
     def test_step(self, state, data):
         lane = self._lane.model
-        logs, state = self._map(lambda s: lane.test_step(s, data), state)
+        logs, state = self._map_state(lambda s: lane.test_step(s, data), state)
         return self._split(logs), state
 
     def predict_step(self, state, data):
         lane = self._lane.model
-        outputs, non_trainable = self._map(lambda s: lane.predict_step(s, data), state)
+        outputs, non_trainable = self._map_state(
+            lambda s: lane.predict_step(s, data), state
+        )
         per_variant = {
-            key: keras.tree.map_structure(lambda o, i=i: o[i], outputs)
+            key: keras.tree.map_structure(lambda o, i=i: self._row(o, i), outputs)
             for i, key in enumerate(self.keys)
         }
         return per_variant, non_trainable
@@ -537,8 +585,10 @@ class MappedStack(keras.Model):
                 with keras.StatelessScope(state_mapping=mapping):
                     return lane.get_metrics_result()
 
-            self._functions.results = jax.jit(lambda v: self._map(results, v))
-        values = self._functions.results([v.value for v in self._state.metrics])
+            self._functions.results = jax.jit(lambda r, v: self._map(results, r, v))
+        values = self._functions.results(
+            self._rows.value, [v.value for v in self._state.metrics]
+        )
         # One transfer per metric, split on the host.
         return self._split({name: np.asarray(v) for name, v in values.items()})
 
@@ -555,8 +605,10 @@ class MappedStack(keras.Model):
                     lane.reset_metrics()
                 return [scope.get_current_value(v) for v in lane.metrics_variables]
 
-            self._functions.reset = jax.jit(lambda v: self._map(reset, v))
-        values = self._functions.reset([v.value for v in self._state.metrics])
+            self._functions.reset = jax.jit(lambda r, v: self._map(reset, r, v))
+        values = self._functions.reset(
+            self._rows.value, [v.value for v in self._state.metrics]
+        )
         for stacked, value in zip(self._state.metrics, values, strict=True):
             stacked.assign(value)
 
@@ -577,38 +629,62 @@ class MappedStack(keras.Model):
 
         values = self._map(
             finalize,
+            self._rows.value,
             [v.value for v in self.trainable_variables],
             [v.value for v in self._state.optimizer],
         )
         for var, value in zip(self.trainable_variables, values, strict=True):
             var.assign(value)
 
+    def _stacked_groups(self) -> list[list]:
+        """The stacked variables in the lane's groups: trainable, non-trainable
+        (without the rows' indices), optimizer, metrics."""
+        non_trainable = [v for v in self.non_trainable_variables if v is not self._rows]
+        return [
+            list(self.trainable_variables),
+            non_trainable,
+            list(self._state.optimizer),
+            list(self._state.metrics),
+        ]
+
+    def fill(self, variants, rows):
+        """Make the stack hold `variants` (their own state: weights, optimizer
+        slots, metric totals), as variants `rows` of the sweep, for one more
+        `fit` with the same compiled steps."""
+        for g, stacked in enumerate(self._stacked_groups()):
+            for i, var in enumerate(stacked):
+                var.assign(self._stack([_groups_lazy(v, g)[i].value for v in variants]))
+        self._rows.assign(np.asarray(rows, "int32"))
+
     def copy_to(self, variants, *, optimizer=False, model=True):
         """Write row k of the stacked state into variant k's own variables
         (`model`: its weights and non-trainable state; `optimizer`: its
         optimizer's variables)."""
-        groups = [self.trainable_variables, self.non_trainable_variables]
-        groups.append(self._state.optimizer)
-        for g, stacked in enumerate(groups):
+        for g, stacked in enumerate(self._stacked_groups()[:3]):
             if not (optimizer if g == 2 else model):
                 continue
             for i, var in enumerate(stacked):
                 # One transfer per variable, sliced on the host.
                 value = np.asarray(ops.convert_to_numpy(var.value))
                 for index, variant in enumerate(variants):
-                    _groups_lazy(variant, g)[i].assign(value[index])
+                    _groups_lazy(variant, g)[i].assign(self._row(value, index))
 
     def copy_from(self, variants, index):
         """Write variant `index`'s own state (optimizer too) into row `index`."""
-        groups = [self.trainable_variables, self.non_trainable_variables]
-        groups.append(self._state.optimizer)
-        for g, stacked in enumerate(groups):
+        for g, stacked in enumerate(self._stacked_groups()[:3]):
             for i, var in enumerate(stacked):
+                own = ops.convert_to_numpy(_groups_lazy(variants[index], g)[i])
+                if self.unit:
+                    var.assign(own)
+                    continue
                 values = np.array(ops.convert_to_numpy(var.value))
-                values[index] = ops.convert_to_numpy(
-                    _groups_lazy(variants[index], g)[i]
-                )
+                values[index] = own
                 var.assign(values)
+
+
+def _with(values: list, at: int, value) -> list:
+    """`values` with `value` inserted at position `at`."""
+    return [*values[:at], value, *values[at:]]
 
 
 def _groups_lazy(model, g):
@@ -616,7 +692,9 @@ def _groups_lazy(model, g):
         return model.trainable_variables
     if g == 1:
         return model.non_trainable_variables
-    return model.optimizer.variables
+    if g == 2:
+        return model.optimizer.variables
+    return model.metrics_variables
 
 
 class _Constant(keras.initializers.Initializer):
@@ -654,6 +732,13 @@ class _StackLayouts:
             for i, axis in enumerate(spec or ()):
                 axes[i] = axis
             self.layouts[name] = (self.axis, *axes)
+        return name
+
+    def name_rows(self):
+        """The name (and layout: over the K axis) of the rows' indices."""
+        name = "kerasreg_sweep_rows"
+        if self.distribution is not None:
+            self.layouts[name] = (self.axis,)
         return name
 
     @contextlib.contextmanager
@@ -705,20 +790,64 @@ def _lane(variants, compile_config, exclusions, sample, lane_index):
     return lane
 
 
-def fit(variants, names, logs, compile_config, exclusions, x, y, fit_kwargs):
-    """Train the variants as one mapped model in one `fit`; their histories."""
+class Steps:
+    """One sweep's stacks, one per group size, sharing one lane: each group of
+    a size trains with the steps compiled for the first group of that size
+    (filled with the group's variants), so a sweep in groups compiles once."""
+
+    def __init__(self, variants: list):
+        self.variants = list(variants)
+        self.lane_index = _LaneIndex()
+        self.lane: keras.Model | None = None
+        self.stacks: dict[int, MappedStack] = {}
+
+    def stack(self, variants, compile_config, exclusions, sample) -> MappedStack:
+        """The stack holding `variants` (a group of `self.variants`)."""
+        rows = [
+            next(i for i, v in enumerate(self.variants) if v is variant)
+            for variant in variants
+        ]
+        stack = self.stacks.get(len(variants))
+        if stack is not None:
+            stack.fill(variants, rows)
+            return stack
+        if self.lane is None:
+            self.lane = _lane(
+                self.variants, compile_config, exclusions, sample, self.lane_index
+            )
+        stack = MappedStack(self.lane, variants, self.lane_index, rows)
+        stack.compile(
+            steps_per_execution=compile_config.get("steps_per_execution", 1),
+            jit_compile=compile_config.get("jit_compile", "auto"),
+            run_eagerly=compile_config.get("run_eagerly", False),
+        )
+        self.stacks[len(variants)] = stack
+        return stack
+
+
+def fit(
+    variants,
+    names,
+    logs,
+    compile_config,
+    exclusions,
+    x,
+    y,
+    fit_kwargs,
+    steps: Steps | None = None,
+):
+    """Train the variants as one mapped model in one `fit`; their histories.
+
+    `steps` (one per sweep) reuses the compiled steps of an earlier group of
+    the sweep's variants; without it, the variants are the whole sweep.
+    """
     sample, x = _first_batch(x, y)
     for variant in variants:
         compile_like(variant, compile_config, exclusions)
         _build(variant, sample)
-    lane_index = _LaneIndex()
-    lane = _lane(variants, compile_config, exclusions, sample, lane_index)
-    stack = MappedStack(lane, variants, lane_index)
-    stack.compile(
-        steps_per_execution=compile_config.get("steps_per_execution", 1),
-        jit_compile=compile_config.get("jit_compile", "auto"),
-        run_eagerly=compile_config.get("run_eagerly", False),
-    )
+    if steps is None:
+        steps = Steps(variants)
+    stack = steps.stack(variants, compile_config, exclusions, sample)
     kwargs = dict(fit_kwargs)
     # A stopped variant keeps the optimizer state it stopped with.
     variant_callbacks = stopping.variant_callbacks(

@@ -263,12 +263,14 @@ def sweep(
     )
     chosen, implementation, reason = engines.choose(model, models, context, engine)
     if context.one_pass:  # refused before its first batch is read
-        groups = engines.chunks(model, models, context, implementation, chunk_size)
+        groups, why = engines.chunks(model, models, context, implementation, chunk_size)
     x = engines.prepare(context)
     if not context.one_pass:  # the batch size of a dataset is read from it
-        groups = engines.chunks(model, models, context, implementation, chunk_size)
+        groups, why = engines.chunks(model, models, context, implementation, chunk_size)
     if len(groups) > 1:
-        reason += f"; in {len(groups)} fits of at most {len(groups[0])} variants"
+        reason += (
+            f"; in {len(groups)} fits of at most {len(groups[0])} variants ({why})"
+        )
     if log_dir is not None:
         log_dir = os.fspath(log_dir)
     logs = [
@@ -291,10 +293,15 @@ def sweep(
             fit_seeds=_fit_seeds(runs),
         )
     else:
+        shared = {}
+        if hasattr(implementation, "Steps"):
+            shared["steps"] = implementation.Steps(models)
+        start = _start_seed(seeds, fit_kwargs, len(groups))
         for group in groups:
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
-            _one_fit_seed(seeds, fit_kwargs)
+            if start is not None:
+                keras.utils.set_random_seed(start)
             finished = monitor.FINISHED.set(
                 (names[: len(histories)], [best_so_far(h) for h in histories])
             )
@@ -308,6 +315,7 @@ def sweep(
                     x,
                     y,
                     fit_kwargs,
+                    **shared,
                 )
             finally:
                 monitor.FINISHED.reset(finished)
@@ -391,16 +399,20 @@ def _check_fit_arguments(model: keras.Model, fit_kwargs: dict) -> None:
         )
 
 
-def _one_fit_seed(seeds: list[int] | None, fit_kwargs: dict) -> None:
-    """With `seeds`, a one-fit sweep starts from `set_random_seed(seeds[0])`:
-    its data order (`shuffle=True`), shared by every run of the fit, is drawn
-    after it (reproducible; not always the order a separate fit under
-    `seeds[0]` draws: Keras's JAX trainer draws one more permutation when it
-    builds an unbuilt model)."""
+def _start_seed(seeds: list[int] | None, fit_kwargs: dict, fits: int) -> int | None:
+    """The seed every one-fit engine's fit of the sweep starts from, or None.
+
+    With `seeds`, `seeds[0]`: the data order (`shuffle=True`), shared by
+    every run of a fit, is drawn after `set_random_seed(seeds[0])`
+    (reproducible; not always the order a separate fit under `seeds[0]`
+    draws: Keras's JAX trainer draws one more permutation when it builds an
+    unbuilt model). Without, for a sweep in several fits with
+    `shuffle=True`, one seed drawn for the sweep: each fit draws the first
+    one's data order, as the runs of one fit share it."""
+    shuffled = fit_kwargs.get("shuffle", True)
     if seeds is None:
-        return
-    keras.utils.set_random_seed(seeds[0])
-    if fit_kwargs.get("shuffle", True):
+        return int(np.random.randint(2**31 - 1)) if fits > 1 and shuffled else None
+    if shuffled:
         logger.info(
             "kerasreg.sweep: the %d seeds train in one fit: its runs share one "
             "data order (shuffle=True), drawn after set_random_seed(%d); "
@@ -408,6 +420,7 @@ def _one_fit_seed(seeds: list[int] | None, fit_kwargs: dict) -> None:
             len(seeds),
             seeds[0],
         )
+    return seeds[0]
 
 
 # --- validation ---------------------------------------------------------------
