@@ -12,7 +12,9 @@ on a `("batch", "variants", "model")` mesh of 1x2x2 devices whose `LayoutMap`
 splits the hidden kernel's columns over `"model"`. For
 each run the script records every variant's history and final weights, and
 the shapes of the addressable shards of every stacked weight at the end of
-the fit.
+the (last) fit. Then in several fits: two variants a fit over a 2x2 mesh,
+one a fit under `DataParallel`; and `chunk_size=3` over a `"variants"` axis
+of four, which must be refused (its message is recorded).
 
 The last line of stdout is `RESULT <json>`.
 """
@@ -57,7 +59,7 @@ def data():
     return x, y
 
 
-def run(distribution):
+def run(distribution, chunk_size=None):
     shards = []
     copy_to = mapped.MappedStack.copy_to
 
@@ -88,6 +90,7 @@ def run(distribution):
                 shuffle=False,
                 validation_split=0.25,
                 verbose=0,
+                chunk_size=chunk_size,
             )
     finally:
         mapped.MappedStack.copy_to = copy_to
@@ -119,7 +122,33 @@ def main():
     runs["1x2x2 model"] = run(
         keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
     )
-    print("RESULT " + json.dumps({"devices": len(devices), "runs": runs}))
+    # In several fits: of two variants over a "variants" axis of two; of one
+    # variant each under DataParallel (no "variants" axis).
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "variants"], devices)
+    runs["2x2 in fits of 2"] = run(
+        keras.distribution.ModelParallel(
+            layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+        ),
+        chunk_size=2,
+    )
+    runs["DataParallel in fits of 1"] = run(
+        keras.distribution.DataParallel(devices=devices), chunk_size=1
+    )
+    mesh = keras.distribution.DeviceMesh((1, 4), ["batch", "variants"], devices)
+    try:
+        run(
+            keras.distribution.ModelParallel(
+                layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+            ),
+            chunk_size=3,
+        )
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    print(
+        "RESULT "
+        + json.dumps({"devices": len(devices), "runs": runs, "refused": refused})
+    )
 
 
 if __name__ == "__main__":

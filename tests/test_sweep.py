@@ -308,21 +308,39 @@ def test_shuffled_order_is_shared_and_equals_separate_fits():
         assert_same_fit(row, trained, history, weights)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1])
-def test_shuffle_true_uses_one_order_for_all_variants(chunk_size):
-    # Keras shuffles the arrays itself; two variants with the same penalty
-    # then follow the same trajectory only if they saw the same order, also
-    # when each trains in a fit of its own (chunk_size=1).
+class Batches(keras.utils.PyDataset):
+    """`(x, y)` in batches of 8: Keras shuffles their order with Python's
+    `random` when `fit(shuffle=True)`."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x) // 8
+
+    def __getitem__(self, index):
+        return self.x[8 * index : 8 * index + 8], self.y[8 * index : 8 * index + 8]
+
+
+@pytest.mark.parametrize(
+    "chunk_size, kind", [(None, "arrays"), (1, "arrays"), (1, "PyDataset")]
+)
+def test_shuffle_true_uses_one_order_for_all_variants(chunk_size, kind):
+    # Keras shuffles the data itself; variants with the same penalty then
+    # follow the same trajectory only if they saw the same order, also when
+    # each trains in a fit of its own (chunk_size=1: the first fit builds
+    # what later ones reuse, and must not draw from the shuffling generator).
     x, y = data()
     model = template("sgd")
     penalty = kerasreg.L2Penalty(1e-2)
+    given = (x, y) if kind == "arrays" else (Batches(x, y), None)
     result = kerasreg.sweep(
         model,
-        [penalty, penalty],
-        x,
-        y,
+        [penalty, penalty, penalty],
+        *given,
         epochs=3,
-        batch_size=8,
+        batch_size=8 if kind == "arrays" else None,
         shuffle=True,
         verbose=0,
         chunk_size=chunk_size,
@@ -330,13 +348,15 @@ def test_shuffle_true_uses_one_order_for_all_variants(chunk_size):
     assert [row["penalty"] for row in result.rows] == [
         "L2Penalty_0.01",
         "L2Penalty_0.01_2",
+        "L2Penalty_0.01_3",
     ]
-    a, b = result.rows
-    assert a["history"] == b["history"]
-    for wa, wb in zip(
-        result.models[0].get_weights(), result.models[1].get_weights(), strict=True
-    ):
-        np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
+    a, b, c = result.rows
+    assert a["history"] == b["history"] == c["history"]
+    for other in result.models[1:]:
+        for wa, wb in zip(
+            result.models[0].get_weights(), other.get_weights(), strict=True
+        ):
+            np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
     unshuffled = kerasreg.sweep(
         model, [penalty], x, y, epochs=3, batch_size=8, shuffle=False, verbose=0
     )
@@ -692,7 +712,7 @@ def test_large_variants_train_one_at_a_time_on_a_jax_cpu(caplog):
     on_jax = keras.backend.backend() == "jax"
     if on_jax:
         assert engines.one_at_a_time(wide(900), engines.MAPPED) is None
-        assert "(9 MB) is above 8 MB" in engines.one_at_a_time(
+        assert "(9 MiB) is above 8 MiB" in engines.one_at_a_time(
             wide(1100), engines.MAPPED
         )
     assert engines.one_at_a_time(wide(1100), engines.vectorized) is None

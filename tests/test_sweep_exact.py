@@ -483,6 +483,35 @@ def test_l2sp_on_some_variants_only_keeps_each_variants_state():
                 )
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_an_l2sp_reference_taken_at_first_use_in_a_sweep_in_several_fits(chunk_size):
+    """An `L2SPPenalty` given to a layer of a template never fit takes its
+    reference at first use: in a sweep in several fits, every variant's own
+    (its starting weights), as in its separate fit (on JAX the one compiled
+    step of all the fits was built before the later fits' variants had
+    taken theirs: "L2SPPenalty has no reference weight")."""
+    x, y = data()
+    template = chain(
+        keras.layers.Dense(4, "tanh", kernel_regularizer=kerasreg.L2SPPenalty(0.5)),
+        keras.layers.Dense(1),
+    )
+    template.compile(**adam())
+    before = template.get_weights()
+    grid = [None, kerasreg.L2Penalty(0.1), kerasreg.L1Penalty(0.01)]
+    result = kerasreg.sweep(
+        template, grid, x, y, role="bias", chunk_size=chunk_size, **FIT
+    )
+    assert f"fits of at most {chunk_size} variants" in result.engine_reason
+    assert_untouched(template, before)
+    for penalty, row, model in zip(grid, result.rows, result.models, strict=True):
+        history, weights, _ = separate_fit(
+            template, penalty, x, y, adam, role="bias", **FIT
+        )
+        assert_same_fit(row, model, history, weights)
+        reference = model.layers[0].kernel.regularizer.reference
+        np.testing.assert_array_equal(ops.convert_to_numpy(reference), before[0])
+
+
 # --- found by the review of the merged engines ---------------------------------
 
 

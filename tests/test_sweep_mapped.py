@@ -521,12 +521,16 @@ def test_variants_spread_over_a_mesh_axis_equal_the_one_device_sweep():
         # Keras 3.8 / JAX 0.4.34: the metrics differed; refused instead.
         refuses_a_variants_axis("shown exact from Keras")
         return
-    runs = run_result(
+    result = run_result(
         [ROOT / "tests" / "sweep_devices_scenarios.py"],
         backend="jax",
         host_devices=4,
         timeout=900,
-    )["runs"]
+    )
+    runs = result["runs"]
+    assert "`chunk_size`" in result["refused"]
+    assert "multiple of 4" in result["refused"]
+    assert "chunk_size=3" in result["refused"]
     one = runs.pop("one device")
     assert one["shards"] == [[[8, 4, 8]], [[8, 8]], [[8, 8, 1]], [[8, 1]]]
     expected_shards = {
@@ -536,6 +540,10 @@ def test_variants_spread_over_a_mesh_axis_equal_the_one_device_sweep():
         "2x2": [[4, 4, 8], [4, 8], [4, 8, 1], [4, 1]],
         # The template's layout kept: the hidden kernel's columns over "model".
         "1x2x2 model": [[4, 4, 4], [4, 8], [4, 8, 1], [4, 1]],
+        # The last of four fits of two variants, one on each "variants" device.
+        "2x2 in fits of 2": [[1, 4, 8], [1, 8], [1, 8, 1], [1, 1]],
+        # The last of eight fits of one variant, replicated on every device.
+        "DataParallel in fits of 1": [[1, 4, 8], [1, 8], [1, 8, 1], [1, 1]],
     }
     for name, run in runs.items():
         assert run["engine"] == "vectorized"

@@ -321,8 +321,8 @@ def one_at_a_time(template: keras.Model, module) -> str | None:
     if state <= ONE_AT_A_TIME_BYTES:
         return None
     return (
-        f"a variant's training state ({state / 2**20:.0f} MB) is above "
-        f"{ONE_AT_A_TIME_BYTES // 2**20} MB: on a CPU one variant at a time, "
+        f"a variant's training state ({state / 2**20:.0f} MiB) is above "
+        f"{ONE_AT_A_TIME_BYTES // 2**20} MiB: on a CPU one variant at a time, "
         "with one compiled step, is faster than K stacked"
     )
 
@@ -353,15 +353,35 @@ def chunks(template, variants, context: SweepContext, module, chunk_size=None):
         )
     if module.NAME == "sequential":
         return [list(range(k))], None
+    # K over a mesh axis: each fit's variants divide over its devices.
+    devices = (mapped.variants_axis_size() if module is MAPPED else None) or 1
+    if chunk_size is not None and chunk_size % devices:
+        raise ValueError(
+            "kerasreg.sweep: invalid `chunk_size`: the distribution's mesh axis "
+            f"{mapped.VARIANTS_AXIS!r} spreads each fit's variants over "
+            f"{devices} devices, so a fit takes a multiple of {devices}. "
+            f"Received: chunk_size={chunk_size!r}."
+        )
     size, why = chunk_size, "chunk_size"
     if size is None:
         if context.one_pass:
             return [list(range(k))], None  # one fit is the only way to read it
         need = variant_bytes(template, context.batch_size)
-        size, why = max(1, memory_budget() // max(need, 1)), "memory budget"
+        budget = memory_budget()
+        if need > budget:
+            logger.warning(
+                "kerasreg.sweep: one variant needs about %d bytes, more than the "
+                "memory budget of %d (KERASREG_SWEEP_MEMORY or half of the memory "
+                "available): each fit trains %d.",
+                need,
+                budget,
+                devices,
+            )
+        size, why = max(1, budget // max(need, 1)), "memory budget"
         alone = one_at_a_time(template, module)
         if alone is not None:
             size, why = 1, alone
+        size = max(devices, size // devices * devices)
     size = int(min(size, k))
     groups = [list(range(start, min(start + size, k))) for start in range(0, k, size)]
     if len(groups) == 1:

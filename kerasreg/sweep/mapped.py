@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import random
 import types
 from typing import Any
 
@@ -214,6 +215,14 @@ def _lookup(context: Any, name: str) -> Any:
     if isinstance(context, dict):
         return context.get(name)
     return getattr(context, name, None)
+
+
+def variants_axis_size() -> int | None:
+    """The size of the active distribution's mesh axis `"variants"`, or None."""
+    mesh = getattr(keras.distribution.distribution(), "device_mesh", None)
+    if mesh is None or VARIANTS_AXIS not in mesh.axis_names:
+        return None
+    return int(mesh.shape[list(mesh.axis_names).index(VARIANTS_AXIS)])
 
 
 def _distribution_reason(distribution, k: int) -> str | None:
@@ -440,9 +449,9 @@ class MappedStack(keras.Model):
                             "engine='auto' or 'sequential'."
                         )
         layouts = _StackLayouts()
-        # One row, on one device: the lane's own shapes, no K axis (XLA's CPU
-        # step on a K axis of one copies the state at every step).
-        self.unit = self.k == 1 and layouts.axis is None
+        # One row, no distribution: the lane's own shapes, no K axis (XLA's
+        # CPU step on a K axis of one copies the state at every step).
+        self.unit = self.k == 1 and layouts.distribution is None
         stacked = []
         with layouts.scope():
             for g, lane_vars in enumerate(lane_groups):
@@ -800,6 +809,16 @@ class Steps:
         self.lane_index = _LaneIndex()
         self.lane: keras.Model | None = None
         self.stacks: dict[int, MappedStack] = {}
+        self.prepared: set[int] = set()
+
+    def prepare(self, variants, compile_config, exclusions, sample) -> None:
+        """Compile `variants` like the template and build their loss, metrics
+        and optimizer (a penalty taking its reference at first use takes it)."""
+        for variant in variants:
+            if id(variant) not in self.prepared:
+                compile_like(variant, compile_config, exclusions)
+                _build(variant, sample)
+                self.prepared.add(id(variant))
 
     def stack(self, variants, compile_config, exclusions, sample) -> MappedStack:
         """The stack holding `variants` (a group of `self.variants`)."""
@@ -811,16 +830,26 @@ class Steps:
         if stack is not None:
             stack.fill(variants, rows)
             return stack
-        if self.lane is None:
-            self.lane = _lane(
-                self.variants, compile_config, exclusions, sample, self.lane_index
+        # Building draws default seeds from Python's and NumPy's generators
+        # (state the rows overwrite), which also shuffle the data: restored,
+        # so that every fit of the sweep draws one data order.
+        drawn = random.getstate(), np.random.get_state()
+        try:
+            if self.lane is None:
+                # The lane carries every variant's penalty: all are prepared.
+                self.prepare(self.variants, compile_config, exclusions, sample)
+                self.lane = _lane(
+                    self.variants, compile_config, exclusions, sample, self.lane_index
+                )
+            stack = MappedStack(self.lane, variants, self.lane_index, rows)
+            stack.compile(
+                steps_per_execution=compile_config.get("steps_per_execution", 1),
+                jit_compile=compile_config.get("jit_compile", "auto"),
+                run_eagerly=compile_config.get("run_eagerly", False),
             )
-        stack = MappedStack(self.lane, variants, self.lane_index, rows)
-        stack.compile(
-            steps_per_execution=compile_config.get("steps_per_execution", 1),
-            jit_compile=compile_config.get("jit_compile", "auto"),
-            run_eagerly=compile_config.get("run_eagerly", False),
-        )
+        finally:
+            random.setstate(drawn[0])
+            np.random.set_state(drawn[1])
         self.stacks[len(variants)] = stack
         return stack
 
@@ -842,11 +871,9 @@ def fit(
     the sweep's variants; without it, the variants are the whole sweep.
     """
     sample, x = _first_batch(x, y)
-    for variant in variants:
-        compile_like(variant, compile_config, exclusions)
-        _build(variant, sample)
     if steps is None:
         steps = Steps(variants)
+    steps.prepare(variants, compile_config, exclusions, sample)
     stack = steps.stack(variants, compile_config, exclusions, sample)
     kwargs = dict(fit_kwargs)
     # A stopped variant keeps the optimizer state it stopped with.

@@ -296,7 +296,7 @@ def sweep(
         shared = {}
         if hasattr(implementation, "Steps"):
             shared["steps"] = implementation.Steps(models)
-        start = _start_seed(seeds, fit_kwargs, len(groups))
+        start = _start_seed(seeds, fit_kwargs)
         for group in groups:
             part = [models[i] for i in group]
             engines.ready(part, compile_config, exclusions, context, implementation)
@@ -399,25 +399,25 @@ def _check_fit_arguments(model: keras.Model, fit_kwargs: dict) -> None:
         )
 
 
-def _start_seed(seeds: list[int] | None, fit_kwargs: dict, fits: int) -> int | None:
-    """The seed every one-fit engine's fit of the sweep starts from, or None.
+def _start_seed(seeds: list[int] | None, fit_kwargs: dict) -> int | None:
+    """The seed every fit of a one-fit engine starts from, or None (no
+    shuffling, no `seeds`).
 
     With `seeds`, `seeds[0]`: the data order (`shuffle=True`), shared by
     every run of a fit, is drawn after `set_random_seed(seeds[0])`
     (reproducible; not always the order a separate fit under `seeds[0]`
     draws: Keras's JAX trainer draws one more permutation when it builds an
-    unbuilt model). Without, for a sweep in several fits with
-    `shuffle=True`, one seed drawn for the sweep: each fit draws the first
-    one's data order, as the runs of one fit share it."""
+    unbuilt model). Without, with `shuffle=True`, one seed drawn for the
+    sweep from NumPy's global generator: every fit draws one data order, the
+    same whether the sweep runs in one fit or several."""
     shuffled = fit_kwargs.get("shuffle", True)
     if seeds is None:
-        return int(np.random.randint(2**31 - 1)) if fits > 1 and shuffled else None
+        return int(np.random.randint(2**31 - 1)) if shuffled else None
     if shuffled:
         logger.info(
-            "kerasreg.sweep: the %d seeds train in one fit: its runs share one "
-            "data order (shuffle=True), drawn after set_random_seed(%d); "
+            "kerasreg.sweep: the runs of a fit share one data order "
+            "(shuffle=True), drawn after set_random_seed(%d); "
             "engine='sequential' gives each run its own seed's order.",
-            len(seeds),
             seeds[0],
         )
     return seeds[0]
