@@ -704,23 +704,21 @@ def wide(units, penalty=None):
 
 
 def test_large_variants_train_one_at_a_time_on_a_jax_cpu(caplog):
-    # 16 * (513*1100 + 1101) bytes = 8.6 MiB a variant: above the 8 MiB rule,
-    # 900 units (7.1 MiB) below it.
-    assert (
-        16 * (513 * 1100 + 1101) > engines.ONE_AT_A_TIME_BYTES > 16 * (513 * 900 + 901)
-    )
+    # 16 * (513*600 + 601) bytes = 4.7 MiB a variant: above the 4 MiB rule,
+    # 400 units (3.1 MiB) below it.
+    assert 16 * (513 * 600 + 601) > engines.ONE_AT_A_TIME_BYTES > 16 * (513 * 400 + 401)
     on_jax = keras.backend.backend() == "jax"
     if on_jax:
-        assert engines.one_at_a_time(wide(900), engines.MAPPED) is None
-        assert "(9 MiB) is above 8 MiB" in engines.one_at_a_time(
-            wide(1100), engines.MAPPED
+        assert engines.one_at_a_time(wide(400), engines.MAPPED) is None
+        assert "(4.7 MiB) is above 4 MiB" in engines.one_at_a_time(
+            wide(600), engines.MAPPED
         )
-    assert engines.one_at_a_time(wide(1100), engines.vectorized) is None
+    assert engines.one_at_a_time(wide(600), engines.vectorized) is None
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 512)).astype("float32")
     y = rng.normal(size=(16, 1)).astype("float32")
     keras.utils.set_random_seed(1)
-    model = wide(1100)
+    model = wide(600)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     penalties = [kerasreg.L2Penalty(1e-3), kerasreg.L2Penalty(1e-1)]
     fit_kwargs = dict(epochs=2, batch_size=8, shuffle=False, verbose=0)
@@ -732,7 +730,7 @@ def test_large_variants_train_one_at_a_time_on_a_jax_cpu(caplog):
     for penalty, row, trained in zip(
         penalties, result.rows, result.models, strict=True
     ):
-        reference = wide(1100, penalty)
+        reference = wide(600, penalty)
         reference.set_weights(model.get_weights())
         reference.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
         history = reference.fit(x, y, **fit_kwargs).history

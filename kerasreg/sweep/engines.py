@@ -301,11 +301,12 @@ def memory_budget() -> int:
 
 # One variant's training state (weights, gradients, two optimizer slots),
 # in bytes, above which the mapped engine on a JAX CPU trains one variant at a
-# time with one compiled step: measured (benchmarks/sweep.py, compute-bound
-# MLP, 21 MB a variant), K=6 stacked variants' epochs cost 1.3-1.9x six
-# one-variant epochs (their state passes through memory at every step; one
-# variant's stays in cache), and at 2 MB stacking is faster.
-ONE_AT_A_TIME_BYTES = 8 * 2**20
+# time with one compiled step. Measured (K=6, Adam, 3 epochs of 32 batches of
+# 128, 2 cores), one at a time / stacked: 1.05 at 0.8 MiB a variant, 1.00 at
+# 2 MiB, 0.97 at 4.1 MiB, 0.87 at 6.1 MiB, about 0.66 at 20 MiB (stacked, the K
+# variants' state passes through memory at every step; one variant's stays
+# in cache).
+ONE_AT_A_TIME_BYTES = 4 * 2**20
 
 
 def one_at_a_time(template: keras.Model, module) -> str | None:
@@ -321,7 +322,7 @@ def one_at_a_time(template: keras.Model, module) -> str | None:
     if state <= ONE_AT_A_TIME_BYTES:
         return None
     return (
-        f"a variant's training state ({state / 2**20:.0f} MiB) is above "
+        f"a variant's training state ({state / 2**20:.1f} MiB) is above "
         f"{ONE_AT_A_TIME_BYTES // 2**20} MiB: on a CPU one variant at a time, "
         "with one compiled step, is faster than K stacked"
     )
