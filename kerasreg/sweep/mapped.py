@@ -405,6 +405,9 @@ class _Box:
     def __init__(self, **items):
         self.__dict__.update(items)
 
+    def __getattr__(self, name: str) -> Any:  # the items, for type checkers
+        raise AttributeError(name)
+
 
 class _StackOptimizer(keras.optimizers.Optimizer):
     """The stacked optimizer state, for Keras's trainer; the updates are the lanes'."""
