@@ -258,8 +258,13 @@ def variant_bytes(template: keras.Model, batch_size: int) -> int:
             per_sample += math.prod(d or 1 for d in tensor.shape[1:])
             if fed and kernels.Conv.builds_patches(operation):
                 per_sample += _patches_per_sample(operation, args[0], tensor)
-    weights = sum(math.prod(w.shape) for w in template.weights)
-    return _BYTES * (_PER_ACTIVATION * batch_size * per_sample + _PER_WEIGHT * weights)
+    return _BYTES * _PER_ACTIVATION * batch_size * per_sample + state_bytes(template)
+
+
+def state_bytes(template: keras.Model) -> int:
+    """One variant's training state: its weights, their gradients and two
+    optimizer slots, 4 bytes each."""
+    return _BYTES * _PER_WEIGHT * sum(math.prod(w.shape) for w in template.weights)
 
 
 def _patches_per_sample(layer, inputs, outputs) -> int:
@@ -318,7 +323,7 @@ def one_at_a_time(template: keras.Model, module) -> str | None:
 
     if jax.default_backend() != "cpu":
         return None
-    state = _BYTES * _PER_WEIGHT * sum(math.prod(w.shape) for w in template.weights)
+    state = state_bytes(template)
     if state <= ONE_AT_A_TIME_BYTES:
         return None
     return (

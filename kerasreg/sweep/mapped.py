@@ -663,29 +663,32 @@ class MappedStack(keras.Model):
         """Make the stack hold `variants` (their own state: weights, optimizer
         slots, metric totals), as variants `rows` of the sweep, for one more
         `fit` with the same compiled steps."""
+        own = [_groups(v) for v in variants]
         for g, stacked in enumerate(self._stacked_groups()):
             for i, var in enumerate(stacked):
-                var.assign(self._stack([_groups_lazy(v, g)[i].value for v in variants]))
+                var.assign(self._stack([groups[g][i].value for groups in own]))
         self._rows.assign(np.asarray(rows, "int32"))
 
     def copy_to(self, variants, *, optimizer=False, model=True):
         """Write row k of the stacked state into variant k's own variables
         (`model`: its weights and non-trainable state; `optimizer`: its
         optimizer's variables)."""
+        own = [_groups(v) for v in variants]
         for g, stacked in enumerate(self._stacked_groups()[:3]):
             if not (optimizer if g == 2 else model):
                 continue
             for i, var in enumerate(stacked):
                 # One transfer per variable, sliced on the host.
                 value = np.asarray(ops.convert_to_numpy(var.value))
-                for index, variant in enumerate(variants):
-                    _groups_lazy(variant, g)[i].assign(self._row(value, index))
+                for index, groups in enumerate(own):
+                    groups[g][i].assign(self._row(value, index))
 
     def copy_from(self, variants, index):
         """Write variant `index`'s own state (optimizer too) into row `index`."""
+        groups = _groups(variants[index])
         for g, stacked in enumerate(self._stacked_groups()[:3]):
             for i, var in enumerate(stacked):
-                own = ops.convert_to_numpy(_groups_lazy(variants[index], g)[i])
+                own = ops.convert_to_numpy(groups[g][i])
                 if self.unit:
                     var.assign(own)
                     continue
@@ -697,16 +700,6 @@ class MappedStack(keras.Model):
 def _with(values: list, at: int, value) -> list:
     """`values` with `value` inserted at position `at`."""
     return [*values[:at], value, *values[at:]]
-
-
-def _groups_lazy(model, g):
-    if g == 0:
-        return model.trainable_variables
-    if g == 1:
-        return model.non_trainable_variables
-    if g == 2:
-        return model.optimizer.variables
-    return model.metrics_variables
 
 
 class _Constant(keras.initializers.Initializer):
